@@ -1,0 +1,290 @@
+"""Pure-PyTorch reference of every fastenc op: the oracle for tests and benchmarks.
+
+Every function here is plain autograd PyTorch that runs on any device. With
+``upcast=True`` the computation is done in float32 and the result is returned in
+float32 (the "fp32 reference" of the parity rule); with ``upcast=False`` it runs
+in the input dtype (the "plain PyTorch in the same precision" of the parity rule).
+
+Conventions shared by all of fastenc:
+  * attention tensors are ``[batch, seqlen, heads, head_dim]`` (``[total, heads,
+    head_dim]`` when packed with ``cu_seqlens``);
+  * boolean masks use torch.nn's convention: ``True`` means *masked out*;
+  * float masks are additive biases (``-inf`` masks out);
+  * a query row whose keys are all masked attends to nothing: its output is zero
+    and its gradients are zero (torch.nn returns NaN there);
+  * ``dropout_mask`` arguments are boolean *keep* masks (``True`` = kept), so a
+    test can replay a kernel's random numbers exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+
+
+def _maybe_upcast(upcast: bool, *tensors: Optional[Tensor]):
+    if not upcast:
+        return tensors
+    return tuple(t.float() if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def _dropout(x: Tensor, p: float, keep_mask: Optional[Tensor]) -> Tensor:
+    """torch dropout semantics: zero with probability p, scale survivors by 1/(1-p)."""
+    if keep_mask is not None:
+        return x * keep_mask.to(x.dtype) / (1.0 - p) if p < 1.0 else x * 0.0
+    if p == 0.0:
+        return x
+    return F.dropout(x, p, training=True)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def mask_to_bias(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """Boolean mask (True = masked) -> additive bias in ``dtype``; float masks pass through."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[Tensor] = None,
+    upcast: bool = False,
+) -> Tensor:
+    """softmax(q kᵀ · scale + mask) v, materialising the [B, H, L, S] scores.
+
+    q: [B, L, H, D]; k, v: [B, S, H, D].
+    attn_mask: bool (True = masked) or additive float, broadcastable to [B, H, L, S].
+    key_padding_mask: bool [B, S] (True = padding) or additive float [B, S].
+    is_causal: key j is masked for query i when j > i (top-left aligned, as torch's SDPA).
+    dropout_mask: bool keep-mask [B, H, L, S] that replaces torch's random dropout.
+    Rows with every key masked give zeros.
+    """
+    out_dtype = torch.float32 if upcast else q.dtype
+    q, k, v, attn_mask, key_padding_mask = _maybe_upcast(upcast, q, k, v, attn_mask, key_padding_mask)
+    B, L, H, D = q.shape
+    S = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scores = torch.einsum("blhd,bshd->bhls", q, k) * scale
+    if attn_mask is not None:
+        scores = scores + mask_to_bias(attn_mask, scores.dtype)
+    if key_padding_mask is not None:
+        scores = scores + mask_to_bias(key_padding_mask, scores.dtype)[:, None, None, :]
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(causal, float("-inf"))
+    # Softmax that returns 0 (not NaN) on rows that are entirely -inf.
+    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(scores - row_max)
+    denom = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    p = _dropout(p, dropout_p, dropout_mask)
+    out = torch.einsum("bhls,bshd->blhd", p.to(v.dtype), v)
+    return out.to(out_dtype)
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    *,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_masks: Optional[list] = None,
+    upcast: bool = False,
+) -> Tensor:
+    """Packed attention: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1] of q [Tq, H, D], k/v [Tk, H, D].
+
+    dropout_masks: optional list of per-sequence keep-masks [1, H, Lb, Sb].
+    """
+    outs = []
+    n = cu_seqlens_q.numel() - 1
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(n):
+        qb = q[cq[b] : cq[b + 1]].unsqueeze(0)
+        kb = k[ck[b] : ck[b + 1]].unsqueeze(0)
+        vb = v[ck[b] : ck[b + 1]].unsqueeze(0)
+        outs.append(
+            attention(
+                qb, kb, vb, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+                dropout_mask=None if dropout_masks is None else dropout_masks[b], upcast=upcast,
+            )[0]
+        )
+    if not outs:
+        return q.new_empty(q.shape, dtype=torch.float32 if upcast else q.dtype)
+    return torch.cat(outs, dim=0)
+
+
+# --------------------------------------------------------------------------- padding
+
+
+def unpad(x: Tensor, key_padding_mask: Tensor):
+    """Gather the real tokens of x [B, L, ...] (key_padding_mask [B, L], True = padding).
+
+    Returns (packed [T, ...], indices [T] into the flattened B*L positions,
+    cu_seqlens int32 [B+1], max_seqlen int).
+    """
+    keep = ~key_padding_mask.bool()
+    lengths = keep.sum(dim=1, dtype=torch.int32)
+    indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    packed = x.reshape(-1, *x.shape[2:]).index_select(0, indices)
+    return packed, indices, cu_seqlens, max_seqlen
+
+
+def pad(packed: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
+    """Scatter packed [T, ...] back to [batch, seqlen, ...], zeros at padding."""
+    out = packed.new_zeros(batch * seqlen, *packed.shape[1:])
+    out = out.index_copy(0, indices, packed)
+    return out.reshape(batch, seqlen, *packed.shape[1:])
+
+
+# --------------------------------------------------------------------------- residual + LayerNorm
+
+
+def residual_layer_norm(
+    x: Tensor,
+    branch: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    *,
+    branch_bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[Tensor] = None,
+    prenorm: bool = False,
+    upcast: bool = False,
+):
+    """s = x + dropout(branch + branch_bias);  y = LayerNorm(s) · weight + bias.
+
+    x, branch: [..., N]; branch_bias, weight, bias: [N] (each optional; no branch
+    means s = x). Returns y, or (y, s) when ``prenorm`` (s is the new residual).
+    """
+    out_dtype = torch.float32 if upcast else x.dtype
+    x, branch, weight, bias, branch_bias = _maybe_upcast(upcast, x, branch, weight, bias, branch_bias)
+    s = x
+    if branch is not None:
+        h = branch if branch_bias is None else branch + branch_bias
+        s = x + _dropout(h, dropout_p, dropout_mask)
+    y = F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+    if prenorm:
+        return y.to(out_dtype), s.to(out_dtype)
+    return y.to(out_dtype)
+
+
+# --------------------------------------------------------------------------- feed-forward
+
+
+def apply_activation(x: Tensor, name: str) -> Tensor:
+    """relu, erf-GELU (torch's default ``gelu``) or tanh-GELU."""
+    if name == "relu":
+        return F.relu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def ffn(
+    x: Tensor,
+    w1: Tensor,
+    b1: Optional[Tensor],
+    w2: Tensor,
+    b2: Optional[Tensor],
+    *,
+    activation: str = "gelu",
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    upcast: bool = False,
+) -> Tensor:
+    """y = dropout(act(x W1ᵀ + b1)) W2ᵀ + b2 (+ residual), nn.Linear weight layouts."""
+    out_dtype = torch.float32 if upcast else x.dtype
+    x, w1, b1, w2, b2, residual = _maybe_upcast(upcast, x, w1, b1, w2, b2, residual)
+    h = apply_activation(F.linear(x, w1, b1), activation)
+    y = F.linear(_dropout(h, dropout_p, dropout_mask), w2, b2)
+    if residual is not None:
+        y = y + residual
+    return y.to(out_dtype)
+
+
+# --------------------------------------------------------------------------- whole layer
+
+
+def encoder_layer(
+    src: Tensor,
+    params: dict,
+    *,
+    nhead: int,
+    norm_first: bool = False,
+    activation: str = "relu",
+    eps: float = 1e-5,
+    batch_first: bool = False,
+    src_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+    upcast: bool = False,
+) -> Tensor:
+    """One nn.TransformerEncoderLayer forward (no dropout) from the op references.
+
+    params: the layer's state_dict (torch names; biases may be absent).
+    src_mask: [L, S] or [B*nhead, L, S], bool or float, as torch takes it.
+    """
+    g = lambda name: params.get(name)  # noqa: E731
+    x = src if batch_first else src.transpose(0, 1)
+    out_dtype = torch.float32 if upcast else x.dtype
+    if upcast:
+        x = x.float()
+    B, L, d = x.shape
+    hd = d // nhead
+    mask = src_mask
+    if mask is not None and mask.dim() == 3:
+        mask = mask.view(B, nhead, L, L)
+
+    def self_attn(h):
+        qkv = F.linear(h, _up(g("self_attn.in_proj_weight"), upcast), _up(g("self_attn.in_proj_bias"), upcast))
+        q, k, v = qkv.view(B, L, 3, nhead, hd).unbind(2)
+        o = attention(q, k, v, attn_mask=mask, key_padding_mask=key_padding_mask, is_causal=is_causal, upcast=upcast)
+        return o.reshape(B, L, d)
+
+    w_out, b_out = _up(g("self_attn.out_proj.weight"), upcast), _up(g("self_attn.out_proj.bias"), upcast)
+    n1w, n1b = _up(g("norm1.weight"), upcast), _up(g("norm1.bias"), upcast)
+    n2w, n2b = _up(g("norm2.weight"), upcast), _up(g("norm2.bias"), upcast)
+    ff = dict(w1=_up(g("linear1.weight"), upcast), b1=_up(g("linear1.bias"), upcast),
+              w2=_up(g("linear2.weight"), upcast), b2=_up(g("linear2.bias"), upcast))
+    if norm_first:
+        h = residual_layer_norm(x, None, n1w, n1b, eps=eps)
+        h, x = residual_layer_norm(x, F.linear(self_attn(h), w_out), n2w, n2b, branch_bias=b_out, eps=eps, prenorm=True)
+        x = x + ffn(h, **ff, activation=activation)
+    else:
+        x = residual_layer_norm(x, F.linear(self_attn(x), w_out), n1w, n1b, branch_bias=b_out, eps=eps)
+        x = residual_layer_norm(x, ffn(x, **ff, activation=activation), n2w, n2b, eps=eps)
+    x = x.to(out_dtype)
+    return x if batch_first else x.transpose(0, 1)
+
+
+def _up(t: Optional[Tensor], upcast: bool) -> Optional[Tensor]:
+    return t.float() if (upcast and t is not None) else t

@@ -1,0 +1,28 @@
+"""Test setup: without a GPU, Triton kernels run under the interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before triton.jit decorates any kernel, so it is set
+here, before any fastenc import.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+# dtypes the Triton kernels can be checked in here (the interpreter has no bf16 arithmetic).
+TRITON_DTYPES = [torch.float16, torch.bfloat16, torch.float32] if ON_GPU else [torch.float16, torch.float32]
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
