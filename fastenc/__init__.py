@@ -6,7 +6,20 @@ Drop-in: replace ``torch.nn.TransformerEncoderLayer`` / ``TransformerEncoder`` b
 """
 from . import ops, reference
 from .backends import BACKENDS, BackendUnavailableError, backend_report, use_backend
+from .convert import optimize, to_torch
+from .modules import TransformerEncoder, TransformerEncoderLayer
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "backend_report", "ops", "reference", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "backend_report",
+    "ops",
+    "optimize",
+    "reference",
+    "to_torch",
+    "use_backend",
+]

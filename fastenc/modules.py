@@ -1,0 +1,310 @@
+"""Drop-in encoder modules: torch's constructor, forward signature and parameter names.
+
+``TransformerEncoderLayer`` subclasses ``torch.nn.TransformerEncoderLayer`` and keeps
+its submodules (``self_attn.in_proj_weight``, ``linear1``, ``norm1``...), so state
+dicts load both ways with ``strict=True`` and ``isinstance`` checks keep working.
+Only ``forward`` differs: it calls fastenc's ops, one dispatch point each.
+
+Data flow (post-norm): x → QKV projection → attention → out projection (its bias
+fused into the next op) → residual + LayerNorm → FFN → residual + LayerNorm.
+Pre-norm keeps the residual stream that the fused residual+LayerNorm op returns.
+
+Semantics that differ from torch, on purpose:
+  * a query whose keys are all masked gets zeros from attention (torch: NaN);
+  * ``is_causal=True`` without a mask applies the causal mask (torch raises);
+    with a mask, the mask is trusted to be causal, as torch does.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from typing import Callable, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .backends import BACKENDS
+
+Tensor = torch.Tensor
+BackendSpec = Union[None, str, Dict[str, str]]
+
+_ACT_FROM_STR = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
+
+
+def activation_name(activation) -> Optional[str]:
+    """'relu' | 'gelu' | 'gelu_tanh' for the activations the fused FFN supports, else None."""
+    if isinstance(activation, str):
+        if activation not in _ACT_FROM_STR:
+            raise ValueError(f"activation should be relu/gelu/gelu_tanh, not {activation!r}")
+        return activation
+    if activation is F.relu or isinstance(activation, nn.ReLU):
+        return "relu"
+    if activation is F.gelu:
+        return "gelu"
+    if isinstance(activation, nn.GELU):
+        return "gelu_tanh" if activation.approximate == "tanh" else "gelu"
+    if isinstance(activation, functools.partial) and activation.func is F.gelu and not activation.args:
+        return "gelu_tanh" if activation.keywords.get("approximate", "none") == "tanh" else "gelu"
+    return None
+
+
+def _torch_activation(name: str) -> Union[str, Callable]:
+    return functools.partial(F.gelu, approximate="tanh") if name == "gelu_tanh" else name
+
+
+def _check_backend(backend: BackendSpec) -> BackendSpec:
+    names = backend.values() if isinstance(backend, dict) else ([] if backend is None else [backend])
+    for b in names:
+        if b not in BACKENDS:
+            raise ValueError(f"unknown backend {b!r}; expected one of {BACKENDS}")
+    return dict(backend) if isinstance(backend, dict) else backend
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+    warnings.warn(msg, stacklevel=3)
+
+
+def merge_masks(
+    src_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], batch: int, nhead: int, L: int, S: int
+):
+    """Validate torch-style masks; src_mask [L,S] or [B*nhead,L,S] → broadcastable to [B,H,L,S].
+
+    The key padding mask stays [B, S] (the attention op skips padded key blocks).
+    """
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (batch, S):
+            raise ValueError(f"src_key_padding_mask should have shape {(batch, S)}, got {tuple(key_padding_mask.shape)}")
+        if not (key_padding_mask.dtype == torch.bool or key_padding_mask.is_floating_point()):
+            raise TypeError(f"src_key_padding_mask should be bool or float, got {key_padding_mask.dtype}")
+    if src_mask is not None:
+        if not (src_mask.dtype == torch.bool or src_mask.is_floating_point()):
+            raise TypeError(f"src_mask should be bool or float, got {src_mask.dtype}")
+        if src_mask.dim() == 2:
+            if src_mask.shape != (L, S):
+                raise ValueError(f"2D src_mask should have shape {(L, S)}, got {tuple(src_mask.shape)}")
+        elif src_mask.dim() == 3:
+            if src_mask.shape != (batch * nhead, L, S):
+                raise ValueError(
+                    f"3D src_mask should have shape {(batch * nhead, L, S)}, got {tuple(src_mask.shape)}"
+                )
+            src_mask = src_mask.view(batch, nhead, L, S)
+        else:
+            raise ValueError(f"src_mask should be 2D or 3D, got {src_mask.dim()}D")
+    return src_mask, key_padding_mask
+
+
+class TransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """``torch.nn.TransformerEncoderLayer`` computed by fastenc's ops.
+
+    Extra keyword: ``backend`` — None (follow ``fastenc.use_backend`` / ``FASTENC_BACKEND``),
+    a backend name for every op, or a dict ``{"attention": ..., "layer_norm": ..., "ffn": ...}``.
+    ``activation`` also takes ``"gelu_tanh"``; another callable runs unfused in PyTorch.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Union[str, Callable[[Tensor], Tensor]] = F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: BackendSpec = None,
+    ) -> None:
+        if d_model % nhead != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
+        name = activation_name(activation)
+        torch_act = _torch_activation(activation) if isinstance(activation, str) else activation
+        super().__init__(d_model, nhead, dim_feedforward, dropout, torch_act, layer_norm_eps, batch_first,
+                         norm_first, bias, device, dtype)
+        self.activation_name = name
+        self.backend = _check_backend(backend)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _backend(self, op: str) -> Optional[str]:
+        b = getattr(self, "backend", None)
+        return b.get(op) if isinstance(b, dict) else b
+
+    def _p(self, p: float) -> float:
+        return p if self.training else 0.0
+
+    def _self_attention(self, x: Tensor, attn_mask, key_padding_mask, is_causal: bool) -> Tensor:
+        """Attention without the output-projection bias (fused into the residual+LN op)."""
+        B, L, d = x.shape
+        H = self.self_attn.num_heads
+        qkv = F.linear(x, self.self_attn.in_proj_weight, self.self_attn.in_proj_bias)
+        q, k, v = qkv.view(B, L, 3, H, d // H).unbind(2)
+        o = ops.attention(
+            q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+            dropout_p=self._p(self.self_attn.dropout), backend=self._backend("attention"),
+        )
+        return F.linear(o.reshape(B, L, d), self.self_attn.out_proj.weight)
+
+    def _feed_forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if self.activation_name is None:
+            _warn_once(f"fastenc: activation {self.activation!r} has no fused FFN kernel; running it in PyTorch")
+            y = self.linear2(self.dropout(self.activation(self.linear1(x))))
+            return y if residual is None else residual + y
+        return ops.ffn(
+            x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+            activation=self.activation_name, dropout_p=self._p(self.dropout.p), residual=residual,
+            backend=self._backend("ffn"),
+        )
+
+    def _norm(self, norm: nn.LayerNorm, x: Tensor, branch: Optional[Tensor], branch_bias: Optional[Tensor],
+              dropout_p: float, prenorm: bool = False):
+        return ops.residual_layer_norm(
+            x, branch, norm.weight, norm.bias, branch_bias=branch_bias, eps=norm.eps,
+            dropout_p=self._p(dropout_p), prenorm=prenorm, backend=self._backend("layer_norm"),
+        )
+
+    def _layer(self, x: Tensor, attn_mask, key_padding_mask, is_causal: bool) -> Tensor:
+        """The layer on batch-first x [B, L, d] with validated masks."""
+        out_bias = self.self_attn.out_proj.bias
+        if self.norm_first:
+            h = self._norm(self.norm1, x, None, None, 0.0)
+            sa = self._self_attention(h, attn_mask, key_padding_mask, is_causal)
+            h, x = self._norm(self.norm2, x, sa, out_bias, self.dropout1.p, prenorm=True)
+            if self._p(self.dropout2.p) > 0:
+                return x + F.dropout(self._feed_forward(h), self.dropout2.p, training=True)
+            return self._feed_forward(h, residual=x)
+        sa = self._self_attention(x, attn_mask, key_padding_mask, is_causal)
+        x = self._norm(self.norm1, x, sa, out_bias, self.dropout1.p)
+        return self._norm(self.norm2, x, self._feed_forward(x), None, self.dropout2.p)
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        if not src.is_floating_point():
+            raise TypeError(f"src should be a floating-point tensor, got {src.dtype}")
+        if src.dim() not in (2, 3) or src.shape[-1] != self.self_attn.embed_dim:
+            raise ValueError(
+                f"src should be [L, d_model], [B, L, d_model] or [L, B, d_model] with d_model="
+                f"{self.self_attn.embed_dim}, got {tuple(src.shape)}"
+            )
+        unbatched = src.dim() == 2
+        x = src.unsqueeze(0) if unbatched else (src if self.self_attn.batch_first else src.transpose(0, 1))
+        kpm = src_key_padding_mask.unsqueeze(0) if (unbatched and src_key_padding_mask is not None) else src_key_padding_mask
+        B, L, _ = x.shape
+        attn_mask, kpm = merge_masks(src_mask, kpm, B, self.self_attn.num_heads, L, L)
+        if is_causal and attn_mask is not None:
+            attn_mask = None  # the hint says the mask is causal: the kernel generates it
+        out = self._layer(x, attn_mask, kpm, bool(is_causal))
+        if unbatched:
+            return out.squeeze(0)
+        return out if self.self_attn.batch_first else out.transpose(0, 1)
+
+
+def _is_causal_mask(mask: Optional[Tensor], L: int) -> bool:
+    """True when mask is exactly the [L, L] causal mask (bool True above the diagonal, or float -inf)."""
+    if mask is None or mask.dim() != 2 or mask.shape != (L, L):
+        return False
+    upper = torch.ones(L, L, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, upper))
+    return bool(torch.all(torch.where(upper, mask == float("-inf"), mask == 0)))
+
+
+class TransformerEncoder(nn.TransformerEncoder):
+    """``torch.nn.TransformerEncoder`` whose layers are fastenc layers.
+
+    Given a torch ``nn.TransformerEncoderLayer``, the clones are converted (same tensors).
+    The optional final ``norm`` (a LayerNorm) runs through fastenc's LayerNorm op.
+    """
+
+    def __init__(
+        self,
+        encoder_layer: nn.TransformerEncoderLayer,
+        num_layers: int,
+        norm: Optional[nn.Module] = None,
+        enable_nested_tensor: bool = True,
+        mask_check: bool = True,
+        *,
+        backend: BackendSpec = None,
+    ) -> None:
+        super().__init__(encoder_layer, num_layers, norm, enable_nested_tensor=False, mask_check=mask_check)
+        self.enable_nested_tensor = enable_nested_tensor  # accepted for compatibility; fastenc does not use it
+        self.backend = _check_backend(backend)
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, TransformerEncoderLayer):
+                self.layers[i] = layer_from_torch(layer)
+            if backend is not None:
+                self.layers[i].backend = self.backend
+
+    def forward(
+        self,
+        src: Tensor,
+        mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        is_causal: Optional[bool] = None,
+    ) -> Tensor:
+        first = self.layers[0]
+        seq_dim = 1 if (first.self_attn.batch_first and src.dim() == 3) else 0
+        if is_causal is None:
+            is_causal = _is_causal_mask(mask, src.shape[seq_dim])
+        out = src
+        for layer in self.layers:
+            out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+        if self.norm is None:
+            return out
+        if isinstance(self.norm, nn.LayerNorm) and len(self.norm.normalized_shape) == 1:
+            b = self.backend.get("layer_norm") if isinstance(self.backend, dict) else self.backend
+            return ops.residual_layer_norm(out, None, self.norm.weight, self.norm.bias, eps=self.norm.eps, backend=b)
+        return self.norm(out)
+
+
+# ----------------------------------------------------------------- conversion between classes
+
+
+def _retype(module: nn.Module, cls: type) -> nn.Module:
+    """A new ``cls`` instance holding the same parameters, buffers and submodules (no copy)."""
+    new = cls.__new__(cls)
+    state = {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
+    new.__dict__.update(state)
+    return new
+
+
+def layer_from_torch(layer: nn.TransformerEncoderLayer, backend: BackendSpec = None) -> TransformerEncoderLayer:
+    """fastenc twin of a torch encoder layer, sharing its tensors."""
+    new = _retype(layer, TransformerEncoderLayer)
+    new.activation_name = activation_name(layer.activation)
+    new.backend = _check_backend(backend)
+    return new
+
+
+def layer_to_torch(layer: TransformerEncoderLayer) -> nn.TransformerEncoderLayer:
+    new = _retype(layer, nn.TransformerEncoderLayer)
+    for attr in ("activation_name", "backend"):
+        new.__dict__.pop(attr, None)
+    return new
+
+
+def encoder_from_torch(encoder: nn.TransformerEncoder, backend: BackendSpec = None) -> TransformerEncoder:
+    new = _retype(encoder, TransformerEncoder)
+    new.layers = nn.ModuleList([layer_from_torch(layer, backend) for layer in encoder.layers])
+    new.backend = _check_backend(backend)
+    return new
+
+
+def encoder_to_torch(encoder: TransformerEncoder) -> nn.TransformerEncoder:
+    new = _retype(encoder, nn.TransformerEncoder)
+    new.__dict__.pop("backend", None)
+    new.layers = nn.ModuleList([layer_to_torch(layer) for layer in encoder.layers])
+    return new
