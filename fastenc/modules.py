@@ -100,8 +100,11 @@ def merge_masks(
 class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     """``torch.nn.TransformerEncoderLayer`` computed by fastenc's ops.
 
-    Extra keyword: ``backend`` — None (follow ``fastenc.use_backend`` / ``FASTENC_BACKEND``),
-    a backend name for every op, or a dict ``{"attention": ..., "layer_norm": ..., "ffn": ...}``.
+    Extra keywords: ``backend`` — None (follow ``fastenc.use_backend`` / ``FASTENC_BACKEND``),
+    a backend name for every op, or a dict ``{"attention": ..., "layer_norm": ..., "ffn": ...,
+    "padding": ...}``; ``unpad`` — run on real tokens only when a key padding mask is
+    given: True, False, or None (auto: when at least ``UNPAD_MIN_PADDING`` of the batch is
+    padding).  With padding removed, outputs at padding positions are zeros.
     ``activation`` also takes ``"gelu_tanh"``; another callable runs unfused in PyTorch.
     """
 
@@ -120,6 +123,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         dtype=None,
         *,
         backend: BackendSpec = None,
+        unpad: Optional[bool] = None,
     ) -> None:
         if d_model % nhead != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
@@ -129,6 +133,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                          norm_first, bias, device, dtype)
         self.activation_name = name
         self.backend = _check_backend(backend)
+        self.unpad = unpad
 
     # ----------------------------------------------------------------- helpers
 
@@ -139,17 +144,25 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     def _p(self, p: float) -> float:
         return p if self.training else 0.0
 
-    def _self_attention(self, x: Tensor, attn_mask, key_padding_mask, is_causal: bool) -> Tensor:
-        """Attention without the output-projection bias (fused into the residual+LN op)."""
-        B, L, d = x.shape
+    def _self_attention(self, x: Tensor, attn_mask, key_padding_mask, is_causal: bool,
+                        packed: Optional[ops.Padding]) -> Tensor:
+        """Attention without the output-projection bias (fused into the residual+LN op).
+
+        x is [B, L, d], or the packed real tokens [T, d] when ``packed`` is given.
+        """
+        d = x.shape[-1]
         H = self.self_attn.num_heads
         qkv = F.linear(x, self.self_attn.in_proj_weight, self.self_attn.in_proj_bias)
-        q, k, v = qkv.view(B, L, 3, H, d // H).unbind(2)
-        o = ops.attention(
-            q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
-            dropout_p=self._p(self.self_attn.dropout), backend=self._backend("attention"),
-        )
-        return F.linear(o.reshape(B, L, d), self.self_attn.out_proj.weight)
+        q, k, v = qkv.view(*x.shape[:-1], 3, H, d // H).unbind(-3)
+        p = self._p(self.self_attn.dropout)
+        if packed is not None:
+            cu, mx = packed.cu_seqlens, packed.max_seqlen
+            o = ops.attention_varlen(q, k, v, cu, cu, mx, mx, is_causal=is_causal, dropout_p=p,
+                                     backend=self._backend("attention"))
+        else:
+            o = ops.attention(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                              dropout_p=p, backend=self._backend("attention"))
+        return F.linear(o.reshape(x.shape), self.self_attn.out_proj.weight)
 
     def _feed_forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.activation_name is None:
@@ -169,29 +182,25 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             dropout_p=self._p(dropout_p), prenorm=prenorm, backend=self._backend("layer_norm"),
         )
 
-    def _layer(self, x: Tensor, attn_mask, key_padding_mask, is_causal: bool) -> Tensor:
-        """The layer on batch-first x [B, L, d] with validated masks."""
+    def _layer(self, x: Tensor, attn_mask, key_padding_mask, is_causal: bool,
+               packed: Optional[ops.Padding] = None) -> Tensor:
+        """The layer on batch-first x [B, L, d] with validated masks, or on packed tokens [T, d]."""
         out_bias = self.self_attn.out_proj.bias
         if self.norm_first:
             h = self._norm(self.norm1, x, None, None, 0.0)
-            sa = self._self_attention(h, attn_mask, key_padding_mask, is_causal)
+            sa = self._self_attention(h, attn_mask, key_padding_mask, is_causal, packed)
             h, x = self._norm(self.norm2, x, sa, out_bias, self.dropout1.p, prenorm=True)
             if self._p(self.dropout2.p) > 0:
                 return x + F.dropout(self._feed_forward(h), self.dropout2.p, training=True)
             return self._feed_forward(h, residual=x)
-        sa = self._self_attention(x, attn_mask, key_padding_mask, is_causal)
+        sa = self._self_attention(x, attn_mask, key_padding_mask, is_causal, packed)
         x = self._norm(self.norm1, x, sa, out_bias, self.dropout1.p)
         return self._norm(self.norm2, x, self._feed_forward(x), None, self.dropout2.p)
 
     # ----------------------------------------------------------------- forward
 
-    def forward(
-        self,
-        src: Tensor,
-        src_mask: Optional[Tensor] = None,
-        src_key_padding_mask: Optional[Tensor] = None,
-        is_causal: bool = False,
-    ) -> Tensor:
+    def _batch_first(self, src: Tensor, src_mask, src_key_padding_mask, is_causal: bool):
+        """Validate; return (x [B, L, d], attn_mask, key_padding_mask, is_causal, restore(out))."""
         if not src.is_floating_point():
             raise TypeError(f"src should be a floating-point tensor, got {src.dtype}")
         if src.dim() not in (2, 3) or src.shape[-1] != self.self_attn.embed_dim:
@@ -199,17 +208,70 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                 f"src should be [L, d_model], [B, L, d_model] or [L, B, d_model] with d_model="
                 f"{self.self_attn.embed_dim}, got {tuple(src.shape)}"
             )
-        unbatched = src.dim() == 2
-        x = src.unsqueeze(0) if unbatched else (src if self.self_attn.batch_first else src.transpose(0, 1))
-        kpm = src_key_padding_mask.unsqueeze(0) if (unbatched and src_key_padding_mask is not None) else src_key_padding_mask
+        kpm = src_key_padding_mask
+        if src.dim() == 2:
+            x = src.unsqueeze(0)
+            kpm = None if kpm is None else kpm.unsqueeze(0)
+            restore = lambda out: out.squeeze(0)  # noqa: E731
+        elif self.self_attn.batch_first:
+            x, restore = src, (lambda out: out)
+        else:
+            x, restore = src.transpose(0, 1), (lambda out: out.transpose(0, 1))
         B, L, _ = x.shape
         attn_mask, kpm = merge_masks(src_mask, kpm, B, self.self_attn.num_heads, L, L)
         if is_causal and attn_mask is not None:
             attn_mask = None  # the hint says the mask is causal: the kernel generates it
-        out = self._layer(x, attn_mask, kpm, bool(is_causal))
-        if unbatched:
-            return out.squeeze(0)
-        return out if self.self_attn.batch_first else out.transpose(0, 1)
+        return x, attn_mask, kpm, bool(is_causal), restore
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+        *,
+        unpad: Optional[bool] = None,
+    ) -> Tensor:
+        """torch's forward.  ``unpad``: remove padding tokens (True), keep them (False), or
+        let ``auto`` decide (None; the module's ``unpad`` attribute when set)."""
+        x, attn_mask, kpm, is_causal, restore = self._batch_first(src, src_mask, src_key_padding_mask, is_causal)
+        info = padding_plan(self._unpad_setting(unpad), attn_mask, kpm)
+        if info is None:
+            return restore(self._layer(x, attn_mask, kpm, is_causal))
+        out = self._layer(ops.unpad(x, info, backend=self._backend("padding")), None, None, is_causal, info)
+        return restore(ops.pad(out, info, backend=self._backend("padding")))
+
+    def _unpad_setting(self, unpad: Optional[bool]) -> Optional[bool]:
+        return getattr(self, "unpad", None) if unpad is None else unpad
+
+
+# Padding removal pays when enough of the batch is padding: gathering and scattering
+# the rows costs about one extra LayerNorm pass, removing them saves their share of
+# every GEMM, LayerNorm and attention block.  Measured on CPU (see README): a win
+# from ~10% padding on; re-measure on each GPU with `python -m fastenc bench --ops pad`.
+UNPAD_MIN_PADDING = 0.1
+
+
+def padding_plan(unpad: Optional[bool], attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor]):
+    """The Padding maps when the layer stack should run on real tokens only, else None.
+
+    Padding can be removed for a bool key padding mask without a dense attn_mask (a
+    causal hint is fine: causality within each sequence is preserved by packing).
+    """
+    if unpad is False or key_padding_mask is None:
+        return None
+    possible = key_padding_mask.dtype == torch.bool and attn_mask is None
+    if not possible:
+        if unpad:
+            raise ValueError(
+                "unpad=True needs a bool src_key_padding_mask and no src_mask (a dense mask is indexed by "
+                "padded positions); pass unpad=None to fall back automatically"
+            )
+        return None
+    info = ops.padding_info(key_padding_mask)
+    if unpad is None and info.padding_ratio < UNPAD_MIN_PADDING:
+        return None
+    return info
 
 
 def _is_causal_mask(mask: Optional[Tensor], L: int) -> bool:
@@ -227,6 +289,8 @@ class TransformerEncoder(nn.TransformerEncoder):
 
     Given a torch ``nn.TransformerEncoderLayer``, the clones are converted (same tensors).
     The optional final ``norm`` (a LayerNorm) runs through fastenc's LayerNorm op.
+    ``backend`` and ``unpad`` as for ``TransformerEncoderLayer`` (the stack's ``unpad``
+    decides for the whole stack: padding is removed once at entry).
     """
 
     def __init__(
@@ -238,15 +302,25 @@ class TransformerEncoder(nn.TransformerEncoder):
         mask_check: bool = True,
         *,
         backend: BackendSpec = None,
+        unpad: Optional[bool] = None,
     ) -> None:
         super().__init__(encoder_layer, num_layers, norm, enable_nested_tensor=False, mask_check=mask_check)
         self.enable_nested_tensor = enable_nested_tensor  # accepted for compatibility; fastenc does not use it
         self.backend = _check_backend(backend)
+        self.unpad = unpad
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, TransformerEncoderLayer):
                 self.layers[i] = layer_from_torch(layer)
             if backend is not None:
                 self.layers[i].backend = self.backend
+
+    def _final_norm(self, x: Tensor) -> Tensor:
+        if self.norm is None:
+            return x
+        if isinstance(self.norm, nn.LayerNorm) and len(self.norm.normalized_shape) == 1:
+            b = self.backend.get("layer_norm") if isinstance(self.backend, dict) else self.backend
+            return ops.residual_layer_norm(x, None, self.norm.weight, self.norm.bias, eps=self.norm.eps, backend=b)
+        return self.norm(x)
 
     def forward(
         self,
@@ -254,20 +328,44 @@ class TransformerEncoder(nn.TransformerEncoder):
         mask: Optional[Tensor] = None,
         src_key_padding_mask: Optional[Tensor] = None,
         is_causal: Optional[bool] = None,
+        *,
+        unpad: Optional[bool] = None,
     ) -> Tensor:
+        """torch's forward.  With a bool key padding mask, padding is removed once here, every
+        layer runs on the real tokens, and the result is scattered back once (zeros at
+        padding positions).  ``unpad`` forces it on/off; None lets ``auto`` decide."""
         first = self.layers[0]
         seq_dim = 1 if (first.self_attn.batch_first and src.dim() == 3) else 0
         if is_causal is None:
             is_causal = _is_causal_mask(mask, src.shape[seq_dim])
-        out = src
+        if not all(type(layer) is TransformerEncoderLayer for layer in self.layers):
+            out = src  # a foreign layer was swapped in: run each layer as a black box
+            for layer in self.layers:
+                out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+            return self._final_norm(out)
+        x, attn_mask, kpm, is_causal, restore = first._batch_first(src, mask, src_key_padding_mask, is_causal)
+        info = padding_plan(getattr(self, "unpad", None) if unpad is None else unpad, attn_mask, kpm)
+        if info is None:
+            for layer in self.layers:
+                x = layer._layer(x, attn_mask, kpm, is_causal)
+            return restore(self._final_norm(x))
+        h = self._packed(ops.unpad(x, info, backend=first._backend("padding")), info, is_causal)
+        return restore(ops.pad(h, info, backend=first._backend("padding")))
+
+    def _packed(self, h: Tensor, info: ops.Padding, is_causal: bool) -> Tensor:
         for layer in self.layers:
-            out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
-        if self.norm is None:
-            return out
-        if isinstance(self.norm, nn.LayerNorm) and len(self.norm.normalized_shape) == 1:
-            b = self.backend.get("layer_norm") if isinstance(self.backend, dict) else self.backend
-            return ops.residual_layer_norm(out, None, self.norm.weight, self.norm.bias, eps=self.norm.eps, backend=b)
-        return self.norm(out)
+            h = layer._layer(h, None, None, is_causal, info)
+        return self._final_norm(h)
+
+    def forward_unpadded(self, src: Tensor, src_key_padding_mask: Tensor, is_causal: bool = False):
+        """Run on real tokens only and return them packed: (hidden [T, d], ops.Padding).
+
+        ``Padding.cu_seqlens`` delimits the sequences; ``fastenc.ops.pad(hidden, info)`` restores [B, L, d].
+        """
+        first = self.layers[0]
+        x, attn_mask, kpm, is_causal, _ = first._batch_first(src, None, src_key_padding_mask, is_causal)
+        info = padding_plan(True, attn_mask, kpm)
+        return self._packed(ops.unpad(x, info, backend=first._backend("padding")), info, is_causal), info
 
 
 # ----------------------------------------------------------------- conversion between classes

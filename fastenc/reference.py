@@ -82,6 +82,8 @@ def attention(
     B, L, H, D = q.shape
     S = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if L == 0 or S == 0:  # nothing to attend to (or nobody asking): zeros
+        return q.new_zeros(B, L, H, v.shape[-1], dtype=out_dtype)
     scores = torch.einsum("blhd,bshd->bhls", q, k) * scale
     if attn_mask is not None:
         scores = scores + mask_to_bias(attn_mask, scores.dtype)

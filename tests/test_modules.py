@@ -20,7 +20,9 @@ from tests.conftest import DEVICE, ON_GPU
 
 B, L, D, H, FF = 3, 7, 32, 4, 48
 
-MASKS = ["none", "bool_2d", "float_2d", "bool_3d", "kpm_bool", "kpm_float", "kpm_and_2d", "causal", "full_pad"]
+# Mask kinds; "*_padded" forces unpad=False (auto removes padding for a bool key padding mask).
+MASKS = ["none", "bool_2d", "float_2d", "bool_3d", "kpm_bool", "kpm_bool_padded", "kpm_float", "kpm_and_2d",
+         "causal", "kpm_causal", "full_pad", "full_pad_padded"]
 
 
 def make_masks(kind, B=B, L=L, H=H, device=DEVICE):
@@ -34,6 +36,7 @@ def make_masks(kind, B=B, L=L, H=H, device=DEVICE):
     rand3d = torch.rand(B * H, L, L, generator=g) < 0.3
     rand3d[:, torch.arange(L), torch.arange(L)] = False
     to = dict(device=device)
+    kind = kind.removesuffix("_padded")
     if kind == "none":
         return None, None, False, False
     if kind == "bool_2d":
@@ -50,6 +53,8 @@ def make_masks(kind, B=B, L=L, H=H, device=DEVICE):
         return rand2d.to(**to), kpm.to(**to), False, False
     if kind == "causal":
         return nn.Transformer.generate_square_subsequent_mask(L).to(**to), None, True, False
+    if kind == "kpm_causal":
+        return nn.Transformer.generate_square_subsequent_mask(L).to(**to), kpm.to(**to), True, False
     if kind == "full_pad":
         full = kpm.clone()
         full[2, :] = True  # every key of the third sequence is padding
@@ -76,18 +81,17 @@ def _src(batch_first, device=DEVICE):
     return torch.randn(shape, device=device, requires_grad=True)
 
 
-def _row_mask(kpm, full_rows, batch_first):
-    """Rows (positions) where torch's output is defined: drop sequences with all keys padded."""
+def _row_mask(kpm, batch_first):
+    """Positions compared: the real tokens (padding positions are zeros once padding is removed)."""
     keep = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
-    if full_rows:
-        keep &= ~kpm.bool().all(dim=1, keepdim=True)
+    if kpm is not None:
+        keep = kpm == 0 if kpm.dtype != torch.bool else ~kpm
     return keep if batch_first else keep.t()
 
 
-def run_layer(module, src, masks):
+def run_layer(module, src, masks, **kw):
     src_mask, kpm, is_causal, _ = masks
-    out = module(src, src_mask=src_mask, src_key_padding_mask=kpm, is_causal=is_causal)
-    return out
+    return module(src, src_mask=src_mask, src_key_padding_mask=kpm, is_causal=is_causal, **kw)
 
 
 def check_layer(backend, batch_first, norm_first, activation, bias, mask_kind, train):
@@ -97,11 +101,12 @@ def check_layer(backend, batch_first, norm_first, activation, bias, mask_kind, t
     fast.train(train)
     masks = make_masks(mask_kind)
     src = _src(batch_first)
-    keep = _row_mask(masks[1], masks[3], batch_first)
-    w = torch.randn(src.shape, device=DEVICE)  # random cotangent
+    keep = _row_mask(masks[1], batch_first)
+    # Random cotangent on real tokens only: outputs at padding positions are not compared.
+    w = torch.randn(src.shape, device=DEVICE) * keep[..., None]
 
     with fastenc.use_backend(backend):
-        out = run_layer(fast, src, masks)
+        out = run_layer(fast, src, masks, unpad=False if mask_kind.endswith("_padded") else None)
     assert torch.isfinite(out).all(), "fastenc output has NaN/inf"
     (out * w).sum().backward()
     g_fast = {n: p.grad for n, p in fast.named_parameters()}
@@ -182,7 +187,7 @@ def test_dropout_statistics_match_torch():
 
 
 @pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("mask_kind", ["none", "kpm_bool", "causal", "full_pad"])
+@pytest.mark.parametrize("mask_kind", ["none", "kpm_bool", "kpm_bool_padded", "causal", "kpm_causal", "full_pad"])
 def test_encoder_matches_torch(norm, mask_kind):
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(D, H, FF, 0.0, "gelu", batch_first=True, device=DEVICE)
@@ -192,21 +197,20 @@ def test_encoder_matches_torch(norm, mask_kind):
     fast.load_state_dict(ref.state_dict(), strict=True)
     ref.load_state_dict(fast.state_dict(), strict=True)
     src_mask, kpm, is_causal, full = make_masks(mask_kind)
+    keep = _row_mask(kpm, True)
+    if full:
+        keep &= ~kpm.all(dim=1, keepdim=True)  # torch gives NaN on the fully padded sequence
     x = torch.randn(B, L, D, device=DEVICE, requires_grad=True)
-    out = fast(x, mask=src_mask, src_key_padding_mask=kpm)
+    out = fast(x, mask=src_mask, src_key_padding_mask=kpm, unpad=False if mask_kind.endswith("_padded") else None)
     assert torch.isfinite(out).all()
     x2 = x.detach().clone().requires_grad_(True)
-    if full:
-        # torch gives NaN on the fully padded sequence: compare the rest, forward only.
-        keep = ~kpm.all(dim=1)
-        expected = ref(x2, mask=src_mask, src_key_padding_mask=kpm)
-        assert_close(out[keep], expected[keep], atol=3e-5, rtol=1e-4, name="encoder output")
-        return
     expected = ref(x2, mask=src_mask, src_key_padding_mask=kpm, is_causal=is_causal or None)
-    assert_close(out, expected, atol=3e-5, rtol=1e-4, name="encoder output")
-    w = torch.randn_like(out)
+    assert_close(out[keep], expected[keep], atol=3e-5, rtol=1e-4, name="encoder output")
+    w = torch.randn_like(out) * keep[..., None]
     (out * w).sum().backward()
-    (expected * w).sum().backward()
+    (expected.nan_to_num() * w).sum().backward()
+    if full:
+        return  # torch's gradients are NaN-polluted by the fully padded sequence
     assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-3, name="encoder grad src")
     for (n, p), (_, q) in zip(fast.named_parameters(), ref.named_parameters()):
         assert_close(p.grad, q.grad, atol=2e-4, rtol=1e-3, name=f"grad {n}")

@@ -2,5 +2,6 @@
 from .attention import attention, attention_varlen
 from .ffn import ffn
 from .layer_norm import residual_layer_norm
+from .padding import Padding, pad, padding_info, unpad
 
-__all__ = ["attention", "attention_varlen", "ffn", "residual_layer_norm"]
+__all__ = ["Padding", "attention", "attention_varlen", "ffn", "pad", "padding_info", "residual_layer_norm", "unpad"]
