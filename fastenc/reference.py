@@ -118,24 +118,34 @@ def attention_varlen(
 ) -> Tensor:
     """Packed attention: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1] of q [Tq, H, D], k/v [Tk, H, D].
 
+    Computed as ``attention`` on the sequences padded to a batch (keys past each
+    sequence's end masked), so it costs one batched call, not one per sequence.
     dropout_masks: optional list of per-sequence keep-masks [1, H, Lb, Sb].
     """
-    outs = []
     n = cu_seqlens_q.numel() - 1
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for b in range(n):
-        qb = q[cq[b] : cq[b + 1]].unsqueeze(0)
-        kb = k[ck[b] : ck[b + 1]].unsqueeze(0)
-        vb = v[ck[b] : ck[b + 1]].unsqueeze(0)
-        outs.append(
-            attention(
-                qb, kb, vb, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-                dropout_mask=None if dropout_masks is None else dropout_masks[b], upcast=upcast,
-            )[0]
-        )
-    if not outs:
-        return q.new_empty(q.shape, dtype=torch.float32 if upcast else q.dtype)
-    return torch.cat(outs, dim=0)
+    qp, q_rows, _ = _pad_packed(q, cu_seqlens_q, n)
+    kp, _, k_pad = _pad_packed(k, cu_seqlens_k, n)
+    vp, _, _ = _pad_packed(v, cu_seqlens_k, n)
+    keep = None
+    if dropout_masks is not None:
+        keep = torch.zeros(n, q.shape[1], qp.shape[1], kp.shape[1], dtype=torch.bool, device=q.device)
+        for b, m in enumerate(dropout_masks):
+            keep[b, :, : m.shape[-2], : m.shape[-1]] = m[0]
+    out = attention(qp, kp, vp, key_padding_mask=k_pad, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+                    dropout_mask=keep, upcast=upcast)
+    return out.reshape(-1, *out.shape[2:]).index_select(0, q_rows)
+
+
+def _pad_packed(x: Tensor, cu_seqlens: Tensor, n: int):
+    """Packed [T, ...] -> ([n, Lmax, ...] zero-padded, row of each token in the flat padded layout,
+    key padding mask [n, Lmax])."""
+    lengths = cu_seqlens.diff().long()
+    lmax = int(lengths.max()) if n else 0
+    seq = torch.repeat_interleave(torch.arange(n, device=x.device), lengths, output_size=x.shape[0])
+    pos = torch.arange(x.shape[0], device=x.device) - cu_seqlens.long()[seq]
+    rows = seq * lmax + pos
+    padding = torch.arange(lmax, device=x.device)[None, :] >= lengths[:, None]
+    return pad(x, rows, n, lmax), rows, padding
 
 
 # --------------------------------------------------------------------------- padding
