@@ -2,10 +2,15 @@
 
 y = LayerNorm(x + dropout(branch + branch_bias)) · weight + bias; with ``prenorm`` the
 un-normalised sum is returned too, as the new residual stream.
+
+The Triton path is two ``torch.library.custom_op``s (``fastenc::residual_layer_norm_fwd``
+and ``..._bwd``) tied by ``register_autograd``, so ``torch.compile(fullgraph=True)``
+traces through it.  The dropout seed is drawn from torch's RNG on x's device
+outside the custom op and saved for the backward, which regenerates the mask.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -14,12 +19,200 @@ from ..backends import register_op, resolve, triton_check
 
 Tensor = torch.Tensor
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-def _triton_available(device, dtype=None, **_) -> Optional[str]:
-    return triton_check(device, dtype)
+
+def _triton_available(device, dtype=None, hidden=None, **_) -> Optional[str]:
+    reason = triton_check(device, dtype)
+    if reason is not None:
+        return reason
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        return f"the Triton LayerNorm takes float16, bfloat16 or float32, not {dtype}"
+    from ..triton_kernels.layer_norm import MAX_HIDDEN
+
+    if hidden is not None and not 1 <= hidden <= MAX_HIDDEN:
+        return f"hidden size {hidden} is outside the Triton kernel's range 1..{MAX_HIDDEN}"
+    return None
 
 
 register_op("layer_norm", {"triton": _triton_available}, auto_cuda=("triton",))
+
+
+def _check_inputs(x, branch, weight, bias, branch_bias, eps, dropout_p) -> None:
+    """Clear errors for bad input, before any backend runs."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the hidden size)")
+    n = x.shape[-1]
+    if branch is not None:
+        if not branch.is_floating_point():
+            raise TypeError(f"branch must be a floating-point tensor, got {branch.dtype}")
+        if branch.shape != x.shape:
+            raise ValueError(f"branch has shape {tuple(branch.shape)} but x has shape {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("branch_bias", branch_bias)):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},) to match x's last dim, got {tuple(t.shape)}")
+    if branch_bias is not None and branch is None:
+        raise ValueError("branch_bias is given but branch is None")
+    for name, t in (("branch", branch), ("weight", weight), ("bias", bias), ("branch_bias", branch_bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+
+
+# --------------------------------------------------------------------------- Triton custom ops
+
+
+@torch.library.custom_op("fastenc::residual_layer_norm_fwd", mutates_args=())
+def _fwd_op(
+    x: Tensor,
+    branch: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    branch_bias: Optional[Tensor],
+    seed: Optional[Tensor],
+    eps: float,
+    dropout_p: float,
+    store_residual: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, s or an empty tensor, mean, rstd)."""
+    from ..triton_kernels.layer_norm import residual_layer_norm_fwd
+
+    y, s, mean, rstd = residual_layer_norm_fwd(
+        x, branch, weight, bias, branch_bias, eps, dropout_p, seed, store_residual
+    )
+    return y, (s if s is not None else x.new_empty(0)), mean, rstd
+
+
+@_fwd_op.register_fake
+def _(x, branch, weight, bias, branch_bias, seed, eps, dropout_p, store_residual):
+    s = x.new_empty(x.shape) if store_residual else x.new_empty(0)
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), s, stats, stats.new_empty(stats.shape)
+
+
+@torch.library.custom_op("fastenc::residual_layer_norm_bwd", mutates_args=())
+def _bwd_op(
+    dy: Tensor,
+    dresid: Optional[Tensor],
+    x: Optional[Tensor],
+    branch: Optional[Tensor],
+    resid: Optional[Tensor],
+    weight: Optional[Tensor],
+    branch_bias: Optional[Tensor],
+    seed: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    has_branch: bool,
+    branch_dtype: torch.dtype,
+    dropout_p: float,
+    need_dweight: bool,
+    need_dbias: bool,
+    bias_dtype: torch.dtype,
+    need_dbranch_bias: bool,
+    branch_bias_dtype: torch.dtype,
+) -> List[Tensor]:
+    """[dx, dbranch, dweight, dbias, dbranch_bias]; absent ones are empty tensors."""
+    from ..triton_kernels.layer_norm import residual_layer_norm_bwd
+
+    grads = residual_layer_norm_bwd(
+        dy, dresid, x, branch, resid, weight, branch_bias, mean, rstd,
+        has_branch=has_branch, branch_dtype=branch_dtype, dropout_p=dropout_p, seed=seed,
+        need_dweight=need_dweight, need_dbias=need_dbias, bias_dtype=bias_dtype,
+        need_dbranch_bias=need_dbranch_bias, branch_bias_dtype=branch_bias_dtype,
+    )
+    return [g if g is not None else dy.new_empty(0) for g in grads]
+
+
+@_bwd_op.register_fake
+def _(dy, dresid, x, branch, resid, weight, branch_bias, seed, mean, rstd, has_branch, branch_dtype, dropout_p,
+      need_dweight, need_dbias, bias_dtype, need_dbranch_bias, branch_bias_dtype):
+    ref = resid if resid is not None else x
+    n = dy.shape[-1]
+    separate_dbranch = has_branch and (dropout_p > 0.0 or branch_dtype != ref.dtype)
+    return [
+        dy.new_empty(dy.shape, dtype=ref.dtype),
+        dy.new_empty(dy.shape, dtype=branch_dtype) if separate_dbranch else dy.new_empty(0),
+        dy.new_empty(n, dtype=weight.dtype) if (need_dweight and weight is not None) else dy.new_empty(0),
+        dy.new_empty(n, dtype=bias_dtype) if need_dbias else dy.new_empty(0),
+        dy.new_empty(n, dtype=branch_bias_dtype) if (need_dbranch_bias and has_branch) else dy.new_empty(0),
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    x, branch, weight, bias, branch_bias, seed, eps, dropout_p, store_residual = inputs
+    _, s, mean, rstd = output
+    # Prenorm: s is an output, read it back; post-norm: recompute s from x and branch.
+    if store_residual:
+        ctx.save_for_backward(None, None, s, weight, None, seed, mean, rstd)
+    else:
+        ctx.save_for_backward(x, branch, None, weight, branch_bias, seed, mean, rstd)
+    ctx.has_branch = branch is not None
+    ctx.x_dtype = x.dtype
+    ctx.branch_dtype = branch.dtype if branch is not None else x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else x.dtype
+    ctx.branch_bias_dtype = branch_bias.dtype if branch_bias is not None else x.dtype
+    ctx.has_branch_bias = branch_bias is not None
+    ctx.has_bias = bias is not None
+    ctx.dropout_p = dropout_p
+    ctx.store_residual = store_residual
+
+
+def _backward(ctx, dy, dresid, _dmean, _drstd):
+    x, branch, s, weight, branch_bias, seed, mean, rstd = ctx.saved_tensors
+    if dy is None:  # only the prenorm residual output was used
+        dy = torch.zeros_like(s if s is not None else x)
+    need = ctx.needs_input_grad
+    dx, dbranch, dweight, dbias, dbranch_bias = _bwd_op(
+        dy, dresid if ctx.store_residual else None, x, branch, s, weight, branch_bias, seed, mean, rstd,
+        ctx.has_branch, ctx.branch_dtype, ctx.dropout_p,
+        need[2], need[3] and ctx.has_bias, ctx.bias_dtype,
+        need[4] and ctx.has_branch_bias, ctx.branch_bias_dtype,
+    )
+    if ctx.has_branch:
+        # Without dropout (and with equal dtypes) the kernel writes one tensor: dbranch = dx.
+        separate = ctx.dropout_p > 0.0 or ctx.branch_dtype != ctx.x_dtype
+        dbranch = dbranch if separate else dx
+    else:
+        dbranch = None
+    pick = lambda g, needed: g if needed and g.numel() else None  # noqa: E731
+    return (
+        dx, dbranch, pick(dweight, need[2]), pick(dbias, need[3]), pick(dbranch_bias, need[4]),
+        None, None, None, None,
+    )
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def draw_dropout_seed(device) -> Tensor:
+    """The dropout seed the Triton path draws, from torch's RNG on ``device`` (reproducible by torch.manual_seed)."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+def _triton_residual_layer_norm(x, branch, weight, bias, branch_bias, eps, dropout_p, prenorm):
+    has_dropout = branch is not None and dropout_p > 0.0
+    seed = draw_dropout_seed(x.device) if has_dropout else None
+    y, s, _, _ = _fwd_op(
+        x, branch, weight, bias, branch_bias, seed, float(eps), float(dropout_p) if has_dropout else 0.0,
+        prenorm and branch is not None,
+    )
+    if prenorm:
+        return y, (s if branch is not None else x)
+    return y
+
+
+# --------------------------------------------------------------------------- public entry point
 
 
 def residual_layer_norm(
@@ -34,10 +227,17 @@ def residual_layer_norm(
     prenorm: bool = False,
     backend: Optional[str] = None,
 ):
-    """Returns y, or (y, residual) when ``prenorm``.  dropout_p is applied as given."""
+    """Returns y, or (y, residual) when ``prenorm``.  dropout_p is applied as given.
+
+    x, branch: [..., N] in any layout; weight, bias, branch_bias: [N] or None, in x's
+    dtype or float32.  Outputs are in x's dtype.
+    """
+    _check_inputs(x, branch, weight, bias, branch_bias, eps, dropout_p)
     b = resolve("layer_norm", backend, device=x.device, dtype=x.dtype, hidden=x.shape[-1])
     if b == "reference":
         return reference.residual_layer_norm(
             x, branch, weight, bias, branch_bias=branch_bias, eps=eps, dropout_p=dropout_p, prenorm=prenorm
         )
+    if b == "triton":
+        return _triton_residual_layer_norm(x, branch, weight, bias, branch_bias, eps, dropout_p, prenorm)
     raise AssertionError(b)
