@@ -1,0 +1,1 @@
+"""pytest-benchmark suites (``pytest benchmarks/``); the shared helpers live in conftest.py."""

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# One-command GPU suite: build the extension for this GPU, run the tests on CUDA, measure the
+# device ceilings, then the full benchmark; logs, JSON, CSV and plots under OUTDIR.
+#
+#   bash benchmarks/gpu_suite.sh OUTDIR            # on a GPU machine: under 8 minutes on one H200
+#   bash benchmarks/gpu_suite.sh --dry-run OUTDIR  # on a CPU: every step on tiny sizes (CI runs this)
+#
+# Nothing is downloaded: it uses the torch/Triton already installed (torch 2.11+, Triton 3.6+).
+# Each stage runs under `timeout`; a failed stage is recorded and the next one still runs; the exit
+# status is 1 if any stage failed.  The benchmark gets the time the earlier stages left.
+#
+# The dry run checks that every stage works, not how long it takes: each stage gets 10 minutes.
+#
+# Environment:
+#   FASTENC_SUITE_DRY_RUN=1     same as --dry-run
+#   FASTENC_SUITE_TOTAL_S       wall-clock budget for all stages (default 450)
+#   FASTENC_SUITE_BUILD_S / _TESTS_S / _CEILINGS_S   per-stage timeouts (default 150 / 120 / 30)
+#   FASTENC_SUITE_BENCH_MAX_S   longest benchmark (default 300)
+#   FASTENC_SUITE_TESTS         pytest arguments (default: tests/; dry run: a few quick tests)
+#   FASTENC_SUITE_OPS           benchmark suites (default: all)
+#   FASTENC_SUITE_SKIP_BUILD=1  use the extension already built
+#   FASTENC_SUITE_SKIP_INSPECT=1  skip the kernel inspector stage
+#   PYTHON                      interpreter (default: python)
+set -uo pipefail
+
+DRY_RUN="${FASTENC_SUITE_DRY_RUN:-0}"
+OUT=""
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY_RUN=1 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -*) echo "gpu_suite.sh: unknown option $arg" >&2; exit 2 ;;
+        *) OUT="$arg" ;;
+    esac
+done
+if [ -z "$OUT" ]; then
+    echo "usage: bash benchmarks/gpu_suite.sh [--dry-run] OUTDIR" >&2
+    exit 2
+fi
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+mkdir -p "$OUT/logs"
+OUT="$(cd "$OUT" && pwd)"
+PY="${PYTHON:-python}"
+START=$(date +%s)
+TOTAL="${FASTENC_SUITE_TOTAL_S:-450}"
+FAILED=0
+: > "$OUT/summary.txt"
+
+elapsed() { echo $(( $(date +%s) - START )); }
+left() { echo $(( TOTAL - $(elapsed) )); }
+
+# stage NAME TIMEOUT_S CMD...: run under timeout, log to OUTDIR/logs/NAME.log, record the outcome.
+stage() {
+    local name="$1" limit="$2"
+    shift 2
+    local t0 rc status
+    t0=$(date +%s)
+    echo "=== [$(elapsed)s] $name (timeout ${limit}s): $*"
+    timeout --signal=TERM --kill-after=15 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
+    rc=$?
+    case $rc in
+        0) status="ok" ;;
+        124|137) status="timeout"; FAILED=1 ;;
+        *) status="failed (exit $rc)"; FAILED=1 ;;
+    esac
+    printf '%-10s %-18s %4ss\n' "$name" "$status" "$(( $(date +%s) - t0 ))" | tee -a "$OUT/summary.txt"
+    tail -n 3 "$OUT/logs/$name.log" | sed 's/^/    /'
+    return 0
+}
+
+if [ "$DRY_RUN" = "1" ]; then
+    echo "gpu_suite: dry run on CPU (tiny sizes, Triton interpreter; no time limits but a generous 10 min each)"
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+    DEVICE=cpu
+    SIZE=tiny
+    STAGE_S=600
+    TOTAL=$(( TOTAL > 3600 ? TOTAL : 3600 ))
+    TESTS="${FASTENC_SUITE_TESTS:-tests/test_cli.py -k formulas}"
+else
+    DEVICE=cuda
+    SIZE=gpu
+    TESTS="${FASTENC_SUITE_TESTS:-tests/}"
+    STAGE_S=""
+    if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "gpu_suite: no CUDA GPU visible to torch (use --dry-run on a CPU machine)" >&2
+        exit 2
+    fi
+fi
+
+# ---------------------------------------------------------------- environment
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')"
+    "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__)"
+    if [ "$DEVICE" = cuda ]; then nvidia-smi 2>&1 || true; fi
+} > "$OUT/env.txt" 2>&1
+
+# ---------------------------------------------------------------- 1. build the extension for this GPU
+if [ "$DEVICE" = cuda ]; then
+    ARCH=$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if M == 9 else ''))")
+else
+    ARCH=90a  # what an H100/H200 build uses; the dry run only shows the command
+fi
+BUILD_CMD=(env FASTENC_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+           "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .)
+EXT_CHECK="import fastenc, fastenc.backends as b; print('fastenc from', fastenc.__file__); \
+print('extension:', 'built' if b.extension() is not None else 'NOT built')"
+if [ "${FASTENC_SUITE_SKIP_BUILD:-0}" = "1" ]; then
+    echo "build      skipped (FASTENC_SUITE_SKIP_BUILD=1)" | tee -a "$OUT/summary.txt"
+elif [ "$DRY_RUN" = "1" ]; then
+    stage build "$STAGE_S" bash -c "echo 'would run: ${BUILD_CMD[*]}'; $PY -c \"$EXT_CHECK\""
+else
+    # pip (also installs the console script); the in-place build if pip cannot run offline here.
+    stage build "${FASTENC_SUITE_BUILD_S:-150}" bash -c \
+        "(${BUILD_CMD[*]} || env FASTENC_CUDA_ARCHS=$ARCH $PY setup.py build_ext --inplace) && $PY -c \"$EXT_CHECK\""
+fi
+
+# ---------------------------------------------------------------- 2. the test suite on this device
+# shellcheck disable=SC2086  # TESTS holds several pytest arguments
+stage tests "${STAGE_S:-${FASTENC_SUITE_TESTS_S:-120}}" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" $TESTS
+
+# ---------------------------------------------------------------- 3. device ceilings
+stage ceilings "${STAGE_S:-${FASTENC_SUITE_CEILINGS_S:-30}}" "$PY" -m fastenc ceilings --device "$DEVICE" --out "$OUT"
+
+# ---------------------------------------------------------------- 4. the benchmark, in the time left
+BENCH_MAX="${STAGE_S:-${FASTENC_SUITE_BENCH_MAX_S:-300}}"
+BENCH_S=$(( $(left) - 30 ))  # the workload in flight at the budget, then the plots
+[ "$BENCH_S" -gt "$BENCH_MAX" ] && BENCH_S="$BENCH_MAX"
+[ "$BENCH_S" -lt 30 ] && BENCH_S=30
+# The sweep stops starting new workloads at the budget; the timeout (20 s later) is the backstop,
+# and its SIGTERM still makes the benchmark write what it measured.
+stage bench $(( BENCH_S + 20 )) "$PY" -m fastenc bench --size "$SIZE" --device "$DEVICE" \
+    --ops "${FASTENC_SUITE_OPS:-attention,layer_norm,ffn,layer,encoder,train}" \
+    --out "$OUT/bench" --time-budget "$BENCH_S" --no-progress \
+    $( [ -f "$OUT/ceilings.json" ] && echo --ceilings "$OUT/ceilings.json" )
+
+# ---------------------------------------------------------------- 5. kernel resources (if time is left)
+if [ "${FASTENC_SUITE_SKIP_INSPECT:-0}" != "1" ] && [ "$(left)" -gt 30 ]; then
+    stage inspect $(( $(left) - 5 )) "$PY" -m fastenc inspect --arch "sm_${ARCH%a}" --json "$OUT/inspect.json"
+fi
+
+echo "total      $(elapsed)s" | tee -a "$OUT/summary.txt"
+echo "gpu_suite: results in $OUT (summary.txt, logs/, bench/, ceilings.json)"
+exit $FAILED

@@ -1,0 +1,202 @@
+"""fastenc command line: ``python -m fastenc {bench,inspect,report,ceilings}`` (also the ``fastenc`` script).
+
+  fastenc bench [--ops attention,layer_norm,ffn,layer,encoder,train] [--size tiny|cpu|gpu]
+                [--dtype bf16,fp16] [--providers NAMES] [--out DIR] [--time-budget S]
+  fastenc inspect [--arch sm_90] [--module FILE.py] [--json FILE]
+  fastenc report [--device cuda] [--dtype fp16] [--head-dim 64]
+  fastenc ceilings [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+ALL_OPS = "attention,layer_norm,ffn,layer,encoder,train"
+
+
+def _csv(s: str) -> List[str]:
+    return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def _device(name: Optional[str]):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastenc: --device cuda asked for, but no CUDA GPU is available")
+    return dev
+
+
+def _dtypes(spec: Optional[str], device) -> list:
+    from .bench.workloads import DTYPES
+
+    if spec is None:
+        # bf16 first on a GPU (fp16 swept too); fp32 on a CPU, where low precision is emulated and slow.
+        return [DTYPES["bf16"], DTYPES["fp16"]] if device.type == "cuda" else [DTYPES["fp32"]]
+    out = []
+    for name in _csv(spec):
+        if name not in DTYPES:
+            raise SystemExit(f"fastenc: unknown dtype {name!r}; expected some of {sorted(DTYPES)}")
+        out.append(DTYPES[name])
+    return out
+
+
+def _ceilings(path: Optional[str]) -> Optional[dict]:
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)["ceilings"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"fastenc: cannot read ceilings from {path}: {e}") from None
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+    from .bench import plans, providers
+
+    device = _device(args.device)
+    size = args.size or bench.default_size(device)
+    if size not in plans.SIZES:
+        raise SystemExit(f"fastenc: unknown --size {size!r}; expected one of {plans.SIZES}")
+    from .bench.workloads import SUITES
+
+    ops = _csv(args.ops)
+    bad_ops = [o for o in ops if o not in SUITES]
+    if bad_ops or not ops:
+        raise SystemExit(f"fastenc: unknown --ops {bad_ops or args.ops!r}; expected a subset of {','.join(SUITES)}")
+    names = _csv(args.providers) if args.providers else None
+    if names:
+        known = providers.provider_names()
+        bad = [n for n in names if not any(k.startswith(n) for k in known)]
+        if bad:
+            raise SystemExit(f"fastenc: unknown providers {bad}; known: {', '.join(known)}")
+    rows = bench.run(
+        ops=ops, size=size, device=device, dtypes=_dtypes(args.dtype, device), providers_filter=names,
+        out_dir=args.out, time_budget_s=args.time_budget, min_time_s=args.min_time,
+        progress=not args.no_progress, plots=not args.no_plots, ceilings=_ceilings(args.ceilings),
+    )
+    bad = [r for r in rows if r["status"] in ("failed", "error")]
+    return 1 if (bad and args.strict) else 0
+
+
+def cmd_inspect(args) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter turns kernels into Python functions: start again without it.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        os.execve(sys.executable, [sys.executable, "-m", "fastenc", *args.argv], env)
+    from . import inspect as ins
+
+    try:
+        arch = ins.get_arch(args.arch)
+    except ValueError as e:
+        raise SystemExit(f"fastenc inspect: {e}") from None
+    try:
+        modules = ins.kernel_modules() + [(os.path.basename(p), ins.load_module_file(p)) for p in args.module]
+        reports = ins.inspect_triton(arch, modules, jobs=args.jobs)
+    except ins.InspectError as e:
+        print(f"fastenc inspect: {e}", file=sys.stderr)
+        return 1
+    missing = []
+    if not modules:
+        missing.append("no fastenc.triton_kernels module defines compile_specs()")
+    ext = ins.extension_path()
+    if args.no_extension:
+        pass
+    elif ext is None:
+        missing.append("the fastenc._C extension is not built (pip install --no-build-isolation -e .)")
+    else:
+        try:
+            cuda = ins.inspect_extension(arch, ext)
+        except ins.InspectError as e:
+            print(f"fastenc inspect: {e}", file=sys.stderr)
+            return 1
+        if not cuda:
+            missing.append(f"{os.path.basename(ext)} holds no {arch.name} device code (built without CUDA "
+                           "kernels, or FASTENC_CUDA_ARCHS lacks this architecture)")
+        reports += cuda
+    print(ins.format_table(reports, arch))
+    for m in missing:
+        print(f"missing: {m}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arch": arch.name, "kernels": [r.as_dict() for r in reports], "missing": missing}, f, indent=1)
+    return 0
+
+
+def cmd_report(args) -> int:
+    import torch
+
+    from . import backend_report
+    from .bench.workloads import DTYPES
+
+    if args.dtype not in DTYPES:
+        raise SystemExit(f"fastenc: unknown dtype {args.dtype!r}; expected one of {sorted(DTYPES)}")
+    print(backend_report(args.device, dtype=DTYPES[args.dtype], head_dim=args.head_dim))
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, "
+          f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    return 0
+
+
+def cmd_ceilings(args) -> int:
+    from .bench import ceilings
+
+    ceilings.run(_device(args.device), args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastenc", description="fastenc: benchmarks, kernel inspector, backend report")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="benchmark fastenc against PyTorch baselines; writes JSON, CSV, plots")
+    b.add_argument("--ops", default=ALL_OPS, help=f"comma-separated suites (default: {ALL_OPS})")
+    b.add_argument("--size", choices=("tiny", "cpu", "gpu"), help="sweep size (default: gpu on CUDA, cpu otherwise)")
+    b.add_argument("--dtype", help="comma-separated: bf16,fp16,fp32; the first is the main dtype, the others "
+                                   "are swept (default: bf16,fp16 on GPU, fp32 on CPU)")
+    b.add_argument("--providers", help="comma-separated provider names or prefixes (default: all)")
+    b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    b.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
+    b.add_argument("--time-budget", type=float, help="seconds; later workloads are listed as skipped")
+    b.add_argument("--min-time", type=float, help="seconds of timed samples per measurement")
+    b.add_argument("--ceilings", help="ceilings.json from `fastenc ceilings`: adds %% of the device ceiling")
+    b.add_argument("--no-plots", action="store_true")
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--strict", action="store_true", help="exit 1 if any provider failed its parity check or errored")
+    b.set_defaults(fn=cmd_bench)
+
+    i = sub.add_parser("inspect", help="registers, spills, shared memory, tensor cores, occupancy (no GPU needed)")
+    i.add_argument("--arch", default="sm_90", help="sm_80, sm_86, sm_89 or sm_90 (default sm_90)")
+    i.add_argument("--module", action="append", default=[], help="also inspect this file's compile_specs()")
+    i.add_argument("--no-extension", action="store_true", help="skip the CUDA extension")
+    i.add_argument("--jobs", type=int, help="parallel Triton compiles (default: CPU count)")
+    i.add_argument("--json", help="write the report as JSON to this file")
+    i.set_defaults(fn=cmd_inspect)
+
+    r = sub.add_parser("report", help="which backend each op uses here, and why")
+    r.add_argument("--device")
+    r.add_argument("--dtype", default="fp16")
+    r.add_argument("--head-dim", type=int, default=64)
+    r.set_defaults(fn=cmd_report)
+
+    c = sub.add_parser("ceilings", help="measure copy GB/s and matmul TFLOP/s of this device")
+    c.add_argument("--device")
+    c.add_argument("--out", default="bench_out")
+    c.set_defaults(fn=cmd_ceilings)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
