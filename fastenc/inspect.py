@@ -300,7 +300,7 @@ def compile_triton_spec(spec: dict, arch: Arch, source: str) -> KernelReport:
     smem = int(kernel.metadata.shared) + res.get("SHARED", 0)
     warps = int(spec["num_warps"])
     return KernelReport(
-        source=source, name=spec["name"], regs=res.get("REG", 0), spill_bytes=res.get("LOCAL", 0),
+        source=source, name=spec["name"], regs=res.get("REG", 0), spill_bytes=res.get("STACK", 0) + res.get("LOCAL", 0),
         smem_bytes=smem, tensor_core_ops=tc.get(fname, next(iter(tc.values()), {})), num_warps=warps,
         num_stages=int(spec["num_stages"]), hot=bool(spec["hot"]),
         occupancy=occupancy(res.get("REG", 0), smem, warps, arch),
@@ -393,7 +393,7 @@ def inspect_extension(arch: Arch, path: Optional[str] = None) -> List[KernelRepo
         warps = math.ceil(bounds[fn] / 32) if fn in bounds else None
         occ = None if warps is None else occupancy(res.get("REG", 0), res.get("SHARED", 0), warps, arch)
         reports.append(KernelReport(
-            source=source, name=names[fn], regs=res.get("REG", 0), spill_bytes=res.get("LOCAL", 0),
+            source=source, name=names[fn], regs=res.get("REG", 0), spill_bytes=res.get("STACK", 0) + res.get("LOCAL", 0),
             smem_bytes=res.get("SHARED", 0), tensor_core_ops=tc.get(fn, {}), num_warps=warps, num_stages=None,
             hot=False, occupancy=occ,
             note="static shared memory only (dynamic shared memory is chosen at launch)"

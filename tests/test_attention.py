@@ -1,0 +1,507 @@
+"""Triton flash attention (triton_kernels/attention.py) and its op (fastenc/ops/attention.py).
+
+Oracle: ``fastenc.reference.attention(..., upcast=True)``; baseline: the same reference in the
+input dtype; ``fastenc.testing.assert_parity`` judges outputs and gradients.  On CPU the kernels
+run under the Triton interpreter with small shapes (fp16, fp32); bigger shapes and bf16 on CUDA.
+"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tests.conftest import DEVICE, ON_GPU, TRITON_DTYPES  # noqa: I001  (sets TRITON_INTERPRET first)
+
+import fastenc
+from fastenc import reference
+from fastenc.backends import BackendUnavailableError
+from fastenc.ops import attention, attention_varlen
+from fastenc.testing import assert_parity
+from fastenc.triton_kernels import attention as kernels
+
+attn_mod = sys.modules["fastenc.ops.attention"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rand(*shape, dtype=torch.float16):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def _leaves(tensors, dtype=None):
+    return [t.detach().to(dtype or t.dtype).clone().requires_grad_(True) for t in tensors]
+
+
+def _check_parity(fast_fn, ref_fn, inputs, name=""):
+    """fast_fn(q, k, v) vs ref_fn(q, k, v, upcast) on fresh leaves: output and dq, dk, dv."""
+    fast_in, ref_in, base_in = _leaves(inputs), _leaves(inputs, torch.float32), _leaves(inputs)
+    out = fast_fn(*fast_in)
+    ref = ref_fn(*ref_in, upcast=True)
+    base = ref_fn(*base_in, upcast=False)
+    assert_parity(out, ref, base, name=f"{name} out")
+    dout = torch.randn_like(ref)
+    out.backward(dout.to(out.dtype))
+    ref.backward(dout)
+    base.backward(dout.to(base.dtype))
+    for label, f, r, b in zip("qkv", fast_in, ref_in, base_in):
+        assert_parity(f.grad, r.grad, b.grad, name=f"{name} d{label}")
+    return out, fast_in
+
+
+def _dense_case(B, L, S, H, D, dtype, **kw):
+    qkv = [_rand(B, L, H, D, dtype=dtype), _rand(B, S, H, D, dtype=dtype), _rand(B, S, H, D, dtype=dtype)]
+    return _check_parity(
+        lambda q, k, v: attention(q, k, v, backend="triton", **kw),
+        lambda q, k, v, upcast: reference.attention(q, k, v, upcast=upcast, **kw),
+        qkv, name=f"B{B} L{L} S{S} H{H} D{D} {dtype} {kw}",
+    )
+
+
+# --------------------------------------------------------------------------- dense parity
+
+
+@pytest.mark.parametrize(
+    "B,L,S,H,D,dtype,causal",
+    [
+        (1, 1, 1, 1, 16, torch.float16, False),
+        (1, 5, 3, 2, 8, torch.float32, False),
+        (2, 7, 7, 2, 32, torch.float16, False),
+        (1, 127, 127, 1, 64, torch.float16, False),
+        (1, 7, 19, 2, 80, torch.float32, False),
+        (1, 19, 7, 1, 96, torch.float16, True),
+        (1, 33, 40, 1, 128, torch.float16, False),
+        (1, 9, 11, 1, 256, torch.float16, True),
+        (1, 513, 513, 1, 32, torch.float16, True),
+    ],
+)
+def test_parity_shapes(B, L, S, H, D, dtype, causal):
+    _dense_case(B, L, S, H, D, dtype, is_causal=causal)
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+def test_parity_dtypes_scale(dtype):
+    _dense_case(2, 21, 17, 2, 64, dtype, scale=0.3)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="large shapes run only on CUDA (covered small on CPU)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("L,S,D,causal", [(4097, 4097, 128, False), (1000, 513, 80, True), (2048, 2048, 256, False)])
+def test_parity_large_gpu(dtype, L, S, D, causal):
+    _dense_case(2, L, S, 4, D, dtype, is_causal=causal)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _masks(kind, B, H, L, S):
+    """(attn_mask, key_padding_mask, rows that see no key as (b, i) pairs) for one mask kind."""
+    g = torch.rand
+    if kind == "bool_LS":
+        m = g(L, S, device=DEVICE) < 0.3
+        m[3] = True  # fully masked query row
+        return m, None, [(b, 3) for b in range(B)]
+    if kind == "float_LS":
+        m = torch.randn(L, S, device=DEVICE)
+        m[5] = float("-inf")
+        return m, None, [(b, 5) for b in range(B)]
+    if kind == "bool_B1LS":
+        m = g(B, 1, L, S, device=DEVICE) < 0.3
+        m[1, 0, 2] = True
+        return m, None, [(1, 2)]
+    if kind == "float_BHLS":
+        m = torch.randn(B, H, L, S, device=DEVICE).masked_fill(g(B, H, L, S, device=DEVICE) < 0.2, float("-inf"))
+        return m, None, []
+    if kind == "kpm_bool":
+        kpm = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
+        kpm[0, S // 2:] = True  # right padding: skipped key blocks
+        kpm[0, 1] = True  # interior hole: masked elementwise
+        kpm[1] = True  # every key padded: all rows of batch 1 are empty
+        return None, kpm, [(1, i) for i in range(L)]
+    if kind == "kpm_float":
+        kpm = torch.randn(B, S, device=DEVICE)
+        kpm[1, :3] = float("-inf")  # left padding
+        return None, kpm, []
+    if kind == "bool_and_kpm":
+        kpm = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
+        kpm[:, -4:] = True
+        return g(L, S, device=DEVICE) < 0.2, kpm, []
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind,causal",
+    [(kind, False) for kind in ("bool_LS", "float_LS", "bool_B1LS", "float_BHLS", "kpm_bool", "kpm_float",
+                                "bool_and_kpm")] + [("bool_LS", True), ("kpm_bool", True)],
+)
+def test_masks(kind, causal):
+    B, L, S, H, D = 2, 13, 45, 2, 32
+    attn_mask, kpm, empty_rows = _masks(kind, B, H, L, S)
+    out, (q, k, v) = _dense_case(B, L, S, H, D, torch.float16, attn_mask=attn_mask, key_padding_mask=kpm,
+                                 is_causal=causal)
+    for b, i in empty_rows:
+        assert torch.all(out[b, i] == 0), f"row {(b, i)} sees no key: output must be 0"
+        assert torch.all(q.grad[b, i] == 0), f"row {(b, i)} sees no key: dq must be 0"
+    if kind == "kpm_bool":
+        assert torch.all(k.grad[0, S // 2:] == 0) and torch.all(v.grad[1] == 0), "padded keys get zero gradients"
+
+
+def test_lse_matches_logsumexp():
+    B, L, S, H, D = 2, 9, 20, 2, 32
+    q, k, v = _rand(B, L, H, D), _rand(B, S, H, D), _rand(B, S, H, D)
+    kpm = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
+    kpm[1] = True
+    out, lse = torch.ops.fastenc.attention_fwd(q, k, v, None, kpm, None, None, L, S, False, 0.25, 0.0, None)
+    scores = torch.einsum("blhd,bshd->bhls", q.float(), k.float()) * 0.25
+    expected = torch.logsumexp(scores.masked_fill(kpm[:, None, None, :], float("-inf")), -1)
+    torch.testing.assert_close(lse[0], expected[0], atol=1e-4, rtol=1e-4)
+    assert torch.all(lse[1] == float("inf")), "rows with no visible key store lse = +inf"
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def test_strided_qkv_views_no_copy():
+    B, L, H, D = 2, 11, 3, 32
+    qkv = _rand(B, L, 3 * H * D)
+    q, k, v = qkv.view(B, L, 3, H, D).unbind(2)
+    assert not q.is_contiguous() and all(kernels._last_dim_contiguous(t) is t for t in (q, k, v))
+
+    def split(fn):
+        return lambda x, upcast=None: fn(*x.view(B, L, 3, H, D).unbind(2),
+                                         **({} if upcast is None else {"upcast": upcast}))
+
+    _check_parity(
+        split(lambda q, k, v: attention(q, k, v, backend="triton", is_causal=True)),
+        split(lambda q, k, v, upcast: reference.attention(q, k, v, is_causal=True, upcast=upcast)),
+        [qkv], name="packed qkv",
+    )
+
+
+def test_last_dim_strided_inputs():
+    B, L, H, D = 1, 10, 2, 32
+    q, k, v = (_rand(B, L, H, 2 * D)[..., ::2] for _ in range(3))
+    assert q.stride(-1) == 2
+    _check_parity(
+        lambda q, k, v: attention(q, k, v, backend="triton"),
+        lambda q, k, v, upcast: reference.attention(q, k, v, upcast=upcast),
+        [q, k, v], name="last-dim stride 2",
+    )
+
+
+def test_grid_stays_within_cuda_limits():
+    assert kernels._grid(33, 70000) == (33 * 70000,)  # b*h = 70000 > 65535 programs on one axis
+    with pytest.raises(ValueError, match="2\\^31-1"):
+        kernels._grid(2**16, 2**16)
+
+
+_INT64_SCRIPT = """
+import torch
+from fastenc import reference
+from fastenc.testing import assert_parity
+from fastenc.triton_kernels import attention as kernels
+B, L, H, D = 4, 5, 1, 16
+# q's batch 3 starts 3 * 2^30 elements (6 GiB) in: its offset overflows int32.  Only the touched
+# pages of the virtual allocation become resident.
+try:
+    big = torch.empty(3 * 2**30 + L * H * D, dtype=torch.float16, device="{device}")
+except (RuntimeError, MemoryError):
+    print("no-memory")
+    raise SystemExit(0)
+q = big.as_strided((B, L, H, D), (2**30, H * D, D, 1))
+q.copy_(torch.randn(B, L, H, D))
+k, v = (torch.randn(B, L, H, D, dtype=torch.float16, device="{device}") for _ in range(2))
+out, lse = kernels.attention_forward(q, k, v)
+dout = torch.randn_like(out)
+dq, dk, dv = kernels.attention_backward(dout, q, k, v, out, lse)
+qc = q.contiguous()
+ref_in = [t.float().requires_grad_() for t in (qc, k, v)]
+base_in = [t.clone().requires_grad_() for t in (qc, k, v)]
+ref, base = reference.attention(*ref_in, upcast=True), reference.attention(*base_in)
+ref.backward(dout.float()); base.backward(dout)
+assert_parity(out, ref, base, name="out")
+for f, r, b in zip((dq, dk, dv), ref_in, base_in):
+    assert_parity(f, r.grad, b.grad, name="grad")
+print("ok")
+"""
+
+
+def test_int64_offsets():
+    # In a subprocess: an int32 overflow is an out-of-bounds access (a crash, not an assert).
+    env = dict(os.environ, TRITON_INTERPRET="1" if not ON_GPU else "0")
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(_INT64_SCRIPT).format(device=DEVICE)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if res.returncode == 0 and "no-memory" in res.stdout:
+        pytest.skip("this machine refuses a 6 GiB (virtual) allocation")
+    assert res.returncode == 0 and "ok" in res.stdout, f"rc={res.returncode}\n{res.stdout}\n{res.stderr[-3000:]}"
+
+
+# --------------------------------------------------------------------------- varlen
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_varlen(causal, dtype):
+    lens_q, lens_k = [1, 7, 1, 40], [3, 7, 1, 25]
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    H, D = 2, 64
+    inputs = [_rand(sum(lens_q), H, D, dtype=dtype), _rand(sum(lens_k), H, D, dtype=dtype),
+              _rand(sum(lens_k), H, D, dtype=dtype)]
+    _check_parity(
+        lambda q, k, v: attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), is_causal=causal,
+                                         backend="triton"),
+        lambda q, k, v, upcast: reference.attention_varlen(q, k, v, cu_q, cu_k, is_causal=causal, upcast=upcast),
+        inputs, name=f"varlen causal={causal}",
+    )
+
+
+def test_varlen_strided_packed_qkv():
+    lens = [5, 1, 12]
+    cu = torch.tensor([0, 5, 6, 18], dtype=torch.int32, device=DEVICE)
+    T, H, D = sum(lens), 2, 32
+    qkv = _rand(T, 3, H, D)
+
+    def run(fn):
+        return lambda x, upcast=None: fn(*x.unbind(1), **({} if upcast is None else {"upcast": upcast}))
+
+    _check_parity(
+        run(lambda q, k, v: attention_varlen(q, k, v, cu, cu, max(lens), max(lens), backend="triton")),
+        run(lambda q, k, v, upcast: reference.attention_varlen(q, k, v, cu, cu, upcast=upcast)),
+        [qkv], name="varlen packed qkv",
+    )
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def _seed(value):
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
+def test_dropout_keep_rate_and_replay():
+    p = 0.3
+    keep = kernels.dropout_keep_mask(_seed(123), 2, 2, 64, 64, p)
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 0.015, f"keep rate {rate:.4f}, expected {1 - p}"
+    assert torch.equal(keep, kernels.dropout_keep_mask(_seed(123), 2, 2, 64, 64, p)), "same seed, same mask"
+    other = kernels.dropout_keep_mask(_seed(124), 2, 2, 64, 64, p)
+    assert (keep != other).float().mean() > 0.2, "another seed gives another mask"
+    assert not kernels.dropout_keep_mask(_seed(5), 1, 1, 8, 8, 1.0).any()
+
+
+def test_dropout_scaling():
+    # scale = 0 makes attention uniform (1/S); with v = 1 a row's output is (#kept / S) / (1 - p).
+    B, L, S, H, D, p = 1, 16, 40, 2, 32, 0.25
+    q, k = _rand(B, L, H, D), _rand(B, S, H, D)
+    v = torch.ones(B, S, H, D, device=DEVICE, dtype=torch.float16)
+    seed = _seed(7)
+    out, _ = torch.ops.fastenc.attention_fwd(q, k, v, None, None, None, None, L, S, False, 0.0, p, seed)
+    keep = kernels.dropout_keep_mask(seed, B, H, L, S, p)
+    expected = keep.float().mean(-1).transpose(1, 2)[..., None].expand(B, L, H, D) / (1 - p)
+    torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
+    out1, _ = torch.ops.fastenc.attention_fwd(q, k, v, None, None, None, None, L, S, False, 0.3, 1.0, seed)
+    assert torch.all(out1 == 0), "p = 1 drops everything"
+
+
+@pytest.mark.parametrize("causal,masked", [(False, False), (True, True)])
+def test_dropout_matches_reference_mask(causal, masked):
+    # Forward and backward against the reference replaying the kernel's keep mask: a backward that
+    # drew a different mask would fail the dv / dq parity.
+    B, L, S, H, D, p = 2, 19, 37, 2, 32, 0.2
+    seed = _seed(2024)
+    keep = kernels.dropout_keep_mask(seed, B, H, L, S, p)
+    kpm = None
+    if masked:
+        kpm = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
+        kpm[1, 20:] = True
+    _check_parity(
+        lambda q, k, v: torch.ops.fastenc.attention_fwd(q, k, v, None, kpm, None, None, L, S, causal,
+                                                        1 / math.sqrt(D), p, seed)[0],
+        lambda q, k, v, upcast: reference.attention(q, k, v, key_padding_mask=kpm, is_causal=causal, dropout_p=p,
+                                                    dropout_mask=keep, upcast=upcast),
+        [_rand(B, L, H, D), _rand(B, S, H, D), _rand(B, S, H, D)], name="dropout",
+    )
+
+
+def test_dropout_varlen_matches_reference_mask():
+    lens_q, lens_k, H, D, p = [3, 17], [9, 1], 2, 32, 0.4
+    cu_q = torch.tensor([0, 3, 20], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 9, 10], dtype=torch.int32, device=DEVICE)
+    seed = _seed(99)
+    keep = kernels.dropout_keep_mask(seed, 2, H, max(lens_q), max(lens_k), p)
+    masks = [keep[b:b + 1, :, :lens_q[b], :lens_k[b]] for b in range(2)]
+    _check_parity(
+        lambda q, k, v: torch.ops.fastenc.attention_fwd(q, k, v, None, None, cu_q, cu_k, 17, 9, False,
+                                                        1 / math.sqrt(D), p, seed)[0],
+        lambda q, k, v, upcast: reference.attention_varlen(q, k, v, cu_q, cu_k, dropout_p=p, dropout_masks=masks,
+                                                           upcast=upcast),
+        [_rand(20, H, D), _rand(10, H, D), _rand(10, H, D)], name="varlen dropout",
+    )
+
+
+def test_dropout_seed_from_torch_rng():
+    q, k, v = _rand(1, 8, 2, 32), _rand(1, 8, 2, 32), _rand(1, 8, 2, 32)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return attention(q, k, v, dropout_p=0.5, backend="triton")
+
+    a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a, b), "torch.manual_seed makes dropout reproducible"
+    assert not torch.equal(a, c), "another torch seed gives another dropout mask"
+
+
+# --------------------------------------------------------------------------- validation and dispatch
+
+
+def test_bad_inputs():
+    q, k, v = _rand(1, 4, 2, 32), _rand(1, 6, 2, 32), _rand(1, 6, 2, 32)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        attention(q, k.float(), v, backend="triton")
+    with pytest.raises(ValueError, match="must be 4-D"):
+        attention(q[0], k, v, backend="triton")
+    with pytest.raises(ValueError, match="disagree"):
+        attention(q, _rand(1, 6, 3, 32), _rand(1, 6, 3, 32), backend="triton")
+    with pytest.raises(ValueError, match="shapes disagree"):
+        attention(q, k, v[:, :5], backend="triton")
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attention(q, k, v, attn_mask=torch.zeros(5, 6, dtype=torch.bool, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        attention(q, k, v, key_padding_mask=torch.zeros(1, 4, dtype=torch.bool, device=DEVICE), backend="triton")
+    with pytest.raises(TypeError, match="bool .* or float"):
+        attention(q, k, v, attn_mask=torch.zeros(4, 6, dtype=torch.int64, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="attn_mask is on meta"):
+        attention(q, k, v, attn_mask=torch.zeros(4, 6, dtype=torch.bool, device="meta"), backend="triton")
+    with pytest.raises(ValueError, match="dropout_p"):
+        attention(q, k, v, dropout_p=1.5, backend="triton")
+    with pytest.raises(TypeError, match="floating point"):
+        attention(q.int(), k.int(), v.int(), backend="triton")
+    with pytest.raises(BackendUnavailableError, match="head dim 20"):
+        attention(_rand(1, 4, 2, 20), _rand(1, 6, 2, 20), _rand(1, 6, 2, 20), backend="triton")
+    with pytest.raises(BackendUnavailableError, match="head dim 4 "):
+        attention(_rand(1, 4, 2, 4), _rand(1, 6, 2, 4), _rand(1, 6, 2, 4), backend="triton")
+    with pytest.raises(BackendUnavailableError, match="v head dim"):
+        attention(q, k, _rand(1, 6, 2, 64), backend="triton")
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(TypeError, match="int32"):
+        attention_varlen(q[0], k[0], v[0], cu.long(), cu, 4, 6, backend="triton")
+    with pytest.raises(ValueError, match="entries"):
+        attention_varlen(q[0], k[0], v[0], cu, torch.tensor([0, 3, 6], dtype=torch.int32, device=DEVICE), 4, 6,
+                         backend="triton")
+    with pytest.raises(ValueError, match=r"attn_mask must be a \[B, H, L, S\]"):
+        kernels.attention_forward(q, k, v, attn_mask=torch.zeros(4, 6, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="takes no masks"):
+        kernels.attention_forward(q[0], k[0], v[0], key_padding_mask=torch.zeros(1, 6, dtype=torch.bool, device=DEVICE),
+                                  cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4, max_seqlen_k=6)
+    with pytest.raises(ValueError, match="head dim 300"):
+        kernels.attention_forward(_rand(1, 2, 1, 300), _rand(1, 2, 1, 300), _rand(1, 2, 1, 300))
+
+
+def test_check_reasons():
+    check = attn_mod._triton_available
+    assert check(DEVICE, torch.float16, head_dim=64) is None
+    assert check(DEVICE, torch.float16, head_dim=72) is None
+    assert "head dim 264" in check(DEVICE, torch.float16, head_dim=264)
+    assert "head dim 12" in check(DEVICE, torch.float16, head_dim=12)
+    assert check(DEVICE, torch.float16, head_dim=8) is None
+    assert "float64" in check(DEVICE, torch.float64, head_dim=64)
+    assert "mask" in check(DEVICE, torch.float16, head_dim=64, mask_requires_grad=True)
+
+
+def test_mask_needing_grad_goes_to_reference():
+    q, k, v = _rand(1, 5, 2, 32), _rand(1, 7, 2, 32), _rand(1, 7, 2, 32)
+    bias = torch.randn(5, 7, device=DEVICE, requires_grad=True)
+    with pytest.raises(BackendUnavailableError, match="requires grad"):
+        attention(q, k, v, attn_mask=bias, backend="triton")
+    attention(q, k, v, attn_mask=bias, backend="auto").float().sum().backward()
+    assert bias.grad is not None and torch.isfinite(bias.grad).all()
+    with torch.no_grad():  # no gradient wanted: the kernel may run
+        attention(q, k, v, attn_mask=bias, backend="triton")
+
+
+def test_empty_inputs():
+    q, k, v = _rand(2, 0, 2, 32), _rand(2, 5, 2, 32), _rand(2, 5, 2, 32)
+    assert attention(q, k, v, backend="triton").shape == (2, 0, 2, 32)
+    q = _rand(2, 3, 2, 32)
+    out = attention(q, k[:, :0], v[:, :0], backend="triton")
+    assert out.shape == q.shape and torch.all(out == 0)
+
+
+# --------------------------------------------------------------------------- torch.compile / custom op
+
+
+def test_custom_op_opcheck():
+    q, k, v = (_rand(1, 6, 2, 32).requires_grad_() for _ in range(3))
+    kpm = torch.zeros(1, 6, dtype=torch.bool, device=DEVICE)
+    kpm[0, 4:] = True
+    torch.library.opcheck(torch.ops.fastenc.attention_fwd.default,
+                          (q, k, v, None, kpm, None, None, 6, 6, False, 0.2, 0.0, None),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    B, L, H, D = 1, 6, 2, 32
+    mask = torch.rand(L, L, device=DEVICE) < 0.2
+
+    def fn(q, k, v):
+        return attention(q, k, v, attn_mask=mask, is_causal=True, backend="triton").float().square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager" if not ON_GPU else "inductor")
+    inputs = [_rand(B, L, H, D) for _ in range(3)]
+    eager_in, comp_in = _leaves(inputs), _leaves(inputs)
+    fn(*eager_in).backward()
+    compiled(*comp_in).backward()
+    for a, b in zip(eager_in, comp_in):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# --------------------------------------------------------------------------- sm_90 code generation
+
+
+_COMPILE_SCRIPT = """
+import os, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from fastenc.triton_kernels import attention as kernels
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+for spec in kernels.compile_specs():
+    src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"],
+                                    attrs=spec["attrs"])
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = dict(kv.split(":", 1) for kv in res.split("Function", 1)[1].split("\\n", 1)[1].split())
+    print(spec["name"], "HGMMA", sass.count("HGMMA"), "REG", usage["REG"], "STACK", usage["STACK"],
+          "LOCAL", usage["LOCAL"], "SHARED", k.metadata.shared, flush=True)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__import__("triton").__file__), "backends",
+                                                    "nvidia", "bin", "cuobjdump")),
+                    reason="this Triton wheel ships no cuobjdump")
+def test_sm90_codegen_hgmma_no_spills():
+    # Compile-only, in a subprocess without TRITON_INTERPRET (the interpreter replaces triton.jit).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    specs = kernels.compile_specs()
+    assert len(lines) == len(specs) and {s["name"] for s in specs} == {ln.split()[0] for ln in lines}
+    assert {s["fn"].__name__ for s in specs} >= {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}
+    for line in lines:
+        f = line.split()
+        stats = dict(zip(f[1::2], f[2::2]))
+        assert int(stats["HGMMA"]) > 0, f"{line}: no Hopper tensor-core instruction"
+        assert int(stats["STACK"]) == 0 and int(stats["LOCAL"]) == 0, f"{line}: registers spill"
+        assert int(stats["SHARED"]) <= 227 * 1024, f"{line}: shared memory over the sm_90 limit"
+
+
+def test_backend_report_mentions_attention():
+    assert "attention" in fastenc.backend_report(DEVICE)

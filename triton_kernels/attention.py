@@ -1,0 +1,727 @@
+"""Flash attention (forward + backward) in Triton, FlashAttention-2 style.
+
+Math (per batch b, head h; log2 domain so the kernels use exp2):
+    s_ij = (q_i · k_j) · scale + bias_ij          bias = attn_mask + key padding (+ causal), -inf = masked
+    o_i  = Σ_j dropout(softmax_j(s_ij)) v_j       lse_i = log Σ_j exp(s_ij)   (natural log, +inf on empty rows)
+The forward streams key blocks through an online softmax (running max m_i, running sum l_i), so the
+L×S scores never exist in memory; it saves lse (one fp32 per query row) for the backward, which
+recomputes P = exp(s - lse) block by block (Dao, "FlashAttention-2", 2023; Triton tutorial 06):
+    dV = Pdᵀ dO,  dPd = dO Vᵀ,  dP = keep/(1-p) ∘ dPd,  dS = P ∘ (dP - Δ),  Δ_i = dO_i · o_i,
+    dQ = scale · dS K,  dK = scale · dSᵀ Q
+The backward is two deterministic kernels (no atomics): one program per query block for dQ (it also
+writes Δ), then one per key block for dK/dV.  That recomputes QKᵀ and dO Vᵀ once more than a fused
+atomic version, in exchange for bit-reproducible gradients.
+
+Layout: q [B, L, H, D], k/v [B, S, H, D] with any strides whose last one is 1 (views of a packed QKV
+projection work without copies), or packed varlen q [Tq, H, D], k/v [Tk, H, D] with int32 cu_seqlens.
+Masks: attn_mask [B, H, L, S] view (stride 0 on broadcast dims; bool -> uint8, or float additive),
+key padding [B, S] (bool or float additive).  Key blocks outside [first, last] unpadded key of a batch
+are skipped; padded keys in between are masked elementwise.  attn_mask gets no gradient.
+Dropout: one Philox draw per (seed, b·H + h, query, key); the backward replays it; ``dropout_keep_mask``
+materialises the same keep mask for tests.
+Limits: head dim 8..256 in steps of 8, padded to the next power of two inside the kernel (hd 80/96
+pay for 128).  fp32 inputs use IEEE fp32 dots (exact parity with torch fp32, no TF32 speed); fp16/bf16
+multiply on tensor cores with fp32 accumulation.  Offsets that can pass 2^31 elements (batch, head,
+sequence start) are computed in int64.  One program per (query or key block, b·h) on grid axis 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
+_MAX_GRID_X = 2**31 - 1
+
+
+# --------------------------------------------------------------------------- launch heuristics
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kernel, head-dim bucket); "fwd_short": <= 64 queries.
+# Picked so the fp32 accumulators stay in registers: every entry compiles with zero spills and
+# <= 255 registers (sm_90: HGMMA, checked by tests/test_attention.py through compile_specs).
+_SM90_CONFIGS = {
+    ("fwd", 64): (128, 64, 8, 3), ("fwd", 128): (128, 64, 8, 3), ("fwd", 256): (128, 32, 8, 2),
+    ("fwd_short", 64): (64, 64, 4, 3), ("fwd_short", 128): (64, 64, 4, 3), ("fwd_short", 256): (128, 32, 8, 2),
+    ("bwd_dq", 64): (128, 64, 8, 2), ("bwd_dq", 128): (128, 64, 8, 2), ("bwd_dq", 256): (64, 32, 8, 2),
+    ("bwd_dkdv", 64): (32, 128, 8, 2), ("bwd_dkdv", 128): (32, 128, 8, 2), ("bwd_dkdv", 256): (16, 64, 8, 2),
+}
+# sm_80 (mma.sync keeps both operands in registers): narrower tiles, fewer stages.
+_SM80_CONFIGS = {
+    ("fwd", 64): (128, 64, 8, 2), ("fwd", 128): (128, 32, 8, 2), ("fwd", 256): (64, 32, 8, 1),
+    ("fwd_short", 64): (64, 64, 8, 2), ("fwd_short", 128): (64, 64, 8, 2), ("fwd_short", 256): (64, 32, 8, 1),
+    ("bwd_dq", 64): (128, 64, 8, 1), ("bwd_dq", 128): (64, 32, 4, 2), ("bwd_dq", 256): (64, 32, 8, 1),
+    ("bwd_dkdv", 64): (32, 128, 8, 1), ("bwd_dkdv", 128): (64, 64, 8, 1), ("bwd_dkdv", 256): (16, 64, 8, 1),
+}
+KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+
+
+def _bucket(head_dim: int) -> int:
+    return max(64, triton.next_power_of_2(head_dim))
+
+
+def launch_config(kernel: str, head_dim: int, seqlen_q: int, dtype: torch.dtype, arch: Optional[Tuple[int, int]],
+                  masked: bool = False):
+    """Block sizes, warps and stages of one kernel ("fwd", "bwd_dq", "bwd_dkdv") for a call.
+
+    arch: (major, minor) compute capability, or None under the Triton interpreter (CPU), where
+    small tiles make the tests cross many block boundaries.  masked: an attn_mask is streamed;
+    the forward then halves its key tile at head dim > 64 (the mask tile's registers would spill).
+    fp32 runs IEEE FMA dots on small tiles: exact but slow (it spills at head dim >= 128 on
+    sm_90); fp16/bf16 is the fast path.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
+    if arch is None:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    table = _SM90_CONFIGS if arch[0] >= 9 else _SM80_CONFIGS
+    name = "fwd_short" if kernel == "fwd" and seqlen_q <= 64 else kernel
+    bm, bn, warps, stages = table[(name, _bucket(head_dim))]
+    if masked and kernel == "fwd" and _bucket(head_dim) > 64:
+        bn //= 2
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+
+def _grid(num_blocks: int, batch_heads: int) -> Tuple[int]:
+    """All (block, b·h) programs on grid axis 0 (limit 2^31-1): no 65535 cap on batch × heads."""
+    n = num_blocks * batch_heads
+    if n > _MAX_GRID_X:
+        raise ValueError(f"attention grid of {n} programs exceeds CUDA's 2^31-1 limit on grid axis 0")
+    return (n,)
+
+
+# --------------------------------------------------------------------------- shared device helpers
+
+
+@triton.jit
+def _seq_bounds(CuSeq, b, dense_len, IS_VARLEN: tl.constexpr):
+    """(first row, length) of sequence b: from cu_seqlens when packed, else (0, dense_len)."""
+    if IS_VARLEN:
+        start = tl.load(CuSeq + b)
+        length = tl.load(CuSeq + b + 1) - start
+    else:
+        start = b * 0
+        length = dense_len + b * 0
+    return start, length
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, dropout_p):
+    """Keep flags for query `rows` × key `cols` (broadcastable index blocks, either orientation).
+
+    One Philox-4x32 draw per element, counter (key, query, b·H + h, 0) and key `seed`, so every
+    (head, query, key) has its own stream and any kernel can replay it; kept when u >= p.
+    """
+    c0 = cols + rows * 0
+    c1 = rows + cols * 0
+    c2 = c0 * 0 + bh
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c0 * 0)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _masked_scores(
+    s, rows, cols, q_len, k_len,  # log2-domain scores of query `rows` x key `cols` (either orientation)
+    mask_ptrs, kpm_ptrs,  # attn_mask tile and key padding pointers, shaped like s / like cols
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    HAS_KPM: tl.constexpr, KPM_BOOL: tl.constexpr,
+):
+    """Add biases to s and set masked or out-of-range entries to -inf."""
+    valid = (rows < q_len) & (cols < k_len)
+    if IS_CAUSAL:  # top-left aligned: query i sees keys j <= i
+        valid = valid & (cols <= rows)
+    if HAS_MASK:
+        mval = tl.load(mask_ptrs, mask=valid, other=0)
+        if MASK_BOOL:
+            valid = valid & (mval == 0)
+        else:
+            s = s + mval.to(tl.float32) * LOG2E
+    if HAS_KPM:
+        pval = tl.load(kpm_ptrs, mask=cols < k_len, other=0)
+        if KPM_BOOL:
+            valid = valid & (pval == 0)
+        else:
+            s = s + pval.to(tl.float32) * LOG2E
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _key_range(KvRange, b, k_len, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of keys worth visiting: all of them, or the unpadded span of batch b, lo aligned to BLOCK_N."""
+    if HAS_KPM:
+        lo = tl.load(KvRange + 2 * b)
+        hi = tl.minimum(tl.load(KvRange + 2 * b + 1), k_len)
+        lo = tl.multiple_of((lo // BLOCK_N) * BLOCK_N, BLOCK_N)
+    else:
+        lo = b * 0
+        hi = k_len
+    return lo, hi
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out,  # q [.., L, H, D], k/v [.., S, H, D] (strided), out like q
+    Lse,  # fp32 log-sum-exp per query row, [B, H, L] (dense) or [H, Tq] (varlen)
+    Mask,  # attn_mask [B, H, L, S] view: uint8 (1 = masked) or float additive
+    Kpm,  # key padding [B, S]: uint8 (1 = padding) or float additive
+    KvRange,  # int32 [B, 2]: first / last+1 unpadded key per batch
+    CuSeqQ, CuSeqK,  # int32 [B+1] packed sequence offsets (varlen)
+    Seed,  # int64 [1] Philox key (dropout)
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    H, L, S, NUM_M,  # heads, (max) query / key lengths, query blocks per (b, h)
+    sm_scale, dropout_p, drop_scale,  # softmax scale, dropout prob, 1/(1-p) (0 when p = 1)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    HAS_KPM: tl.constexpr, KPM_BOOL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // NUM_M
+    start_m = (pid % NUM_M) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    q_start, q_len = _seq_bounds(CuSeqQ, b, L, IS_VARLEN)
+    k_start, k_len = _seq_bounds(CuSeqK, b, S, IS_VARLEN)
+    if start_m >= q_len:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < q_len
+
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + (q_start + start_m).to(tl.int64) * stride_qm
+    q = tl.load(q_base + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + b64 * stride_vb + h64 * stride_vh + k_start.to(tl.int64) * stride_vn
+    mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
+    kpm_b = Kpm + b64 * stride_pb
+    if DROPOUT:
+        seed = tl.load(Seed)
+    qk_scale = sm_scale * LOG2E
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _key_range(KvRange, b, k_len, HAS_KPM, BLOCK_N)
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < k_len
+        kv_off = tl.cast(start_n, tl.int64)
+        k = tl.load(k_base + kv_off * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # int64 only in the scalar tile origin; int32 offsets inside the tile
+        mask_ptrs = (mask_bh + (tl.cast(start_m, tl.int64) * stride_mm + kv_off * stride_mn)
+                     + (tl.arange(0, BLOCK_M)[:, None] * stride_mm + offs_n[None, :] * stride_mn))
+        kpm_ptrs = kpm_b + kv_off * stride_pn + offs_n[None, :] * stride_pn
+        s = _masked_scores(s, offs_m[:, None], cols[None, :], q_len, k_len, mask_ptrs, kpm_ptrs,
+                           IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_KPM, KPM_BOOL)
+        # Online softmax; a row with no visible key so far keeps m = -inf and uses 0 as its offset.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_off = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_off[:, None])
+        alpha = tl.exp2(m_i - m_off)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p), p, 0.0)
+        v = tl.load(v_base + kv_off * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * drop_scale
+    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * LN2, float("inf"))
+    o_base = Out + b64 * stride_ob + h64 * stride_oh + (q_start + start_m).to(tl.int64) * stride_om
+    tl.store(o_base + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + b64 * stride_lb + h64 * stride_lh + q_start.to(tl.int64) + offs_m, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, Out, DOut, DQ,  # strided like the forward; DQ laid out like Q's shape, own strides
+    Lse, Delta,  # fp32 [B, H, L] / [H, Tq]: forward log-sum-exp; Δ = rowsum(dO ∘ O), written here
+    Mask, Kpm, KvRange, CuSeqQ, CuSeqK, Seed,  # as in the forward
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_lb, stride_lh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    H, L, S, NUM_M,
+    sm_scale, dropout_p, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    HAS_KPM: tl.constexpr, KPM_BOOL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // NUM_M
+    start_m = (pid % NUM_M) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    q_start, q_len = _seq_bounds(CuSeqQ, b, L, IS_VARLEN)
+    k_start, k_len = _seq_bounds(CuSeqK, b, S, IS_VARLEN)
+    if start_m >= q_len:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    row0 = (q_start + start_m).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    local = tl.arange(0, BLOCK_M)[:, None]
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < q_len
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm + local * stride_qm + offs_d[None, :],
+                mask=tile_ok, other=0.0)
+    do = tl.load(DOut + b64 * stride_dob + h64 * stride_doh + row0 * stride_dom + local * stride_dom + offs_d[None, :],
+                 mask=tile_ok, other=0.0)
+    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + row0 * stride_om + local * stride_om + offs_d[None, :],
+                mask=tile_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    row_stat = b64 * stride_lb + h64 * stride_lh + q_start.to(tl.int64) + offs_m
+    tl.store(Delta + row_stat, delta, mask=row_ok)
+    lse2 = tl.load(Lse + row_stat, mask=row_ok, other=float("inf")) * LOG2E
+
+    k_base = K + b64 * stride_kb + h64 * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + b64 * stride_vb + h64 * stride_vh + k_start.to(tl.int64) * stride_vn
+    mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
+    kpm_b = Kpm + b64 * stride_pb
+    if DROPOUT:
+        seed = tl.load(Seed)
+    qk_scale = sm_scale * LOG2E
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _key_range(KvRange, b, k_len, HAS_KPM, BLOCK_N)
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_ok = (cols < k_len)[:, None] & d_ok[None, :]
+        kv_off = tl.cast(start_n, tl.int64)
+        k = tl.load(k_base + kv_off * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + kv_off * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # int64 only in the scalar tile origin; int32 offsets inside the tile
+        mask_ptrs = (mask_bh + (tl.cast(start_m, tl.int64) * stride_mm + kv_off * stride_mn)
+                     + (tl.arange(0, BLOCK_M)[:, None] * stride_mm + offs_n[None, :] * stride_mn))
+        kpm_ptrs = kpm_b + kv_off * stride_pn + offs_n[None, :] * stride_pn
+        s = _masked_scores(s, offs_m[:, None], cols[None, :], q_len, k_len, mask_ptrs, kpm_ptrs,
+                           IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_KPM, KPM_BOOL)
+        p = tl.exp2(s - lse2[:, None])  # masked entries and empty rows (lse = +inf) give 0
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p), dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm + local * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, DK, DV,  # strided like the forward; DK/DV laid out like K's shape, own strides
+    Lse, Delta,  # fp32 row statistics from the forward and the dQ kernel
+    Mask, Kpm, KvRange, CuSeqQ, CuSeqK, Seed,  # as in the forward
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_lb, stride_lh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    H, L, S, NUM_N,  # NUM_N: key blocks per (b, h)
+    sm_scale, dropout_p, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    HAS_KPM: tl.constexpr, KPM_BOOL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Works on transposed tiles: rows are keys (BLOCK_N), columns are queries (BLOCK_M).
+    pid = tl.program_id(0)
+    bh = pid // NUM_N
+    start_n = (pid % NUM_N) * BLOCK_N
+    b = bh // H
+    h = bh % H
+    q_start, q_len = _seq_bounds(CuSeqQ, b, L, IS_VARLEN)
+    k_start, k_len = _seq_bounds(CuSeqK, b, S, IS_VARLEN)
+    if start_n >= k_len:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    col0 = (k_start + start_n).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    local = tl.arange(0, BLOCK_N)[:, None]
+    d_ok = offs_d < HEAD_DIM
+    tile_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
+
+    k = tl.load(K + b64 * stride_kb + h64 * stride_kh + col0 * stride_kn + local * stride_kn + offs_d[None, :],
+                mask=tile_ok, other=0.0)
+    v = tl.load(V + b64 * stride_vb + h64 * stride_vh + col0 * stride_vn + local * stride_vn + offs_d[None, :],
+                mask=tile_ok, other=0.0)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qm
+    do_base = DOut + b64 * stride_dob + h64 * stride_doh + q_start.to(tl.int64) * stride_dom
+    stat_base = b64 * stride_lb + h64 * stride_lh + q_start.to(tl.int64)
+    mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
+    kpm_ptrs = Kpm + b64 * stride_pb + tl.cast(start_n, tl.int64) * stride_pn + local * stride_pn
+    if DROPOUT:
+        seed = tl.load(Seed)
+    qk_scale = sm_scale * LOG2E
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if IS_CAUSAL:  # queries i >= start_n see this key block
+        lo = (start_n // BLOCK_M) * BLOCK_M
+    hi = q_len
+    if HAS_KPM:  # a key block wholly outside the unpadded span gets zero gradients without a loop
+        k_lo = tl.load(KvRange + 2 * b)
+        k_hi = tl.load(KvRange + 2 * b + 1)
+        hi = tl.where((start_n + BLOCK_N <= k_lo) | (start_n >= k_hi), lo, hi)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < q_len
+        q_off = tl.cast(start_m, tl.int64)
+        qd_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + q_off * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qd_ok, other=0.0)
+        do = tl.load(do_base + q_off * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :],
+                     mask=qd_ok, other=0.0)
+        lse2 = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf")) * LOG2E
+        delta = tl.load(Delta + stat_base + rows, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        mask_ptrs = (mask_bh + (q_off * stride_mm + tl.cast(start_n, tl.int64) * stride_mn)
+                     + (offs_m[None, :] * stride_mm + local * stride_mn))
+        s_t = _masked_scores(s_t, rows[None, :], offs_n[:, None], q_len, k_len, mask_ptrs, kpm_ptrs,
+                             IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_KPM, KPM_BOOL)
+        p_t = tl.exp2(s_t - lse2[None, :])
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[None, :], offs_n[:, None], dropout_p)
+            dv = tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+
+    if DROPOUT:
+        dv = dv * drop_scale
+    dk = dk * sm_scale
+    tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + col0 * stride_dkn + local * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=tile_ok)
+    tl.store(DV + b64 * stride_dkb + h64 * stride_dkh + col0 * stride_dkn + local * stride_dkn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    Keep, Seed,  # out: uint8 [B, H, L, S] contiguous (1 = kept); int64 [1] Philox key
+    H, L, S, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    keep = _dropout_keep(tl.load(Seed), bh, rows, cols, dropout_p)
+    offs = bh.to(tl.int64) * L * S + rows.to(tl.int64) * S + cols
+    tl.store(Keep + offs, keep.to(tl.uint8), mask=(rows < L) & (cols < S))
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _arch(t: Tensor) -> Optional[Tuple[int, int]]:
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else None
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _head_strides(t: Tensor, varlen: bool) -> Tuple[int, int, int]:
+    """(batch, head, row) strides of a [B, L, H, D] or packed [T, H, D] tensor (batch stride 0 when packed)."""
+    if varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(2), t.stride(1)
+
+
+def _flags(q: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], is_causal: bool,
+           varlen: bool, dropout_p: float, head_dim: int) -> dict:
+    return dict(
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        IS_CAUSAL=bool(is_causal), IS_VARLEN=varlen,
+        HAS_MASK=attn_mask is not None, MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.uint8,
+        HAS_KPM=key_padding_mask is not None,
+        KPM_BOOL=key_padding_mask is not None and key_padding_mask.dtype == torch.uint8,
+        DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _prepare_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], dummy: Tensor):
+    """Bool masks viewed as uint8 (no copy); the unpadded key span [lo, hi) per batch; pointer placeholders."""
+    mask = None if attn_mask is None else (attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask)
+    kpm = key_padding_mask
+    kv_range = None
+    if kpm is not None:
+        padded = kpm if kpm.dtype == torch.bool else torch.isneginf(kpm)
+        kpm = kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm
+        S = padded.shape[1]  # > 0: the launchers return early on empty keys
+        pos = torch.arange(S, device=padded.device, dtype=torch.int32)
+        lo = torch.where(padded, S, pos).amin(1)  # S when every key is padded: an empty range
+        hi = torch.where(padded, 0, pos + 1).amax(1)
+        kv_range = torch.stack([lo, hi], 1).to(torch.int32).contiguous()
+    mask_args = (mask if mask is not None else dummy, *(mask.stride() if mask is not None else (0, 0, 0, 0)))
+    kpm_args = (kpm if kpm is not None else dummy, *(kpm.stride() if kpm is not None else (0, 0)))
+    return mask, kpm, mask_args, kpm_args, (kv_range if kv_range is not None else dummy)
+
+
+def _check_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], B: int, H: int, L: int, S: int):
+    if attn_mask is not None and tuple(attn_mask.shape) != (B, H, L, S):
+        raise ValueError(f"attention kernel: attn_mask must be a [B, H, L, S] = {[B, H, L, S]} view, "
+                         f"got {tuple(attn_mask.shape)}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, S):
+        raise ValueError(f"attention kernel: key_padding_mask must be [B, S] = {[B, S]}, "
+                         f"got {tuple(key_padding_mask.shape)}")
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, varlen: bool):
+    ndim = 3 if varlen else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != ndim:
+            raise ValueError(f"attention: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"attention kernel: q, k, v must share one of fp16/bf16/fp32, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    D = q.shape[-1]
+    if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM and D % 8 == 0):
+        raise ValueError(f"attention kernel: head dim {D} unsupported "
+                         f"(multiples of 8 from {MIN_HEAD_DIM} to {MAX_HEAD_DIM})")
+
+
+def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, *,
+    attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+    cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    is_causal: bool = False, scale: Optional[float] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+    config: Optional[dict] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Run the forward kernel; returns (out like q, contiguous; lse fp32 [B, H, L] or [H, Tq]).
+
+    attn_mask: [B, H, L, S] (broadcast dims with stride 0), bool or float; key_padding_mask: [B, S].
+    Packed mode when cu_seqlens_q/k (int32 [B+1]) are given: q [Tq, H, D], k/v [Tk, H, D], no masks.
+    seed: int64 [1] tensor, required when dropout_p > 0.  config overrides launch_config's choice.
+    """
+    varlen = cu_seqlens_q is not None
+    _check_inputs(q, k, v, varlen)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if varlen:
+        H, B, L, S = q.shape[1], cu_seqlens_q.numel() - 1, int(max_seqlen_q), int(max_seqlen_k)
+        lse = torch.full((H, q.shape[0]), float("inf"), device=q.device, dtype=torch.float32)
+        out = torch.zeros(q.shape, device=q.device, dtype=q.dtype)
+        stride_l = (0, lse.stride(0))
+    else:
+        B, L, H, _ = q.shape
+        S = k.shape[1]
+        lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        stride_l = (lse.stride(0), lse.stride(1))
+    if varlen and (attn_mask is not None or key_padding_mask is not None):
+        raise ValueError("attention kernel: packed (varlen) attention takes no masks")
+    _check_masks(attn_mask, key_padding_mask, B, H, L, S)
+    if B * H * L == 0:
+        return out, lse
+    if S == 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    dummy = q.new_empty(0, dtype=torch.int32)
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("attention kernel: dropout_p > 0 needs a seed tensor")
+    mask, kpm, mask_args, kpm_args, kv_range = _prepare_masks(attn_mask, key_padding_mask, dummy)
+    flags = _flags(q, mask, kpm, is_causal, varlen, dropout_p, D)
+    cfg = dict(config or launch_config("fwd", D, L, q.dtype, _arch(q), masked=mask is not None))
+    num_m = triton.cdiv(L, cfg["BLOCK_M"])
+    _attn_fwd_kernel[_grid(num_m, B * H)](
+        q, k, v, out, lse, mask_args[0], kpm_args[0], kv_range,
+        cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy, seed if seed is not None else dummy,
+        *_head_strides(q, varlen), *_head_strides(k, varlen), *_head_strides(v, varlen), *_head_strides(out, varlen),
+        *stride_l, *mask_args[1:], *kpm_args[1:],
+        H, L, S, num_m, scale, float(dropout_p), _drop_scale(dropout_p),
+        **flags, **cfg,
+    )
+    return out, lse
+
+
+def _drop_scale(p: float) -> float:
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+def attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
+    attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+    cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    is_causal: bool = False, scale: Optional[float] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+    config_dq: Optional[dict] = None, config_dkdv: Optional[dict] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv), contiguous, for the forward's arguments and its (out, lse)."""
+    varlen = cu_seqlens_q is not None
+    _check_inputs(q, k, v, varlen)
+    q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    alloc = torch.zeros if varlen else torch.empty  # packed rows outside every sequence get zero gradients
+    dq = alloc(q.shape, device=q.device, dtype=q.dtype)
+    dk = alloc(k.shape, device=k.device, dtype=k.dtype)
+    dv = alloc(v.shape, device=v.device, dtype=v.dtype)
+    if varlen:
+        H, B, L, S = q.shape[1], cu_seqlens_q.numel() - 1, int(max_seqlen_q), int(max_seqlen_k)
+        stride_l = (0, lse.stride(0))
+    else:
+        B, L, H, _ = q.shape
+        S = k.shape[1]
+        stride_l = (lse.stride(0), lse.stride(1))
+    _check_masks(attn_mask, key_padding_mask, B, H, L, S)
+    if B * H * L == 0 or S == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)
+    dummy = q.new_empty(0, dtype=torch.int32)
+    mask, kpm, mask_args, kpm_args, kv_range = _prepare_masks(attn_mask, key_padding_mask, dummy)
+    flags = _flags(q, mask, kpm, is_causal, varlen, dropout_p, D)
+    cu_q = cu_seqlens_q if varlen else dummy
+    cu_k = cu_seqlens_k if varlen else dummy
+    seed = seed if seed is not None else dummy
+    common = (*mask_args[1:], *kpm_args[1:])
+    tail = (scale, float(dropout_p), _drop_scale(dropout_p))
+
+    cfg = dict(config_dq or launch_config("bwd_dq", D, L, q.dtype, _arch(q)))
+    num_m = triton.cdiv(L, cfg["BLOCK_M"])
+    _attn_bwd_dq_kernel[_grid(num_m, B * H)](
+        q, k, v, out, dout, dq, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed,
+        *_head_strides(q, varlen), *_head_strides(k, varlen), *_head_strides(v, varlen),
+        *_head_strides(out, varlen), *_head_strides(dout, varlen), *_head_strides(dq, varlen),
+        *stride_l, *common, H, L, S, num_m, *tail, **flags, **cfg,
+    )
+    cfg = dict(config_dkdv or launch_config("bwd_dkdv", D, L, q.dtype, _arch(q)))
+    num_n = triton.cdiv(S, cfg["BLOCK_N"])
+    _attn_bwd_dkdv_kernel[_grid(num_n, B * H)](
+        q, k, v, dout, dk, dv, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed,
+        *_head_strides(q, varlen), *_head_strides(k, varlen), *_head_strides(v, varlen),
+        *_head_strides(dout, varlen), *_head_strides(dk, varlen),
+        *stride_l, *common, H, L, S, num_n, *tail, **flags, **cfg,
+    )
+    return dq, dk, dv
+
+
+def dropout_keep_mask(seed: Tensor, batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float) -> Tensor:
+    """The kernels' dropout keep mask (bool [B, H, L, S], True = kept) for an int64 [1] seed tensor.
+
+    Packed sequences use the same draws: sequence b's mask is ``[b, :, :L_b, :S_b]`` of the mask
+    built with batch = number of sequences and the max lengths.
+    """
+    keep = torch.empty((batch, heads, seqlen_q, seqlen_k), device=seed.device, dtype=torch.uint8)
+    if keep.numel() == 0:
+        return keep.bool()
+    block = 32
+    grid = (batch * heads, triton.cdiv(seqlen_q, block), triton.cdiv(seqlen_k, block))
+    _dropout_mask_kernel[grid](keep, seed, heads, seqlen_q, seqlen_k, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()
+
+
+# --------------------------------------------------------------------------- compile specs
+
+
+_SCALAR_TYPES = {"sm_scale": "fp32", "dropout_p": "fp32", "drop_scale": "fp32"}
+_POINTER_TYPES = {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8", "Kpm": "*u8", "KvRange": "*i32", "CuSeqQ": "*i32",
+                  "CuSeqK": "*i32", "Seed": "*i64"}
+_TENSOR_ARGS = ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")
+
+
+def compile_specs(dtype: str = "fp16", arch: Tuple[int, int] = (9, 0)):
+    """One entry per shipped config of each kernel, for ``triton.compile(ASTSource(...))``.
+
+    Hot variant (``hot=True``): dense BERT-style attention with a boolean key padding mask, no
+    causal, no dropout, at the largest head dim of each config bucket (64, 128, 256).  The forward's
+    attn_mask configs (narrower key tile) come as ``hot=False`` entries with a boolean attn_mask.
+    Pointers to q/k/v/out are ``*{dtype}``; strides i32.  ``attrs`` holds the 16-divisibility that
+    Triton's JIT infers at launch for aligned pointers and q/k/v/out strides (hidden size a multiple
+    of 16): pass it as ``ASTSource(..., attrs=spec["attrs"])``; without it loads are not vectorised
+    and kernels spill.
+    """
+    fns = {"fwd": _attn_fwd_kernel, "bwd_dq": _attn_bwd_dq_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel}
+    variants = [(kernel, head_dim, seqlen, False) for kernel in KERNELS for head_dim in (64, 128, 256)
+                for seqlen in ((64, 512) if kernel == "fwd" else (512,))]
+    variants += [("fwd", head_dim, seqlen, True) for head_dim in (128, 256) for seqlen in (64, 512)]
+    specs, seen = [], set()
+    for kernel, head_dim, seqlen, masked in variants:
+        cfg = launch_config(kernel, head_dim, seqlen, torch.float16, arch, masked=masked)
+        key = (kernel, head_dim, masked, tuple(cfg.values()))
+        if key in seen:
+            continue
+        seen.add(key)
+        fn = fns[kernel]
+        constexprs = dict(
+            HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], IS_CAUSAL=False,
+            IS_VARLEN=False, HAS_MASK=masked, MASK_BOOL=masked, HAS_KPM=not masked, KPM_BOOL=not masked,
+            DROPOUT=False, DOT_PRECISION="tf32",
+        )
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in _TENSOR_ARGS:
+                signature[name] = f"*{dtype}"
+            else:
+                signature[name] = _POINTER_TYPES.get(name) or _SCALAR_TYPES.get(name, "i32")
+        # pointers, and the batch/head/row strides of q, k, v, out, dout, dq, dk (not lse/mask/kpm)
+        aligned = [name for name in fn.arg_names if signature[name].startswith("*")
+                   or (name.startswith("stride_") and name[7] not in "lmp")]
+        specs.append(dict(
+            name=f"attention_{kernel}{'_mask' if masked else ''}_hd{head_dim}_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}",
+            fn=fn, signature=signature, constexprs=constexprs,
+            attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned},
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], hot=not masked,
+        ))
+    return specs
