@@ -151,7 +151,7 @@ def cmd_ceilings(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastenc", description="fastenc: benchmarks, kernel inspector, backend report")
+    p = argparse.ArgumentParser(prog="fastenc", description="fastenc: benchmarks, kernel inspector, backend report, fine-tuning")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="benchmark fastenc against PyTorch baselines; writes JSON, CSV, plots")
@@ -188,11 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device")
     c.add_argument("--out", default="bench_out")
     c.set_defaults(fn=cmd_ceilings)
+
+    # Parsed by fastenc.models.finetune.main (main() hands it over before this parser runs).
+    sub.add_parser("finetune", help="fine-tune a text classifier per backend (see `fastenc finetune --help`)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["finetune"]:  # its own parser: fastenc.models.finetune.main
+        from .models.finetune import main as finetune_main
+
+        finetune_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     args.argv = argv
     return args.fn(args)

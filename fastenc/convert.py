@@ -8,6 +8,8 @@ the converted model's ``state_dict`` has the same keys and the same storage.
 """
 from __future__ import annotations
 
+import sys
+
 import torch.nn as nn
 
 from .modules import (
@@ -37,6 +39,9 @@ def optimize(model: nn.Module, *, backend: BackendSpec = None) -> nn.Module:
     stored on every converted layer.
     """
     _check_backend(backend)
+    from .models import hf_hook  # Hugging Face BERT-family models (and modules holding them) go to their adapter
+
+    model = hf_hook(model, backend)
     top = _convert_one(model, backend)
     if top is not None:
         return top
@@ -50,7 +55,11 @@ def optimize(model: nn.Module, *, backend: BackendSpec = None) -> nn.Module:
 
 
 def to_torch(model: nn.Module) -> nn.Module:
-    """Undo ``optimize``: fastenc encoder modules back to torch's classes (same tensors)."""
+    """Undo ``optimize``: fastenc encoder modules back to torch's (and Hugging Face's) classes."""
+    if "transformers" in sys.modules:
+        from .models import to_hf
+
+        model = to_hf(model)
     if type(model) is TransformerEncoder:
         return encoder_to_torch(model)
     if type(model) is TransformerEncoderLayer:

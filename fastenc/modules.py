@@ -260,6 +260,8 @@ def padding_plan(unpad: Optional[bool], attn_mask: Optional[Tensor], key_padding
     """
     if unpad is False or key_padding_mask is None:
         return None
+    if unpad is None and torch.compiler.is_compiling():
+        return None  # auto decides from the data (a host sync): keep the padded path inside torch.compile
     possible = key_padding_mask.dtype == torch.bool and attn_mask is None
     if not possible:
         if unpad:

@@ -1,0 +1,362 @@
+"""fastenc.optimize on Hugging Face BERT / RoBERTa / DistilBERT (and models built on them) vs the originals.
+
+Small randomly initialised models built from transformers configs (never downloaded):
+hidden 384 and 768 with 12 heads (head dims 32 and 64), 2 layers, ragged padding with a
+single-token sequence.  Parity rule: optimized model in dtype vs the original in fp32,
+bounded by the original in the same dtype.  Hidden states are compared on real tokens
+(values at padding positions are unspecified); gradients of every parameter are
+compared under the HF names (the optimized model's state_dict uses them).
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import fastenc
+from fastenc.testing import assert_close, assert_parity
+from tests.conftest import DEVICE, ON_GPU
+
+transformers = pytest.importorskip("transformers", reason="the HF adapter needs transformers (requirements/dev.txt)")
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    DistilBertModel,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    RobertaModel,
+)
+
+from fastenc.models import hf  # noqa: E402
+
+VOCAB, B, S = 97, 3, 13
+BASE = {"bert": BertModel, "roberta": RobertaModel, "distilbert": DistilBertModel}
+TASK = {"bert": BertForSequenceClassification, "roberta": RobertaForSequenceClassification,
+        "distilbert": DistilBertForSequenceClassification}
+
+
+def make_config(family, hidden=384, *, layers=2, dropout=0.0, act="gelu", eps=1e-12, **extra):
+    if family == "distilbert":
+        return DistilBertConfig(vocab_size=VOCAB, dim=hidden, n_layers=layers, n_heads=12, hidden_dim=520,
+                                dropout=dropout, attention_dropout=dropout, activation=act,
+                                max_position_embeddings=40, num_labels=3, **extra)
+    cls = BertConfig if family == "bert" else RobertaConfig
+    pad = 0 if family == "bert" else 1
+    return cls(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=12,
+               intermediate_size=520, hidden_act=act, hidden_dropout_prob=dropout,
+               attention_probs_dropout_prob=dropout, layer_norm_eps=eps, max_position_embeddings=40,
+               type_vocab_size=2, pad_token_id=pad, num_labels=3, **extra)
+
+
+def build(cls, config):
+    """A model with non-trivial biases and LayerNorm parameters (HF inits them to 0 / 1)."""
+    model = cls(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(DEVICE)
+
+
+def inputs(family, seqlen=S):
+    """input_ids avoiding the pad id, and a ragged mask: 9 real tokens, 1 real token, no padding."""
+    ids = torch.randint(3, VOCAB, (B, seqlen), device=DEVICE)
+    mask = torch.ones(B, seqlen, dtype=torch.long, device=DEVICE)
+    mask[0, min(9, seqlen):] = 0
+    mask[1, 1:] = 0
+    pad = 1 if family == "roberta" else 0
+    ids = ids.masked_fill(mask == 0, pad)
+    kw = dict(input_ids=ids, attention_mask=mask)
+    if family != "distilbert":
+        kw["token_type_ids"] = (torch.arange(seqlen, device=DEVICE) >= seqlen // 2).long().expand(B, seqlen)
+    return kw
+
+
+def triple(model, dtype):
+    """(reference, original in dtype, optimized copy in dtype).
+
+    The reference is the original in fp32, or in fp64 when dtype is fp32 (so that the
+    "same dtype" error of the parity rule is fp32 rounding, not zero).
+    """
+    base = copy.deepcopy(model).to(dtype)
+    fast = fastenc.optimize(copy.deepcopy(model).to(dtype))
+    ref = model.to(torch.float64 if dtype == torch.float32 else torch.float32)
+    return ref, base, fast
+
+
+def hf_grads(model):
+    """Parameter gradients under the HF names: swap each parameter's data for its grad, read state_dict."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.grad if p.grad is not None else torch.zeros_like(p)
+    return model.state_dict()
+
+
+def _loss(out, mask, weight):
+    keep = mask.bool()
+    loss = (out.last_hidden_state.float()[keep] * weight).sum()
+    if getattr(out, "pooler_output", None) is not None:
+        loss = loss + out.pooler_output.float().sum()
+    return loss
+
+
+CASES = [("bert", 384, torch.float32, "eval"), ("bert", 384, torch.float32, "train"),
+         ("bert", 384, torch.float16, "eval"), ("bert", 384, torch.bfloat16, "eval"),
+         ("bert", 768, torch.float32, "eval"), ("bert", 768, torch.float16, "train"),
+         ("roberta", 384, torch.float32, "train"), ("roberta", 384, torch.bfloat16, "eval"),
+         ("roberta", 768, torch.float32, "eval"), ("distilbert", 384, torch.float32, "train"),
+         ("distilbert", 384, torch.float16, "eval"), ("distilbert", 768, torch.float32, "eval")]
+
+
+@pytest.mark.parametrize("family,hidden,dtype,mode", CASES,
+                         ids=[f"{f}-{h}-{str(d)[6:]}-{m}" for f, h, d, m in CASES])
+def test_base_model_parity(family, hidden, dtype, mode):
+    """Forward (hidden states, pooler) and every parameter gradient; train mode runs with dropout 0."""
+    config = make_config(family, hidden)
+    ref, base, fast = triple(build(BASE[family], config), dtype)
+    assert type(fast).__name__ == BASE[family].__name__ and isinstance(fast, BASE[family])
+    enc = fast.transformer if family == "distilbert" else fast.encoder
+    assert isinstance(enc, fastenc.TransformerEncoder)
+    assert all(isinstance(layer, fastenc.TransformerEncoderLayer) for layer in enc.layers)
+    for m in (ref, base, fast):
+        m.train(mode == "train")
+    kw = inputs(family)
+    keep = kw["attention_mask"].bool()
+    weight = torch.randn(int(keep.sum()), hidden, device=DEVICE)
+    outs = [m(**kw) for m in (ref, base, fast)]
+    r, b, f = outs
+    assert f.last_hidden_state.dtype == dtype
+    assert_parity(f.last_hidden_state[keep], r.last_hidden_state[keep], b.last_hidden_state[keep], name="hidden")
+    if family != "distilbert":
+        assert_parity(f.pooler_output, r.pooler_output, b.pooler_output, name="pooler_output")
+    for m, o in zip((ref, base, fast), outs):
+        _loss(o, kw["attention_mask"], weight).backward()
+    gr, gb, gf = hf_grads(ref), hf_grads(base), hf_grads(fast)
+    assert set(gf) == set(gr)
+    for name in gr:
+        if name.endswith("position_ids") or name.endswith("token_type_ids"):
+            continue
+        assert_parity(gf[name], gr[name], gb[name], name=f"grad {name}")
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_sequence_classification_parity(family):
+    """Task model: logits and loss match; the base model inside is converted, the head untouched."""
+    model = build(TASK[family], make_config(family, 384))
+    ref, base, fast = triple(model, torch.float32)
+    inner = getattr(fast, family)
+    assert type(inner) is not BASE[family] and isinstance(inner, BASE[family])
+    kw = inputs(family)
+    labels = torch.tensor([0, 2, 1], device=DEVICE)
+    r, b, f = (m(**kw, labels=labels) for m in (ref, base, fast))
+    assert_parity(f.logits, r.logits, b.logits, name="logits")
+    assert_parity(f.loss, r.loss, b.loss, name="loss")
+    for o in (r, b, f):
+        o.loss.backward()
+    gr, gb, gf = hf_grads(ref), hf_grads(base), hf_grads(fast)
+    for name in gr:
+        assert_parity(gf[name], gr[name], gb[name], name=f"grad {name}")
+
+
+@pytest.mark.parametrize("act,eps", [("gelu_new", 1e-12), ("gelu_pytorch_tanh", 1e-5), ("relu", 1e-6)])
+def test_activation_and_eps_variants(act, eps):
+    ref, base, fast = triple(build(BertModel, make_config("bert", 384, act=act, eps=eps)), torch.float32)
+    layer = fast.encoder.layers[0]
+    assert layer.activation_name == {"relu": "relu"}.get(act, "gelu_tanh")
+    assert layer.norm1.eps == eps and layer.norm2.eps == eps
+    kw = inputs("bert")
+    keep = kw["attention_mask"].bool()
+    r, b, f = (m(**kw) for m in (ref, base, fast))
+    assert_parity(f.last_hidden_state[keep], r.last_hidden_state[keep], b.last_hidden_state[keep])
+
+
+def test_hidden_states_no_mask_and_length_one():
+    ref, base, fast = triple(build(BertModel, make_config("bert", 384)), torch.float32)
+    kw = inputs("bert")
+    del kw["attention_mask"]
+    r, b, f = (m(**kw, output_hidden_states=True) for m in (ref, base, fast))
+    assert len(f.hidden_states) == len(r.hidden_states) == 3
+    for hr, hb, hf_ in zip(r.hidden_states, b.hidden_states, f.hidden_states):
+        assert_parity(hf_, hr, hb)
+    one = inputs("bert", seqlen=1)
+    r, b, f = (m(**one).last_hidden_state for m in (ref, base, fast))
+    assert_parity(f, r, b)
+    tup = fast(**one, return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == 2
+
+
+def test_dropout_in_train_mode():
+    """With dropout the outputs are random: finite, different from call to call, and eval is deterministic."""
+    model = build(BertForSequenceClassification, make_config("bert", 384, dropout=0.2))
+    original = copy.deepcopy(model)
+    fast = fastenc.optimize(model)
+    layer = fast.bert.encoder.layers[0]
+    assert layer.self_attn.dropout == 0.2 and layer.dropout1.p == 0.2 and layer.dropout2.p == 0.2
+    assert layer.dropout.p == 0.0  # BERT has no dropout between the FFN linears
+    kw = inputs("bert")
+    fast.train()
+    a = fast.bert(**kw).last_hidden_state
+    b = fast.bert(**kw).last_hidden_state
+    keep = kw["attention_mask"].bool()
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert (a - b)[keep].abs().max() > 1e-3
+    # Train-mode dropout perturbs, it does not blow up: the output stays near the eval output.
+    fast.eval()
+    e = fast.bert(**kw).last_hidden_state
+    assert (a - e)[keep].abs().mean() < e[keep].abs().mean()
+    # Coarse: the train-vs-eval deviation matches HF (dropout on and scaled); the sites are asserted above.
+    def deviation(m):
+        m.eval()
+        ev = m.bert(**kw).last_hidden_state
+        m.train()
+        return torch.stack([(m.bert(**kw).last_hidden_state - ev)[keep].abs().mean() for _ in range(4)]).mean()
+
+    ratio = (deviation(fast) / deviation(original)).item()
+    assert 0.8 < ratio < 1.25, ratio
+    fast(**kw, labels=torch.tensor([0, 1, 2], device=DEVICE)).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
+    fast.eval()
+    assert torch.equal(fast.bert(**kw).last_hidden_state, fast.bert(**kw).last_hidden_state)
+
+
+def test_gradient_checkpointing_enable():
+    model = build(BertModel, make_config("bert", 384))
+    plain = fastenc.optimize(copy.deepcopy(model)).train()
+    ckpt = fastenc.optimize(copy.deepcopy(model)).train()
+    # transformers >= 5.x renames gradient_checkpointing_enable to activation_checkpointing_enable.
+    (getattr(ckpt, "activation_checkpointing_enable", None) or ckpt.gradient_checkpointing_enable)()
+    assert ckpt.encoder.gradient_checkpointing
+    kw = inputs("bert")
+    weight = torch.randn(int(kw["attention_mask"].sum()), 384, device=DEVICE)
+    for m in (plain, ckpt):
+        _loss(m(**kw), kw["attention_mask"], weight).backward()
+    ga, gb = hf_grads(plain), hf_grads(ckpt)
+    for name in ga:
+        assert_close(gb[name], ga[name], atol=1e-6, rtol=1e-5, name=name)
+
+
+def test_state_dict_and_save_pretrained_round_trip(tmp_path):
+    """Decision: state_dict()/save_pretrained write HF names (QKV split back), so vanilla transformers loads them."""
+    model = build(BertForSequenceClassification, make_config("bert", 384)).eval()
+    fast = fastenc.optimize(copy.deepcopy(model))
+    kw = inputs("bert")
+    expected = fast(**kw).logits
+    assert list(fast.state_dict()) != [] and set(fast.state_dict()) == set(model.state_dict())
+    assert "bert.encoder.layers.0.self_attn.in_proj_weight" in dict(fast.named_parameters())
+    fast.save_pretrained(tmp_path)
+    loaded = BertForSequenceClassification.from_pretrained(tmp_path).to(DEVICE).eval()
+    assert type(loaded.bert) is BertModel
+    assert loaded.config.architectures == ["BertForSequenceClassification"]
+    assert_close(loaded(**kw).logits, expected, atol=1e-5, name="reloaded logits")
+    # HF-named state dicts load into the optimized model (and fastenc names too).
+    other = build(BertForSequenceClassification, make_config("bert", 384)).eval()
+    fast2 = fastenc.optimize(other)
+    fast2.load_state_dict(model.state_dict(), strict=True)
+    assert_close(fast2(**kw).logits, expected, atol=1e-5, name="loaded HF names")
+    named = {k: v.detach().clone() for k, v in fast.bert.encoder.named_parameters()}
+    fast2.bert.encoder.load_state_dict({**named, **{k: v for k, v in fast.bert.encoder.named_buffers()}})
+    assert_close(fast2(**kw).logits, expected, atol=1e-5, name="loaded fastenc names")
+    with pytest.raises(RuntimeError, match="query.weight|Unexpected|Missing"):
+        sd = model.bert.encoder.state_dict()
+        del sd["layer.0.attention.self.key.weight"]
+        fast2.bert.encoder.load_state_dict(sd, strict=True)
+    # to_hf restores the original classes with the same values.
+    fastenc.models.to_hf(fast)
+    assert type(fast.bert) is BertModel and type(fast.bert.encoder).__name__ == "BertEncoder"
+    assert_close(fast(**kw).logits, expected, atol=1e-5, name="to_hf logits")
+
+
+def test_unsupported_models_warn_or_raise():
+    dec = build(BertModel, make_config("bert", 384, is_decoder=True))
+    with pytest.warns(UserWarning, match="decoder"):
+        fastenc.optimize(dec)
+    assert type(dec) is BertModel and type(dec.encoder).__name__ == "BertEncoder"
+    with pytest.raises(ValueError, match="decoder"):
+        hf.optimize_hf(dec, strict=True)
+    rel = build(BertModel, make_config("bert", 384))
+    rel.config.position_embedding_type = "relative_key"
+    with pytest.raises(ValueError, match="relative_key"):
+        hf.optimize_hf(rel, strict=True)
+    quick = build(BertModel, make_config("bert", 384, act="quick_gelu"))
+    with pytest.warns(UserWarning, match="quick_gelu"):
+        fastenc.optimize(quick)
+    assert type(quick) is BertModel
+
+
+def test_call_time_errors():
+    fast = fastenc.optimize(build(BertModel, make_config("bert", 384)))
+    kw = inputs("bert")
+    with pytest.raises(ValueError, match="output_attentions"):
+        fast(**kw, output_attentions=True)
+    with pytest.raises(ValueError, match="head_mask"):
+        fast(**kw, head_mask=torch.ones(2, 12, device=DEVICE))
+    with pytest.raises(ValueError, match="2D"):
+        fast(input_ids=kw["input_ids"], attention_mask=kw["attention_mask"][:, None, None, :])
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        fast(**kw, encoder_hidden_states=torch.randn(B, S, 384, device=DEVICE))
+    with pytest.raises(ValueError, match="exactly one"):
+        fast(attention_mask=kw["attention_mask"])
+
+
+def test_optimize_walks_containers():
+    """A module holding an HF model and a torch encoder layer: both converted in one call."""
+    holder = torch.nn.ModuleDict({
+        "text": build(BertModel, make_config("bert", 384)),
+        "extra": torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True),
+    })
+    fastenc.optimize(holder)
+    assert isinstance(holder["text"], hf.FastBertModel)
+    assert type(holder["extra"]) is fastenc.TransformerEncoderLayer
+    fastenc.optimize(holder)  # idempotent
+    assert isinstance(holder["text"].encoder, hf.HFEncoder)
+
+
+def _write_tiny_bert(path):
+    """A random BertModel + WordPiece tokenizer saved to a local folder (nothing downloaded)."""
+    from transformers import BertTokenizerFast
+
+    words = ["the", "movie", "was", "great", "awful", "not", "very", "a", "film", "plot", "good", "bad", "is"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + [f"w{i}" for i in range(VOCAB - 5 - len(words))]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    build(BertModel, make_config("bert", 384)).cpu().save_pretrained(path)
+
+
+def test_sentence_transformers_mean_pooled_normalized(tmp_path, monkeypatch):
+    st = pytest.importorskip("sentence_transformers", reason="sentence-transformers (requirements/dev.txt)")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    _write_tiny_bert(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = Transformer(str(tmp_path))
+        model = st.SentenceTransformer(modules=[tr, Pooling(384, pooling_mode="mean"), Normalize()], device=DEVICE)
+    model.eval()
+    sentences = ["the movie was great", "not good", "a very very bad film , the plot is awful", "good"]
+    ref = model.encode(sentences, convert_to_tensor=True, batch_size=4)
+    fastenc.optimize(model)
+    assert isinstance(tr.model if hasattr(tr, "model") else tr.auto_model, hf.FastBertModel)
+    fast = model.encode(sentences, convert_to_tensor=True, batch_size=4)
+    assert_close(fast.norm(dim=-1), torch.ones(len(sentences), device=fast.device), atol=1e-5, name="unit norm")
+    assert_parity(fast, ref, ref, name="sentence embeddings")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="low-precision GPU parity needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_bert_base_shape(dtype):
+    """BERT-base sized layer on the GPU backends (auto), padded batch of 8 x 128."""
+    config = make_config("bert", 768, layers=2)
+    config.intermediate_size = 3072
+    ref, base, fast = triple(build(BertModel, config), dtype)
+    ids = torch.randint(3, VOCAB, (8, 128), device=DEVICE)
+    mask = (torch.arange(128, device=DEVICE) < torch.randint(1, 129, (8, 1), device=DEVICE)).long()
+    keep = mask.bool()
+    r, b, f = (m(input_ids=ids, attention_mask=mask) for m in (ref, base, fast))
+    assert_parity(f.last_hidden_state[keep], r.last_hidden_state[keep], b.last_hidden_state[keep])
