@@ -8,7 +8,11 @@ isolated build environment):
 Environment variables:
   FASTENC_SKIP_NATIVE=1      build no extension (reference and Triton paths still work)
   FASTENC_FORCE_CPU=1        build fastenc._C without its CUDA part even when nvcc is found
-  FASTENC_CUDA_ARCHS="80;90a" CUDA architectures to compile (default sm_80 and sm_90a)
+  FASTENC_CUDA_ARCHS="80;90a" CUDA architectures to compile (default sm_80 and sm_90a); the
+                             CUTLASS sm90 FFN kernels are built only when 90a is listed
+  FASTENC_CUTLASS_DIR=...    CUTLASS checkout (its include/ and tools/util/include/); default:
+                             the headers of the ``nvidia-cutlass`` wheel (cutlass_library)
+  FASTENC_NO_CUTLASS=1       build without the CUTLASS kernels (the FFN uses cuBLASLt / unfused)
   MAX_JOBS                   parallel compile jobs (default: cores, capped by memory)
 
 The Triton kernels in ``triton_kernels/`` install as ``fastenc.triton_kernels``: the
@@ -38,13 +42,59 @@ def _nvcc_version(cuda_home: str):
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def _cuda_arch_flags():
+def _cuda_archs():
     archs = os.environ.get("FASTENC_CUDA_ARCHS", "80;90a")
+    return [a.replace("sm_", "").replace(".", "") for a in filter(None, re.split(r"[;, ]+", archs))]
+
+
+def _cuda_arch_flags():
     flags = []
-    for arch in filter(None, re.split(r"[;, ]+", archs)):
-        arch = arch.replace("sm_", "").replace(".", "")
+    for arch in _cuda_archs():
         flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     return flags
+
+
+def _cublas_paths(cuda_home: str):
+    """(include dir, libcublasLt file) of the cuBLAS that torch uses.
+
+    torch's pip wheels ship cuBLAS as nvidia-* wheels (nvidia/cu13/ for CUDA 13,
+    nvidia/cublas/ for CUDA 12); a local toolkit has it under CUDA_HOME.
+    """
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    major = torch.version.cuda.split(".")[0]
+    for root in (os.path.join(site, "nvidia", f"cu{major}"), os.path.join(site, "nvidia", "cublas"), cuda_home):
+        inc = os.path.join(root, "include")
+        libs = sorted(glob.glob(os.path.join(root, "lib*", f"libcublasLt.so.{major}*")))
+        if os.path.exists(os.path.join(inc, "cublasLt.h")) and libs:
+            return inc, libs[0]
+    raise RuntimeError(f"cuBLASLt {major}.x (cublasLt.h, libcublasLt.so.{major}) not found next to torch or in "
+                       f"{cuda_home}; set CUDA_HOME, or FASTENC_FORCE_CPU=1 / FASTENC_SKIP_NATIVE=1")
+
+
+def _cuda_runtime_include(cuda_home: str):
+    """["-I<toolkit include>"] for g++: torch's nvidia/cuNN/include has runtime headers without
+    crt/, which g++ then finds in the toolkit (nvcc adds its own include dir itself)."""
+    for inc in (os.path.join(cuda_home, "include"), os.path.join(cuda_home, "cuda", "include"), "/usr/local/cuda/include"):
+        if os.path.exists(os.path.join(inc, "crt", "host_defines.h")):
+            return ["-I" + inc]
+    return []
+
+
+def _cutlass_includes():
+    """CUTLASS 3.x include dirs (FASTENC_CUTLASS_DIR, else the nvidia-cutlass wheel), or None."""
+    root = os.environ.get("FASTENC_CUTLASS_DIR")
+    if root:
+        dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
+    else:
+        try:
+            import cutlass_library
+        except ImportError:
+            return None
+        src = os.path.join(os.path.dirname(cutlass_library.__file__), "source")
+        dirs = [os.path.join(src, "include"), os.path.join(src, "tools", "util", "include")]
+    return dirs if os.path.exists(os.path.join(dirs[0], "cutlass", "cutlass.h")) else None
 
 
 def _ext_modules():
@@ -60,7 +110,8 @@ def _ext_modules():
 
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cutlass_sources = sorted(glob.glob("csrc/cuda/cutlass/*.cu"))
+    cxx_flags = ["-O3", "-std=c++20"]
     use_cuda = (
         not _env_flag("FASTENC_FORCE_CPU") and torch.version.cuda is not None and CUDA_HOME is not None and cu_sources
     )
@@ -72,14 +123,29 @@ def _ext_modules():
                 f"nvcc at {CUDA_HOME} is CUDA {nvcc}, but torch was built with CUDA {torch.version.cuda}: "
                 "the major versions must match (set CUDA_HOME, or FASTENC_FORCE_CPU=1 / FASTENC_SKIP_NATIVE=1)"
             )
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo",
-                      "-DFASTENC_WITH_CUDA"] + _cuda_arch_flags()
+        cublas_inc, cublaslt_lib = _cublas_paths(CUDA_HOME)
+        # Archs as one preprocessor token (80_90a) so no quoting reaches ninja's shell.
+        defines = ["-DFASTENC_WITH_CUDA", "-DFASTENC_CUDA_ARCHS=" + "_".join(_cuda_archs())]
+        include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(CUDA_HOME, "include"), cublas_inc]
+        cutlass = None if _env_flag("FASTENC_NO_CUTLASS") or "90a" not in _cuda_archs() else _cutlass_includes()
+        if cutlass:
+            defines.append("-DFASTENC_WITH_CUTLASS_SM90")
+            include_dirs += cutlass
+        else:
+            cu_sources = [s for s in cu_sources if s not in cutlass_sources]
+        # -DNDEBUG: device-side asserts in CUTLASS are calls inside the mainloop (ptxas C7510:
+        # "wgmma serialized ... function call").
+        nvcc_flags = ["-O3", "-std=c++20", "-DNDEBUG", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo"]
+        nvcc_flags += defines + _cuda_arch_flags()
         ext = CUDAExtension(
             "fastenc._C",
-            cpp_sources + cu_sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx_flags + ["-DFASTENC_WITH_CUDA"], "nvcc": nvcc_flags},
-            libraries=["cublasLt", "cublas"],
+            cpp_sources + sorted(glob.glob("csrc/cuda/*.cpp")) + cu_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags + defines + _cuda_runtime_include(CUDA_HOME), "nvcc": nvcc_flags},
+            library_dirs=[d for d in (os.path.join(CUDA_HOME, "lib64"), "/usr/local/cuda/lib64")
+                          if os.path.exists(os.path.join(d, "libcudart.so"))][:1],
+            # cuBLASLt by file: torch's wheels ship only the versioned libcublasLt.so.N.
+            extra_link_args=[cublaslt_lib, "-Wl,-rpath," + os.path.dirname(cublaslt_lib)],
         )
     else:
         ext = CppExtension(

@@ -161,6 +161,11 @@ def backend_report(device: Optional[str] = None, dtype: torch.dtype = torch.floa
         for b, check in spec.checks.items():
             reason = check(**info)
             lines.append(f"      {b:<9} {'available' if reason is None else 'unavailable: ' + reason}")
+        if op == "ffn" and chosen == "cuda":
+            from .ops.ffn import gemm_path
+
+            path, why = gemm_path(device, dtype)
+            lines.append(f"      gemm path {path} ({why})")
     return "\n".join(lines)
 
 

@@ -1,0 +1,155 @@
+// CPU elementwise passes of the FFN op: activation + dropout after GEMM1 (+ b1), and
+// dropout · act' · grad with the fused b1-gradient reduction in the backward.  They run
+// the activation formulas of ffn_math.h on at::vec::Vectorized<float> lanes (fp16/bf16
+// are widened to fp32 in registers); rows are split across threads with at::parallel_for.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+
+#include "ffn.h"
+
+namespace fastenc {
+
+using Vec = at::vec::Vectorized<float>;
+
+template <>
+struct Math<Vec> {
+  static Vec erf(Vec x) { return x.erf(); }
+  static Vec exp(Vec x) { return x.exp(); }
+  static Vec tanh(Vec x) { return x.tanh(); }
+  static Vec relu(Vec x) { return at::vec::maximum(x, Vec(0.f)); }
+  static Vec step(Vec x) { return Vec::blendv(Vec(0.f), Vec(1.f), x > Vec(0.f)); }
+};
+
+namespace {
+
+constexpr int kW = Vec::size();
+// Rows per task of the backward reduction: fixed (not per thread count) so db1 is
+// bitwise reproducible on any number of threads.
+constexpr int64_t kRowsPerChunk = 128;
+
+template <typename T>
+Vec load(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p, n);
+  } else {
+    float buf[kW];
+    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(p[j]);
+    return Vec::loadu(buf, n);
+  }
+}
+
+template <typename T>
+void store(Vec v, T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, n);
+  } else {
+    float buf[kW];
+    v.store(buf, n);
+    for (int64_t j = 0; j < n; ++j) p[j] = static_cast<T>(buf[j]);
+  }
+}
+
+// keep · scale for the n elements starting at flat index i0 of the hidden matrix.
+Vec keep_scale(const DropoutParams& dp, uint64_t i0, int64_t n) {
+  float buf[kW];
+  uint64_t block = ~uint64_t(0);
+  uint32_t bits = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint64_t i = i0 + j;
+    if ((i >> 2) != block) {
+      block = i >> 2;
+      bits = dropout_keep4(dp.seed, block, dp.threshold24);
+    }
+    buf[j] = ((bits >> (i & 3)) & 1u) ? dp.scale : 0.f;
+  }
+  return Vec::loadu(buf, n);
+}
+
+template <typename T, Act A>
+void act_impl(const at::Tensor& pre, const at::Tensor& h, const DropoutParams& dp) {
+  const int64_t rows = pre.size(0), f = pre.size(1);
+  const T* a = pre.const_data_ptr<T>();
+  T* out = h.data_ptr<T>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(f, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = 0; c < f; c += kW) {
+        const int64_t n = std::min<int64_t>(kW, f - c), off = r * f + c;
+        Vec y = ActOp<A, Vec>::fwd(load(a + off, n));
+        if (dp.enabled) y = y * keep_scale(dp, static_cast<uint64_t>(off), n);
+        store(y, out + off, n);
+      }
+    }
+  });
+}
+
+template <typename T, Act A>
+void dact_impl(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre, const at::Tensor& db1,
+               const DropoutParams& dp) {
+  const int64_t rows = g.size(0), f = g.size(1);
+  const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  const T* gp = g.const_data_ptr<T>();
+  const T* sp = saved.const_data_ptr<T>();
+  T* out = dpre.data_ptr<T>();
+  at::Tensor partial;
+  float* part = nullptr;
+  if (db1.defined()) {
+    partial = at::zeros({chunks, f}, g.options().dtype(at::kFloat));
+    part = partial.data_ptr<float>();
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r1 = std::min(rows, (k + 1) * kRowsPerChunk);
+      for (int64_t r = k * kRowsPerChunk; r < r1; ++r) {
+        for (int64_t c = 0; c < f; c += kW) {
+          const int64_t n = std::min<int64_t>(kW, f - c), off = r * f + c;
+          Vec d = load(gp + off, n) * ActOp<A, Vec>::grad(load(sp + off, n));
+          if (dp.enabled) d = d * keep_scale(dp, static_cast<uint64_t>(off), n);
+          store(d, out + off, n);
+          if (part) (Vec::loadu(part + k * f + c, n) + d).store(part + k * f + c, n);
+        }
+      }
+    }
+  });
+  if (db1.defined()) db1.copy_(partial.sum(0));
+}
+
+template <typename Fn>
+void dispatch_act(Act act, Fn&& fn) {
+  switch (act) {
+    case Act::kReLU: fn(std::integral_constant<Act, Act::kReLU>{}); break;
+    case Act::kGelu: fn(std::integral_constant<Act, Act::kGelu>{}); break;
+    case Act::kGeluTanh: fn(std::integral_constant<Act, Act::kGeluTanh>{}); break;
+  }
+}
+
+}  // namespace
+
+void act_dropout_cpu(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp) {
+  dispatch_dtype(pre.scalar_type(), [&](auto t_) {
+    dispatch_act(act, [&](auto a) { act_impl<decltype(t_), decltype(a)::value>(pre, h, dp); });
+  });
+}
+
+void dact_dropout_bgrad_cpu(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre,
+                            const at::Tensor& db1, Act act, const DropoutParams& dp) {
+  dispatch_dtype(g.scalar_type(), [&](auto t_) {
+    dispatch_act(act, [&](auto a) { dact_impl<decltype(t_), decltype(a)::value>(g, saved, dpre, db1, dp); });
+  });
+}
+
+at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, const DropoutParams& dp) {
+  at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));
+  bool* m = mask.data_ptr<bool>();
+  const int64_t n = rows * cols;
+  at::parallel_for(0, (n + 3) / 4, 4096, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint32_t bits = dropout_keep4(dp.seed, static_cast<uint64_t>(b), dp.threshold24);
+      for (int64_t j = 0; j < 4 && 4 * b + j < n; ++j) m[4 * b + j] = (bits >> j) & 1u;
+    }
+  });
+  return mask;
+}
+
+}  // namespace fastenc

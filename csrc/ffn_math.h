@@ -1,0 +1,137 @@
+// Math shared by the CPU path and the CUDA kernels of the feed-forward op: the three
+// activations (value and derivative) and the counter-based dropout RNG.  Every function
+// is a template over the float type F so the CPU path instantiates it with
+// at::vec::Vectorized<float> and the CUDA kernels with float: the CPU tests run the
+// formulas the GPU runs.  A type F needs a Math<F> specialisation (erf, exp, tanh,
+// max, step); Math<float> is here, Math<Vectorized<float>> is in ffn_cpu.cpp.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FASTENC_HD __host__ __device__ __forceinline__
+#define FASTENC_UNROLL _Pragma("unroll")
+#else
+#define FASTENC_HD inline
+#define FASTENC_UNROLL
+#endif
+
+namespace fastenc {
+
+enum class Act : int { kReLU = 0, kGelu = 1, kGeluTanh = 2 };
+
+constexpr float kSqrt1_2 = 0.70710678118654752f;     // 1/√2
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1/√(2π)
+constexpr float kSqrt2OverPi = 0.79788456080286536f; // √(2/π)
+constexpr float kGeluTanhC = 0.044715f;
+
+template <typename F>
+struct Math;
+
+template <>
+struct Math<float> {
+  FASTENC_HD static float erf(float x) { return ::erff(x); }
+  FASTENC_HD static float exp(float x) { return ::expf(x); }
+  FASTENC_HD static float tanh(float x) { return ::tanhf(x); }
+  FASTENC_HD static float relu(float x) { return x > 0.f ? x : 0.f; }
+  FASTENC_HD static float step(float x) { return x > 0.f ? 1.f : 0.f; }  // relu'(x), 0 at 0 as torch
+};
+
+template <Act A, typename F = float>
+struct ActOp;
+
+// relu(x) = max(x, 0).  relu'(x) = [x > 0]; since relu keeps the sign, relu'(pre) = relu'(relu(pre)),
+// so the backward may be fed the activation output instead of the pre-activation.
+template <typename F>
+struct ActOp<Act::kReLU, F> {
+  FASTENC_HD static F fwd(F x) { return Math<F>::relu(x); }
+  FASTENC_HD static F grad(F x) { return Math<F>::step(x); }
+};
+
+// gelu(x) = x Φ(x) = ½ x (1 + erf(x/√2));  gelu'(x) = Φ(x) + x φ(x), φ(x) = e^{-x²/2} / √(2π).
+template <typename F>
+struct ActOp<Act::kGelu, F> {
+  FASTENC_HD static F fwd(F x) { return F(0.5f) * x * (F(1.f) + Math<F>::erf(x * F(kSqrt1_2))); }
+  FASTENC_HD static F grad(F x) {
+    const F cdf = F(0.5f) * (F(1.f) + Math<F>::erf(x * F(kSqrt1_2)));
+    const F pdf = Math<F>::exp(F(-0.5f) * x * x) * F(kInvSqrt2Pi);
+    return cdf + x * pdf;
+  }
+};
+
+// tanh-GELU: u = √(2/π)(x + 0.044715 x³), t = tanh(u), gelu(x) = ½ x (1 + t);
+// gelu'(x) = ½ (1 + t) + ½ x (1 - t²) √(2/π)(1 + 3·0.044715 x²).
+template <typename F>
+struct ActOp<Act::kGeluTanh, F> {
+  FASTENC_HD static F fwd(F x) {
+    const F t = Math<F>::tanh(F(kSqrt2OverPi) * (x + F(kGeluTanhC) * x * x * x));
+    return F(0.5f) * x * (F(1.f) + t);
+  }
+  FASTENC_HD static F grad(F x) {
+    const F x2 = x * x;
+    const F t = Math<F>::tanh(F(kSqrt2OverPi) * (x + F(kGeluTanhC) * x2 * x));
+    const F du = F(kSqrt2OverPi) * (F(1.f) + F(3.f * kGeluTanhC) * x2);
+    return F(0.5f) * (F(1.f) + t) + F(0.5f) * x * (F(1.f) - t * t) * du;
+  }
+};
+
+// ------------------------------------------------------------------------------- dropout RNG
+// Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11).
+// Element i of the [tokens, ffn_dim] hidden matrix (row-major) uses word i % 4 of the
+// block philox(seed, i / 4) and is kept when its top 24 bits are >= threshold24 =
+// round(p · 2^24): keep probability 1 - p, identical on host and device (integers only).
+
+struct U32x4 {
+  uint32_t v[4];
+};
+
+FASTENC_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  hi = __umulhi(a, b);
+  lo = a * b;
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+#endif
+}
+
+FASTENC_HD U32x4 philox4x32(uint64_t seed, uint64_t counter) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0u, c3 = 0u;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+FASTENC_UNROLL
+  for (int r = 0; r < 10; ++r) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(0xD2511F53u, c0, hi0, lo0);
+    mulhilo32(0xCD9E8D57u, c2, hi1, lo1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return U32x4{{c0, c1, c2, c3}};
+}
+
+FASTENC_HD bool dropout_keep(uint32_t word, uint32_t threshold24) { return (word >> 8) >= threshold24; }
+
+// keep-mask bits of the 4 elements 4·block .. 4·block+3 (bit j = element 4·block + j).
+FASTENC_HD uint32_t dropout_keep4(uint64_t seed, uint64_t block, uint32_t threshold24) {
+  const U32x4 r = philox4x32(seed, block);
+  uint32_t bits = 0u;
+FASTENC_UNROLL
+  for (int j = 0; j < 4; ++j) bits |= static_cast<uint32_t>(dropout_keep(r.v[j], threshold24)) << j;
+  return bits;
+}
+
+inline uint32_t dropout_threshold24(double p) {
+  const double t = std::nearbyint(p * 16777216.0);
+  return static_cast<uint32_t>(t < 0.0 ? 0.0 : (t > 16777216.0 ? 16777216.0 : t));
+}
+
+// Survivors are scaled by 1/(1-p); p = 1 keeps nothing (scale 0, not inf).
+inline float dropout_scale(double p) { return p < 1.0 ? static_cast<float>(1.0 / (1.0 - p)) : 0.f; }
+
+}  // namespace fastenc

@@ -1,0 +1,140 @@
+// Forward and backward of the FFN op on 2-D row-major operands, composed from the GEMM
+// path the dispatch table picked (ffn_dispatch.cpp) and the elementwise passes.
+//
+// Forward:  pre = x W1ᵀ + b1;  h = dropout(act(pre));  y = h W2ᵀ + b2 (+ residual).
+// Backward: g = dy W2;  dpre = g · keep/(1-p) · act'(pre);  db1 = Σ_rows dpre;
+//           dW2 = dyᵀ h;  db2 = Σ_rows dy;  dx = dpre W1;  dW1 = dpreᵀ x.
+// Saved for backward: h (needed by dW2) and, for the GELUs, pre; relu needs no pre since
+// relu'(pre) = relu'(h) where the element is kept, and dropped elements get zero gradient
+// either way.  Dropout saves no mask: backward redraws it from the Philox seed.
+// In inference (save = false) pre is not kept: the fused paths never write it, the unfused
+// path overwrites the GEMM1 result with h in place.
+#include "ffn.h"
+
+namespace fastenc {
+
+namespace {
+
+void act_dropout(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp) {
+  if (pre.numel() == 0) return;
+#ifdef FASTENC_WITH_CUDA
+  if (pre.is_cuda()) return act_dropout_cuda(pre, h, act, dp);
+#endif
+  act_dropout_cpu(pre, h, act, dp);
+}
+
+void dact_dropout_bgrad(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre, const at::Tensor& db1,
+                        Act act, const DropoutParams& dp) {
+  if (g.numel() == 0) {
+    if (db1.defined()) db1.zero_();
+    return;
+  }
+#ifdef FASTENC_WITH_CUDA
+  if (g.is_cuda()) return dact_dropout_bgrad_cuda(g, saved, dpre, db1, act, dp);
+#endif
+  dact_dropout_bgrad_cpu(g, saved, dpre, db1, act, dp);
+}
+
+// a wᵀ + bias with an ATen GEMM (the bias in cuBLAS's / oneDNN's epilogue).
+at::Tensor linear_aten(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  return bias ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
+}
+
+// y = h W2ᵀ + b2 (+ residual) with ATen GEMMs.
+at::Tensor linear2_aten(const at::Tensor& h, const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                        const std::optional<at::Tensor>& residual) {
+  if (residual) {
+    at::Tensor y = at::addmm(*residual, h, w2.t());
+    return b2 ? y.add_(*b2) : y;
+  }
+  return linear_aten(h, w2, b2);
+}
+
+std::vector<at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                        const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                                        const std::optional<at::Tensor>& residual, Act act, const DropoutParams& dp,
+                                        bool save) {
+  const bool keep_pre = save && act != Act::kReLU;
+  at::Tensor pre = linear_aten(x, w1, b1);
+  at::Tensor h = keep_pre ? at::empty_like(pre) : pre;
+  act_dropout(pre, h, act, dp);
+  at::Tensor y = linear2_aten(h, w2, b2, residual);
+  return {y, save ? h : x.new_empty({0}), keep_pre ? pre : x.new_empty({0})};
+}
+
+#ifdef FASTENC_WITH_CUDA
+// GEMM2 through cuBLASLt's BIAS epilogue with beta·C = residual; ATen when cuBLASLt declines.
+at::Tensor linear2_fused(const at::Tensor& h, const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                         const std::optional<at::Tensor>& residual) {
+  at::Tensor y = at::empty({h.size(0), w2.size(0)}, h.options());
+  if (lt_linear(h, w2, b2, residual, y, at::Tensor(), LtEpilogue::kBias)) return y;
+  return linear2_aten(h, w2, b2, residual);
+}
+#endif
+
+}  // namespace
+
+std::vector<at::Tensor> ffn_forward_2d(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                       const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                                       const std::optional<at::Tensor>& residual, Act act, const DropoutParams& dp,
+                                       GemmPath path, bool save) {
+#ifdef FASTENC_WITH_CUDA
+  const bool keep_pre = save && act != Act::kReLU;
+  if (path == GemmPath::kCublasLt || path == GemmPath::kCutlassSm90) {
+    at::Tensor h = at::empty({x.size(0), w1.size(0)}, x.options());
+    at::Tensor pre = keep_pre ? at::empty_like(h) : at::Tensor();
+    bool ok = true;
+    if (path == GemmPath::kCublasLt) {
+      const LtEpilogue ep = act == Act::kReLU ? LtEpilogue::kReluBias
+                            : keep_pre        ? LtEpilogue::kGeluAuxBias
+                                              : LtEpilogue::kGeluBias;
+      ok = lt_linear(x, w1, b1, std::nullopt, h, pre, ep);
+    } else {
+#ifdef FASTENC_WITH_CUTLASS_SM90
+      cutlass_sm90_linear_bias_gelu(x, w1, *b1, h, pre);
+#else
+      TORCH_CHECK(false, "fastenc ffn: the CUTLASS sm90 path was picked but not built");
+#endif
+    }
+    if (ok) {
+      at::Tensor y = linear2_fused(h, w2, b2, residual);
+      return {y, save ? h : x.new_empty({0}), keep_pre ? pre : x.new_empty({0})};
+    }
+  }
+#endif
+  return forward_unfused(x, w1, b1, w2, b2, residual, act, dp, save);
+}
+
+std::vector<at::Tensor> ffn_backward_2d(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w1,
+                                        const at::Tensor& w2, const at::Tensor& h, const at::Tensor& pre, Act act,
+                                        const DropoutParams& dp, GemmPath path, bool has_b1, bool has_b2) {
+  const at::Tensor& saved = act == Act::kReLU ? h : pre;
+  at::Tensor dpre, db1, dw2, db2;
+#ifdef FASTENC_WITH_CUDA
+  if (path == GemmPath::kCublasLt) {
+    if (act == Act::kGeluTanh && !dp.enabled) {
+      dpre = at::empty_like(h);
+      db1 = has_b1 ? at::empty({w1.size(0)}, x.options()) : at::Tensor();
+      if (!lt_dgelu_bgrad(dy, w2, pre, dpre, db1)) dpre = at::Tensor();
+    }
+    dw2 = at::empty_like(w2);
+    db2 = has_b2 ? at::empty({w2.size(0)}, x.options()) : at::Tensor();
+    if (!lt_wgrad_bgrad(dy, h, dw2, db2)) dw2 = at::Tensor();
+  }
+#endif
+  if (!dpre.defined()) {
+    dpre = at::mm(dy, w2);
+    at::Tensor db1_f32 = has_b1 ? at::empty({w1.size(0)}, x.options().dtype(at::kFloat)) : at::Tensor();
+    dact_dropout_bgrad(dpre, saved, dpre, db1_f32, act, dp);
+    db1 = has_b1 ? db1_f32.to(x.scalar_type()) : x.new_empty({0});
+  }
+  if (!dw2.defined()) {
+    dw2 = at::mm(dy.t(), h);
+    db2 = has_b2 ? at::sum(dy, {0}, false, at::kFloat).to(x.scalar_type()) : x.new_empty({0});
+  }
+  at::Tensor dx = at::mm(dpre, w1);
+  at::Tensor dw1 = at::mm(dpre.t(), x);
+  return {dx, dw1, db1.defined() ? db1 : x.new_empty({0}), dw2, db2.defined() ? db2 : x.new_empty({0})};
+}
+
+}  // namespace fastenc
