@@ -11,7 +11,8 @@ missing.  The requested backend comes from, in order of precedence:
 4. ``"auto"``.
 
 ``"auto"`` picks the first usable backend of the op's preference list for the
-tensor's device (the reference on CPU).  A forced backend that cannot run raises
+tensor's device (the reference on CPU); when none can run a call on a device that
+has one (an unsupported head dim, say), it warns once and runs the reference.  A forced backend that cannot run raises
 :class:`BackendUnavailableError` naming the reason.  A backend an op does not
 implement at all (e.g. ``"triton"`` for the FFN, which is a CUDA extension) is
 not an error when it comes from a global setting: that op runs ``"auto"``, and
@@ -22,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import os
+import warnings
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -140,7 +143,14 @@ def explain(op: str, module_backend: Optional[str] = None, **call_info) -> Tuple
         skipped.append(f"{b}: {reason}")
     prefix = f"{want!r} is not a backend of this op; " if want not in ("auto",) else ""
     why = "; ".join(skipped) if skipped else f"auto prefers the reference on {device.type}"
+    if skipped:  # a fast backend exists for this device but cannot run this call: say so, once
+        _warn_once(f"fastenc {op}: falling back to the PyTorch reference ({why})")
     return "reference", f"{prefix}auto: {why}"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
 
 
 def backend_report(device: Optional[str] = None, dtype: torch.dtype = torch.float16, head_dim: int = 64) -> str:

@@ -67,3 +67,16 @@ def test_report_lists_every_op():
     for op in ("attention", "layer_norm", "ffn"):
         assert op in text
     assert "available" in text
+
+
+def test_auto_fallback_on_a_device_with_a_fast_backend_warns_once():
+    """head_dim 300 has no Triton kernel (and CPU-only machines have no CUDA): auto says so, once."""
+    backends._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="fastenc attention: falling back to the PyTorch reference"):
+        chosen, why = backends.explain("attention", device="cuda", dtype=torch.float16, head_dim=300)
+    assert chosen == "reference" and "triton" in why
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backends.explain("attention", device="cuda", dtype=torch.float16, head_dim=300)
