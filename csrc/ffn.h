@@ -56,6 +56,7 @@ struct PlanQuery {
 struct Plan {
   GemmPath path;
   std::string why;
+  bool forced = false;  // requested by name: a library that declines the call raises, no fallback
 };
 // The path `auto` takes (first eligible entry of the arch's table row), or the requested
 // one; a requested path that cannot run this call raises ValueError.
@@ -70,11 +71,11 @@ bool cutlass_sm90_built();
 std::vector<at::Tensor> ffn_forward_2d(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                                        const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                                        const std::optional<at::Tensor>& residual, Act act, const DropoutParams& dp,
-                                       GemmPath path, bool save);
+                                       const Plan& plan, bool save);
 // Returns {dx, dW1, db1, dW2, db2}; a bias gradient is empty when that bias is absent.
 std::vector<at::Tensor> ffn_backward_2d(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w1,
                                         const at::Tensor& w2, const at::Tensor& h, const at::Tensor& pre, Act act,
-                                        const DropoutParams& dp, GemmPath path, bool has_b1, bool has_b2);
+                                        const DropoutParams& dp, const Plan& plan, bool has_b1, bool has_b2);
 
 // ------------------------------------------------------------------ elementwise passes
 // Forward epilogue of the unfused path: h = dropout(act(pre)), pre [T, f] = x W1ᵀ + b1 from
@@ -97,9 +98,10 @@ at::Tensor dropout_keep_mask_cuda(int64_t rows, int64_t cols, const DropoutParam
 
 // cuBLASLt GEMM with a fused epilogue on row-major operands (see cuda/ffn_cublaslt.cpp):
 // out[M, N] = a[M, K] · b[N, K]ᵀ (+ bias[N]) (+ c[M, N]) -> act, storing the
-// pre-activation in aux [M, N] when aux is defined.  Returns false when cuBLASLt has no
-// algorithm for this problem (the caller then falls back to the unfused path).
-enum class LtEpilogue : int { kNone, kBias, kReluBias, kGeluBias, kGeluAuxBias };
+// pre-activation in aux [M, N] when aux is defined.  Returns false (nothing written) when
+// cuBLASLt has no algorithm for this problem; the caller then falls back to ATen GEMMs.
+// Any other cuBLASLt error raises.
+enum class LtEpilogue : int { kBias, kReluBias, kGeluBias, kGeluAuxBias };
 bool lt_linear(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
                const std::optional<at::Tensor>& c, const at::Tensor& out, const at::Tensor& aux, LtEpilogue ep);
 // dpre[M, N] = (g_in[M, K] · w[K, N]) ⊙ gelu_tanh'(aux[M, N]) and dbias[N] = Σ_rows dpre.
@@ -107,6 +109,27 @@ bool lt_dgelu_bgrad(const at::Tensor& g_in, const at::Tensor& w, const at::Tenso
                     const at::Tensor& dbias);
 // dw[N, K] = dy[M, N]ᵀ · h[M, K] and dbias[N] = Σ_rows dy (cuBLASLt BGRADB epilogue).
 bool lt_wgrad_bgrad(const at::Tensor& dy, const at::Tensor& h, const at::Tensor& dw, const at::Tensor& dbias);
+
+// The column-major cuBLASLt call behind each function above, from shapes alone:
+// D[m, n] = op(A)[m, k] · op(B)[k, n], A stored (trans_a ? k×m : m×k) with leading dimension
+// lda (likewise B), D m×n with ldd, aux (ld_aux > 0) with D's shape.  a_operand / b_operand
+// name the row-major argument passed as A / B.  Exposed as fastenc._C.ffn_lt_describe so a
+// CPU test replays the calls on a column-major model.
+enum class LtEp : int {
+  kDefault, kBias, kRelu, kReluBias, kGelu, kGeluBias, kGeluAux, kGeluAuxBias, kDGelu, kDGeluBgrad, kBgradB
+};
+struct LtDesc {
+  bool trans_a = false, trans_b = false;
+  int64_t m = 0, n = 0, k = 0, lda = 0, ldb = 0, ldd = 0, ld_aux = 0;
+  LtEp epilogue = LtEp::kDefault;
+  bool bias = false;  // a bias (or bias-gradient) pointer is passed
+  const char* a_operand = "";
+  const char* b_operand = "";
+};
+LtDesc lt_linear_desc(int64_t M, int64_t N, int64_t K, bool has_bias, LtEpilogue ep);
+LtDesc lt_dgelu_bgrad_desc(int64_t M, int64_t N, int64_t K, bool has_dbias);
+LtDesc lt_wgrad_bgrad_desc(int64_t M, int64_t N, int64_t K, bool has_dbias);
+const char* lt_epilogue_name(LtEp e);
 
 #ifdef FASTENC_WITH_CUTLASS_SM90
 // CUTLASS 3.x sm90 TMA warp-specialized GEMM with the epilogue visitor

@@ -88,6 +88,7 @@ std::pair<int64_t, int64_t> check_inputs(const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK_VALUE(x.dim() >= 1, "fastenc ffn: x must have shape [..., d], got a 0-d tensor");
   TORCH_CHECK_VALUE(w1.dim() == 2, "fastenc ffn: w1 must be [f, d] (nn.Linear(d, f).weight), got shape ", w1.sizes());
   const int64_t d = w1.size(1), f = w1.size(0);
+  TORCH_CHECK_VALUE(d > 0 && f > 0, "fastenc ffn: w1 must be [f, d] with f, d >= 1, got shape ", w1.sizes());
   TORCH_CHECK_VALUE(x.size(-1) == d, "fastenc ffn: x has last dim ", x.size(-1), " but w1 is [f, d] = ", w1.sizes());
   TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == d && w2.size(1) == f,
                     "fastenc ffn: w2 must be [d, f] = [", d, ", ", f, "] (nn.Linear(f, d).weight), got shape ",
@@ -149,7 +150,7 @@ std::vector<at::Tensor> ffn_forward(const at::Tensor& x, const at::Tensor& w1, c
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   const auto b1c = contiguous(b1), b2c = contiguous(b2);
   const Plan plan = plan_for(x2, {x2, w1c, b1c, w2c, b2c, r2}, d, f, b1.has_value(), act, dropout_p, save, gemm_path);
-  std::vector<at::Tensor> out = ffn_forward_2d(x2, w1c, b1c, w2c, b2c, r2, act, dp, plan.path, save);
+  std::vector<at::Tensor> out = ffn_forward_2d(x2, w1c, b1c, w2c, b2c, r2, act, dp, plan, save);
   out[0] = out[0].view(x.sizes());
   return out;
 }
@@ -167,6 +168,8 @@ std::vector<at::Tensor> ffn_backward(const at::Tensor& dy, const at::Tensor& x, 
   const std::vector<int64_t> hidden = {T, f};
   TORCH_CHECK_VALUE(h.sizes() == at::IntArrayRef(hidden) && (act == Act::kReLU || pre.sizes() == at::IntArrayRef(hidden)),
                     "fastenc ffn: backward needs the hidden tensors saved by a training forward (save=True)");
+  check_same(x, h, "h");
+  if (act != Act::kReLU) check_same(x, pre, "pre");
 #ifdef FASTENC_WITH_CUDA
   const c10::cuda::OptionalCUDAGuard guard(x.is_cuda() ? std::optional<at::Device>(x.device()) : std::nullopt);
 #endif
@@ -174,7 +177,7 @@ std::vector<at::Tensor> ffn_backward(const at::Tensor& dy, const at::Tensor& x, 
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   const at::Tensor hc = h.contiguous(), prec = pre.contiguous();
   const Plan plan = plan_for(x2, {x2, dy2, w1c, w2c, hc, prec}, d, f, has_b1, act, dropout_p, true, gemm_path);
-  std::vector<at::Tensor> out = ffn_backward_2d(dy2, x2, w1c, w2c, hc, prec, act, dp, plan.path, has_b1, has_b2);
+  std::vector<at::Tensor> out = ffn_backward_2d(dy2, x2, w1c, w2c, hc, prec, act, dp, plan, has_b1, has_b2);
   out[0] = out[0].view(x.sizes());
   return out;
 }
@@ -208,6 +211,46 @@ at::Tensor ffn_dropout_mask(int64_t rows, int64_t cols, double p, int64_t seed, 
   return dropout_keep_mask_cpu(rows, cols, dp);
 }
 
+#ifdef FASTENC_WITH_CUDA
+// The column-major cuBLASLt call (see LtDesc in ffn.h) behind one FFN GEMM, from shapes alone:
+// gemm = "linear" (out[M, N] = a[M, K] b[N, K]ᵀ, epilogue bias | relu_bias | gelu_bias |
+// gelu_aux_bias), "dgelu_bgrad" (dpre[M, N] = g[M, K] w[K, N]) or "wgrad_bgradb"
+// (dw[N, K] = dy[M, N]ᵀ h[M, K]).
+py::dict ffn_lt_describe(const std::string& gemm, int64_t M, int64_t N, int64_t K, bool has_bias,
+                         const std::string& epilogue) {
+  LtDesc d;
+  if (gemm == "linear") {
+    LtEpilogue ep = LtEpilogue::kBias;
+    if (epilogue == "relu_bias") ep = LtEpilogue::kReluBias;
+    else if (epilogue == "gelu_bias") ep = LtEpilogue::kGeluBias;
+    else if (epilogue == "gelu_aux_bias") ep = LtEpilogue::kGeluAuxBias;
+    else TORCH_CHECK_VALUE(epilogue == "bias", "fastenc ffn: unknown linear epilogue '", epilogue, "'");
+    d = lt_linear_desc(M, N, K, has_bias, ep);
+  } else if (gemm == "dgelu_bgrad") {
+    d = lt_dgelu_bgrad_desc(M, N, K, has_bias);
+  } else {
+    TORCH_CHECK_VALUE(gemm == "wgrad_bgradb", "fastenc ffn: unknown cuBLASLt GEMM '", gemm,
+                      "'; expected linear, dgelu_bgrad or wgrad_bgradb");
+    d = lt_wgrad_bgrad_desc(M, N, K, has_bias);
+  }
+  py::dict r;
+  r["trans_a"] = d.trans_a;
+  r["trans_b"] = d.trans_b;
+  r["m"] = d.m;
+  r["n"] = d.n;
+  r["k"] = d.k;
+  r["lda"] = d.lda;
+  r["ldb"] = d.ldb;
+  r["ldd"] = d.ldd;
+  r["ld_aux"] = d.ld_aux;
+  r["epilogue"] = std::string(lt_epilogue_name(d.epilogue));
+  r["bias"] = d.bias;
+  r["a_operand"] = std::string(d.a_operand);
+  r["b_operand"] = std::string(d.b_operand);
+  return r;
+}
+#endif
+
 bool has_cuda() {
 #ifdef FASTENC_WITH_CUDA
   return true;
@@ -235,6 +278,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rows"), py::arg("cols"), py::arg("p"), py::arg("seed"), py::arg("device"));
   m.def("ffn_dispatch_table", &fastenc::dispatch_table_description, "the GEMM-path table, one row per arch/act");
   m.def("has_cuda", &fastenc::has_cuda, "whether the CUDA kernels were compiled");
+#ifdef FASTENC_WITH_CUDA
+  m.def("ffn_lt_describe", &fastenc::ffn_lt_describe, "the column-major cuBLASLt call of one FFN GEMM (shapes only)",
+        py::arg("gemm"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("has_bias"), py::arg("epilogue") = "bias");
+#endif
   m.def("cutlass_sm90_built", &fastenc::cutlass_sm90_built, "whether the CUTLASS sm90 kernels were compiled");
   m.def("cuda_archs", []() { return std::string(kCudaArchs); }, "the CUDA archs of the build, as 80_90a");
 }

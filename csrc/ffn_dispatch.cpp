@@ -19,7 +19,10 @@
 //   sm_8x gelu      : unfused (no fused erf-GELU epilogue in cuBLASLt; CUTLASS sm90 only).
 //   sm_8x gelu_tanh : cublaslt, unfused.     sm_8x relu : cublaslt, unfused.
 // Every fused path needs fp16/bf16, no dropout (no library epilogue draws dropout),
-// d and f multiples of 8 and 16-byte aligned operands; otherwise the next entry runs.
+// d and f multiples of 8 (16-byte rows: TMA and cuBLASLt's aux ld) and 16-byte aligned
+// operands; otherwise the next entry runs.  Under `auto` a fused path whose library
+// declines the call at run time (no cuBLASLt algorithm) falls back to ATen GEMMs; a path
+// forced by FASTENC_FFN_GEMM raises instead, so a GPU test never passes on the fallback.
 #include <sstream>
 #include <vector>
 
@@ -111,8 +114,9 @@ Plan plan_gemm_path(const PlanQuery& q) {
   if (q.requested != "auto") {
     const GemmPath p = parse_path(q.requested);
     const std::string why = ineligible(p, q);
-    TORCH_CHECK_VALUE(why.empty(), "fastenc ffn: GEMM path '", q.requested, "' cannot run this call: ", why);
-    return {p, "requested"};
+    TORCH_CHECK_VALUE(why.empty(), "fastenc ffn: GEMM path '", q.requested,
+                      "' (FASTENC_FFN_GEMM) cannot run this call: ", why, "; use auto to let the table choose");
+    return {p, "requested", true};
   }
   const int major = q.cc / 10;
   std::ostringstream skipped;

@@ -63,11 +63,22 @@ std::vector<at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& w
 }
 
 #ifdef FASTENC_WITH_CUDA
+// A cuBLASLt call that found no algorithm: ATen GEMMs take over, unless cublaslt was forced.
+// (Under a forced cutlass, GEMM2 and the backward are not what was forced: they fall back.)
+bool lt_declined(bool ok, const Plan& plan, const char* gemm, const at::Tensor& x, int64_t f) {
+  const bool forced_lt = plan.forced && plan.path == GemmPath::kCublasLt;
+  TORCH_CHECK(ok || !forced_lt, "fastenc ffn: FASTENC_FFN_GEMM=cublaslt, but cuBLASLt has no algorithm for the ",
+              gemm, " GEMM (tokens=", x.size(0), ", d=", x.size(1), ", f=", f, ", ", x.scalar_type(),
+              "); use auto to fall back to ATen GEMMs");
+  return !ok;
+}
+
 // GEMM2 through cuBLASLt's BIAS epilogue with beta·C = residual; ATen when cuBLASLt declines.
 at::Tensor linear2_fused(const at::Tensor& h, const at::Tensor& w2, const std::optional<at::Tensor>& b2,
-                         const std::optional<at::Tensor>& residual) {
+                         const std::optional<at::Tensor>& residual, const Plan& plan, const at::Tensor& x) {
   at::Tensor y = at::empty({h.size(0), w2.size(0)}, h.options());
-  if (lt_linear(h, w2, b2, residual, y, at::Tensor(), LtEpilogue::kBias)) return y;
+  const bool ok = lt_linear(h, w2, b2, residual, y, at::Tensor(), LtEpilogue::kBias);
+  if (!lt_declined(ok, plan, "h W2^T + b2 (+ residual)", x, h.size(1))) return y;
   return linear2_aten(h, w2, b2, residual);
 }
 #endif
@@ -77,18 +88,20 @@ at::Tensor linear2_fused(const at::Tensor& h, const at::Tensor& w2, const std::o
 std::vector<at::Tensor> ffn_forward_2d(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                                        const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                                        const std::optional<at::Tensor>& residual, Act act, const DropoutParams& dp,
-                                       GemmPath path, bool save) {
+                                       const Plan& plan, bool save) {
 #ifdef FASTENC_WITH_CUDA
   const bool keep_pre = save && act != Act::kReLU;
-  if (path == GemmPath::kCublasLt || path == GemmPath::kCutlassSm90) {
+  const bool fused = plan.path == GemmPath::kCublasLt || plan.path == GemmPath::kCutlassSm90;
+  // No tokens: nothing for a library GEMM to do (cuBLASLt rejects n = 0); ATen returns the shapes.
+  if (fused && x.size(0) > 0) {
     at::Tensor h = at::empty({x.size(0), w1.size(0)}, x.options());
     at::Tensor pre = keep_pre ? at::empty_like(h) : at::Tensor();
     bool ok = true;
-    if (path == GemmPath::kCublasLt) {
+    if (plan.path == GemmPath::kCublasLt) {
       const LtEpilogue ep = act == Act::kReLU ? LtEpilogue::kReluBias
                             : keep_pre        ? LtEpilogue::kGeluAuxBias
                                               : LtEpilogue::kGeluBias;
-      ok = lt_linear(x, w1, b1, std::nullopt, h, pre, ep);
+      ok = !lt_declined(lt_linear(x, w1, b1, std::nullopt, h, pre, ep), plan, "x W1^T + b1 -> act", x, w1.size(0));
     } else {
 #ifdef FASTENC_WITH_CUTLASS_SM90
       cutlass_sm90_linear_bias_gelu(x, w1, *b1, h, pre);
@@ -97,7 +110,7 @@ std::vector<at::Tensor> ffn_forward_2d(const at::Tensor& x, const at::Tensor& w1
 #endif
     }
     if (ok) {
-      at::Tensor y = linear2_fused(h, w2, b2, residual);
+      at::Tensor y = linear2_fused(h, w2, b2, residual, plan, x);
       return {y, save ? h : x.new_empty({0}), keep_pre ? pre : x.new_empty({0})};
     }
   }
@@ -107,19 +120,21 @@ std::vector<at::Tensor> ffn_forward_2d(const at::Tensor& x, const at::Tensor& w1
 
 std::vector<at::Tensor> ffn_backward_2d(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w1,
                                         const at::Tensor& w2, const at::Tensor& h, const at::Tensor& pre, Act act,
-                                        const DropoutParams& dp, GemmPath path, bool has_b1, bool has_b2) {
+                                        const DropoutParams& dp, const Plan& plan, bool has_b1, bool has_b2) {
   const at::Tensor& saved = act == Act::kReLU ? h : pre;
   at::Tensor dpre, db1, dw2, db2;
 #ifdef FASTENC_WITH_CUDA
-  if (path == GemmPath::kCublasLt) {
+  if (plan.path == GemmPath::kCublasLt && x.size(0) > 0) {
     if (act == Act::kGeluTanh && !dp.enabled) {
       dpre = at::empty_like(h);
       db1 = has_b1 ? at::empty({w1.size(0)}, x.options()) : at::Tensor();
-      if (!lt_dgelu_bgrad(dy, w2, pre, dpre, db1)) dpre = at::Tensor();
+      if (lt_declined(lt_dgelu_bgrad(dy, w2, pre, dpre, db1), plan, "(dy W2) * gelu'(pre)", x, w1.size(0))) {
+        dpre = at::Tensor();
+      }
     }
     dw2 = at::empty_like(w2);
     db2 = has_b2 ? at::empty({w2.size(0)}, x.options()) : at::Tensor();
-    if (!lt_wgrad_bgrad(dy, h, dw2, db2)) dw2 = at::Tensor();
+    if (lt_declined(lt_wgrad_bgrad(dy, h, dw2, db2), plan, "dy^T h", x, w1.size(0))) dw2 = at::Tensor();
   }
 #endif
   if (!dpre.defined()) {

@@ -173,6 +173,27 @@ def test_bad_inputs_raise():
         extension().ffn_forward(x.double(), w1.double(), None, w2.double(), None, None, "gelu", 0.0, 0, "auto", False)
     with pytest.raises(TypeError, match="b2 must be a Tensor"):
         ffn(x, w1, b1, w2, 3.0, backend="cuda")
+    with pytest.raises(ValueError, match=r"f, d >= 1"):
+        ffn(x[:, :0], w1[:, :0], b1, w2[:0], b2[:0], backend="cuda")
+    bwd = extension().ffn_backward
+    h, pre = torch.randn(7, 1000), torch.randn(7, 1000)
+    with pytest.raises(TypeError, match="h has dtype"):
+        bwd(x, x, w1, w2, h.half(), pre, "gelu", 0.0, 0, True, True, "auto")
+    with pytest.raises(TypeError, match="pre has dtype"):
+        bwd(x, x, w1, w2, h, pre.double(), "gelu", 0.0, 0, True, True, "auto")
+    with pytest.raises(ValueError, match="saved by a training forward"):
+        bwd(x, x, w1, w2, h, pre[:0], "gelu", 0.0, 0, True, True, "auto")
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_cpu_no_tokens(activation):
+    """x [0, d]: y is empty, weight gradients are zero (every GEMM path routes this to ATen)."""
+    x, w1, b1, w2, b2, r = _make((0,), 384, 1000, torch.float32, "cpu", residual=True)
+    y = ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cuda")
+    assert y.shape == (0, 384)
+    grads = torch.autograd.grad(y, (x, w1, b1, w2, b2, r), torch.randn_like(y))
+    for g, t in zip(grads, (x, w1, b1, w2, b2, r)):
+        assert g.shape == t.shape and not g.any()
 
 
 def test_bad_gemm_path_env(monkeypatch):
@@ -180,6 +201,9 @@ def test_bad_gemm_path_env(monkeypatch):
     monkeypatch.setenv(ffn_mod.GEMM_PATH_ENV, "cublas-fast")
     with pytest.raises(ValueError, match="is not a GEMM path"):
         ffn(x, w1, b1, w2, b2, backend="cuda")
+    monkeypatch.setenv(ffn_mod.GEMM_PATH_ENV, "cublaslt")  # cannot run erf-GELU: reported, not raised
+    path, why = ffn_mod.gemm_path("cuda", torch.bfloat16, activation="gelu")
+    assert path == "error" and "'cublaslt' (FASTENC_FFN_GEMM) cannot run this call" in why
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -235,10 +259,119 @@ def test_dispatch_table_choices():
     assert path == "unfused" and "multiples of 8" in why
     assert plan("cuda", 90, "float32", 768, 3072, "relu", 0.0, False, True, "auto")[0] == "unfused"
     assert plan("cuda", 90, "bfloat16", 768, 3072, "gelu", 0.0, False, True, "unfused")[0] == "unfused"
-    with pytest.raises(ValueError, match="tanh form"):
+    with pytest.raises(ValueError, match=r"'cublaslt' \(FASTENC_FFN_GEMM\) cannot run this call: .*tanh form"):
         plan("cuda", 90, "bfloat16", 768, 3072, "gelu", 0.0, False, True, "cublaslt")
-    with pytest.raises(ValueError, match="sm_90a only"):
+    with pytest.raises(ValueError, match="sm_90a only" if extension().cutlass_sm90_built() else "were not built"):
         plan("cuda", 80, "bfloat16", 768, 3072, "gelu", 0.0, False, True, "cutlass")
+    with pytest.raises(ValueError, match="no library epilogue draws dropout"):
+        plan("cuda", 90, "float16", 768, 3072, "relu", 0.5, True, True, "cublaslt")
+    with pytest.raises(ValueError, match="float16/bfloat16 only"):
+        plan("cuda", 90, "float32", 768, 3072, "relu", 0.0, True, True, "cublaslt")
+    with pytest.raises(ValueError, match="multiples of 8"):
+        plan("cuda", 90, "bfloat16", 770, 3080, "gelu_tanh", 0.0, True, True, "cublaslt")
+
+
+# ------------------------------------------------------------- cuBLASLt calls on a column-major model
+
+
+def _colmajor(buf, rows, cols, ld):
+    """The column-major rows x cols matrix that the flat buffer holds with leading dimension ld."""
+    assert ld >= rows and (cols == 0 or ld * (cols - 1) + rows <= buf.numel()), (rows, cols, ld, buf.numel())
+    return buf[torch.arange(rows)[:, None] + ld * torch.arange(cols)[None, :]]
+
+
+def _colmajor_store(mat, ld, numel):
+    buf = torch.full((numel,), float("nan"), dtype=mat.dtype)
+    rows, cols = mat.shape
+    buf[(torch.arange(rows)[:, None] + ld * torch.arange(cols)[None, :]).flatten()] = mat.flatten()
+    return buf
+
+
+def _lt_replay(desc, operands, bias=None, aux=None, out_numel=None):
+    """What cuBLASLt computes for a descriptor: D = op(A) op(B) then the epilogue, on the flat
+    buffers of the row-major operands.  Returns (flat D, flat aux or None, bias gradient or None)."""
+    m, n, k = desc["m"], desc["n"], desc["k"]
+    a = _colmajor(operands[desc["a_operand"]].flatten(), *((k, m) if desc["trans_a"] else (m, k)), desc["lda"])
+    b = _colmajor(operands[desc["b_operand"]].flatten(), *((n, k) if desc["trans_b"] else (k, n)), desc["ldb"])
+    op_a, op_b = (a.t() if desc["trans_a"] else a), (b.t() if desc["trans_b"] else b)
+    d = op_a @ op_b
+    ep, aux_out, bgrad = desc["epilogue"], None, None
+    assert desc["bias"] == (bias is not None) or ep in ("DGELU_BGRAD", "BGRADB")
+    if ep in ("BIAS", "RELU_BIAS", "GELU_BIAS", "GELU_AUX_BIAS"):
+        assert bias.shape == (m,)  # cuBLASLt: bias length = rows of D, broadcast over its columns
+        d = d + bias[:, None]
+    if ep in ("GELU_AUX", "GELU_AUX_BIAS"):
+        assert desc["ld_aux"] % 8 == 0 and desc["ld_aux"] >= m  # cuBLASLt's aux ld rule
+        aux_out = _colmajor_store(d, desc["ld_aux"], desc["ld_aux"] * n)
+    if ep in ("RELU", "RELU_BIAS"):
+        d = reference.apply_activation(d, "relu")
+    elif ep in ("GELU", "GELU_BIAS", "GELU_AUX", "GELU_AUX_BIAS"):
+        d = reference.apply_activation(d, "gelu_tanh")
+    elif ep in ("DGELU", "DGELU_BGRAD"):
+        assert desc["ld_aux"] % 8 == 0 and desc["ld_aux"] >= m
+        pre = _colmajor(aux.flatten(), m, n, desc["ld_aux"]).detach().requires_grad_()
+        (dgelu,) = torch.autograd.grad(reference.apply_activation(pre, "gelu_tanh").sum(), pre)
+        d = d * dgelu
+        if ep == "DGELU_BGRAD":
+            bgrad = d.sum(1)  # length m: summed over the columns of D
+    elif ep == "BGRADB":
+        bgrad = op_b.sum(0)  # length n: op(B) summed over the GEMM's k
+    else:
+        assert ep in ("DEFAULT", "BIAS"), ep
+    return _colmajor_store(d, desc["ldd"], out_numel), aux_out, bgrad
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
+def test_cublaslt_descriptors_compute_the_ffn_gemms(has_bias):
+    """Each cuBLASLt call's transposes, dims, leading dims and epilogue, replayed on a column-major
+    model of cuBLASLt, give the row-major math the op needs (forward and backward GEMMs)."""
+    describe = extension().ffn_lt_describe
+    T, d, f = 7, 24, 40  # tokens odd; d, f multiples of 8 as the dispatch table requires
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x, w1, b1, w2, b2, res, dy = rnd(T, d), rnd(f, d), rnd(f), rnd(d, f), rnd(d), rnd(T, d), rnd(T, d)
+    bias1, bias2 = (b1, b2) if has_bias else (None, None)
+    pre = x @ w1.t() + (b1 if has_bias else 0)
+
+    for ep, act in (("relu_bias", "relu"), ("gelu_bias", "gelu_tanh"), ("gelu_aux_bias", "gelu_tanh")):
+        desc = describe("linear", T, f, d, has_bias, ep)  # GEMM1: h[T, f] = act(x W1^T + b1)
+        assert desc["epilogue"] == {"relu_bias": "RELU", "gelu_bias": "GELU", "gelu_aux_bias": "GELU_AUX"}[ep] + (
+            "_BIAS" if has_bias else "")
+        h, aux, _ = _lt_replay(desc, {"a": x, "b": w1}, bias=bias1, out_numel=T * f)
+        torch.testing.assert_close(h.view(T, f), reference.apply_activation(pre, act), rtol=1e-12, atol=1e-12)
+        if ep == "gelu_aux_bias":
+            torch.testing.assert_close(aux.view(T, f), pre, rtol=1e-12, atol=1e-12)  # pre, row-major [T, f]
+        else:
+            assert aux is None and desc["ld_aux"] == 0
+
+    h = reference.apply_activation(pre, "gelu_tanh")
+    desc = describe("linear", T, d, f, has_bias, "bias")  # GEMM2 with beta = 1, C = residual (D's layout)
+    y, _, _ = _lt_replay(desc, {"a": h, "b": w2}, bias=bias2, out_numel=T * d)
+    y = y.view(T, d) + res
+    torch.testing.assert_close(y, h @ w2.t() + (b2 if has_bias else 0) + res, rtol=1e-12, atol=1e-12)
+
+    desc = describe("dgelu_bgrad", T, f, d, has_bias)  # dpre[T, f] = (dy W2) * gelu'(pre), db1
+    assert desc["epilogue"] == ("DGELU_BGRAD" if has_bias else "DGELU")
+    dpre, _, db1 = _lt_replay(desc, {"g": dy, "w": w2}, aux=pre, out_numel=T * f)
+    pre_leaf = pre.clone().requires_grad_()
+    (dpre_ref,) = torch.autograd.grad(reference.apply_activation(pre_leaf, "gelu_tanh"), pre_leaf, dy @ w2)
+    torch.testing.assert_close(dpre.view(T, f), dpre_ref, rtol=1e-12, atol=1e-12)
+    if has_bias:
+        torch.testing.assert_close(db1, dpre_ref.sum(0), rtol=1e-12, atol=1e-12)  # db1 [f] = sum over tokens
+    else:
+        assert db1 is None and not desc["bias"]
+
+    desc = describe("wgrad_bgradb", T, d, f, has_bias)  # dW2[d, f] = dy^T h, db2 = sum over tokens of dy
+    assert desc["epilogue"] == ("BGRADB" if has_bias else "DEFAULT")
+    dw2, _, db2 = _lt_replay(desc, {"dy": dy, "h": h}, out_numel=d * f)
+    torch.testing.assert_close(dw2.view(d, f), dy.t() @ h, rtol=1e-12, atol=1e-12)
+    if has_bias:
+        torch.testing.assert_close(db2, dy.sum(0), rtol=1e-12, atol=1e-12)
+    else:
+        assert db2 is None and not desc["bias"]
+    with pytest.raises(ValueError, match="unknown cuBLASLt GEMM"):
+        describe("dgrad", T, d, f, has_bias)
 
 
 # ----------------------------------------------------------------------------- CUDA (GPU only)
@@ -319,3 +452,71 @@ def test_cuda_torch_compile_fullgraph():
     y.float().sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(w1.grad).all()
     torch.testing.assert_close(y, ffn(x, w1, b1, w2, b2, activation="gelu", backend="cuda"), rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.parametrize("activation", ACTS)
+def test_cuda_fp32_unfused(activation):
+    """fp32 runs the handwritten passes (no fused path takes fp32) at fp32 accuracy: nvcc's
+    --use_fast_math must not leak tanh.approx (fp16-level error) into gelu_tanh."""
+    inputs = _make((127,), 384, 1000, torch.float32, "cuda", residual=True)
+    x, w1, b1, w2, b2, r = inputs
+    assert ffn_mod.gemm_path("cuda", torch.float32, d=384, f=1000, activation=activation)[0] == "unfused"
+    _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cuda"), inputs, activation)
+
+
+@gpu
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+def test_cuda_cublaslt_16byte_aligned_views(activation, monkeypatch):
+    """Operands aligned to 16 bytes but not 256 (cuBLASLt's default assumption): the heuristic
+    is told the real alignment, so the forced cuBLASLt path runs them (it raises if it cannot)."""
+    monkeypatch.setenv(ffn_mod.GEMM_PATH_ENV, "cublaslt")
+    T, d, f = 33, 392, 1568  # row stride 784 bytes: x[1:] starts 16-byte aligned, not 32
+    base = _make((T + 1,), d, f, torch.bfloat16, "cuda", residual=True)
+    x = base[0].detach()[1:].requires_grad_()
+    r = base[5].detach()[1:].requires_grad_()
+    assert x.data_ptr() % 16 == 0 and x.data_ptr() % 32 != 0
+    inputs = (x, base[1], base[2], base[3], base[4], r)
+    _check(lambda: ffn(x, *inputs[1:5], activation=activation, residual=r, backend="cuda"), inputs, activation)
+
+
+@gpu
+@pytest.mark.parametrize("activation", ACTS)
+def test_cuda_no_tokens(activation, monkeypatch):
+    for path in _gpu_paths(activation, torch.bfloat16):
+        monkeypatch.setenv(ffn_mod.GEMM_PATH_ENV, path)
+        x, w1, b1, w2, b2, r = _make((0,), 768, 3072, torch.bfloat16, "cuda", residual=True)
+        y = ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cuda")
+        assert y.shape == (0, 768)
+        grads = torch.autograd.grad(y, (x, w1, b1, w2, b2, r), torch.randn_like(y))
+        assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, (x, w1, b1, w2, b2, r)))
+
+
+@gpu
+def test_cuda_int64_indexing_and_dropout_offsets(monkeypatch):
+    """Hidden matrix of more than 2^31 elements through the handwritten passes: the last rows
+    (flat index > 2^31, Philox block > 2^29) match the reference on those rows with the same
+    mask rows, forward and dx (which depends on the tail rows only)."""
+    monkeypatch.setenv(ffn_mod.GEMM_PATH_ENV, "unfused")
+    T, d, f, p, tail = 2**31 // 4096 + 65, 8, 4096, 0.1, 64
+    assert T * f > 2**31
+    x, w1, b1, w2, b2, _ = _make((T,), d, f, torch.bfloat16, "cuda")
+    torch.manual_seed(11)
+    seed = ffn_mod.draw_dropout_seed()
+    keep_tail = ffn_mod.dropout_keep_mask(seed, T, f, p, device="cuda")[-tail:]
+    torch.manual_seed(11)
+    y = ffn(x, w1, b1, w2, b2, activation="gelu", dropout_p=p, backend="cuda")
+    dy = torch.zeros_like(y)
+    dy[-tail:] = torch.randn(tail, d, device="cuda", dtype=y.dtype)
+    (dx,) = torch.autograd.grad(y, (x,), dy)
+    y_tail = y.detach()[-tail:].clone()
+    del y
+    xt = x.detach()[-tail:].requires_grad_()
+    kw = dict(activation="gelu", dropout_p=p, dropout_mask=keep_tail)
+    y_ref = reference.ffn(xt, w1, b1, w2, b2, upcast=True, **kw)
+    y_base = reference.ffn(xt, w1, b1, w2, b2, **kw)
+    assert_parity(y_tail, y_ref, y_base, name="y_tail")
+    (dx_ref,) = torch.autograd.grad(y_ref, (xt,), dy[-tail:].float())
+    (dx_base,) = torch.autograd.grad(y_base, (xt,), dy[-tail:])
+    assert_parity(dx[-tail:], dx_ref, dx_base, name="dx_tail")
+    assert not dx[:-tail].any()

@@ -1,5 +1,7 @@
 // Launcher of the FFN backward pass: dpre = g · keep/(1-p) · act'(saved) and db1 = Σ_rows dpre.
 
+#include <limits>
+
 #include "cuda/ffn_act_kernels.cuh"
 
 namespace fastenc {
@@ -19,14 +21,18 @@ void dact_dropout_bgrad_cuda(const at::Tensor& g, const at::Tensor& saved, const
     const bool vec = f % kVec == 0 && aligned16(gp) && aligned16(sp) && aligned16(out);
     const auto stream = at::cuda::getCurrentCUDAStream();
     const dim3 block(kBwdThreadsX, kBwdThreadsY);
+    const int vec_width = vec ? kVec : 1;
+    const int64_t col_blocks = (f / vec_width + kBwdThreadsX - 1) / kBwdThreadsX;
+    TORCH_CHECK(col_blocks <= 65535 && row_blocks <= std::numeric_limits<int32_t>::max(),
+                "fastenc ffn: the backward activation pass takes f <= ", 65535 * kBwdThreadsX * vec_width,
+                " and fewer than 2^31 row blocks of ", kBwdRowsPerBlock, " tokens, got f=", f, ", tokens=", rows);
+    const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(col_blocks));
     dispatch_act_cuda(act, [&](auto a_) {
       constexpr Act A = decltype(a_)::value;
       if (vec) {
-        const dim3 grid((f / kVec + kBwdThreadsX - 1) / kBwdThreadsX, row_blocks);
         _ffn_dact_bgrad_kernel<T, A, kVec><<<grid, block, 0, stream>>>(gp, sp, out, part, rows, f, dp.enabled,
                                                                       dp.seed, dp.threshold24, dp.scale);
       } else {
-        const dim3 grid((f + kBwdThreadsX - 1) / kBwdThreadsX, row_blocks);
         _ffn_dact_bgrad_kernel<T, A, 1><<<grid, block, 0, stream>>>(gp, sp, out, part, rows, f, dp.enabled,
                                                                    dp.seed, dp.threshold24, dp.scale);
       }

@@ -23,6 +23,23 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// One VEC-element store for the backward kernel: there nvcc splits the plain 16-byte struct
+// assignment into 2-byte stores (its SASS showed 8 STG.E.U16 per pack, no STG.E.128), so the
+// bits go out through one st.global.v4.b32.  No "memory" clobber, so the next rows' loads may
+// still be hoisted above it: each element is read (g, saved) only before its own store, by the
+// same thread, even when dpre aliases g.  (The forward's plain assignment compiles to
+// STG.E.128 already.)
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& v) {
+  if constexpr (sizeof(Pack<T, VEC>) == 16) {
+    uint32_t w[4];
+    memcpy(w, &v, 16);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]));
+  } else {
+    *reinterpret_cast<Pack<T, VEC>*>(p) = v;
+  }
+}
+
 // keep · scale of VEC consecutive elements starting at flat index i0 (i0 % VEC == 0).
 template <int VEC>
 __device__ __forceinline__ void keep_scale(uint64_t seed, uint32_t thr, float scale, uint64_t i0, float (&ks)[VEC]) {
@@ -67,20 +84,22 @@ constexpr int kBwdThreadsX = 32;  // threads along columns (each VEC columns)
 constexpr int kBwdThreadsY = 8;   // threads along rows
 constexpr int kBwdRowsPerBlock = 128;
 
-// Block (kBwdThreadsX, kBwdThreadsY) covers kBwdThreadsX·VEC columns of kBwdRowsPerBlock rows.
+// Block (kBwdThreadsX, kBwdThreadsY) covers kBwdThreadsX·VEC columns of kBwdRowsPerBlock rows;
+// blockIdx.x walks the row blocks (up to 2^31 - 1 of them: gridDim.y would stop at 65535,
+// i.e. 8.4M tokens), blockIdx.y the column blocks.
 // g: dy W2; saved: pre (or h for relu); dpre: output (may alias g);
-// partial: [gridDim.y, f] fp32 column sums of dpre, or null when b1 has no gradient.
+// partial: [gridDim.x, f] fp32 column sums of dpre, or null when b1 has no gradient.
 template <typename T, Act A, int VEC>
 __global__ void __launch_bounds__(kBwdThreadsX* kBwdThreadsY) _ffn_dact_bgrad_kernel(
     const T* g, const T* __restrict__ saved, T* dpre, float* __restrict__ partial, int64_t rows, int64_t f,
     bool dropout, uint64_t seed, uint32_t thr, float scale) {
-  const int64_t col = (blockIdx.x * int64_t(kBwdThreadsX) + threadIdx.x) * VEC;
-  const int64_t r_end = min(rows, (blockIdx.y + 1) * int64_t(kBwdRowsPerBlock));
+  const int64_t col = (blockIdx.y * int64_t(kBwdThreadsX) + threadIdx.x) * VEC;
+  const int64_t r_end = min(rows, (blockIdx.x + int64_t(1)) * kBwdRowsPerBlock);
   float colsum[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) colsum[j] = 0.f;
   if (col < f) {
-    for (int64_t r = blockIdx.y * int64_t(kBwdRowsPerBlock) + threadIdx.y; r < r_end; r += kBwdThreadsY) {
+    for (int64_t r = blockIdx.x * int64_t(kBwdRowsPerBlock) + threadIdx.y; r < r_end; r += kBwdThreadsY) {
       const int64_t off = r * f + col;
       const Pack<T, VEC> gv = *reinterpret_cast<const Pack<T, VEC>*>(g + off);
       const Pack<T, VEC> sv = *reinterpret_cast<const Pack<T, VEC>*>(saved + off);
@@ -94,7 +113,7 @@ __global__ void __launch_bounds__(kBwdThreadsX* kBwdThreadsY) _ffn_dact_bgrad_ke
         out.v[j] = static_cast<T>(dv);
         colsum[j] += dv;
       }
-      *reinterpret_cast<Pack<T, VEC>*>(dpre + off) = out;
+      store_pack<T, VEC>(dpre + off, out);
     }
   }
   if (partial == nullptr) return;
@@ -109,7 +128,7 @@ __global__ void __launch_bounds__(kBwdThreadsX* kBwdThreadsY) _ffn_dact_bgrad_ke
       float s = 0.f;
 #pragma unroll
       for (int y = 0; y < kBwdThreadsY; ++y) s += smem[y][threadIdx.x * VEC + j];
-      partial[blockIdx.y * f + col + j] = s;
+      partial[blockIdx.x * f + col + j] = s;
     }
   }
 }

@@ -77,7 +77,11 @@ def gemm_path(
     training: bool = False,
     has_bias: bool = True,
 ) -> Tuple[str, str]:
-    """(GEMM path, reason) the dispatch table picks for such a call (for ``backend_report``)."""
+    """(GEMM path, reason) the dispatch table picks for such a call (for ``backend_report``).
+
+    A path forced by FASTENC_FFN_GEMM that cannot run such a call gives ("error", why): the
+    call itself would raise that ValueError.
+    """
     ext = extension()
     if ext is None:
         return "none", "fastenc._C is not built"
@@ -86,8 +90,11 @@ def gemm_path(
     if dev.type == "cuda" and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(dev)
         cc = 10 * major + minor
-    path, why = ext.ffn_plan(dev.type, cc, str(dtype).replace("torch.", ""), d, f, activation, dropout_p, training,
-                             has_bias, _gemm_path())
+    try:
+        path, why = ext.ffn_plan(dev.type, cc, str(dtype).replace("torch.", ""), d, f, activation, dropout_p,
+                                 training, has_bias, _gemm_path())
+    except ValueError as e:
+        return "error", str(e)
     return path, why
 
 
