@@ -8,15 +8,21 @@
 # Nothing is downloaded: it uses the torch/Triton already installed (torch 2.11+, Triton 3.6+).
 # Each stage runs under `timeout`; a failed stage is recorded and the next one still runs; the exit
 # status is 1 if any stage failed.  The benchmark gets the time the earlier stages left.
+# CUTLASS sm90 kernels: linked from .prebuilt/cutlass/ when it exists (scripts/prebuild_cutlass.py,
+# carried to the device; see benchmarks/README.md), else compiled if CUTLASS headers are installed
+# (minutes: the build timeout grows to 360 s), else the build goes without them and summary.txt says so.
 #
 # The dry run checks that every stage works, not how long it takes: each stage gets 10 minutes.
 #
 # Environment:
 #   FASTENC_SUITE_DRY_RUN=1     same as --dry-run
 #   FASTENC_SUITE_TOTAL_S       wall-clock budget for all stages (default 450)
-#   FASTENC_SUITE_BUILD_S / _TESTS_S / _CEILINGS_S   per-stage timeouts (default 150 / 120 / 30)
+#   FASTENC_SUITE_BUILD_S / _TESTS_S / _CEILINGS_S   per-stage timeouts (default 150 / 150 / 30;
+#                               build 360 when CUTLASS compiles from source)
 #   FASTENC_SUITE_BENCH_MAX_S   longest benchmark (default 300)
 #   FASTENC_SUITE_TESTS         pytest arguments (default: tests/; dry run: a few quick tests)
+#   FASTENC_SUITE_WORKERS       pytest-xdist workers when xdist is installed (default 8; dry run 2; 0: none)
+#   FASTENC_SUITE_PREBUILT      prebuilt CUTLASS objects (default: .prebuilt/cutlass in the repo)
 #   FASTENC_SUITE_OPS           benchmark suites (default: all)
 #   FASTENC_SUITE_SKIP_BUILD=1  use the extension already built
 #   FASTENC_SUITE_SKIP_INSPECT=1  skip the kernel inspector stage
@@ -28,7 +34,7 @@ OUT=""
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         -*) echo "gpu_suite.sh: unknown option $arg" >&2; exit 2 ;;
         *) OUT="$arg" ;;
     esac
@@ -103,23 +109,56 @@ if [ "$DEVICE" = cuda ]; then
 else
     ARCH=90a  # what an H100/H200 build uses; the dry run only shows the command
 fi
-BUILD_CMD=(env FASTENC_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-           "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .)
-EXT_CHECK="import fastenc, fastenc.backends as b; print('fastenc from', fastenc.__file__); \
-print('extension:', 'built' if b.extension() is not None else 'NOT built')"
+# CUTLASS: prebuilt objects (setup.py checks their stamps and recompiles stale ones), else headers
+# to compile from, else none.
+PREBUILT="${FASTENC_SUITE_PREBUILT:-$ROOT/.prebuilt/cutlass}"
+CUTLASS_ENV=()
+BUILD_S_DEFAULT=150
+if [ "$ARCH" != "90a" ]; then
+    CUTLASS_MODE="not applicable (sm_$ARCH)"
+elif compgen -G "$PREBUILT/*.o" > /dev/null; then
+    CUTLASS_MODE="prebuilt ($PREBUILT)"
+    CUTLASS_ENV=(FASTENC_CUTLASS_PREBUILT="$PREBUILT")
+elif [ -n "${FASTENC_CUTLASS_DIR:-}" ] || "$PY" -c "import cutlass_library" 2>/dev/null; then
+    CUTLASS_MODE="compiled from source (no $PREBUILT; minutes of nvcc)"
+    BUILD_S_DEFAULT=360
+else
+    CUTLASS_MODE="NONE"
+    CUTLASS_ENV=(FASTENC_NO_CUTLASS=1)
+    echo "WARNING: building WITHOUT the CUTLASS sm90 kernels: no $PREBUILT (scripts/prebuild_cutlass.py) and no" \
+         "CUTLASS headers; the FFN's fused erf-GELU path (FASTENC_FFN_GEMM=cutlass) is absent" | tee -a "$OUT/summary.txt"
+fi
+echo "cutlass: $CUTLASS_MODE"
+BUILD_CMD=(env FASTENC_CUDA_ARCHS="$ARCH" ${CUTLASS_ENV[@]+"${CUTLASS_ENV[@]}"} MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+           "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .)
+EXT_CHECK="import fastenc, fastenc.backends as b; e = b.extension(); print('fastenc from', fastenc.__file__); \
+print('extension:', 'built' if e is not None else 'NOT built'); \
+print('cutlass sm90:', 'built' if e is not None and e.cutlass_sm90_built() else 'NOT built')"
 if [ "${FASTENC_SUITE_SKIP_BUILD:-0}" = "1" ]; then
     echo "build      skipped (FASTENC_SUITE_SKIP_BUILD=1)" | tee -a "$OUT/summary.txt"
 elif [ "$DRY_RUN" = "1" ]; then
     stage build "$STAGE_S" bash -c "echo 'would run: ${BUILD_CMD[*]}'; $PY -c \"$EXT_CHECK\""
 else
     # pip (also installs the console script); the in-place build if pip cannot run offline here.
-    stage build "${FASTENC_SUITE_BUILD_S:-150}" bash -c \
-        "(${BUILD_CMD[*]} || env FASTENC_CUDA_ARCHS=$ARCH $PY setup.py build_ext --inplace) && $PY -c \"$EXT_CHECK\""
+    stage build "${FASTENC_SUITE_BUILD_S:-$BUILD_S_DEFAULT}" bash -c \
+        "(${BUILD_CMD[*]} || env FASTENC_CUDA_ARCHS=$ARCH ${CUTLASS_ENV[*]} $PY setup.py build_ext --inplace) && $PY -c \"$EXT_CHECK\""
 fi
+# What the build gave (a stale prebuilt object is recompiled, or dropped without headers: setup.py says why).
+CUTLASS_BUILT=$(grep -o "cutlass sm90: .*" "$OUT/logs/build.log" 2>/dev/null | tail -n 1)
+printf '%-10s %s; %s\n' cutlass "$CUTLASS_MODE" "${CUTLASS_BUILT:-cutlass sm90: unknown (build skipped)}" \
+    | tee -a "$OUT/summary.txt"
+grep -h "building WITHOUT the CUTLASS\|CUTLASS: compiling" "$OUT/logs/build.log" 2>/dev/null \
+    | awk '!seen[$0]++ { print "    " $0 }' | tee -a "$OUT/summary.txt"  # pip runs setup.py more than once
 
 # ---------------------------------------------------------------- 2. the test suite on this device
+# pytest-xdist when installed: Triton's JIT compiles are CPU-bound and the GPU has room for 8 contexts.
+XDIST=()
+if "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "${FASTENC_SUITE_WORKERS:-$([ "$DRY_RUN" = "1" ] && echo 2 || echo 8)}")
+fi
 # shellcheck disable=SC2086  # TESTS holds several pytest arguments
-stage tests "${STAGE_S:-${FASTENC_SUITE_TESTS_S:-120}}" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" $TESTS
+stage tests "${STAGE_S:-${FASTENC_SUITE_TESTS_S:-150}}" "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
+    --junitxml="$OUT/tests.xml" $TESTS
 
 # ---------------------------------------------------------------- 3. device ceilings
 stage ceilings "${STAGE_S:-${FASTENC_SUITE_CEILINGS_S:-30}}" "$PY" -m fastenc ceilings --device "$DEVICE" --out "$OUT"

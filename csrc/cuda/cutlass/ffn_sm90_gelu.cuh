@@ -4,12 +4,11 @@
 // epilogue visitor LinCombPerColBiasEltAct(Aux) with cutlass::epilogue::thread::GELU (erf).
 // x and W1 are K-major (the nn.Linear "TN" GEMM), h row-major.  Tile 128x256x64, one-CTA
 // clusters: the common BERT shapes (d = 768/1024, f = 4d) fill the 132 SMs from 2k tokens.
-// Preconditions (checked by the dispatch table): fp16/bf16, K and N multiples of 8,
-// 16-byte aligned pointers.  Each (dtype, AUX) instantiation lives in its own .cu file.
+// Preconditions (checked by the dispatch table and cuda/ffn_cutlass.cpp): bf16, K, N and the
+// leading dims multiples of 8, 16-byte aligned pointers (TMA); can_implement re-checks them.
+// Torch-free: CUDA + CUTLASS headers only (see ffn_sm90.h).  Each (dtype, AUX) instantiation
+// lives in its own .cu file.
 #pragma once
-
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
@@ -19,11 +18,23 @@
 #include <cutlass/gemm/collective/collective_builder.hpp>
 #include <cutlass/gemm/device/gemm_universal_adapter.h>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
-#include <cutlass/util/packed_stride.hpp>
+
+#include <type_traits>
 
 #include "cuda/cutlass/ffn_sm90.h"
 
 namespace fastenc {
+
+// Stride (ld, 1, 0) of a matrix whose inner dimension is contiguous, leading dim ld, batch 1.
+template <class Stride>
+Stride sm90_row_stride(int64_t ld) {
+  static_assert(cute::is_constant<1, std::remove_cv_t<std::remove_reference_t<decltype(cute::get<1>(Stride{}))>>>::value,
+                "the inner dimension must be the contiguous one");
+  Stride s{};
+  cute::get<0>(s) = ld;
+  cute::get<2>(s) = 0;
+  return s;
+}
 
 template <typename Element, bool AUX>
 struct Sm90LinearBiasGelu {
@@ -56,42 +67,46 @@ struct Sm90LinearBiasGelu {
                                                       CollectiveEpilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-  static void run(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& h,
-                  const at::Tensor& pre) {
-    const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1)), N = static_cast<int>(w1.size(0));
-    using StrideA = typename Kernel::StrideA;
-    using StrideB = typename Kernel::StrideB;
+  static typename Gemm::Arguments arguments(const Sm90GemmArgs& p) {
     using StrideD = typename Kernel::StrideD;
-    const auto* a = reinterpret_cast<const Element*>(x.data_ptr());
-    const auto* b = reinterpret_cast<const Element*>(w1.data_ptr());
-    auto* d = reinterpret_cast<Element*>(h.data_ptr());
-    const StrideD stride_d = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(M, N, 1));
-    typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
-                                  {M, N, K, 1},
-                                  {a, cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(M, K, 1)), b,
-                                   cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(N, K, 1))},
-                                  {{}, nullptr, stride_d, d, stride_d}};
+    const StrideD stride_d = sm90_row_stride<StrideD>(p.ldh);
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {p.M, p.N, p.K, 1},
+        {static_cast<const Element*>(p.x), sm90_row_stride<typename Kernel::StrideA>(p.ldx),
+         static_cast<const Element*>(p.w1), sm90_row_stride<typename Kernel::StrideB>(p.ldw)},
+        {{}, nullptr, stride_d, static_cast<Element*>(p.h), stride_d}};
     auto& fusion = args.epilogue.thread;
     fusion.alpha = 1.f;
     fusion.beta = 0.f;
-    fusion.bias_ptr = reinterpret_cast<const Element*>(b1.data_ptr());
+    fusion.bias_ptr = static_cast<const Element*>(p.b1);
     if constexpr (AUX) {
-      fusion.aux_ptr = reinterpret_cast<Element*>(pre.data_ptr());
-      fusion.dAux = stride_d;
+      fusion.aux_ptr = static_cast<Element*>(p.pre);
+      fusion.dAux = sm90_row_stride<StrideD>(p.ldpre);
     }
-    args.hw_info.device_id = x.get_device();
-    args.hw_info.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    args.hw_info.device_id = p.device;
+    args.hw_info.sm_count = p.sm_count > 0
+                                ? p.sm_count
+                                : cutlass::KernelHardwareInfo::query_device_multiprocessor_count(p.device);
+    return args;
+  }
 
+  static size_t workspace_size(const Sm90GemmArgs& p) { return Gemm::get_workspace_size(arguments(p)); }
+
+  static Sm90Status run(const Sm90GemmArgs& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    if (AUX && p.pre == nullptr) return {"arguments", "the aux variant needs a pre-activation pointer"};
+    const typename Gemm::Arguments args = arguments(p);
+    if (workspace_bytes < Gemm::get_workspace_size(args)) return {"arguments", "workspace smaller than workspace_size()"};
     Gemm gemm;
-    TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
-                "fastenc ffn: the CUTLASS sm90 GEMM cannot implement M=", M, " N=", N, " K=", K);
-    at::Tensor workspace =
-        at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))}, x.options().dtype(at::kByte));
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    TORCH_CHECK(gemm.initialize(args, workspace.data_ptr(), stream) == cutlass::Status::kSuccess,
-                "fastenc ffn: CUTLASS sm90 GEMM initialize failed");
-    TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess, "fastenc ffn: CUTLASS sm90 GEMM launch failed");
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cutlass::Status st = gemm.can_implement(args);
+    if (st != cutlass::Status::kSuccess) return {"can_implement", cutlass::cutlassGetStatusString(st)};
+    st = gemm.initialize(args, workspace, stream);
+    if (st != cutlass::Status::kSuccess) return {"initialize", cutlass::cutlassGetStatusString(st)};
+    st = gemm.run(stream);
+    if (st != cutlass::Status::kSuccess) return {"run", cutlass::cutlassGetStatusString(st)};
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return {"launch", cudaGetErrorString(err)};
+    return {};
   }
 };
 

@@ -3,9 +3,15 @@
 
 namespace fastenc {
 
-void sm90_linear_bias_gelu_aux_bf16(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                                    const at::Tensor& h, const at::Tensor& pre) {
-  Sm90LinearBiasGelu<cutlass::bfloat16_t, true>::run(x, w1, b1, h, pre);
+using Sm90GeluAuxBf16 = Sm90LinearBiasGelu<cutlass::bfloat16_t, true>;
+
+size_t sm90_linear_bias_gelu_aux_bf16_workspace_size(const Sm90GemmArgs& args) {
+  return Sm90GeluAuxBf16::workspace_size(args);
+}
+
+Sm90Status sm90_linear_bias_gelu_aux_bf16(const Sm90GemmArgs& args, void* workspace, size_t workspace_bytes,
+                                          cudaStream_t stream) {
+  return Sm90GeluAuxBf16::run(args, workspace, workspace_bytes, stream);
 }
 
 }  // namespace fastenc
