@@ -110,17 +110,56 @@ def test_parity(dtype, hidden, rows, prenorm, branch, branch_bias, weight, bias)
     _check_parity(t, prenorm=prenorm)
 
 
+class _NotLaunched:
+    """Stands in for a kernel that the chosen path must not launch."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} was launched")
+
+
+# (hidden, prenorm, branch, param_dtype): 4096 < N <= 8192 without dropout
+WHOLE_ROW_CASES = [(8192, False, True, None), (6000, True, True, None), (5000, False, False, None),
+                   (7000, False, True, torch.float32)]
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+@pytest.mark.parametrize("hidden,prenorm,branch,param_dtype", WHOLE_ROW_CASES)
+def test_parity_whole_row_backward_up_to_8192(dtype, hidden, prenorm, branch, param_dtype, monkeypatch):
+    """4096 < N <= 8192 without dropout, 16-bit rows: whole rows in registers, one per program
+    (the wide two-kernel path must not run); dbranch_bias from a second pass over dbranch.
+    fp32 rows take the two-kernel path."""
+    wide = dtype == torch.float32
+    unused = "_ln_bwd_kernel" if wide else "_ln_bwd_wide_kernel"
+    monkeypatch.setattr(kernels, unused, _NotLaunched(unused))
+    t = _inputs((3, hidden), dtype, branch=branch, param_dtype=param_dtype)
+    _check_parity(t, prenorm=prenorm)
+
+
+def test_parity_8192_fp32_branch_takes_two_kernels(monkeypatch):
+    """An fp32 row (here the branch of an fp16 x: dbranch written apart from dx) is too wide for
+    registers at 8192: the two-kernel backward runs."""
+    monkeypatch.setattr(kernels, "_ln_bwd_kernel", _NotLaunched("_ln_bwd_kernel"))
+    t = _inputs((2, 8192), torch.float16)
+    t["branch"] = torch.randn(2, 8192, device=DEVICE).requires_grad_()
+    _check_parity(t)
+
+
 def test_parity_hidden_16384():
     t = _inputs((2, 16384), torch.float16)
     _check_parity(t, prenorm=True)
 
 
-@pytest.mark.parametrize("prenorm", [False, True])
-def test_parity_wide_rows_with_dropout(prenorm):
-    """N > 4096 takes the two-kernel backward (column chunks + column-tiled parameter sums)."""
-    n, p = 5000, 0.2
-    t = _inputs((3, n), torch.float32)
-    keep = _replay_keep(99, (3, n), p)
+@pytest.mark.parametrize("n,prenorm", [(5000, False), (8192, True), (9000, False)])
+def test_parity_wide_rows_with_dropout(n, prenorm, monkeypatch):
+    """Dropout with N > 4096 (and every N > 8192) takes the two-kernel backward (column chunks +
+    column-tiled parameter sums)."""
+    monkeypatch.setattr(kernels, "_ln_bwd_kernel", _NotLaunched("_ln_bwd_kernel"))
+    p = 0.2
+    t = _inputs((2, n), torch.float32)
+    keep = _replay_keep(99, (2, n), p)
 
     def fast(**a):
         torch.manual_seed(99)
@@ -128,6 +167,22 @@ def test_parity_wide_rows_with_dropout(prenorm):
                                    dropout_p=p, prenorm=prenorm, backend="triton")
 
     _check_parity(t, prenorm=prenorm, dropout_p=p, keep=keep, fast=fast)
+
+
+def test_backward_path_by_hidden_size_and_dropout():
+    cfg = kernels.layer_norm_config
+    for n in (1, 384, 1000, 4096):
+        for dropout in (False, True):
+            b = cfg(n, dropout)["bwd"]
+            assert not b["wide"] and not b["dbb_pass"], (n, dropout, b)
+    for n in (4097, 6000, 8192):
+        b = cfg(n)["bwd"]
+        assert not b["wide"] and b["dbb_pass"] and b["ROWS"] == 1 and b["num_warps"] == 32, (n, b)
+        assert cfg(n, dropout=True)["bwd"]["wide"] and cfg(n, element_size=4)["bwd"]["wide"]
+    assert not cfg(4096, element_size=4)["bwd"]["wide"]
+    for n in (8193, 16384):
+        assert cfg(n)["bwd"]["wide"] and cfg(n, dropout=True)["bwd"]["wide"]
+    assert kernels.WIDE_HIDDEN == 8192
 
 
 def test_parity_leading_dims_and_odd_rows():
@@ -361,35 +416,40 @@ def test_torch_compile_fullgraph():
 
 # --------------------------------------------------------------------------- sm_90 compile check
 
+# tests/test_inspect.py compiles every shipped config in its default variant (fp16, sizes
+# without divisibility hints); this adds bf16, fp32 and the JIT's 16-divisibility hints (N % 16
+# == 0, aligned rows: vectorised loads, a different register allocation) for the kernels that
+# run at the register limit: the whole-row backward at 4096 and 8192 columns (64 registers at
+# 32 warps), its dbranch_bias pass, and the forward at 8192 and 16384.
 _SPILL_PROBE = r"""
-import json, os, re, subprocess, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from fastenc.triton_kernels.layer_norm import compile_specs
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-rows = []
-for spec in compile_specs():
-    src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        usage = subprocess.check_output([cuobjdump, "-res-usage", f.name], text=True)
-    res = {key: int(v) for key, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
-    rows.append(dict(name=spec["name"], block=int(re.search(r"BLOCK_N=(\d+)", spec["name"]).group(1)), **res))
-print(json.dumps(rows))
+import json, os, types
+from fastenc import inspect as ins
+from fastenc.triton_kernels import layer_norm as K
+hot = ("_ln_bwd_kernel", "_ln_fwd_kernel[BLOCK_N=8192,", "_ln_fwd_kernel[BLOCK_N=16384,")
+specs = [s for s in K.compile_specs(dtypes=("fp16", "bf16", "fp32"), aligned=(False, True), blocks=(4096, 8192, 16384))
+         if s["name"].endswith(("bf16]", "fp32]", "aligned]")) and (s["name"].startswith(hot) or ",dbb," in s["name"])]
+mod = types.SimpleNamespace(compile_specs=lambda: specs)
+reports = ins.inspect_triton(ins.get_arch("sm_90"), [("layer_norm", mod)], jobs=os.cpu_count())
+print(json.dumps([dict(name=r.name, regs=r.regs, spill=r.spill_bytes, warps=r.num_warps) for r in reports]))
 """
 
 
-def test_no_register_spills_sm90():
-    """Every shipped config, compiled for sm_90 (no GPU needed), uses no local memory (spills)."""
+def test_no_register_spills_sm90_bf16_fp32_aligned():
+    """The configs at the register limit, in every dtype and both alignments, compiled for sm_90
+    (no GPU needed), use no local memory (spills)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # triton.compile needs real jit functions
-    out = subprocess.run([sys.executable, "-c", _SPILL_PROBE], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", _SPILL_PROBE], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    blocks = {r["block"] for r in rows}
-    assert blocks == {2**k for k in range(4, 15)}, sorted(blocks)  # every bucket of 1..16384 columns
-    spilled = [r for r in rows if r["STACK"] or r["LOCAL"]]
-    assert not spilled, "register spills: " + "; ".join(f"{r['name']} stack={r['STACK']} local={r['LOCAL']}"
-                                                        for r in spilled)
+    names = {r["name"] for r in rows}
+    for dtype in ("fp16,aligned", "bf16", "bf16,aligned", "fp32", "fp32,aligned"):
+        expected = ["_ln_bwd_kernel[BLOCK_N=4096,postnorm", "_ln_bwd_kernel[BLOCK_N=4096,prenorm",
+                    "_ln_fwd_kernel[BLOCK_N=8192", "_ln_fwd_kernel[BLOCK_N=16384"]
+        if not dtype.startswith("fp32"):  # fp32 rows above 4096 take the two-kernel backward
+            expected += ["_ln_bwd_kernel[BLOCK_N=8192,postnorm", "_ln_bwd_kernel[BLOCK_N=8192,prenorm",
+                         "_ln_bwd_params_kernel[BLOCK_N=8192,prenorm,dbb"]
+        for name in expected:
+            assert f"{name},{dtype}]" in names, (name, dtype, sorted(names))
+    assert all(r["warps"] == 32 for r in rows if r["name"].startswith("_ln_bwd_kernel[BLOCK_N=8192"))
+    spilled = [f"{r['name']} regs={r['regs']} spill={r['spill']} B" for r in rows if r["spill"]]
+    assert not spilled, "register spills: " + "; ".join(spilled)

@@ -23,16 +23,23 @@ ops/triton/layer_norm.py; neither code is copied):
     by `dropout_keep_mask`; nothing is stored.
   * Post-norm keeps no copy of s: the backward recomputes it from x, branch and
     the seed.  With prenorm s is an output anyway and the backward reads it.
-  * Backward for N <= WIDE_HIDDEN (4096): a persistent grid; each program takes
-    whole rows, accumulates dweight, dbias and dbranch_bias over them in fp32
-    registers and writes one row of partial sums, reduced afterwards by one
-    torch sum (deterministic, no atomics).
-  * Backward for WIDE_HIDDEN < N <= MAX_HIDDEN (16384): a row plus three
-    accumulators no longer fits in registers (it spills), so two kernels run:
-    _ln_bwd_wide_kernel (one row per program, a first pass over 2048-column
-    chunks for the two row sums, a second that re-reads the row, mostly from L2,
-    for dx and dbranch) and _ln_bwd_params_kernel (column tiles over all rows,
-    re-reading s or x and branch, dy and dbranch for the parameter sums).
+  * Backward for N <= 4096: a persistent grid; each program takes whole rows,
+    accumulates dweight, dbias and dbranch_bias over them in fp32 registers and
+    writes one row of partial sums, reduced afterwards by one torch sum
+    (deterministic, no atomics).
+  * Backward for 4096 < N <= WIDE_HIDDEN (8192), 16-bit rows, no dropout: the same kernel, one
+    row per program at 32 warps (8 values per thread; 64 registers, the whole register
+    file), with dweight and dbias in registers; a third accumulator spills there, so
+    dbranch_bias (when asked for) is a column sum over the dbranch (or dx) just written,
+    by _ln_bwd_params_kernel.  With dropout the post-norm keep mask is live across the
+    row sums too and spills, as do fp32 rows: both take the two-kernel path below.
+  * Backward for WIDE_HIDDEN < N <= MAX_HIDDEN (16384), and 4096 < N <= 8192 with
+    dropout or fp32 rows: a row plus its accumulators no longer fits in registers (at 16384 even two
+    rows' worth of state, xhat and g, fill a 32-warp program's 64 registers), so two
+    kernels run: _ln_bwd_wide_kernel (one row per program, a first pass over 2048-column
+    chunks for the two row sums, a second that re-reads the row, mostly from L2, for dx
+    and dbranch) and _ln_bwd_params_kernel (column tiles over all rows, re-reading s or x
+    and branch, dy and dbranch for the parameter sums).
   * Row offsets are int64 (more than 2^31 elements); row indices are int32.
     Inputs may have arbitrary strides over two leading dims ([outer, inner, N]);
     the last dim must be unit-stride (else copied).  Outputs are contiguous.
@@ -41,18 +48,24 @@ Bytes moved per element of the [M, N] problem (e = element size; the [N] vectors
 and the 8 bytes/row of statistics are negligible):
   forward:  read x (+ branch), write y (+ s with prenorm):
             plain LayerNorm 2e, post-norm with branch 3e, prenorm 4e.
-  backward (N <= 4096): read dy, and s (prenorm) or x (+ branch) (post-norm),
-            (+ d_residual with prenorm); write dx, plus dbranch only with dropout
-            or a branch dtype unlike x's (otherwise dbranch *is* dx):
-            plain 3e, post-norm with branch 4e (5e with dropout), prenorm 4e
-            (5e with dropout), plus 3 * programs * N * 4 bytes of partial sums.
-  backward (N > 4096): the above, plus the parameter kernel's re-reads of s (or
-            x and branch), dy and dbranch: 2e to 4e more.
+  backward, whole rows (N <= 4096; N <= 8192, 16-bit, no dropout): read dy, and s
+            (prenorm) or x (+ branch) (post-norm), (+ d_residual with prenorm); write dx,
+            plus dbranch only with dropout or a branch dtype unlike x's (otherwise dbranch
+            *is* dx): plain 3e, post-norm with branch 4e (5e with dropout), prenorm 4e
+            (5e with dropout), plus 2 or 3 * programs * N * 4 bytes of partial sums;
+            for 4096 < N <= 8192 the dbranch_bias pass reads dbranch once more: + e.
+  backward, two kernels (N > 8192; N > 4096 with dropout or fp32): the above, plus the parameter
+            kernel's re-reads of s (or x and branch), dy and dbranch: 2e to 4e more
+            (plain 5e; post-norm with branch 7e, 8e with branch bias, 9e with dropout
+            too; prenorm 6e to 8e).  So at 4096 < N <= 8192 without dropout the whole-row
+            path moves 3e/5e (plain), 5e/8e (post-norm with branch bias), 5e/7e (prenorm
+            with branch bias) of what the two kernels did.
 Compute: with dropout every element costs one Philox-4x32-10 call (tl.rand) in the
 forward and again in the backward; not yet measured against the bandwidth goal.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Tuple
 
 import torch
@@ -62,33 +75,45 @@ import triton.language as tl
 Tensor = torch.Tensor
 
 MAX_HIDDEN = 16384
-WIDE_HIDDEN = 4096  # wider rows take the two-kernel backward
+WIDE_HIDDEN = 8192  # wider rows (and 4096 < N <= 8192 with dropout or fp32) take the two-kernel backward
 _MAX_ROWS = 2**31 - 2**16  # row indices are int32 inside the kernels (offsets are int64)
+_PARAMS = dict(BLOCK_C=512, ROWS=2, num_warps=4, num_stages=1, programs_per_sm=4)  # _ln_bwd_params_kernel
 
 
-def layer_norm_config(n: int) -> dict:
-    """The one launch rule, by hidden size: tile width, rows per program, warps.
+def layer_norm_config(n: int, dropout: bool = False, element_size: int = 2) -> dict:
+    """The one launch rule, by hidden size (and, for the backward, dropout and the widest
+    activation element in bytes): tiles and warps.
 
-    Forward: whole rows, at least 1K elements per tile, <= 16 values per thread.
-    Backward: whole rows with register accumulators up to WIDE_HIDDEN columns (<= 8
-    values per thread); wider rows take the two-kernel path (column chunks, then a
-    column-tiled parameter-gradient kernel), since a row plus three accumulators no
-    longer fits in registers.  No config spills on sm_90: checked by
-    tests/test_layer_norm.py::test_no_register_spills_sm90 over every bucket.
+    Forward: whole rows, at least 1K elements per tile, <= 16 values per thread up to
+    8192 columns; 32 (16 warps, 128 registers) at 16384, where 32 warps spill in bf16.
+    Backward, N <= 4096: whole rows with three register accumulators (<= 8 values per
+    thread).  4096 < N <= 8192: whole rows, one per program, 32 warps (8 values per
+    thread, 64 registers, the whole register file of an SM): dweight and dbias stay
+    in registers, dbranch_bias is summed by a second pass over dbranch (dbb_pass),
+    which spills nothing where a third accumulator did.  With dropout the keep mask
+    must also stay live across the row sums (post-norm) and that spills, and so do fp32
+    rows (post-norm without divisibility hints, Triton 3.6), so dropout, fp32 activations
+    there and all N > 8192 take the two-kernel path (column chunks, then the
+    column-tiled parameter-gradient kernel).  No config spills on sm_90 (Triton 3.6 and
+    3.8): tests/test_inspect.py compiles every bucket, and
+    tests/test_layer_norm.py::test_no_register_spills_sm90_bf16_fp32_aligned the
+    configs at the register limit in bf16, fp32 and with divisibility hints.
     """
     if not 1 <= n <= MAX_HIDDEN:
         raise ValueError(f"hidden size {n} is outside the supported range 1..{MAX_HIDDEN}")
     block_n = max(16, triton.next_power_of_2(n))
     fwd_rows = max(1, 1024 // block_n)
-    cfg = dict(BLOCK_N=block_n, fwd=dict(ROWS=fwd_rows, num_warps=min(32, max(4, fwd_rows * block_n // 512)),
+    cfg = dict(BLOCK_N=block_n, fwd=dict(ROWS=fwd_rows, num_warps=min(16, max(4, fwd_rows * block_n // 512)),
                                          num_stages=1))
-    if block_n <= WIDE_HIDDEN:
+    if block_n <= 4096:
         bwd_rows = max(1, 512 // block_n)
         cfg["bwd"] = dict(wide=False, ROWS=bwd_rows, num_warps=min(32, max(4, bwd_rows * block_n // 128)),
-                          num_stages=1, programs_per_sm=2)
+                          num_stages=1, programs_per_sm=2, dbb_pass=False)
+    elif block_n <= WIDE_HIDDEN and not dropout and element_size <= 2:
+        cfg["bwd"] = dict(wide=False, ROWS=1, num_warps=32, num_stages=1, programs_per_sm=1, dbb_pass=True,
+                          params=_PARAMS)
     else:
-        cfg["bwd"] = dict(wide=True, BLOCK_C=2048, num_warps=8, num_stages=1,
-                          params=dict(BLOCK_C=512, ROWS=2, num_warps=4, num_stages=1, programs_per_sm=4))
+        cfg["bwd"] = dict(wide=True, BLOCK_C=2048, num_warps=8, num_stages=1, params=_PARAMS)
     return cfg
 
 
@@ -114,7 +139,7 @@ def _keep_mask(seed, rows, cols, N, dropout_p):
 def _residual_sum(X, BRANCH, BRANCH_BIAS, rows, cols, mask, keep, N, INNER, stride_x_outer, stride_x_inner,
                   stride_br_outer, stride_br_inner, dropout_scale, HAS_BRANCH: tl.constexpr,
                   HAS_BRANCH_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """s = x + dropout(branch + branch_bias) in fp32 on a [rows, cols] tile, 0 outside mask."""
+    """s = x + dropout(branch + branch_bias) in fp32 on a [rows, cols] tile, 0 in columns >= N."""
     s = tl.load(_row_ptrs(X, rows, cols, INNER, stride_x_outer, stride_x_inner), mask=mask, other=0.0)
     s = s.to(tl.float32)
     if HAS_BRANCH:
@@ -124,7 +149,7 @@ def _residual_sum(X, BRANCH, BRANCH_BIAS, rows, cols, mask, keep, N, INNER, stri
             h += tl.load(BRANCH_BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if HAS_DROPOUT:
             h = tl.where(keep, h * dropout_scale, 0.0)
-        s = tl.where(mask, s + h, 0.0)
+        s += h  # 0 outside mask for rows < M (masked loads); rows >= M are never stored
     return s
 
 
@@ -200,9 +225,10 @@ def _ln_bwd_tile(
     RECOMPUTE: tl.constexpr,
 ):
     """(xhat, dy, g = dy * weight, keep, rstd) on a [rows, cols] tile; s recomputed (RECOMPUTE)
-    exactly as in the forward, or read back from RESID."""
+    exactly as in the forward, or read back from RESID.  keep is drawn here only to recompute
+    s; otherwise it is `mask` and the caller draws it when it needs it (_late_keep)."""
     keep = mask
-    if HAS_DROPOUT:
+    if HAS_DROPOUT and RECOMPUTE:
         keep = _keep_mask(seed, rows, cols, N, dropout_p)
     if RECOMPUTE:
         s = _residual_sum(X, BRANCH, BRANCH_BIAS, rows, cols, mask, keep, N, INNER, stride_x_outer,
@@ -213,14 +239,31 @@ def _ln_bwd_tile(
         s = s.to(tl.float32)
     mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-    xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+    # Outside mask xhat is finite but not 0: dy = g = 0 there, so no sum sees it.
+    xhat = (s - mean[:, None]) * rstd[:, None]
+    dy, g = _load_dy(DY, W, rows, cols, mask, N, INNER, stride_dy_outer, stride_dy_inner, HAS_W)
+    return xhat, dy, g, keep, rstd
+
+
+@triton.jit
+def _load_dy(DY, W, rows, cols, mask, N, INNER, stride_dy_outer, stride_dy_inner, HAS_W: tl.constexpr):
+    """(dy, g = dy * weight) in fp32 on a [rows, cols] tile."""
     dy = tl.load(_row_ptrs(DY, rows, cols, INNER, stride_dy_outer, stride_dy_inner), mask=mask, other=0.0)
     dy = dy.to(tl.float32)
     if HAS_W:
         g = dy * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     else:
         g = dy
-    return xhat, dy, g, keep, rstd
+    return dy, g
+
+
+@triton.jit
+def _late_keep(keep, seed, rows, cols, N, dropout_p, HAS_DROPOUT: tl.constexpr, RECOMPUTE: tl.constexpr):
+    """The keep mask for dbranch: drawn after the row sums when _ln_bwd_tile did not need it, so
+    it is not live (in registers) across them."""
+    if HAS_DROPOUT and not RECOMPUTE:
+        keep = _keep_mask(seed, rows, cols, N, dropout_p)
+    return keep
 
 
 @triton.jit
@@ -286,7 +329,8 @@ def _ln_bwd_kernel(
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    """Whole rows in registers (N <= 4096): dx, dbranch and per-program parameter-gradient sums."""
+    """Whole rows in registers (N <= 4096; N <= 8192 for 16-bit rows without dropout): dx,
+    dbranch and per-program parameter-gradient sums."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     seed = 0
@@ -304,25 +348,34 @@ def _ln_bwd_kernel(
             X, BRANCH, BRANCH_BIAS, RESID, W, MEAN, RSTD, DY, seed, rows, cols, row_ok, mask, N, INNER,
             stride_x_outer, stride_x_inner, stride_br_outer, stride_br_inner, stride_dy_outer, stride_dy_inner,
             dropout_p, dropout_scale, HAS_BRANCH, HAS_BRANCH_BIAS, HAS_DROPOUT, HAS_W, RECOMPUTE)
-        c1 = tl.sum(xhat * g, axis=1) / N
-        c2 = tl.sum(g, axis=1) / N
-        ds = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        dh = _ln_bwd_store(DX, DBRANCH, DRESID, ds, keep, rows, cols, mask, N, INNER, stride_dres_outer,
-                           stride_dres_inner, dropout_scale, HAS_DROPOUT, HAS_DRESID, STORE_DBRANCH)
         if COMPUTE_DW:
             dw += dy * xhat
         if COMPUTE_DB:
             db += dy
+        c1 = tl.sum(xhat * g, axis=1) / N
+        c2 = tl.sum(g, axis=1) / N
+        ds = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        keep = _late_keep(keep, seed, rows, cols, N, dropout_p, HAS_DROPOUT, RECOMPUTE)
+        dh = _ln_bwd_store(DX, DBRANCH, DRESID, ds, keep, rows, cols, mask, N, INNER, stride_dres_outer,
+                           stride_dres_inner, dropout_scale, HAS_DROPOUT, HAS_DRESID, STORE_DBRANCH)
         if COMPUTE_DBB:
             dbb += dh
 
-    part = pid * N + cols
     if COMPUTE_DW:
-        tl.store(DW_PART + part, tl.sum(dw, axis=0), mask=cols < N)
+        _store_partial(DW_PART, pid, dw, cols, N, ROWS)
     if COMPUTE_DB:
-        tl.store(DB_PART + part, tl.sum(db, axis=0), mask=cols < N)
+        _store_partial(DB_PART, pid, db, cols, N, ROWS)
     if COMPUTE_DBB:
-        tl.store(DBB_PART + part, tl.sum(dbb, axis=0), mask=cols < N)
+        _store_partial(DBB_PART, pid, dbb, cols, N, ROWS)
+
+
+@triton.jit
+def _store_partial(PART, pid, acc, cols, N, ROWS: tl.constexpr):
+    """Row pid of a [programs, N] partial-sum buffer: the column sums of acc [ROWS, BLOCK_N]."""
+    if ROWS == 1:  # stored as it is: no sum over rows, nor the layout change (through shared memory) it needs
+        tl.store(PART + pid * N + cols[None, :], acc, mask=(cols < N)[None, :])
+    else:
+        tl.store(PART + pid * N + cols, tl.sum(acc, axis=0), mask=cols < N)
 
 
 @triton.jit
@@ -350,9 +403,9 @@ def _ln_bwd_wide_kernel(
     STORE_DBRANCH: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Rows too wide for registers (N > 4096): one row per program in BLOCK_C-column chunks,
-    a first pass for the two row sums and a second (re-reading the row, from L2) for dx and
-    dbranch.  Parameter gradients come from _ln_bwd_params_kernel."""
+    """Rows too wide for registers (N > 8192; N > 4096 with dropout or fp32): one row per program in
+    BLOCK_C-column chunks, a first pass for the two row sums and a second (re-reading the row,
+    from L2) for dx and dbranch.  Parameter gradients come from _ln_bwd_params_kernel."""
     rows = tl.program_id(0) + tl.arange(0, 1)
     row_ok = rows < M
     seed = 0
@@ -379,6 +432,7 @@ def _ln_bwd_wide_kernel(
             stride_x_outer, stride_x_inner, stride_br_outer, stride_br_inner, stride_dy_outer, stride_dy_inner,
             dropout_p, dropout_scale, HAS_BRANCH, HAS_BRANCH_BIAS, HAS_DROPOUT, HAS_W, RECOMPUTE)
         ds = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        keep = _late_keep(keep, seed, rows, cols, N, dropout_p, HAS_DROPOUT, RECOMPUTE)
         _ln_bwd_store(DX, DBRANCH, DRESID, ds, keep, rows, cols, mask, N, INNER, stride_dres_outer,
                       stride_dres_inner, dropout_scale, HAS_DROPOUT, HAS_DRESID, STORE_DBRANCH)
 
@@ -410,9 +464,10 @@ def _ln_bwd_params_kernel(
     BLOCK_C: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    """Column-tiled sums over rows for wide rows: dweight = sum dy * xhat, dbias = sum dy,
-    dbranch_bias = sum dbranch.  Grid (column tiles, row programs); re-reads s (or x,
-    branch) and dy, which is the price of rows that do not fit in registers."""
+    """Column-tiled sums over rows: dweight = sum dy * xhat, dbias = sum dy, dbranch_bias =
+    sum dbranch (all after the wide kernel; dbranch_bias alone after _ln_bwd_kernel at
+    N > 4096).  Grid (column tiles, row programs); re-reads s (or x, branch) and dy, which
+    is the price of rows that do not fit in registers."""
     pid_r = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     seed = 0
@@ -599,12 +654,13 @@ def residual_layer_norm_bwd(
     parameter gradients are None.
     """
     n = dy.shape[-1]
-    cfg = layer_norm_config(n)
+    has_dropout = has_branch and dropout_p > 0.0
     recompute = resid is None
     ref = resid if resid is not None else x
     if ref is None:
         raise ValueError("the backward needs either the saved residual or x")
-    has_dropout = has_branch and dropout_p > 0.0
+    loaded = (dy, ref, dresid, branch if recompute else None)
+    cfg = layer_norm_config(n, dropout=has_dropout, element_size=max(t.element_size() for t in loaded if t is not None))
     branch_dtype = branch_dtype or (branch.dtype if branch is not None else ref.dtype)
     store_dbranch = has_branch and (has_dropout or branch_dtype != ref.dtype)
     need_dweight = need_dweight and weight is not None
@@ -623,28 +679,34 @@ def residual_layer_norm_bwd(
                   HAS_DROPOUT=has_dropout, RECOMPUTE=recompute)
     pointers = (x3, br3, branch_bias if (recompute and branch_bias is not None) else dy3, res2)
     seed_arg = seed if has_dropout else dy3
+    # Which parameter sums the whole-row kernel keeps in registers and which the column-tiled
+    # _ln_bwd_params_kernel makes (all of them after the wide kernel, dbranch_bias alone after
+    # a whole-row kernel too tight in registers for a third accumulator).
+    needs = dict(COMPUTE_DW=need_dweight, COMPUTE_DB=need_dbias, COMPUTE_DBB=need_dbranch_bias)
+    in_rows = {k: v and not b["wide"] and not (k == "COMPUTE_DBB" and b["dbb_pass"]) for k, v in needs.items()}
+    in_cols = {k: v and not in_rows[k] for k, v in needs.items()}
     if not b["wide"]:
         tiles = triton.cdiv(m, b["ROWS"])
         programs = _num_programs(dy.device, tiles, b["programs_per_sm"])
-    else:
+    if any(in_cols.values()):
         p = b["params"]
-        tiles = triton.cdiv(m, p["ROWS"])
+        tiles_p = triton.cdiv(m, p["ROWS"])
         col_tiles = triton.cdiv(n, p["BLOCK_C"])
-        programs = max(1, min(tiles, _num_programs(dy.device, tiles, p["programs_per_sm"]) // col_tiles))
+        programs_p = max(1, min(tiles_p, _num_programs(dy.device, tiles_p, p["programs_per_sm"]) // col_tiles))
     dw_part, db_part, dbb_part = (
-        torch.empty((programs, n), dtype=torch.float32, device=dy.device) if need else None
-        for need in (need_dweight, need_dbias, need_dbranch_bias)
+        torch.empty((programs if in_rows[k] else programs_p, n), dtype=torch.float32, device=dy.device)
+        if needs[k] else None
+        for k in ("COMPUTE_DW", "COMPUTE_DB", "COMPUTE_DBB")
     )
     parts = tuple(t if t is not None else mean for t in (dw_part, db_part, dbb_part))
-    need = dict(COMPUTE_DW=need_dweight, COMPUTE_DB=need_dbias, COMPUTE_DBB=need_dbranch_bias)
     if m > 0 and not b["wide"]:
         _ln_bwd_kernel[(programs,)](
             *pointers, weight if weight is not None else dy3, seed_arg, mean, rstd, dy3, dres3,
             dx, dbranch if dbranch is not None else dx, *parts,
             m, n, dy3.shape[1], *_strides(x3), *_strides(br3), *_strides(dy3), *_strides(dres3),
             dropout_p, _dropout_scale(dropout_p), triton.cdiv(tiles, programs),
-            HAS_W=weight is not None, HAS_DRESID=dresid is not None, STORE_DBRANCH=store_dbranch, **common, **need,
-            BLOCK_N=cfg["BLOCK_N"], ROWS=b["ROWS"], num_warps=b["num_warps"], num_stages=b["num_stages"],
+            HAS_W=weight is not None, HAS_DRESID=dresid is not None, STORE_DBRANCH=store_dbranch, **common,
+            **in_rows, BLOCK_N=cfg["BLOCK_N"], ROWS=b["ROWS"], num_warps=b["num_warps"], num_stages=b["num_stages"],
         )
     elif m > 0:
         _ln_bwd_wide_kernel[(m,)](
@@ -655,13 +717,13 @@ def residual_layer_norm_bwd(
             HAS_W=weight is not None, HAS_DRESID=dresid is not None, STORE_DBRANCH=store_dbranch, **common,
             BLOCK_C=b["BLOCK_C"], num_warps=b["num_warps"], num_stages=b["num_stages"],
         )
-        if need_dweight or need_dbias or need_dbranch_bias:
-            _ln_bwd_params_kernel[(col_tiles, programs)](
-                *pointers, seed_arg, mean, rstd, dy3, dbranch if dbranch is not None else dx, *parts,
-                m, n, dy3.shape[1], *_strides(x3), *_strides(br3), *_strides(dy3),
-                dropout_p, _dropout_scale(dropout_p), triton.cdiv(tiles, programs), **common, **need,
-                BLOCK_C=p["BLOCK_C"], ROWS=p["ROWS"], num_warps=p["num_warps"], num_stages=p["num_stages"],
-            )
+    if m > 0 and any(in_cols.values()):
+        _ln_bwd_params_kernel[(col_tiles, programs_p)](
+            *pointers, seed_arg, mean, rstd, dy3, dbranch if dbranch is not None else dx, *parts,
+            m, n, dy3.shape[1], *_strides(x3), *_strides(br3), *_strides(dy3),
+            dropout_p, _dropout_scale(dropout_p), triton.cdiv(tiles_p, programs_p), **common, **in_cols,
+            BLOCK_C=p["BLOCK_C"], ROWS=p["ROWS"], num_warps=p["num_warps"], num_stages=p["num_stages"],
+        )
 
     def reduce(partial: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
         """The one deterministic reduction of the per-program partial sums."""
@@ -700,8 +762,8 @@ _STRIDES = {"stride_x_outer": "i64", "stride_x_inner": "i32", "stride_br_outer":
             "stride_dres_inner": "i32"}
 
 
-def _signature(fn, constexprs: dict) -> dict:
-    """Argument types of the heaviest instance: fp16 activations, fp32 parameters, unaligned sizes."""
+def _signature(fn, constexprs: dict, dtype: str = "fp16") -> dict:
+    """Argument types: activations in ``dtype``, fp32 parameters, statistics and partial sums."""
     types = {"SEED": "*i64", "MEAN": "*fp32", "RSTD": "*fp32", "W": "*fp32", "B": "*fp32", "M": "i32", "N": "i32",
              "INNER": "i32", "eps": "fp32", "dropout_p": "fp32", "dropout_scale": "fp32",
              "tiles_per_program": "i32", **_STRIDES}
@@ -712,44 +774,71 @@ def _signature(fn, constexprs: dict) -> dict:
         elif arg in types:
             sig[arg] = types[arg]
         else:
-            sig[arg] = "*fp32" if arg.endswith("_PART") else "*fp16"
+            sig[arg] = "*fp32" if arg.endswith("_PART") else f"*{dtype}"
     return sig
 
 
-def compile_specs() -> list:
+def _aligned_attrs(fn, signature: dict) -> dict:
+    """The hints the JIT adds for 16-byte aligned pointers and sizes and strides divisible by 16
+    (contiguous rows with N % 16 == 0): vectorised loads, a different register allocation."""
+    names = list(fn.arg_names)
+    return {(names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items()
+            if t.startswith("*") or a == "N" or a.startswith("stride")}
+
+
+def compile_specs(dtypes=("fp16",), aligned=(False,), blocks=None) -> list:
     """One entry per shipped config of each hot kernel (per hidden-size bucket), for triton.compile.
 
-    The flags are the heaviest variant (branch, branch bias, dropout, weight, bias,
-    prenorm or post-norm recompute), which bounds register use; sizes carry no
-    divisibility hints (as for N = 1000).  ``fn`` is the @triton.jit function; under
-    TRITON_INTERPRET=1 it is an interpreter wrapper that triton.compile cannot take,
-    so compile in a process without that variable.
+    The flags are the heaviest variant each config runs (branch, branch bias, dropout,
+    weight, bias, prenorm or post-norm recompute), which bounds register use.  By default
+    fp16 activations and sizes without divisibility hints (as for N = 1000), over every
+    bucket (what `python -m fastenc inspect` compiles); ``dtypes`` ("fp16", "bf16",
+    "fp32"), ``aligned`` (False: no hints, True: the JIT's 16-divisibility hints) and
+    ``blocks`` (BLOCK_N buckets) widen or narrow the sweep.  ``fn`` is the @triton.jit
+    function; under TRITON_INTERPRET=1 it is an interpreter wrapper that triton.compile
+    cannot take, so compile in a process without that variable.
     """
     specs = []
+    variant = dict(dtype="fp16", aligned=False)
 
     def add(name, fn, constexprs, launch):
-        specs.append(dict(name=name, fn=fn, signature=_signature(fn, constexprs), constexprs=constexprs,
-                          num_warps=launch["num_warps"], num_stages=launch["num_stages"], hot=True))
+        sig = _signature(fn, constexprs, variant["dtype"])
+        tag = "" if (variant["dtype"], variant["aligned"]) == ("fp16", False) else (
+            f",{variant['dtype']}" + (",aligned" if variant["aligned"] else ""))
+        spec = dict(name=f"{name[:-1]}{tag}]", fn=fn, signature=sig, constexprs=constexprs,
+                    num_warps=launch["num_warps"], num_stages=launch["num_stages"], hot=True)
+        if variant["aligned"]:
+            spec["attrs"] = _aligned_attrs(fn, sig)
+        specs.append(spec)
 
     feats = dict(HAS_BRANCH=True, HAS_BRANCH_BIAS=True, HAS_DROPOUT=True)
-    block = 16
-    while block <= triton.next_power_of_2(MAX_HIDDEN):
-        cfg = layer_norm_config(block)
-        f, b = cfg["fwd"], cfg["bwd"]
+    all_blocks = [2**k for k in range(4, MAX_HIDDEN.bit_length())]
+    for block, dtype, align in itertools.product(blocks or all_blocks, dtypes, aligned):
+        variant.update(dtype=dtype, aligned=align)
+        f = layer_norm_config(block)["fwd"]
         add(f"_ln_fwd_kernel[BLOCK_N={block}]", _ln_fwd_kernel,
             dict(feats, HAS_W=True, HAS_B=True, STORE_RESID=True, BLOCK_N=block, ROWS=f["ROWS"]), f)
-        for recompute in (True, False):
-            mode = "postnorm" if recompute else "prenorm"
-            flags = dict(feats, HAS_W=True, RECOMPUTE=recompute, HAS_DRESID=not recompute, STORE_DBRANCH=True)
-            if not b["wide"]:
-                add(f"_ln_bwd_kernel[BLOCK_N={block},{mode}]", _ln_bwd_kernel,
-                    dict(flags, COMPUTE_DW=True, COMPUTE_DB=True, COMPUTE_DBB=True, BLOCK_N=block, ROWS=b["ROWS"]), b)
-            else:
-                add(f"_ln_bwd_wide_kernel[BLOCK_N={block},{mode}]", _ln_bwd_wide_kernel,
-                    dict(flags, BLOCK_C=b["BLOCK_C"]), b)
-                p = b["params"]
-                add(f"_ln_bwd_params_kernel[BLOCK_N={block},{mode}]", _ln_bwd_params_kernel,
-                    dict(feats, RECOMPUTE=recompute, COMPUTE_DW=True, COMPUTE_DB=True, COMPUTE_DBB=True,
-                         BLOCK_C=p["BLOCK_C"], ROWS=p["ROWS"]), p)
-        block *= 2
+        # Each backward config once, with the heaviest flags it runs with (dropout where it takes it).
+        size = 4 if dtype == "fp32" else 2
+        bwd = {dropout: layer_norm_config(block, dropout, size)["bwd"] for dropout in (False, True)}
+        configs = {bwd[dropout]["wide"]: (dropout, bwd[dropout]) for dropout in (False, True)}
+        for dropout, b in configs.values():
+            for recompute in (True, False):
+                mode = "postnorm" if recompute else "prenorm"
+                flags = dict(feats, HAS_DROPOUT=dropout, HAS_W=True, RECOMPUTE=recompute,
+                             HAS_DRESID=not recompute, STORE_DBRANCH=True)
+                if not b["wide"]:
+                    add(f"_ln_bwd_kernel[BLOCK_N={block},{mode}]", _ln_bwd_kernel,
+                        dict(flags, COMPUTE_DW=True, COMPUTE_DB=True, COMPUTE_DBB=not b["dbb_pass"], BLOCK_N=block,
+                             ROWS=b["ROWS"]), b)
+                else:
+                    add(f"_ln_bwd_wide_kernel[BLOCK_N={block},{mode}]", _ln_bwd_wide_kernel,
+                        dict(flags, BLOCK_C=b["BLOCK_C"]), b)
+                if b["wide"] or b["dbb_pass"]:
+                    p = b["params"]
+                    sums = dict(COMPUTE_DW=b["wide"], COMPUTE_DB=b["wide"], COMPUTE_DBB=True)
+                    add(f"_ln_bwd_params_kernel[BLOCK_N={block},{mode}{'' if b['wide'] else ',dbb'}]",
+                        _ln_bwd_params_kernel,
+                        dict(feats, HAS_DROPOUT=dropout, RECOMPUTE=recompute, **sums, BLOCK_C=p["BLOCK_C"],
+                             ROWS=p["ROWS"]), p)
     return specs
