@@ -463,22 +463,33 @@ def test_torch_compile_fullgraph():
 _COMPILE_SCRIPT = """
 import os, subprocess, tempfile
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from fastenc.triton_kernels import attention as kernels
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+kernel_of = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dq_kernel": "bwd_dq", "_attn_bwd_dkdv_kernel": "bwd_dkdv"}
 for spec in kernels.compile_specs():
     src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"],
                                     attrs=spec["attrs"])
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
+        open(cubin, "wb").write(k.asm["cubin"])
+        open(ptx, "w").write(k.asm["ptx"])
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+        # Triton keeps ptxas's log only on failure (the kernel may also come from its cache): rerun ptxas
+        log = subprocess.run([knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "o")],
+                             capture_output=True, text=True, check=True).stderr
     usage = dict(kv.split(":", 1) for kv in res.split("Function", 1)[1].split("\\n", 1)[1].split())
+    ce = spec["constexprs"]
+    mask_elt = {"*u8": 1, "*fp32": 4}[spec["signature"]["Mask"]] if ce["HAS_MASK"] else 0
+    cfg = dict(BLOCK_M=ce["BLOCK_M"], BLOCK_N=ce["BLOCK_N"], num_stages=spec["num_stages"])
+    est = kernels.smem_estimate(kernel_of[spec["fn"].__name__], cfg, ce["HEAD_DIM"], 2, mask_elt)
     print(spec["name"], "HGMMA", sass.count("HGMMA"), "REG", usage["REG"], "STACK", usage["STACK"],
-          "LOCAL", usage["LOCAL"], "SHARED", k.metadata.shared, flush=True)
+          "LOCAL", usage["LOCAL"], "SHARED", k.metadata.shared, "EST", est,
+          "SERIALIZED", log.count("wgmma.mma_async instructions are serialized"), flush=True)
 """
 
 
@@ -500,7 +511,70 @@ def test_sm90_codegen_hgmma_no_spills():
         stats = dict(zip(f[1::2], f[2::2]))
         assert int(stats["HGMMA"]) > 0, f"{line}: no Hopper tensor-core instruction"
         assert int(stats["STACK"]) == 0 and int(stats["LOCAL"]) == 0, f"{line}: registers spill"
+        assert int(stats["SERIALIZED"]) == 0, f"{line}: ptxas serializes the wgmma pipeline (C7515)"
         assert int(stats["SHARED"]) <= 227 * 1024, f"{line}: shared memory over the sm_90 limit"
+        assert int(stats["SHARED"]) <= int(stats["EST"]), f"{line}: smem_estimate is not an upper bound"
+
+
+def test_compile_specs_mirror_jit_specialization():
+    # Triton's JIT turns an int argument equal to 1 into a constexpr: the unit last stride of a
+    # contiguous key padding mask / attn_mask.  The specs must compile that kernel, not a generic one.
+    for spec in kernels.compile_specs():
+        ce = spec["constexprs"]
+        unit = "stride_mn" if ce["HAS_MASK"] else "stride_pn"
+        assert ce.get(unit) == 1 and spec["signature"][unit] == "constexpr", spec["name"]
+
+
+@pytest.mark.parametrize("smem_limit", [99 * 1024, 163 * 1024, 227 * 1024])
+def test_launch_config_fits_shared_memory(smem_limit):
+    # sm_86/89/120 allow ~99 KB per block, A100 163 KB, H100/H200 227 KB: shipped tiles must shrink to fit.
+    for arch in ((8, 0), (8, 6), (9, 0), (12, 0)):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for kernel in kernels.KERNELS:
+                for head_dim in (8, 64, 80, 96, 128, 256):
+                    for mask_elt in (0, 1, 2, 4):
+                        cfg = kernels.launch_config(kernel, head_dim, 512, dtype, arch, masked=mask_elt > 0,
+                                                    smem_limit=smem_limit, mask_elt=mask_elt)
+                        elt = torch.empty((), dtype=dtype).element_size()
+                        assert kernels.smem_estimate(kernel, cfg, head_dim, elt, mask_elt) <= smem_limit
+                        assert min(cfg["BLOCK_M"], cfg["BLOCK_N"]) >= 16 and cfg["num_stages"] >= 1
+    h200 = kernels.launch_config("fwd", 128, 512, torch.float16, (9, 0), smem_limit=227 * 1024, mask_elt=0)
+    assert h200 == kernels.launch_config("fwd", 128, 512, torch.float16, (9, 0)), "H200 keeps the table's tile"
+    with pytest.raises(ValueError, match="fits in"):
+        kernels.launch_config("fwd", 256, 512, torch.float32, (9, 0), smem_limit=8 * 1024)
+
+
+class _ShrunkAttention(torch.autograd.Function):
+    """The kernels through explicit launch configs (the op picks its own)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kpm, config):
+        out, lse = kernels.attention_forward(q, k, v, key_padding_mask=kpm, config=config)
+        ctx.save_for_backward(q, k, v, out, lse, kpm)
+        ctx.config = config
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, kpm = ctx.saved_tensors
+        dq, dk, dv = kernels.attention_backward(dout, q, k, v, out, lse, key_padding_mask=kpm,
+                                                config_dq=ctx.config, config_dkdv=ctx.config)
+        return dq, dk, dv, None, None
+
+
+@pytest.mark.parametrize("config", [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+                                    dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1)])
+def test_shrunk_tiles_parity(config):
+    # The smallest tiles _fit_smem can pick still give the same attention (forward and backward).
+    B, L, S, H, D = 1, 37, 29, 2, 96
+    q, k, v = _rand(B, L, H, D), _rand(B, S, H, D), _rand(B, S, H, D)
+    kpm = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
+    kpm[0, 20:] = True
+    _check_parity(
+        lambda q, k, v: _ShrunkAttention.apply(q, k, v, kpm, config),
+        lambda q, k, v, upcast: reference.attention(q, k, v, key_padding_mask=kpm, upcast=upcast),
+        [q, k, v], name=f"tiles {config}",
+    )
 
 
 def test_backend_report_mentions_attention():

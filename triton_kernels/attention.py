@@ -20,9 +20,13 @@ are skipped; padded keys in between are masked elementwise.  attn_mask gets no g
 Dropout: one Philox draw per (seed, b·H + h, query, key); the backward replays it; ``dropout_keep_mask``
 materialises the same keep mask for tests.
 Limits: head dim 8..256 in steps of 8, padded to the next power of two inside the kernel (hd 80/96
-pay for 128).  fp32 inputs use IEEE fp32 dots (exact parity with torch fp32, no TF32 speed); fp16/bf16
-multiply on tensor cores with fp32 accumulation.  Offsets that can pass 2^31 elements (batch, head,
-sequence start) are computed in int64.  One program per (query or key block, b·h) on grid axis 0.
+pay for 128; the padded columns load as 0).  fp32 inputs use IEEE fp32 dots (exact parity with torch
+fp32, no TF32 speed) on small tiles; fp16/bf16 multiply on tensor cores with fp32 accumulation.
+Tiles come from fixed per-arch tables (no autotuning), shrunk to the device's shared memory per block.
+On sm_90 every shipped config compiles to async wgmma (HGMMA) with no spills and no ptxas C7515
+"wgmma serialized" warning (Triton 3.6 and 3.8); tests/test_attention.py checks all three.
+Offsets that can pass 2^31 elements (batch, head, sequence start) are computed in int64.  One
+program per (query or key block, b·h) on grid axis 0.
 """
 from __future__ import annotations
 
@@ -62,34 +66,80 @@ _SM80_CONFIGS = {
     ("bwd_dkdv", 64): (32, 128, 8, 1), ("bwd_dkdv", 128): (64, 64, 8, 1), ("bwd_dkdv", 256): (16, 64, 8, 1),
 }
 KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+# fp32 (IEEE FMA dots, both operands in registers): 64x32 tiles on 4 warps spilled on sm_90 at every
+# head dim (up to 6 KB of stack per thread at 128); these compile with no spills on sm_90.
+_FP32_CONFIGS = {64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 2)}
 
 
 def _bucket(head_dim: int) -> int:
     return max(64, triton.next_power_of_2(head_dim))
 
 
+def smem_estimate(kernel: str, cfg: dict, head_dim: int, elt: int, mask_elt: int = 0) -> int:
+    """Upper bound of a config's shared memory in bytes (what Triton's pipeliner allocates).
+
+    The resident tile (q; q and dO; k and v) once, the two streamed tiles and the attn_mask tile
+    (mask_elt bytes per element, 0 = none) once per stage, and the dK/dV kernel's two fp32 row
+    statistics per stage.  tests/test_attention.py checks it against the compiled sm_90 kernels.
+    """
+    d = max(16, triton.next_power_of_2(head_dim))
+    bm, bn, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"]
+    if kernel == "fwd":
+        resident, streamed, stats = bm * d, 2 * bn * d, 0
+    elif kernel == "bwd_dq":
+        resident, streamed, stats = 2 * bm * d, 2 * bn * d, 0
+    else:
+        resident, streamed, stats = 2 * bn * d, 2 * bm * d, 8 * bm
+    return elt * resident + stages * (elt * streamed + bm * bn * mask_elt + stats)
+
+
+def _fit_smem(kernel: str, cfg: dict, head_dim: int, elt: int, mask_elt: int, smem_limit: int) -> dict:
+    """Shrink a config until smem_estimate fits (GPUs with ~100 KB per block: sm_86/89/120):
+    fewer stages first, then the streamed tile, then the resident one (never below 16)."""
+    cfg = dict(cfg)
+    stream = "BLOCK_M" if kernel == "bwd_dkdv" else "BLOCK_N"
+    resident = "BLOCK_N" if kernel == "bwd_dkdv" else "BLOCK_M"
+    while smem_estimate(kernel, cfg, head_dim, elt, mask_elt) > smem_limit:
+        if cfg["num_stages"] > 1:
+            cfg["num_stages"] -= 1
+        elif cfg[stream] > 16:
+            cfg[stream] //= 2
+        elif cfg[resident] > 16:
+            cfg[resident] //= 2
+        else:
+            raise ValueError(f"attention kernel {kernel}: no tile for head dim {head_dim} fits in "
+                             f"{smem_limit} bytes of shared memory")
+    return cfg
+
+
 def launch_config(kernel: str, head_dim: int, seqlen_q: int, dtype: torch.dtype, arch: Optional[Tuple[int, int]],
-                  masked: bool = False):
+                  masked: bool = False, smem_limit: Optional[int] = None, mask_elt: int = 0):
     """Block sizes, warps and stages of one kernel ("fwd", "bwd_dq", "bwd_dkdv") for a call.
 
     arch: (major, minor) compute capability, or None under the Triton interpreter (CPU), where
     small tiles make the tests cross many block boundaries.  masked: an attn_mask is streamed;
     the forward then halves its key tile at head dim > 64 (the mask tile's registers would spill).
-    fp32 runs IEEE FMA dots on small tiles: exact but slow (it spills at head dim >= 128 on
-    sm_90); fp16/bf16 is the fast path.
+    smem_limit: the device's opt-in shared memory per block in bytes, which the launchers pass
+    (None: no check); a config over it shrinks (_fit_smem).  No H200 config shrinks (largest
+    estimate 192 KB of 227 KB); mask_elt: bytes per attn_mask element (0 = no attn_mask).
+    fp32 runs IEEE FMA dots on small tiles: exact but slow; fp16/bf16 is the fast path.
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
     if arch is None:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    table = _SM90_CONFIGS if arch[0] >= 9 else _SM80_CONFIGS
-    name = "fwd_short" if kernel == "fwd" and seqlen_q <= 64 else kernel
-    bm, bn, warps, stages = table[(name, _bucket(head_dim))]
-    if masked and kernel == "fwd" and _bucket(head_dim) > 64:
-        bn //= 2
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        bm, bn, warps, stages = _FP32_CONFIGS[_bucket(head_dim)]
+    else:
+        table = _SM90_CONFIGS if arch[0] >= 9 else _SM80_CONFIGS
+        name = "fwd_short" if kernel == "fwd" and seqlen_q <= 64 else kernel
+        bm, bn, warps, stages = table[(name, _bucket(head_dim))]
+        if masked and kernel == "fwd" and _bucket(head_dim) > 64:
+            bn //= 2
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    if smem_limit is not None:
+        cfg = _fit_smem(kernel, cfg, head_dim, torch.empty((), dtype=dtype).element_size(), mask_elt, smem_limit)
+    return cfg
 
 
 def _grid(num_blocks: int, batch_heads: int) -> Tuple[int]:
@@ -475,6 +525,18 @@ def _arch(t: Tensor) -> Optional[Tuple[int, int]]:
     return torch.cuda.get_device_capability(t.device) if t.is_cuda else None
 
 
+def _smem_limit(t: Tensor) -> Optional[int]:
+    """Opt-in shared memory per block of t's GPU (227 KB on H100/H200, ~99 KB on sm_86/89/120)."""
+    if not t.is_cuda:
+        return None
+    return getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_block_optin", None)
+
+
+def _config(kernel: str, t: Tensor, head_dim: int, seqlen_q: int, mask: Optional[Tensor]) -> dict:
+    return launch_config(kernel, head_dim, seqlen_q, t.dtype, _arch(t), masked=mask is not None,
+                         smem_limit=_smem_limit(t), mask_elt=0 if mask is None else mask.element_size())
+
+
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -581,7 +643,7 @@ def attention_forward(
         raise ValueError("attention kernel: dropout_p > 0 needs a seed tensor")
     mask, kpm, mask_args, kpm_args, kv_range = _prepare_masks(attn_mask, key_padding_mask, dummy)
     flags = _flags(q, mask, kpm, is_causal, varlen, dropout_p, D)
-    cfg = dict(config or launch_config("fwd", D, L, q.dtype, _arch(q), masked=mask is not None))
+    cfg = dict(config or _config("fwd", q, D, L, mask))
     num_m = triton.cdiv(L, cfg["BLOCK_M"])
     _attn_fwd_kernel[_grid(num_m, B * H)](
         q, k, v, out, lse, mask_args[0], kpm_args[0], kv_range,
@@ -636,7 +698,7 @@ def attention_backward(
     common = (*mask_args[1:], *kpm_args[1:])
     tail = (scale, float(dropout_p), _drop_scale(dropout_p))
 
-    cfg = dict(config_dq or launch_config("bwd_dq", D, L, q.dtype, _arch(q)))
+    cfg = dict(config_dq or _config("bwd_dq", q, D, L, mask))
     num_m = triton.cdiv(L, cfg["BLOCK_M"])
     _attn_bwd_dq_kernel[_grid(num_m, B * H)](
         q, k, v, out, dout, dq, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed,
@@ -644,7 +706,7 @@ def attention_backward(
         *_head_strides(out, varlen), *_head_strides(dout, varlen), *_head_strides(dq, varlen),
         *stride_l, *common, H, L, S, num_m, *tail, **flags, **cfg,
     )
-    cfg = dict(config_dkdv or launch_config("bwd_dkdv", D, L, q.dtype, _arch(q)))
+    cfg = dict(config_dkdv or _config("bwd_dkdv", q, D, L, mask))
     num_n = triton.cdiv(S, cfg["BLOCK_N"])
     _attn_bwd_dkdv_kernel[_grid(num_n, B * H)](
         q, k, v, dout, dk, dv, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed,
@@ -682,46 +744,53 @@ _TENSOR_ARGS = ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")
 def compile_specs(dtype: str = "fp16", arch: Tuple[int, int] = (9, 0)):
     """One entry per shipped config of each kernel, for ``triton.compile(ASTSource(...))``.
 
-    Hot variant (``hot=True``): dense BERT-style attention with a boolean key padding mask, no
-    causal, no dropout, at the largest head dim of each config bucket (64, 128, 256).  The forward's
-    attn_mask configs (narrower key tile) come as ``hot=False`` entries with a boolean attn_mask.
-    Pointers to q/k/v/out are ``*{dtype}``; strides i32.  ``attrs`` holds the 16-divisibility that
-    Triton's JIT infers at launch for aligned pointers and q/k/v/out strides (hidden size a multiple
-    of 16): pass it as ``ASTSource(..., attrs=spec["attrs"])``; without it loads are not vectorised
-    and kernels spill.
+    Each spec is the kernel Triton's JIT builds for a BERT-style launch (B=2, L=S=512, H=12,
+    contiguous masks): integer arguments equal to 1 (the unit last stride of a key padding mask or
+    an attn_mask) become constexprs, and pointers, strides and L/S that are multiples of 16 carry
+    ``tt.divisibility`` in ``attrs`` (pass ``ASTSource(..., attrs=spec["attrs"])``; without it the
+    loads are not vectorised and the registers differ from what runs).
+    Hot variant (``hot=True``): boolean key padding mask, no causal, no dropout, at the largest head
+    dim of each config bucket (64, 128, 256).  ``hot=False``: the forward's attn_mask configs (a
+    narrower key tile) with a boolean mask, and float (fp32) masks where shared memory peaks.
     """
     fns = {"fwd": _attn_fwd_kernel, "bwd_dq": _attn_bwd_dq_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel}
-    variants = [(kernel, head_dim, seqlen, False) for kernel in KERNELS for head_dim in (64, 128, 256)
+    variants = [(kernel, head_dim, seqlen, None) for kernel in KERNELS for head_dim in (64, 128, 256)
                 for seqlen in ((64, 512) if kernel == "fwd" else (512,))]
-    variants += [("fwd", head_dim, seqlen, True) for head_dim in (128, 256) for seqlen in (64, 512)]
+    variants += [("fwd", head_dim, seqlen, "u8") for head_dim in (128, 256) for seqlen in (64, 512)]
+    variants += [("fwd", 64, 512, "fp32"), ("bwd_dq", 128, 512, "fp32")]
+    unit_strides = {"stride_pn", "stride_mn"}
     specs, seen = [], set()
-    for kernel, head_dim, seqlen, masked in variants:
-        cfg = launch_config(kernel, head_dim, seqlen, torch.float16, arch, masked=masked)
-        key = (kernel, head_dim, masked, tuple(cfg.values()))
+    for kernel, head_dim, seqlen, mask in variants:
+        cfg = launch_config(kernel, head_dim, seqlen, torch.float16, arch, masked=mask is not None)
+        key = (kernel, head_dim, mask, tuple(cfg.values()))
         if key in seen:
             continue
         seen.add(key)
         fn = fns[kernel]
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], IS_CAUSAL=False,
-            IS_VARLEN=False, HAS_MASK=masked, MASK_BOOL=masked, HAS_KPM=not masked, KPM_BOOL=not masked,
-            DROPOUT=False, DOT_PRECISION="tf32",
+            IS_VARLEN=False, HAS_MASK=mask is not None, MASK_BOOL=mask == "u8", HAS_KPM=mask is None,
+            KPM_BOOL=mask is None, DROPOUT=False, DOT_PRECISION="tf32",
         )
+        constexprs.update({"stride_pn" if mask is None else "stride_mn": 1})
         signature = {}
         for name in fn.arg_names:
             if name in constexprs:
                 signature[name] = "constexpr"
             elif name in _TENSOR_ARGS:
                 signature[name] = f"*{dtype}"
+            elif name == "Mask" and mask is not None:
+                signature[name] = f"*{mask}"
             else:
                 signature[name] = _POINTER_TYPES.get(name) or _SCALAR_TYPES.get(name, "i32")
-        # pointers, and the batch/head/row strides of q, k, v, out, dout, dq, dk (not lse/mask/kpm)
-        aligned = [name for name in fn.arg_names if signature[name].startswith("*")
-                   or (name.startswith("stride_") and name[7] not in "lmp")]
+        # pointers, every stride but the unit ones (multiples of 16 or 0 at L = S = 512), L and S
+        aligned = [name for name in fn.arg_names if signature[name].startswith("*") or name in ("L", "S")
+                   or (name.startswith("stride_") and name not in unit_strides)]
+        tag = "" if mask is None else ("_mask" if mask == "u8" else f"_mask{mask}")
         specs.append(dict(
-            name=f"attention_{kernel}{'_mask' if masked else ''}_hd{head_dim}_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}",
+            name=f"attention_{kernel}{tag}_hd{head_dim}_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}",
             fn=fn, signature=signature, constexprs=constexprs,
             attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned},
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], hot=not masked,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], hot=mask is None,
         ))
     return specs
