@@ -142,8 +142,9 @@ class HFEncoder(TransformerEncoder):
             return self(x, src_key_padding_mask=key_padding_mask), None
         run = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(checkpoint, use_reentrant=False)
         states = [x]
-        for layer in self.layers:
-            x = run(layer, x, None, key_padding_mask) if ckpt else layer(x, src_key_padding_mask=key_padding_mask)
+        for layer in self.layers:  # each layer removes and restores padding itself (the encoder's unpad setting)
+            step = functools.partial(layer, unpad=getattr(self, "unpad", None))
+            x = run(step, x, None, key_padding_mask) if ckpt else step(x, src_key_padding_mask=key_padding_mask)
             states.append(x)
         return x, (tuple(states) if output_hidden_states else None)
 
