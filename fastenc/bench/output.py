@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 COLUMNS = [
     "suite", "mode", "sweep", "provider", "status", "dtype", "batch", "seqlen", "heads", "head_dim", "d_model",
-    "d_ff", "layers", "padding", "causal", "tokens", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
+    "d_ff", "activation", "layers", "padding", "causal", "tokens", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
     "tokens_per_s", "pct_of_ceiling", "peak_mem_mb", "speedup_vs_eager", "speedup_vs_best_baseline",
     "best_baseline", "speedups", "samples", "timing", "copies", "flops", "bytes", "note", "reason",
 ]

@@ -131,13 +131,20 @@ def _gpu(dev, dt, extra) -> List[Entry]:
         for mode in ("fwd", "bwd"):
             e.append(_entry("attention", mode, "padding", dev, dt, HEAVY,
                             batch=32, seqlen=512, heads=12, head_dim=64, padding=pad))
+    # Per-token ops: only the token count and the widths matter, so one point per width (issue #4:
+    # hidden 384..8192 at 32k rows; issue #8: 16k tokens), torch.compile included (quick to build).
+    NO_REF = {"fastenc-reference": HEAVY["fastenc-reference"]}
     for mode in ("fwd", "bwd"):
+        for d_model in (384, 768, 1024, 4096, 8192):
+            e.append(_entry("layer_norm", mode, "hidden", dev, dt, NO_REF, batch=64, seqlen=512, d_model=d_model))
         for d_model, d_ff in ((768, 3072), (1024, 4096)):
-            for n in (128, 512, 2048):
-                e.append(_entry("layer_norm", mode, "seqlen", dev, dt, HEAVY,
-                                batch=GPU_TOKENS // n * 2, seqlen=n, d_model=d_model))
-                e.append(_entry("ffn", mode, "seqlen", dev, dt, HEAVY,
-                                batch=GPU_TOKENS // n, seqlen=n, d_model=d_model, d_ff=d_ff))
+            e.append(_entry("ffn", mode, "hidden", dev, dt, NO_REF, batch=GPU_TOKENS // 512, seqlen=512,
+                            d_model=d_model, d_ff=d_ff))
+    # cuBLASLt's fused epilogues have tanh-GELU and ReLU only: measure them at issue #8's 16k tokens.
+    for act in ("gelu_tanh", "relu"):
+        for mode in ("fwd", "bwd"):
+            e.append(_entry("ffn", mode, "activation", dev, dt, HEAVY, batch=GPU_TOKENS // 512, seqlen=512,
+                            d_model=768, d_ff=3072, activation=act))
     for mode in ("fwd", "train"):
         for n in (128, 512, 1024, 4096):
             e.append(_entry("layer", mode, "seqlen", dev, dt, HEAVY, batch=GPU_TOKENS // n, seqlen=n, layers=1,

@@ -150,8 +150,9 @@ def _torch_eager_layer_norm(w: Workload) -> Impl:
 
 def _fastenc_ffn(backend: str):
     def build(w: Workload) -> Impl:
-        _force("ffn", backend, device=w.device, dtype=w.dtype, activation="gelu")
-        return Impl(lambda i: ops.ffn(*i, activation="gelu", backend=backend))
+        act = w.params["activation"]
+        _force("ffn", backend, device=w.device, dtype=w.dtype, activation=act)
+        return Impl(lambda i: ops.ffn(*i, activation=act, backend=backend))
     return build
 
 
@@ -160,21 +161,20 @@ def _fastenc_ffn_gemm_path(path: str):
     def build(w: Workload) -> Impl:
         if w.device.type != "cuda":
             raise Unavailable("GEMM paths apply to CUDA tensors (fastenc-cuda covers the CPU path)")
-        _force("ffn", "cuda", device=w.device, dtype=w.dtype, activation="gelu")
+        act = w.params["activation"]
+        _force("ffn", "cuda", device=w.device, dtype=w.dtype, activation=act)
         from ..ops import ffn as ffn_op
 
-        env = getattr(ffn_op, "GEMM_PATH_ENV", None)
-        if env is None or not hasattr(ffn_op, "gemm_path"):
-            raise Unavailable("this build's FFN op has no GEMM path switch")
+        env = ffn_op.GEMM_PATH_ENV
         with _env(env, path):
             chosen, why = ffn_op.gemm_path(w.device, w.dtype, d=w.params["d_model"], f=w.params["d_ff"],
-                                           training=w.mode != "fwd")
+                                           activation=act, training=w.mode != "fwd")
         if chosen != path:
             raise Unavailable(f"GEMM path {path!r} does not run here ({chosen}: {why})")
 
         def forward(i):
             with _env(env, path):
-                return ops.ffn(*i, activation="gelu", backend="cuda")
+                return ops.ffn(*i, activation=act, backend="cuda")
         return Impl(forward, note=f"{env}={path}")
     return build
 
@@ -193,13 +193,14 @@ def _env(name: str, value: str):
 
 
 def _torch_eager_ffn(w: Workload) -> Impl:
-    return Impl(lambda i: F.linear(F.gelu(F.linear(i[0], i[1], i[2])), i[3], i[4]))
+    act = w.params["activation"]
+    return Impl(lambda i: F.linear(reference.apply_activation(F.linear(i[0], i[1], i[2]), act), i[3], i[4]))
 
 
 _REFERENCE_FNS = {
     "attention": lambda w: functools.partial(_attention_reference_fn, causal=w.params["causal"]),
     "layer_norm": lambda w: (lambda i: reference.residual_layer_norm(i[0], i[1], i[2], i[3], branch_bias=i[4])),
-    "ffn": lambda w: (lambda i: reference.ffn(*i, activation="gelu")),
+    "ffn": lambda w: (lambda i: reference.ffn(*i, activation=w.params["activation"])),
 }
 
 

@@ -43,7 +43,8 @@ class Result:
         row = dict(
             suite=w.suite, mode=w.mode, sweep=w.sweep, provider=self.provider, status=self.status, reason=self.reason,
             dtype=dtype_name(w.dtype), batch=p.get("batch"), seqlen=p.get("seqlen"), heads=p.get("heads"),
-            head_dim=p.get("head_dim"), d_model=p.get("d_model"), d_ff=p.get("d_ff"), layers=p.get("layers"),
+            head_dim=p.get("head_dim"), d_model=p.get("d_model"), d_ff=p.get("d_ff"), activation=p.get("activation"),
+            layers=p.get("layers"),
             padding=p.get("padding"), causal=p.get("causal"), tokens=w.tokens,
             median_ms=t.median_ms if t else None, p20_ms=t.p20_ms if t else None, p80_ms=t.p80_ms if t else None,
             tflops=(w.flops / med_s / 1e12) if (t and w.flops) else None,

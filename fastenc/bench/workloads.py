@@ -24,8 +24,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Workload:
     suite: str
     mode: str  # "fwd" | "bwd" (backward alone) | "train" (forward + backward + optimizer step)
-    sweep: str  # which parameter this point varies: "seqlen" | "batch" | "headdim" | "dtype" | "padding" | "hidden"
-    params: Dict[str, object]  # row columns: batch, seqlen, heads, head_dim, d_model, d_ff, layers, padding
+    # which parameter this point varies: "seqlen" | "batch" | "headdim" | "dtype" | "padding" | "hidden" | "activation"
+    sweep: str
+    params: Dict[str, object]  # row columns: batch, seqlen, heads, head_dim, d_model, d_ff, activation, layers, padding
     device: torch.device
     dtype: torch.dtype
     make_inputs: Callable[[], tuple]  # one fresh random input copy
@@ -137,7 +138,8 @@ def ffn(mode, sweep, device, dtype, *, batch, seqlen, d_model, d_ff, activation=
         return reference.ffn(x, w1, b1, w2, b2, activation=activation, upcast=upcast)
 
     return Workload(
-        "ffn", mode, sweep, dict(batch=batch, seqlen=seqlen, d_model=d_model, d_ff=d_ff), device, dtype,
+        "ffn", mode, sweep, dict(batch=batch, seqlen=seqlen, d_model=d_model, d_ff=d_ff, activation=activation),
+        device, dtype,
         make_inputs, (0, 1, 2, 3, 4), ref, flops=formulas.ffn_flops(tokens, d_model, d_ff, mode=mode), tokens=tokens,
     )
 
