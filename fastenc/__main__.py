@@ -2,7 +2,7 @@
 
   fastenc bench [--ops attention,layer_norm,ffn,layer,encoder,train] [--size tiny|cpu|gpu]
                 [--dtype bf16,fp16] [--providers NAMES] [--out DIR] [--time-budget S]
-  fastenc inspect [--arch sm_90] [--module FILE.py] [--json FILE]
+  fastenc inspect [--arch sm_90] [--ops attention,layer_norm,padding,ffn] [--module FILE.py] [--json FILE]
   fastenc report [--device cuda] [--dtype fp16] [--head-dim 64]
   fastenc ceilings [--out DIR]
 """
@@ -96,17 +96,24 @@ def cmd_inspect(args) -> int:
         arch = ins.get_arch(args.arch)
     except ValueError as e:
         raise SystemExit(f"fastenc inspect: {e}") from None
+    shipped = ins.kernel_modules()
+    names = [n for n, _ in shipped] + ["ffn"]  # ffn: the CUDA extension's kernels
+    ops = names if args.ops is None else [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = sorted(set(ops) - set(names))
+    if unknown:
+        raise SystemExit(f"fastenc inspect: unknown --ops {', '.join(unknown)}; choose from {', '.join(names)}")
     try:
-        modules = ins.kernel_modules() + [(os.path.basename(p), ins.load_module_file(p)) for p in args.module]
+        modules = [(n, m) for n, m in shipped if n in ops]
+        modules += [(os.path.basename(p), ins.load_module_file(p)) for p in args.module]
         reports = ins.inspect_triton(arch, modules, jobs=args.jobs)
     except ins.InspectError as e:
         print(f"fastenc inspect: {e}", file=sys.stderr)
         return 1
     missing = []
-    if not modules:
+    if not shipped:
         missing.append("no fastenc.triton_kernels module defines compile_specs()")
     ext = ins.extension_path()
-    if args.no_extension:
+    if args.no_extension or "ffn" not in ops:
         pass
     elif ext is None:
         missing.append("the fastenc._C extension is not built (pip install --no-build-isolation -e .)")
@@ -172,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="registers, spills, shared memory, tensor cores, occupancy (no GPU needed)")
     i.add_argument("--arch", default="sm_90", help="sm_80, sm_86, sm_89 or sm_90 (default sm_90)")
+    i.add_argument("--ops", help="comma-separated subset: attention, layer_norm, padding (Triton), ffn (the CUDA "
+                   "extension); default all")
     i.add_argument("--module", action="append", default=[], help="also inspect this file's compile_specs()")
     i.add_argument("--no-extension", action="store_true", help="skip the CUDA extension")
     i.add_argument("--jobs", type=int, help="parallel Triton compiles (default: CPU count)")

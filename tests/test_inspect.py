@@ -218,3 +218,15 @@ def test_compile_refuses_interpreted_kernels():
         ins.compile_triton_spec(spec, SM90, "test")
     with pytest.raises(ins.InspectError, match="lacks"):
         ins.compile_triton_spec({"name": "k", "fn": spec["fn"]}, SM90, "test")
+
+
+def test_cli_ops_selects_kernels(tmp_path):
+    out = tmp_path / "padding.json"
+    proc = subprocess.run([sys.executable, "-m", "fastenc", "inspect", "--ops", "padding", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sources = {k["source"] for k in json.loads(out.read_text())["kernels"]}
+    assert sources == {"triton:padding"}, sources  # neither the other Triton modules nor the extension
+    bad = subprocess.run([sys.executable, "-m", "fastenc", "inspect", "--ops", "padding,softmax"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown --ops softmax; choose from" in bad.stderr, bad.stderr
