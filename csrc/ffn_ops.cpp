@@ -63,14 +63,17 @@ std::vector<at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& w
 }
 
 #ifdef FASTENC_WITH_CUDA
-// A cuBLASLt call that found no algorithm: ATen GEMMs take over, unless cublaslt was forced.
-// (Under a forced cutlass, GEMM2 and the backward are not what was forced: they fall back.)
+// A cuBLASLt call that found no algorithm: ATen GEMMs take over (said once), unless cublaslt was
+// forced. (Under a forced cutlass, GEMM2 and the backward are not what was forced: they fall back.)
 bool lt_declined(bool ok, const Plan& plan, const char* gemm, const at::Tensor& x, int64_t f) {
+  if (ok) return false;
   const bool forced_lt = plan.forced && plan.path == GemmPath::kCublasLt;
-  TORCH_CHECK(ok || !forced_lt, "fastenc ffn: FASTENC_FFN_GEMM=cublaslt, but cuBLASLt has no algorithm for the ",
-              gemm, " GEMM (tokens=", x.size(0), ", d=", x.size(1), ", f=", f, ", ", x.scalar_type(),
+  TORCH_CHECK(!forced_lt, "fastenc ffn: FASTENC_FFN_GEMM=cublaslt, but cuBLASLt has no algorithm for the ", gemm,
+              " GEMM (tokens=", x.size(0), ", d=", x.size(1), ", f=", f, ", ", x.scalar_type(),
               "); use auto to fall back to ATen GEMMs");
-  return !ok;
+  TORCH_WARN_ONCE("fastenc ffn: cuBLASLt has no algorithm for the ", gemm, " GEMM (tokens=", x.size(0), ", d=",
+                  x.size(1), ", f=", f, ", ", x.scalar_type(), "): ATen GEMMs without the fused epilogue run instead");
+  return true;
 }
 
 // GEMM2 through cuBLASLt's BIAS epilogue with beta·C = residual; ATen when cuBLASLt declines.
