@@ -97,11 +97,19 @@ def use_backend(default: Optional[str] = None, **per_op: str) -> Iterator[None]:
         _SETTING.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _active_setting() -> Tuple[Tuple[str, str], ...]:
+    """The innermost use_backend block's setting, as items.  Under torch.compile it is read once, when
+    the graph is traced (torch 2.11's dynamo cannot trace ContextVar.get): a compiled model keeps the
+    backends it was traced with."""
+    return tuple(_SETTING.get().items())
+
+
 def requested_backend(op: str, module_backend: Optional[str] = None) -> Tuple[str, bool]:
     """(backend, named_for_this_op) after applying the precedence rules."""
     if module_backend is not None:
         return _validate(module_backend), False
-    for setting in (_SETTING.get(), _parse(os.environ.get(ENV_VAR, ""))):
+    for setting in (dict(_active_setting()), _parse(os.environ.get(ENV_VAR, ""))):
         if op in setting:
             return setting[op], True
         if "*" in setting:

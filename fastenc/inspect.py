@@ -129,6 +129,7 @@ class KernelReport:
     hot: bool
     occupancy: Optional[Occupancy]
     note: str = ""
+    sass_instructions: int = 0  # static count (parse_sass_instruction_counts)
 
     @property
     def uses_tensor_cores(self) -> bool:
@@ -192,9 +193,9 @@ def parse_resource_usage(text: str, arch: Arch) -> Dict[str, Dict[str, int]]:
     return out
 
 
-def parse_sass_tensor_ops(text: str, arch: Arch) -> Dict[str, Dict[str, int]]:
-    """{function: {opcode: count}} of tensor-core instructions in the arch's SASS."""
-    out: Dict[str, Dict[str, int]] = {}
+def _sass_functions(text: str, arch: Arch) -> Dict[str, List[str]]:
+    """{function: its instructions (opcode and operands, no address or encoding)} in the arch's SASS."""
+    out: Dict[str, List[str]] = {}
     for elf_arch, body in _split_by_arch(text):
         if not _arch_matches(elf_arch, arch):
             continue
@@ -202,14 +203,30 @@ def parse_sass_tensor_ops(text: str, arch: Arch) -> Dict[str, Dict[str, int]]:
         for line in body.splitlines():
             m = re.match(r"^\s*Function : (\S+)", line)
             if m:
-                current = m.group(1)
-                out.setdefault(current, {})
+                current = out.setdefault(m.group(1), [])
                 continue
-            if current is None:
-                continue
-            for op in _TC_RE.findall(line.split(";")[0]):
-                out[current][op] = out[current].get(op, 0) + 1
+            m = re.match(r"^\s*/\*[0-9a-f]+\*/\s+([^;]+);", line)
+            if current is not None and m:
+                current.append(m.group(1).strip())
     return out
+
+
+def parse_sass_tensor_ops(text: str, arch: Arch) -> Dict[str, Dict[str, int]]:
+    """{function: {opcode: count}} of tensor-core instructions in the arch's SASS."""
+    out: Dict[str, Dict[str, int]] = {}
+    for fn, instructions in _sass_functions(text, arch).items():
+        ops = out.setdefault(fn, {})
+        for ins in instructions:
+            for op in _TC_RE.findall(ins):
+                ops[op] = ops.get(op, 0) + 1
+    return out
+
+
+def parse_sass_instruction_counts(text: str, arch: Arch) -> Dict[str, int]:
+    """{function: static instruction count, alignment NOPs excluded}: a GPU-free proxy for the issue
+    work a change adds or removes (a loop body counts once, however often it runs)."""
+    return {fn: sum(1 for ins in instructions if not ins.startswith("NOP"))
+            for fn, instructions in _sass_functions(text, arch).items()}
 
 
 def parse_launch_bounds(text: str, arch: Arch) -> Dict[str, int]:
@@ -292,7 +309,9 @@ def compile_triton_spec(spec: dict, arch: Arch, source: str) -> KernelReport:
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
         usage = parse_resource_usage(_run_cuobjdump(["--dump-resource-usage", path]), arch)
-        tc = parse_sass_tensor_ops(_run_cuobjdump(["-sass", path]), arch)
+        sass = _run_cuobjdump(["-sass", path])
+        tc = parse_sass_tensor_ops(sass, arch)
+        count = parse_sass_instruction_counts(sass, arch)
     fname = kernel.metadata.name
     res = usage.get(fname) or next(iter(usage.values()), None)
     if res is None:
@@ -304,6 +323,7 @@ def compile_triton_spec(spec: dict, arch: Arch, source: str) -> KernelReport:
         smem_bytes=smem, tensor_core_ops=tc.get(fname, next(iter(tc.values()), {})), num_warps=warps,
         num_stages=int(spec["num_stages"]), hot=bool(spec["hot"]),
         occupancy=occupancy(res.get("REG", 0), smem, warps, arch),
+        sass_instructions=count.get(fname, next(iter(count.values()), 0)),
     )
 
 
@@ -383,7 +403,9 @@ def inspect_extension(arch: Arch, path: Optional[str] = None) -> List[KernelRepo
     if path is None:
         raise InspectError("the fastenc._C extension is not built (pip install --no-build-isolation -e .)")
     usage = parse_resource_usage(_run_cuobjdump(["--dump-resource-usage", path]), arch)
-    tc = parse_sass_tensor_ops(_run_cuobjdump(["-sass", path]), arch) if usage else {}
+    sass = _run_cuobjdump(["-sass", path]) if usage else ""
+    tc = parse_sass_tensor_ops(sass, arch)
+    count = parse_sass_instruction_counts(sass, arch)
     bounds = parse_launch_bounds(_run_cuobjdump(["-elf", path]), arch) if usage else {}
     names = _demangle(usage)
     source = f"cuda:{os.path.basename(path)}"
@@ -395,7 +417,7 @@ def inspect_extension(arch: Arch, path: Optional[str] = None) -> List[KernelRepo
         reports.append(KernelReport(
             source=source, name=names[fn], regs=res.get("REG", 0), spill_bytes=res.get("STACK", 0) + res.get("LOCAL", 0),
             smem_bytes=res.get("SHARED", 0), tensor_core_ops=tc.get(fn, {}), num_warps=warps, num_stages=None,
-            hot=False, occupancy=occ,
+            hot=False, occupancy=occ, sass_instructions=count.get(fn, 0),
             note="static shared memory only (dynamic shared memory is chosen at launch)"
             + ("" if warps else "; no __launch_bounds__, so no block size for occupancy"),
         ))
@@ -407,7 +429,7 @@ def inspect_extension(arch: Arch, path: Optional[str] = None) -> List[KernelRepo
 
 def format_table(reports: List[KernelReport], arch: Arch) -> str:
     head = (f"{'kernel':<44} {'regs':>4} {'spill':>5} {'smem KB':>7} {'warps':>5} {'occup.':>7} {'limit':<6} "
-            "tensor cores")
+            f"{'instr':>6} tensor cores")
     lines = [f"Kernel resources for {arch.name} (compiled ahead of time, no GPU needed)", head, "-" * len(head)]
     source = None
     for r in reports:
@@ -420,7 +442,7 @@ def format_table(reports: List[KernelReport], arch: Arch) -> str:
         name = (r.name if len(r.name) <= 42 else r.name[:39] + "...") + ("*" if r.hot else "")
         warps = str(r.num_warps) if r.num_warps else "-"
         lines.append(f"  {name:<42} {r.regs:>4} {r.spill_bytes:>5} {r.smem_bytes / 1024:>7.1f} {warps:>5} "
-                     f"{occ:>7} {limit:<6} {tc}")
+                     f"{occ:>7} {limit:<6} {r.sass_instructions:>6} {tc}")
     lines.append("* hot Triton kernel (its compile spec says it runs in every step). "
-                 "spill = local memory bytes per thread.")
+                 "spill = local memory bytes per thread. instr = static SASS instructions.")
     return "\n".join(lines)

@@ -59,11 +59,13 @@ def _run(*args) -> str:
 
 @needs_cuda_build
 def test_cuda_objects_for_every_arch():
+    # The ELF headers name the arch exactly; --list-elf file names do not (CUDA 12.8's cuobjdump,
+    # Triton 3.6's, calls an sm_90a cubin "x.sm_90.cubin").
     archs = extension().cuda_archs().split("_") if extension() is not None else []
-    elfs = _run("--list-elf")
     assert archs, "the build recorded no CUDA archs"
+    built = {arch for arch, _ in _resource_usage()}
     for arch in archs:
-        assert re.search(rf"\.sm_{arch}\.cubin", elfs), f"no sm_{arch} cubin in {_so()}:\n{elfs}"
+        assert f"sm_{arch}" in built, f"no sm_{arch} cubin in {_so()}: {sorted(built)}"
 
 
 def _resource_usage():

@@ -190,6 +190,8 @@ arch = sm_90a
         /*0120*/                   FFMA R1, R2, R3, R4 ;                                  /* 0x0000 */
 		Function : _Z4biasv
         /*0100*/                   FADD R1, R2, R3 ;                                      /* 0x0000 */
+                                                                                          /* 0x0001 */
+        /*0110*/                   NOP;                                                   /* 0x0000 */
 """
 
 
@@ -202,6 +204,7 @@ def test_cuobjdump_parsing_picks_the_target_arch():
     tc = ins.parse_sass_tensor_ops(FATBIN_SASS, SM90)
     assert tc == {"_Z4gemmv": {"HGMMA": 2}, "_Z4biasv": {}}
     assert ins.parse_sass_tensor_ops(FATBIN_SASS, ins.get_arch("sm_80")) == {}
+    assert ins.parse_sass_instruction_counts(FATBIN_SASS, SM90) == {"_Z4gemmv": 3, "_Z4biasv": 1}
 
 
 def test_compile_refuses_interpreted_kernels():

@@ -17,8 +17,9 @@ projection work without copies), or packed varlen q [Tq, H, D], k/v [Tk, H, D] w
 Masks: attn_mask [B, H, L, S] view (stride 0 on broadcast dims; bool -> uint8, or float additive),
 key padding [B, S] (bool or float additive).  Key blocks outside [first, last] unpadded key of a batch
 are skipped; padded keys in between are masked elementwise.  attn_mask gets no gradient.
-Dropout: one Philox draw per (seed, b·H + h, query, key); the backward replays it; ``dropout_keep_mask``
-materialises the same keep mask for tests.
+Dropout: one Philox-4x32 call per 4 (query, key) elements, laid out as an mma accumulator tile holds
+them (see _dropout_keep); the backward replays it; ``dropout_keep_mask`` materialises the same keep
+mask for tests.
 Limits: head dim 8..256 in steps of 8, padded to the next power of two inside the kernel (hd 80/96
 pay for 128; the padded columns load as 0).  fp32 inputs use IEEE fp32 dots (exact parity with torch
 fp32, no TF32 speed) on small tiles; fp16/bf16 multiply on tensor cores with fp32 accumulation.
@@ -36,6 +37,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from .dropout_rng import keep_threshold, kept_signed
 
 Tensor = torch.Tensor
 
@@ -65,6 +68,11 @@ _SM80_CONFIGS = {
     ("bwd_dq", 64): (128, 64, 8, 1), ("bwd_dq", 128): (64, 32, 4, 2), ("bwd_dq", 256): (64, 32, 8, 1),
     ("bwd_dkdv", 64): (32, 128, 8, 1), ("bwd_dkdv", 128): (64, 64, 8, 1), ("bwd_dkdv", 256): (16, 64, 8, 1),
 }
+# With dropout (sm_90) the dK/dV kernel at head dim 256 sits at 255 registers: Triton 3.8's ptxas
+# serialises its wgmma pipeline (C7515), Triton 3.6's spills 8 B/thread instead (40 B with the
+# one-draw-per-element dropout before).  Every other tile tried spills more (16x64 on 4 warps or
+# 1 stage, 32x64, 16x128) or drops to mma.sync (32 keys), so it keeps the table's tile;
+# tests/test_attention.py allows exactly that.
 KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
 # fp32 (IEEE FMA dots, both operands in registers): 64x32 tiles on 4 warps spilled on sm_90 at every
 # head dim (up to 6 KB of stack per thread at 128); these compile with no spills on sm_90.
@@ -75,12 +83,15 @@ def _bucket(head_dim: int) -> int:
     return max(64, triton.next_power_of_2(head_dim))
 
 
-def smem_estimate(kernel: str, cfg: dict, head_dim: int, elt: int, mask_elt: int = 0) -> int:
+def smem_estimate(kernel: str, cfg: dict, head_dim: int, elt: int, mask_elt: int = 0, dropout: bool = False) -> int:
     """Upper bound of a config's shared memory in bytes (what Triton's pipeliner allocates).
 
     The resident tile (q; q and dO; k and v) once, the two streamed tiles and the attn_mask tile
-    (mask_elt bytes per element, 0 = none) once per stage, and the dK/dV kernel's two fp32 row
-    statistics per stage.  tests/test_attention.py checks it against the compiled sm_90 kernels.
+    (mask_elt bytes per element, 0 = none) once per stage, the dK/dV kernel's two fp32 row
+    statistics per stage, and with dropout, when the warps outnumber the tile's 16-row blocks (so
+    they also split its columns and the keep mask's layout is not the accumulator's), one fp32
+    score tile of layout-conversion scratch.  tests/test_attention.py checks it against the
+    compiled sm_90 kernels.
     """
     d = max(16, triton.next_power_of_2(head_dim))
     bm, bn, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"]
@@ -90,16 +101,18 @@ def smem_estimate(kernel: str, cfg: dict, head_dim: int, elt: int, mask_elt: int
         resident, streamed, stats = 2 * bm * d, 2 * bn * d, 0
     else:
         resident, streamed, stats = 2 * bn * d, 2 * bm * d, 8 * bm
-    return elt * resident + stages * (elt * streamed + bm * bn * mask_elt + stats)
+    split_cols = (bn if kernel == "bwd_dkdv" else bm) // 16 < cfg["num_warps"]
+    scratch = 4 * bm * bn if dropout and split_cols else 0
+    return elt * resident + stages * (elt * streamed + bm * bn * mask_elt + stats) + scratch
 
 
-def _fit_smem(kernel: str, cfg: dict, head_dim: int, elt: int, mask_elt: int, smem_limit: int) -> dict:
+def _fit_smem(kernel: str, cfg: dict, head_dim: int, elt: int, mask_elt: int, dropout: bool, smem_limit: int) -> dict:
     """Shrink a config until smem_estimate fits (GPUs with ~100 KB per block: sm_86/89/120):
     fewer stages first, then the streamed tile, then the resident one (never below 16)."""
     cfg = dict(cfg)
     stream = "BLOCK_M" if kernel == "bwd_dkdv" else "BLOCK_N"
     resident = "BLOCK_N" if kernel == "bwd_dkdv" else "BLOCK_M"
-    while smem_estimate(kernel, cfg, head_dim, elt, mask_elt) > smem_limit:
+    while smem_estimate(kernel, cfg, head_dim, elt, mask_elt, dropout) > smem_limit:
         if cfg["num_stages"] > 1:
             cfg["num_stages"] -= 1
         elif cfg[stream] > 16:
@@ -113,7 +126,7 @@ def _fit_smem(kernel: str, cfg: dict, head_dim: int, elt: int, mask_elt: int, sm
 
 
 def launch_config(kernel: str, head_dim: int, seqlen_q: int, dtype: torch.dtype, arch: Optional[Tuple[int, int]],
-                  masked: bool = False, smem_limit: Optional[int] = None, mask_elt: int = 0):
+                  masked: bool = False, smem_limit: Optional[int] = None, mask_elt: int = 0, dropout: bool = False):
     """Block sizes, warps and stages of one kernel ("fwd", "bwd_dq", "bwd_dkdv") for a call.
 
     arch: (major, minor) compute capability, or None under the Triton interpreter (CPU), where
@@ -122,6 +135,7 @@ def launch_config(kernel: str, head_dim: int, seqlen_q: int, dtype: torch.dtype,
     smem_limit: the device's opt-in shared memory per block in bytes, which the launchers pass
     (None: no check); a config over it shrinks (_fit_smem).  No H200 config shrinks (largest
     estimate 192 KB of 227 KB); mask_elt: bytes per attn_mask element (0 = no attn_mask).
+    dropout: the kernel draws a keep mask (its layout-conversion scratch counts in smem_estimate).
     fp32 runs IEEE FMA dots on small tiles: exact but slow; fp16/bf16 is the fast path.
     """
     if kernel not in KERNELS:
@@ -138,7 +152,8 @@ def launch_config(kernel: str, head_dim: int, seqlen_q: int, dtype: torch.dtype,
             bn //= 2
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     if smem_limit is not None:
-        cfg = _fit_smem(kernel, cfg, head_dim, torch.empty((), dtype=dtype).element_size(), mask_elt, smem_limit)
+        cfg = _fit_smem(kernel, cfg, head_dim, torch.empty((), dtype=dtype).element_size(), mask_elt, dropout,
+                        smem_limit)
     return cfg
 
 
@@ -166,17 +181,39 @@ def _seq_bounds(CuSeq, b, dense_len, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, cols, dropout_p):
-    """Keep flags for query `rows` × key `cols` (broadcastable index blocks, either orientation).
+def _dropout_keep(seed, bh, q0, k0, drop_thresh, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                  KEYS_FIRST: tl.constexpr):
+    """Keep flags for queries q0 + [0, BLOCK_Q) x keys k0 + [0, BLOCK_K): [BLOCK_Q, BLOCK_K], or
+    [BLOCK_K, BLOCK_Q] with KEYS_FIRST.  Needs q0 % 16 == 0, BLOCK_Q % 16 == 0, k0 and BLOCK_K even.
 
-    One Philox-4x32 draw per element, counter (key, query, b·H + h, 0) and key `seed`, so every
-    (head, query, key) has its own stream and any kernel can replay it; kept when u >= p.
+    Query i = 16a + 8b + c, key j = 2d + e: the four elements (b, e) in {0, 1}^2 of one
+    (b·H + h, 16a + c, d) share a Philox-4x32 call, counter (d, 8a + c, b·H + h, 0) and key
+    `seed`, and take its outputs 2b + e (dropout_rng.kept_signed decides).  Those four are the
+    elements one thread holds of an mma accumulator tile (rows r and r + 8, columns 2d and
+    2d + 1), so the forward and dQ kernels draw one call per 4 elements with no layout change.
     """
-    c0 = cols + rows * 0
-    c1 = rows + cols * 0
-    c2 = c0 * 0 + bh
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, c0 * 0)
-    return tl.uint_to_uniform_float(r) >= dropout_p
+    tl.static_assert(BLOCK_Q % 16 == 0 and BLOCK_K % 2 == 0, "dropout tiles: BLOCK_Q % 16, BLOCK_K % 2")
+    a = tl.arange(0, BLOCK_Q // 16)
+    c = tl.arange(0, 8)
+    d = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    two = tl.arange(0, 2)
+    if KEYS_FIRST:  # [d, e, a, b, c]
+        qg = ((q0 // 16 + a) * 8)[None, None, :, None, None] + c[None, None, None, None, :]
+        kg = d[:, None, None, None, None]
+        b = two[None, None, None, :, None]
+        e = two[None, :, None, None, None]
+    else:  # [a, b, c, d, e]
+        qg = ((q0 // 16 + a) * 8)[:, None, None, None, None] + c[None, None, :, None, None]
+        kg = d[None, None, None, :, None]
+        b = two[None, :, None, None, None]
+        e = two[None, None, None, None, :]
+    if KEYS_FIRST:  # e is a lane bit of the transposed accumulator: drawing per e avoids a layout change
+        kg = kg + e * 0
+    c0 = kg + qg * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, qg + kg * 0, c0 * 0 + bh, c0 * 0)
+    keep = kept_signed(tl.where(b == 0, tl.where(e == 0, r0, r1), tl.where(e == 0, r2, r3)), drop_thresh)
+    shape: tl.constexpr = [BLOCK_K, BLOCK_Q] if KEYS_FIRST else [BLOCK_Q, BLOCK_K]
+    return tl.reshape(keep, shape)
 
 
 @triton.jit
@@ -221,7 +258,7 @@ def _key_range(KvRange, b, k_len, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr):
 # --------------------------------------------------------------------------- forward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_thresh"])  # its value changes with p
 def _attn_fwd_kernel(
     Q, K, V, Out,  # q [.., L, H, D], k/v [.., S, H, D] (strided), out like q
     Lse,  # fp32 log-sum-exp per query row, [B, H, L] (dense) or [H, Tq] (varlen)
@@ -238,7 +275,7 @@ def _attn_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
     H, L, S, NUM_M,  # heads, (max) query / key lengths, query blocks per (b, h)
-    sm_scale, dropout_p, drop_scale,  # softmax scale, dropout prob, 1/(1-p) (0 when p = 1)
+    sm_scale, drop_thresh, drop_scale,  # softmax scale, dropout_rng.keep_threshold(p), 1/(1-p) (0 when p = 1)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_KPM: tl.constexpr, KPM_BOOL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -298,7 +335,7 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, bh, start_m, start_n, drop_thresh, BLOCK_M, BLOCK_N, False), p, 0.0)
         v = tl.load(v_base + kv_off * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -319,7 +356,7 @@ def _attn_fwd_kernel(
 # --------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_thresh"])  # its value changes with p
 def _attn_bwd_dq_kernel(
     Q, K, V, Out, DOut, DQ,  # strided like the forward; DQ laid out like Q's shape, own strides
     Lse, Delta,  # fp32 [B, H, L] / [H, Tq]: forward log-sum-exp; Δ = rowsum(dO ∘ O), written here
@@ -334,7 +371,7 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
     H, L, S, NUM_M,
-    sm_scale, dropout_p, drop_scale,
+    sm_scale, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_KPM: tl.constexpr, KPM_BOOL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -398,7 +435,8 @@ def _attn_bwd_dq_kernel(
         p = tl.exp2(s - lse2[:, None])  # masked entries and empty rows (lse = +inf) give 0
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            dp = tl.where(_dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p), dp * drop_scale, 0.0)
+            keep = _dropout_keep(seed, bh, start_m, start_n, drop_thresh, BLOCK_M, BLOCK_N, False)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
@@ -407,7 +445,7 @@ def _attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_thresh"])  # its value changes with p
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut, DK, DV,  # strided like the forward; DK/DV laid out like K's shape, own strides
     Lse, Delta,  # fp32 row statistics from the forward and the dQ kernel
@@ -421,7 +459,7 @@ def _attn_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
     H, L, S, NUM_N,  # NUM_N: key blocks per (b, h)
-    sm_scale, dropout_p, drop_scale,
+    sm_scale, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_KPM: tl.constexpr, KPM_BOOL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -487,7 +525,7 @@ def _attn_bwd_dkdv_kernel(
         p_t = tl.exp2(s_t - lse2[None, :])
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows[None, :], offs_n[:, None], dropout_p)
+            keep = _dropout_keep(seed, bh, start_m, start_n, drop_thresh, BLOCK_M, BLOCK_N, True)
             dv = tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
         else:
@@ -504,16 +542,18 @@ def _attn_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_thresh"])  # its value changes with p
 def _dropout_mask_kernel(
     Keep, Seed,  # out: uint8 [B, H, L, S] contiguous (1 = kept); int64 [1] Philox key
-    H, L, S, dropout_p,
+    H, L, S, drop_thresh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
-    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    keep = _dropout_keep(tl.load(Seed), bh, rows, cols, dropout_p)
+    q0 = tl.program_id(1) * BLOCK_M
+    k0 = tl.program_id(2) * BLOCK_N
+    keep = _dropout_keep(tl.load(Seed), bh, q0, k0, drop_thresh, BLOCK_M, BLOCK_N, False)
+    rows = q0 + tl.arange(0, BLOCK_M)[:, None]
+    cols = k0 + tl.arange(0, BLOCK_N)[None, :]
     offs = bh.to(tl.int64) * L * S + rows.to(tl.int64) * S + cols
     tl.store(Keep + offs, keep.to(tl.uint8), mask=(rows < L) & (cols < S))
 
@@ -532,9 +572,10 @@ def _smem_limit(t: Tensor) -> Optional[int]:
     return getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_block_optin", None)
 
 
-def _config(kernel: str, t: Tensor, head_dim: int, seqlen_q: int, mask: Optional[Tensor]) -> dict:
+def _config(kernel: str, t: Tensor, head_dim: int, seqlen_q: int, mask: Optional[Tensor], dropout: bool) -> dict:
     return launch_config(kernel, head_dim, seqlen_q, t.dtype, _arch(t), masked=mask is not None,
-                         smem_limit=_smem_limit(t), mask_elt=0 if mask is None else mask.element_size())
+                         smem_limit=_smem_limit(t), mask_elt=0 if mask is None else mask.element_size(),
+                         dropout=dropout)
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -643,14 +684,14 @@ def attention_forward(
         raise ValueError("attention kernel: dropout_p > 0 needs a seed tensor")
     mask, kpm, mask_args, kpm_args, kv_range = _prepare_masks(attn_mask, key_padding_mask, dummy)
     flags = _flags(q, mask, kpm, is_causal, varlen, dropout_p, D)
-    cfg = dict(config or _config("fwd", q, D, L, mask))
+    cfg = dict(config or _config("fwd", q, D, L, mask, flags["DROPOUT"]))
     num_m = triton.cdiv(L, cfg["BLOCK_M"])
     _attn_fwd_kernel[_grid(num_m, B * H)](
         q, k, v, out, lse, mask_args[0], kpm_args[0], kv_range,
         cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy, seed if seed is not None else dummy,
         *_head_strides(q, varlen), *_head_strides(k, varlen), *_head_strides(v, varlen), *_head_strides(out, varlen),
         *stride_l, *mask_args[1:], *kpm_args[1:],
-        H, L, S, num_m, scale, float(dropout_p), _drop_scale(dropout_p),
+        H, L, S, num_m, scale, keep_threshold(dropout_p), _drop_scale(dropout_p),
         **flags, **cfg,
     )
     return out, lse
@@ -696,9 +737,9 @@ def attention_backward(
     cu_k = cu_seqlens_k if varlen else dummy
     seed = seed if seed is not None else dummy
     common = (*mask_args[1:], *kpm_args[1:])
-    tail = (scale, float(dropout_p), _drop_scale(dropout_p))
+    tail = (scale, keep_threshold(dropout_p), _drop_scale(dropout_p))
 
-    cfg = dict(config_dq or _config("bwd_dq", q, D, L, mask))
+    cfg = dict(config_dq or _config("bwd_dq", q, D, L, mask, flags["DROPOUT"]))
     num_m = triton.cdiv(L, cfg["BLOCK_M"])
     _attn_bwd_dq_kernel[_grid(num_m, B * H)](
         q, k, v, out, dout, dq, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed,
@@ -706,7 +747,7 @@ def attention_backward(
         *_head_strides(out, varlen), *_head_strides(dout, varlen), *_head_strides(dq, varlen),
         *stride_l, *common, H, L, S, num_m, *tail, **flags, **cfg,
     )
-    cfg = dict(config_dkdv or _config("bwd_dkdv", q, D, L, mask))
+    cfg = dict(config_dkdv or _config("bwd_dkdv", q, D, L, mask, flags["DROPOUT"]))
     num_n = triton.cdiv(S, cfg["BLOCK_N"])
     _attn_bwd_dkdv_kernel[_grid(num_n, B * H)](
         q, k, v, dout, dk, dv, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed,
@@ -728,14 +769,17 @@ def dropout_keep_mask(seed: Tensor, batch: int, heads: int, seqlen_q: int, seqle
         return keep.bool()
     block = 32
     grid = (batch * heads, triton.cdiv(seqlen_q, block), triton.cdiv(seqlen_k, block))
-    _dropout_mask_kernel[grid](keep, seed, heads, seqlen_q, seqlen_k, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+    if dropout_p >= 1.0:  # the kernels scale by 1 - p = 0: nothing is kept (dropout_rng)
+        return keep.zero_().bool()
+    _dropout_mask_kernel[grid](keep, seed, heads, seqlen_q, seqlen_k, keep_threshold(dropout_p), BLOCK_M=block,
+                               BLOCK_N=block)
     return keep.bool()
 
 
 # --------------------------------------------------------------------------- compile specs
 
 
-_SCALAR_TYPES = {"sm_scale": "fp32", "dropout_p": "fp32", "drop_scale": "fp32"}
+_SCALAR_TYPES = {"sm_scale": "fp32", "drop_thresh": "i32", "drop_scale": "fp32"}
 _POINTER_TYPES = {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8", "Kpm": "*u8", "KvRange": "*i32", "CuSeqQ": "*i32",
                   "CuSeqK": "*i32", "Seed": "*i64"}
 _TENSOR_ARGS = ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")
@@ -751,18 +795,20 @@ def compile_specs(dtype: str = "fp16", arch: Tuple[int, int] = (9, 0)):
     loads are not vectorised and the registers differ from what runs).
     Hot variant (``hot=True``): boolean key padding mask, no causal, no dropout, at the largest head
     dim of each config bucket (64, 128, 256).  ``hot=False``: the forward's attn_mask configs (a
-    narrower key tile) with a boolean mask, and float (fp32) masks where shared memory peaks.
+    narrower key tile) with a boolean mask, float (fp32) masks where shared memory peaks, and
+    every kernel with dropout (training) at each head-dim bucket.
     """
     fns = {"fwd": _attn_fwd_kernel, "bwd_dq": _attn_bwd_dq_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel}
-    variants = [(kernel, head_dim, seqlen, None) for kernel in KERNELS for head_dim in (64, 128, 256)
+    variants = [(kernel, head_dim, seqlen, None, False) for kernel in KERNELS for head_dim in (64, 128, 256)
                 for seqlen in ((64, 512) if kernel == "fwd" else (512,))]
-    variants += [("fwd", head_dim, seqlen, "u8") for head_dim in (128, 256) for seqlen in (64, 512)]
-    variants += [("fwd", 64, 512, "fp32"), ("bwd_dq", 128, 512, "fp32")]
+    variants += [("fwd", head_dim, seqlen, "u8", False) for head_dim in (128, 256) for seqlen in (64, 512)]
+    variants += [("fwd", 64, 512, "fp32", False), ("bwd_dq", 128, 512, "fp32", False)]
+    variants += [(kernel, head_dim, 512, None, True) for kernel in KERNELS for head_dim in (64, 128, 256)]
     unit_strides = {"stride_pn", "stride_mn"}
     specs, seen = [], set()
-    for kernel, head_dim, seqlen, mask in variants:
-        cfg = launch_config(kernel, head_dim, seqlen, torch.float16, arch, masked=mask is not None)
-        key = (kernel, head_dim, mask, tuple(cfg.values()))
+    for kernel, head_dim, seqlen, mask, dropout in variants:
+        cfg = launch_config(kernel, head_dim, seqlen, torch.float16, arch, masked=mask is not None, dropout=dropout)
+        key = (kernel, head_dim, mask, dropout, tuple(cfg.values()))
         if key in seen:
             continue
         seen.add(key)
@@ -770,7 +816,7 @@ def compile_specs(dtype: str = "fp16", arch: Tuple[int, int] = (9, 0)):
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], IS_CAUSAL=False,
             IS_VARLEN=False, HAS_MASK=mask is not None, MASK_BOOL=mask == "u8", HAS_KPM=mask is None,
-            KPM_BOOL=mask is None, DROPOUT=False, DOT_PRECISION="tf32",
+            KPM_BOOL=mask is None, DROPOUT=dropout, DOT_PRECISION="tf32",
         )
         constexprs.update({"stride_pn" if mask is None else "stride_mn": 1})
         signature = {}
@@ -786,11 +832,11 @@ def compile_specs(dtype: str = "fp16", arch: Tuple[int, int] = (9, 0)):
         # pointers, every stride but the unit ones (multiples of 16 or 0 at L = S = 512), L and S
         aligned = [name for name in fn.arg_names if signature[name].startswith("*") or name in ("L", "S")
                    or (name.startswith("stride_") and name not in unit_strides)]
-        tag = "" if mask is None else ("_mask" if mask == "u8" else f"_mask{mask}")
+        tag = ("" if mask is None else ("_mask" if mask == "u8" else f"_mask{mask}")) + ("_dropout" if dropout else "")
         specs.append(dict(
             name=f"attention_{kernel}{tag}_hd{head_dim}_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}",
             fn=fn, signature=signature, constexprs=constexprs,
             attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned},
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], hot=mask is None,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], hot=mask is None and not dropout,
         ))
     return specs

@@ -18,9 +18,9 @@ ops/triton/layer_norm.py; neither code is copied):
   * The variance is taken from centred values, and the row is first shifted by
     its first element, so a constant row gives exactly xhat = 0 and an all-zero
     row with eps=1e-12 gives y = bias (both finite in fp16).
-  * Dropout draws tl.rand(seed, row * N + col) (Philox, int64 offsets): the keep
-    mask is a pure function of (seed, row, col), regenerated in the backward and
-    by `dropout_keep_mask`; nothing is stored.
+  * Dropout draws one Philox call per 4 columns of a row (per column, tl.rand, when N is not
+    a multiple of 16; _keep_mask): the keep mask is a pure function of (seed, N, row, col),
+    regenerated in the backward and by `dropout_keep_mask`; nothing is stored.
   * Post-norm keeps no copy of s: the backward recomputes it from x, branch and
     the seed.  With prenorm s is an output anyway and the backward reads it.
   * Backward for N <= 4096: a persistent grid; each program takes whole rows,
@@ -60,8 +60,10 @@ and the 8 bytes/row of statistics are negligible):
             too; prenorm 6e to 8e).  So at 4096 < N <= 8192 without dropout the whole-row
             path moves 3e/5e (plain), 5e/8e (post-norm with branch bias), 5e/7e (prenorm
             with branch bias) of what the two kernels did.
-Compute: with dropout every element costs one Philox-4x32-10 call (tl.rand) in the
-forward and again in the backward; not yet measured against the bandwidth goal.
+Compute: with dropout, a quarter of a Philox-4x32-10 call per element (N a multiple of 16;
+a whole call otherwise) in the forward and again in the backward.  On sm_90 that took the
+hidden-1024 forward (bf16, post-norm with branch bias and dropout) from 825 to 490 static SASS
+instructions (scripts/sass_counts.py); not yet timed against the bandwidth goal.
 """
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from .dropout_rng import keep_threshold, kept
 
 Tensor = torch.Tensor
 
@@ -130,9 +134,28 @@ def _row_ptrs(PTR, rows, cols, INNER, stride_outer, stride_inner):
 
 
 @triton.jit
-def _keep_mask(seed, rows, cols, N, dropout_p):
-    """Dropout keep decisions for elements (row, col): uniform(seed, row * N + col) >= p."""
-    return tl.rand(seed, rows.to(tl.int64)[:, None] * N + cols[None, :]) >= dropout_p
+def _keep_mask(seed, rows, col0, N, dropout_p, drop_thresh, BLOCK: tl.constexpr, GROUP_RNG: tl.constexpr):
+    """Dropout keep flags [rows, BLOCK] for columns col0 + [0, BLOCK), col0 % 4 == 0.
+
+    GROUP_RNG: Philox-4x32 with key seed and counter (c // 4, row, 0, 0), column c taking output
+    c % 4 (one call per 4 columns), and dropout_rng.kept deciding.  Otherwise tl.rand(seed,
+    row * N + c) >= p, one call per element, as before grouping: the integer threshold there
+    made ptxas spill in some configs (Triton 3.6 or 3.8), this form in none.  GROUP_RNG is a
+    function of N alone (_group_rng: rows of a multiple of 16 columns, which load 4 or more wide
+    per thread), so every kernel of a call agrees.  With single columns per thread Triton 3.6
+    replicates grouped calls across lanes and spills.
+    """
+    if GROUP_RNG:
+        g = (col0 // 4 + tl.arange(0, BLOCK // 4))[None, :, None]
+        r = rows[:, None, None]
+        c0 = g + r * 0
+        r0, r1, r2, r3 = tl.philox(seed, c0, r + g * 0, c0 * 0, c0 * 0)
+        j = tl.arange(0, 4)[None, None, :]
+        word = tl.where(j < 2, tl.where(j == 0, r0, r1), tl.where(j == 2, r2, r3))
+        keep = tl.reshape(kept(word, drop_thresh), [rows.shape[0], BLOCK])
+    else:
+        keep = tl.rand(seed, rows.to(tl.int64)[:, None] * N + (col0 + tl.arange(0, BLOCK))[None, :]) >= dropout_p
+    return keep
 
 
 @triton.jit
@@ -153,7 +176,7 @@ def _residual_sum(X, BRANCH, BRANCH_BIAS, rows, cols, mask, keep, N, INNER, stri
     return s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_thresh"])  # its value changes with p
 def _ln_fwd_kernel(
     X,  # [outer, inner, N] input rows (strided), unit-stride columns
     BRANCH,  # same shape as X: the sub-layer output added to x (if HAS_BRANCH)
@@ -174,6 +197,7 @@ def _ln_fwd_kernel(
     stride_br_inner,
     eps,
     dropout_p,
+    drop_thresh,  # dropout_rng.keep_threshold(p)
     dropout_scale,  # 1 / (1 - p), 0 when p == 1
     HAS_BRANCH: tl.constexpr,
     HAS_BRANCH_BIAS: tl.constexpr,
@@ -183,6 +207,7 @@ def _ln_fwd_kernel(
     STORE_RESID: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
+    GROUP_RNG: tl.constexpr,  # dropout draws per 4 columns (_keep_mask)
 ):
     # One [ROWS, BLOCK_N] tile of whole rows per program.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -193,7 +218,7 @@ def _ln_fwd_kernel(
 
     keep = mask
     if HAS_DROPOUT:
-        keep = _keep_mask(tl.load(SEED), rows, cols, N, dropout_p)
+        keep = _keep_mask(tl.load(SEED), rows, 0, N, dropout_p, drop_thresh, BLOCK_N, GROUP_RNG)
     s = _residual_sum(X, BRANCH, BRANCH_BIAS, rows, cols, mask, keep, N, INNER, stride_x_outer, stride_x_inner,
                       stride_br_outer, stride_br_inner, dropout_scale, HAS_BRANCH, HAS_BRANCH_BIAS, HAS_DROPOUT)
     if STORE_RESID:
@@ -218,18 +243,18 @@ def _ln_fwd_kernel(
 
 @triton.jit
 def _ln_bwd_tile(
-    X, BRANCH, BRANCH_BIAS, RESID, W, MEAN, RSTD, DY, seed, rows, cols, row_ok, mask,
+    X, BRANCH, BRANCH_BIAS, RESID, W, MEAN, RSTD, DY, seed, rows, col0, cols, row_ok, mask,
     N, INNER, stride_x_outer, stride_x_inner, stride_br_outer, stride_br_inner, stride_dy_outer, stride_dy_inner,
-    dropout_p, dropout_scale,
+    dropout_p, drop_thresh, dropout_scale,
     HAS_BRANCH: tl.constexpr, HAS_BRANCH_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr,
-    RECOMPUTE: tl.constexpr,
+    RECOMPUTE: tl.constexpr, GROUP_RNG: tl.constexpr,
 ):
-    """(xhat, dy, g = dy * weight, keep, rstd) on a [rows, cols] tile; s recomputed (RECOMPUTE)
+    """(xhat, dy, g = dy * weight, keep, rstd) on a [rows, cols = col0 + arange] tile; s recomputed (RECOMPUTE)
     exactly as in the forward, or read back from RESID.  keep is drawn here only to recompute
     s; otherwise it is `mask` and the caller draws it when it needs it (_late_keep)."""
     keep = mask
     if HAS_DROPOUT and RECOMPUTE:
-        keep = _keep_mask(seed, rows, cols, N, dropout_p)
+        keep = _keep_mask(seed, rows, col0, N, dropout_p, drop_thresh, cols.shape[0], GROUP_RNG)
     if RECOMPUTE:
         s = _residual_sum(X, BRANCH, BRANCH_BIAS, rows, cols, mask, keep, N, INNER, stride_x_outer,
                           stride_x_inner, stride_br_outer, stride_br_inner, dropout_scale, HAS_BRANCH,
@@ -258,11 +283,12 @@ def _load_dy(DY, W, rows, cols, mask, N, INNER, stride_dy_outer, stride_dy_inner
 
 
 @triton.jit
-def _late_keep(keep, seed, rows, cols, N, dropout_p, HAS_DROPOUT: tl.constexpr, RECOMPUTE: tl.constexpr):
+def _late_keep(keep, seed, rows, col0, N, dropout_p, drop_thresh, BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               RECOMPUTE: tl.constexpr, GROUP_RNG: tl.constexpr):
     """The keep mask for dbranch: drawn after the row sums when _ln_bwd_tile did not need it, so
     it is not live (in registers) across them."""
     if HAS_DROPOUT and not RECOMPUTE:
-        keep = _keep_mask(seed, rows, cols, N, dropout_p)
+        keep = _keep_mask(seed, rows, col0, N, dropout_p, drop_thresh, BLOCK, GROUP_RNG)
     return keep
 
 
@@ -285,7 +311,7 @@ def _ln_bwd_store(DX, DBRANCH, DRESID, ds, keep, rows, cols, mask, N, INNER, str
     return dh
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_thresh"])  # its value changes with p
 def _ln_bwd_kernel(
     X,  # [outer, inner, N] forward input x (if RECOMPUTE)
     BRANCH,  # forward branch, same shape (if RECOMPUTE and HAS_BRANCH)
@@ -314,6 +340,7 @@ def _ln_bwd_kernel(
     stride_dres_outer,
     stride_dres_inner,
     dropout_p,
+    drop_thresh,
     dropout_scale,
     tiles_per_program,
     HAS_BRANCH: tl.constexpr,
@@ -328,6 +355,7 @@ def _ln_bwd_kernel(
     COMPUTE_DBB: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
+    GROUP_RNG: tl.constexpr,
 ):
     """Whole rows in registers (N <= 4096; N <= 8192 for 16-bit rows without dropout): dx,
     dbranch and per-program parameter-gradient sums."""
@@ -345,9 +373,10 @@ def _ln_bwd_kernel(
         row_ok = rows < M
         mask = row_ok[:, None] & (cols < N)[None, :]
         xhat, dy, g, keep, rstd = _ln_bwd_tile(
-            X, BRANCH, BRANCH_BIAS, RESID, W, MEAN, RSTD, DY, seed, rows, cols, row_ok, mask, N, INNER,
+            X, BRANCH, BRANCH_BIAS, RESID, W, MEAN, RSTD, DY, seed, rows, 0, cols, row_ok, mask, N, INNER,
             stride_x_outer, stride_x_inner, stride_br_outer, stride_br_inner, stride_dy_outer, stride_dy_inner,
-            dropout_p, dropout_scale, HAS_BRANCH, HAS_BRANCH_BIAS, HAS_DROPOUT, HAS_W, RECOMPUTE)
+            dropout_p, drop_thresh, dropout_scale, HAS_BRANCH, HAS_BRANCH_BIAS, HAS_DROPOUT, HAS_W, RECOMPUTE,
+            GROUP_RNG)
         if COMPUTE_DW:
             dw += dy * xhat
         if COMPUTE_DB:
@@ -355,7 +384,7 @@ def _ln_bwd_kernel(
         c1 = tl.sum(xhat * g, axis=1) / N
         c2 = tl.sum(g, axis=1) / N
         ds = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        keep = _late_keep(keep, seed, rows, cols, N, dropout_p, HAS_DROPOUT, RECOMPUTE)
+        keep = _late_keep(keep, seed, rows, 0, N, dropout_p, drop_thresh, BLOCK_N, HAS_DROPOUT, RECOMPUTE, GROUP_RNG)
         dh = _ln_bwd_store(DX, DBRANCH, DRESID, ds, keep, rows, cols, mask, N, INNER, stride_dres_outer,
                            stride_dres_inner, dropout_scale, HAS_DROPOUT, HAS_DRESID, STORE_DBRANCH)
         if COMPUTE_DBB:
@@ -378,7 +407,7 @@ def _store_partial(PART, pid, acc, cols, N, ROWS: tl.constexpr):
         tl.store(PART + pid * N + cols, tl.sum(acc, axis=0), mask=cols < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_thresh"])  # its value changes with p
 def _ln_bwd_wide_kernel(
     X, BRANCH, BRANCH_BIAS, RESID, W, SEED, MEAN, RSTD, DY, DRESID, DX, DBRANCH,  # as in _ln_bwd_kernel
     M,
@@ -393,6 +422,7 @@ def _ln_bwd_wide_kernel(
     stride_dres_outer,
     stride_dres_inner,
     dropout_p,
+    drop_thresh,
     dropout_scale,
     HAS_BRANCH: tl.constexpr,
     HAS_BRANCH_BIAS: tl.constexpr,
@@ -402,6 +432,7 @@ def _ln_bwd_wide_kernel(
     HAS_DRESID: tl.constexpr,
     STORE_DBRANCH: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    GROUP_RNG: tl.constexpr,
 ):
     """Rows too wide for registers (N > 8192; N > 4096 with dropout or fp32): one row per program in
     BLOCK_C-column chunks, a first pass for the two row sums and a second (re-reading the row,
@@ -417,9 +448,10 @@ def _ln_bwd_wide_kernel(
         cols = start + tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (cols < N)[None, :]
         xhat, dy, g, keep, rstd = _ln_bwd_tile(
-            X, BRANCH, BRANCH_BIAS, RESID, W, MEAN, RSTD, DY, seed, rows, cols, row_ok, mask, N, INNER,
+            X, BRANCH, BRANCH_BIAS, RESID, W, MEAN, RSTD, DY, seed, rows, start, cols, row_ok, mask, N, INNER,
             stride_x_outer, stride_x_inner, stride_br_outer, stride_br_inner, stride_dy_outer, stride_dy_inner,
-            dropout_p, dropout_scale, HAS_BRANCH, HAS_BRANCH_BIAS, HAS_DROPOUT, HAS_W, RECOMPUTE)
+            dropout_p, drop_thresh, dropout_scale, HAS_BRANCH, HAS_BRANCH_BIAS, HAS_DROPOUT, HAS_W, RECOMPUTE,
+            GROUP_RNG)
         c1 += tl.sum(xhat * g, axis=1)
         c2 += tl.sum(g, axis=1)
     c1 = c1 / N
@@ -428,16 +460,18 @@ def _ln_bwd_wide_kernel(
         cols = start + tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (cols < N)[None, :]
         xhat, dy, g, keep, rstd = _ln_bwd_tile(
-            X, BRANCH, BRANCH_BIAS, RESID, W, MEAN, RSTD, DY, seed, rows, cols, row_ok, mask, N, INNER,
+            X, BRANCH, BRANCH_BIAS, RESID, W, MEAN, RSTD, DY, seed, rows, start, cols, row_ok, mask, N, INNER,
             stride_x_outer, stride_x_inner, stride_br_outer, stride_br_inner, stride_dy_outer, stride_dy_inner,
-            dropout_p, dropout_scale, HAS_BRANCH, HAS_BRANCH_BIAS, HAS_DROPOUT, HAS_W, RECOMPUTE)
+            dropout_p, drop_thresh, dropout_scale, HAS_BRANCH, HAS_BRANCH_BIAS, HAS_DROPOUT, HAS_W, RECOMPUTE,
+            GROUP_RNG)
         ds = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        keep = _late_keep(keep, seed, rows, cols, N, dropout_p, HAS_DROPOUT, RECOMPUTE)
+        keep = _late_keep(keep, seed, rows, start, N, dropout_p, drop_thresh, BLOCK_C, HAS_DROPOUT, RECOMPUTE,
+                          GROUP_RNG)
         _ln_bwd_store(DX, DBRANCH, DRESID, ds, keep, rows, cols, mask, N, INNER, stride_dres_outer,
                       stride_dres_inner, dropout_scale, HAS_DROPOUT, HAS_DRESID, STORE_DBRANCH)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_thresh"])  # its value changes with p
 def _ln_bwd_params_kernel(
     X, BRANCH, BRANCH_BIAS, RESID, SEED, MEAN, RSTD, DY,  # as in _ln_bwd_kernel
     DH,  # [M, N] contiguous dbranch (dx when they are one tensor), written by _ln_bwd_wide_kernel
@@ -452,6 +486,7 @@ def _ln_bwd_params_kernel(
     stride_dy_outer,
     stride_dy_inner,
     dropout_p,
+    drop_thresh,
     dropout_scale,
     tiles_per_program,
     HAS_BRANCH: tl.constexpr,
@@ -463,13 +498,15 @@ def _ln_bwd_params_kernel(
     COMPUTE_DBB: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ROWS: tl.constexpr,
+    GROUP_RNG: tl.constexpr,
 ):
     """Column-tiled sums over rows: dweight = sum dy * xhat, dbias = sum dy, dbranch_bias =
     sum dbranch (all after the wide kernel; dbranch_bias alone after _ln_bwd_kernel at
     N > 4096).  Grid (column tiles, row programs); re-reads s (or x, branch) and dy, which
     is the price of rows that do not fit in registers."""
     pid_r = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col0 = tl.program_id(0) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
@@ -482,10 +519,10 @@ def _ln_bwd_params_kernel(
         mask = row_ok[:, None] & (cols < N)[None, :]
         if COMPUTE_DW or COMPUTE_DB:
             xhat, dy, g, keep, rstd = _ln_bwd_tile(
-                X, BRANCH, BRANCH_BIAS, RESID, X, MEAN, RSTD, DY, seed, rows, cols, row_ok, mask, N, INNER,
+                X, BRANCH, BRANCH_BIAS, RESID, X, MEAN, RSTD, DY, seed, rows, col0, cols, row_ok, mask, N, INNER,
                 stride_x_outer, stride_x_inner, stride_br_outer, stride_br_inner, stride_dy_outer,
-                stride_dy_inner, dropout_p, dropout_scale, HAS_BRANCH, HAS_BRANCH_BIAS, HAS_DROPOUT, False,
-                RECOMPUTE)
+                stride_dy_inner, dropout_p, drop_thresh, dropout_scale, HAS_BRANCH, HAS_BRANCH_BIAS, HAS_DROPOUT, False,
+                RECOMPUTE, GROUP_RNG)
             if COMPUTE_DW:
                 dw += dy * xhat
             if COMPUTE_DB:
@@ -502,24 +539,31 @@ def _ln_bwd_params_kernel(
         tl.store(DBB_PART + part, tl.sum(dbb, axis=0), mask=cols < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_thresh"])  # its value changes with p
 def _dropout_keep_kernel(
     SEED,  # [1] int64
     KEEP,  # [M, N] contiguous bool output
     M,
     N,
     dropout_p,
+    drop_thresh,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
+    GROUP_RNG: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    keep = _keep_mask(tl.load(SEED), rows, cols, N, dropout_p)
+    keep = _keep_mask(tl.load(SEED), rows, 0, N, dropout_p, drop_thresh, BLOCK_N, GROUP_RNG)
     tl.store((KEEP + rows.to(tl.int64) * N)[:, None] + cols[None, :], keep, mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
+
+
+def _group_rng(n: int) -> bool:
+    """Dropout draws per 4 columns (_keep_mask) where rows load 4+ wide: n a multiple of 16."""
+    return n % 16 == 0
 
 
 def _rows3d(t: Tensor) -> Tensor:
@@ -615,10 +659,10 @@ def residual_layer_norm_fwd(
         seed if has_dropout else x3,
         y, resid if resid is not None else y, mean, rstd,
         m, n, x3.shape[1], *_strides(x3), *_strides(br3),
-        eps, dropout_p, _dropout_scale(dropout_p),
+        eps, dropout_p, keep_threshold(dropout_p), _dropout_scale(dropout_p),
         HAS_BRANCH=branch is not None, HAS_BRANCH_BIAS=branch is not None and branch_bias is not None,
         HAS_DROPOUT=has_dropout, HAS_W=weight is not None, HAS_B=bias is not None,
-        STORE_RESID=store_residual, BLOCK_N=cfg["BLOCK_N"], ROWS=f["ROWS"],
+        STORE_RESID=store_residual, BLOCK_N=cfg["BLOCK_N"], ROWS=f["ROWS"], GROUP_RNG=_group_rng(n),
         num_warps=f["num_warps"], num_stages=f["num_stages"],
     )
     return y, resid, mean, rstd
@@ -676,7 +720,7 @@ def residual_layer_norm_bwd(
 
     b = cfg["bwd"]
     common = dict(HAS_BRANCH=has_branch, HAS_BRANCH_BIAS=has_branch and branch_bias is not None,
-                  HAS_DROPOUT=has_dropout, RECOMPUTE=recompute)
+                  HAS_DROPOUT=has_dropout, RECOMPUTE=recompute, GROUP_RNG=_group_rng(n))
     pointers = (x3, br3, branch_bias if (recompute and branch_bias is not None) else dy3, res2)
     seed_arg = seed if has_dropout else dy3
     # Which parameter sums the whole-row kernel keeps in registers and which the column-tiled
@@ -704,7 +748,7 @@ def residual_layer_norm_bwd(
             *pointers, weight if weight is not None else dy3, seed_arg, mean, rstd, dy3, dres3,
             dx, dbranch if dbranch is not None else dx, *parts,
             m, n, dy3.shape[1], *_strides(x3), *_strides(br3), *_strides(dy3), *_strides(dres3),
-            dropout_p, _dropout_scale(dropout_p), triton.cdiv(tiles, programs),
+            dropout_p, keep_threshold(dropout_p), _dropout_scale(dropout_p), triton.cdiv(tiles, programs),
             HAS_W=weight is not None, HAS_DRESID=dresid is not None, STORE_DBRANCH=store_dbranch, **common,
             **in_rows, BLOCK_N=cfg["BLOCK_N"], ROWS=b["ROWS"], num_warps=b["num_warps"], num_stages=b["num_stages"],
         )
@@ -713,7 +757,7 @@ def residual_layer_norm_bwd(
             *pointers, weight if weight is not None else dy3, seed_arg, mean, rstd, dy3, dres3,
             dx, dbranch if dbranch is not None else dx,
             m, n, dy3.shape[1], *_strides(x3), *_strides(br3), *_strides(dy3), *_strides(dres3),
-            dropout_p, _dropout_scale(dropout_p),
+            dropout_p, keep_threshold(dropout_p), _dropout_scale(dropout_p),
             HAS_W=weight is not None, HAS_DRESID=dresid is not None, STORE_DBRANCH=store_dbranch, **common,
             BLOCK_C=b["BLOCK_C"], num_warps=b["num_warps"], num_stages=b["num_stages"],
         )
@@ -721,7 +765,8 @@ def residual_layer_norm_bwd(
         _ln_bwd_params_kernel[(col_tiles, programs_p)](
             *pointers, seed_arg, mean, rstd, dy3, dbranch if dbranch is not None else dx, *parts,
             m, n, dy3.shape[1], *_strides(x3), *_strides(br3), *_strides(dy3),
-            dropout_p, _dropout_scale(dropout_p), triton.cdiv(tiles_p, programs_p), **common, **in_cols,
+            dropout_p, keep_threshold(dropout_p), _dropout_scale(dropout_p), triton.cdiv(tiles_p, programs_p),
+            **common, **in_cols,
             BLOCK_C=p["BLOCK_C"], ROWS=p["ROWS"], num_warps=p["num_warps"], num_stages=p["num_stages"],
         )
 
@@ -746,10 +791,14 @@ def dropout_keep_mask(seed: Tensor, shape: Tuple[int, ...], dropout_p: float) ->
     cfg = layer_norm_config(n)
     keep = torch.empty(shape, dtype=torch.bool, device=seed.device)
     m = keep.numel() // n
-    if m > 0:
+    if m > 0 and dropout_p >= 1.0:  # the kernels scale by 1 - p = 0: nothing is kept (dropout_rng)
+        keep.zero_()
+    elif m > 0:
         rows = cfg["fwd"]["ROWS"]
         _dropout_keep_kernel[(triton.cdiv(m, rows),)](
-            seed, keep, m, n, dropout_p, BLOCK_N=cfg["BLOCK_N"], ROWS=rows, num_warps=cfg["fwd"]["num_warps"],
+            seed, keep, m, n, dropout_p, keep_threshold(dropout_p), BLOCK_N=cfg["BLOCK_N"], ROWS=rows,
+            GROUP_RNG=_group_rng(n),
+            num_warps=cfg["fwd"]["num_warps"],
         )
     return keep
 
@@ -765,7 +814,7 @@ _STRIDES = {"stride_x_outer": "i64", "stride_x_inner": "i32", "stride_br_outer":
 def _signature(fn, constexprs: dict, dtype: str = "fp16") -> dict:
     """Argument types: activations in ``dtype``, fp32 parameters, statistics and partial sums."""
     types = {"SEED": "*i64", "MEAN": "*fp32", "RSTD": "*fp32", "W": "*fp32", "B": "*fp32", "M": "i32", "N": "i32",
-             "INNER": "i32", "eps": "fp32", "dropout_p": "fp32", "dropout_scale": "fp32",
+             "INNER": "i32", "eps": "fp32", "dropout_p": "fp32", "drop_thresh": "i32", "dropout_scale": "fp32",
              "tiles_per_program": "i32", **_STRIDES}
     sig = {}
     for arg in fn.arg_names:
@@ -811,10 +860,11 @@ def compile_specs(dtypes=("fp16",), aligned=(False,), blocks=None) -> list:
             spec["attrs"] = _aligned_attrs(fn, sig)
         specs.append(spec)
 
-    feats = dict(HAS_BRANCH=True, HAS_BRANCH_BIAS=True, HAS_DROPOUT=True)
     all_blocks = [2**k for k in range(4, MAX_HIDDEN.bit_length())]
     for block, dtype, align in itertools.product(blocks or all_blocks, dtypes, aligned):
         variant.update(dtype=dtype, aligned=align)
+        # A hinted N is a multiple of 16, which is when the launchers group dropout draws.
+        feats = dict(HAS_BRANCH=True, HAS_BRANCH_BIAS=True, HAS_DROPOUT=True, GROUP_RNG=align)
         f = layer_norm_config(block)["fwd"]
         add(f"_ln_fwd_kernel[BLOCK_N={block}]", _ln_fwd_kernel,
             dict(feats, HAS_W=True, HAS_B=True, STORE_RESID=True, BLOCK_N=block, ROWS=f["ROWS"]), f)

@@ -75,6 +75,8 @@ def _tiny(dev, dt, extra) -> List[Entry]:
     for pad in (0.0, 0.5):
         e.append(_entry("encoder", "fwd", "padding", dev, dt, x, batch=4, seqlen=32, layers=2, padding=pad, **model))
     e.append(_entry("train", "train", "seqlen", dev, dt, x, batch=2, seqlen=32, layers=2, **model))
+    e.append(_entry("train", "train", "dropout", dev, dt, x, batch=2, seqlen=32, layers=2, padding=0.5, dropout=0.1,
+                    **model))
     e += [_entry("attention", "fwd", "dtype", dev, d, x, batch=2, seqlen=48, **attn) for d in extra]
     return e
 
@@ -107,6 +109,8 @@ def _cpu(dev, dt, extra) -> List[Entry]:
     for pad in (0.0, 0.5):
         e.append(_entry("train", "train", "padding", dev, dt, _only_at(pad == 0.0, "torch-compile"),
                         batch=16, seqlen=128, layers=4, padding=pad, **model))
+    e.append(_entry("train", "train", "dropout", dev, dt, _only_at(False, "torch-compile"),
+                    batch=16, seqlen=128, layers=4, padding=0.5, dropout=0.1, **model))
     for d in extra:
         e.append(_entry("attention", "fwd", "dtype", dev, d, batch=4, seqlen=256, heads=4, head_dim=64))
     return e
@@ -155,6 +159,9 @@ def _gpu(dev, dt, extra) -> List[Entry]:
     for pad in (0.0, 0.5):
         e.append(_entry("train", "train", "padding", dev, dt, HEAVY, batch=32, seqlen=512, layers=12, padding=pad,
                         **BERT))
+    # Fine-tuning runs dropout 0.1 (BERT's): the in-kernel masks of attention and LayerNorm cost integer work.
+    e.append(_entry("train", "train", "dropout", dev, dt, HEAVY, batch=32, seqlen=512, layers=12, padding=0.5,
+                    dropout=0.1, **BERT))
     # torch.compile (and the fastenc reference path) beside everything else, on a few points.
     for mode in ("fwd", "bwd"):
         e.append(_entry("attention", mode, "compile", dev, dt, batch=4, seqlen=4096, heads=16, head_dim=128))

@@ -223,8 +223,8 @@ def _torch_compile(w: Workload) -> Impl:
 
 def _torch_layer(w: Workload) -> nn.TransformerEncoderLayer:
     m = w.model
-    return nn.TransformerEncoderLayer(m["d_model"], m["nhead"], m["d_ff"], dropout=0.0, activation=m["activation"],
-                                      batch_first=True)
+    return nn.TransformerEncoderLayer(m["d_model"], m["nhead"], m["d_ff"], dropout=m["dropout"],
+                                      activation=m["activation"], batch_first=True)
 
 
 def _load_torch(w: Workload, cls, *, train: bool, nested: bool = False) -> nn.Module:
@@ -273,7 +273,7 @@ def _fastenc_model(backend: str):
                     notes.append(f"{op}={backends.explain(op, backend, device=w.device, dtype=w.dtype, **info)[0]}")
                 except backends.BackendUnavailableError as e:
                     raise Unavailable(str(e)) from None
-        layer = cls_layer(m["d_model"], m["nhead"], m["d_ff"], dropout=0.0, activation=m["activation"],
+        layer = cls_layer(m["d_model"], m["nhead"], m["d_ff"], dropout=m["dropout"], activation=m["activation"],
                           batch_first=True, backend=backend)
         model = cls_enc(layer, m["layers"], enable_nested_tensor=False, backend=backend)
         model.load_state_dict(w.model["state"])
@@ -301,7 +301,7 @@ def _build_hf_bert(w: Workload, fastenc_backend: Optional[str]) -> Impl:
     m = w.model
     cfg = dict(vocab_size=128, hidden_size=m["d_model"], num_hidden_layers=m["layers"],
                num_attention_heads=m["nhead"], intermediate_size=m["d_ff"], hidden_act="gelu",
-               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+               hidden_dropout_prob=m["dropout"], attention_probs_dropout_prob=m["dropout"],
                max_position_embeddings=max(512, w.params["seqlen"]))
 
     def make(impl: str, dtype) -> nn.Module:

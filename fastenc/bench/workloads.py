@@ -24,9 +24,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Workload:
     suite: str
     mode: str  # "fwd" | "bwd" (backward alone) | "train" (forward + backward + optimizer step)
-    # which parameter this point varies: "seqlen" | "batch" | "headdim" | "dtype" | "padding" | "hidden" | "activation"
+    # which parameter this point varies: "seqlen" | "batch" | "headdim" | "dtype" | "padding" | "hidden" |
+    # "activation" | "dropout"
     sweep: str
-    params: Dict[str, object]  # row columns: batch, seqlen, heads, head_dim, d_model, d_ff, activation, layers, padding
+    params: Dict[str, object]  # row columns: batch, seqlen, heads, head_dim, d_model, d_ff, activation, layers,
+    # padding, dropout
     device: torch.device
     dtype: torch.dtype
     make_inputs: Callable[[], tuple]  # one fresh random input copy
@@ -157,8 +159,13 @@ def _torch_encoder(d_model, nhead, d_ff, layers, device, dtype) -> nn.Module:
 
 
 def model_workload(suite, mode, sweep, device, dtype, *, batch, seqlen, d_model, nhead, d_ff, layers,
-                   padding=0.0) -> Workload:
-    """One encoder layer (suite "layer", layers=1) or a stack ("encoder", "train")."""
+                   padding=0.0, dropout=0.0) -> Workload:
+    """One encoder layer (suite "layer", layers=1) or a stack ("encoder", "train").
+
+    dropout: every provider's dropout probability (attention, residual and feed-forward), as
+    fine-tuning runs; with dropout > 0 outputs are random, so the runner checks them for
+    finiteness only (tests/ check the kernels' masks against the reference).
+    """
     lengths = padded_lengths(batch, seqlen, padding)
     enc = _torch_encoder(d_model, nhead, d_ff, layers, device, dtype)
     state = {k: v.detach() for k, v in enc.state_dict().items()}
@@ -178,9 +185,10 @@ def model_workload(suite, mode, sweep, device, dtype, *, batch, seqlen, d_model,
     return Workload(
         suite, mode, sweep,
         dict(batch=batch, seqlen=seqlen, heads=nhead, head_dim=d_model // nhead, d_model=d_model, d_ff=d_ff,
-             layers=layers, padding=padding),
+             layers=layers, padding=padding, **({"dropout": dropout} if dropout else {})),
         device, dtype, make_inputs, (0,), ref, valid=lambda inp: _valid_tokens(inp, 1, 1),
         flops=layers * formulas.encoder_layer_flops(lengths, d_model, nhead, d_ff, mode=mode),
         tokens=sum(lengths),
-        model=dict(d_model=d_model, nhead=nhead, d_ff=d_ff, layers=layers, state=state, activation=LAYER_ACTIVATION),
+        model=dict(d_model=d_model, nhead=nhead, d_ff=d_ff, layers=layers, state=state, activation=LAYER_ACTIVATION,
+                   dropout=dropout),
     )
