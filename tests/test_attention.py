@@ -292,6 +292,16 @@ def test_dropout_keep_rate_and_replay():
     assert not kernels.dropout_keep_mask(_seed(5), 1, 1, 8, 8, 1.0).any()
 
 
+def test_dropout_elements_sharing_a_philox_call_are_independent():
+    # Queries i, i+8 and keys 2d, 2d+1 take the four outputs of one call: their keep flags must be
+    # as uncorrelated as any others (p = 0.5: correlation ~ N(0, 1/sqrt(n)), n = 2^15 pairs here).
+    keep = kernels.dropout_keep_mask(_seed(11), 2, 2, 128, 128, 0.5).float()
+    for a, b in ((keep[..., 0::2], keep[..., 1::2]), (keep[..., 0:8, :], keep[..., 8:16, :])):
+        a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+        corr = (a * b).mean() / (a.std() * b.std())
+        assert abs(corr) < 5 / a.numel() ** 0.5, f"correlation {corr:.4f} between elements of one call"
+
+
 def test_dropout_scaling():
     # scale = 0 makes attention uniform (1/S); with v = 1 a row's output is (#kept / S) / (1 - p).
     B, L, S, H, D, p = 1, 16, 40, 2, 32, 0.25
