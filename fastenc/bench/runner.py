@@ -205,6 +205,8 @@ def run_one(w: Workload, provider: Provider, *, min_time_s: float) -> Result:
     try:
         impl, first = build_checked(w, provider)
         res.note = impl.note
+        if w.params.get("dropout"):
+            res.note += ("; " if res.note else "") + "dropout: random masks, checked for finite values only"
         step, res.copies = build_step(w, impl, first)
         with torch.no_grad() if w.mode == "fwd" else contextlib.nullcontext():
             res.timing = timing.time_step(step, res.copies, w.device, min_time_s=min_time_s)
