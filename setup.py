@@ -359,10 +359,11 @@ def _ext_modules():
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(mem_gb // 4))))
 
-    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cutlass_cu = {os.path.relpath(s, ROOT) for s in cutlass_sources()}
     cu_sources = [s for s in sorted(glob.glob("csrc/**/*.cu", recursive=True)) if s not in cutlass_cu]
-    cxx_flags = ["-O3", "-std=c++20"]
+    # -fopenmp: at::parallel_for only runs in parallel under _OPENMP; libgomp.so.1 resolves to the one torch loaded.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     use_cuda = (
         not _env_flag("FASTENC_FORCE_CPU") and torch.version.cuda is not None and CUDA_HOME is not None and cu_sources
     )
@@ -392,12 +393,12 @@ def _ext_modules():
             library_dirs=[d for d in (os.path.join(CUDA_HOME, "lib64"), "/usr/local/cuda/lib64")
                           if os.path.exists(os.path.join(d, "libcudart.so"))][:1],
             # cuBLASLt by file: torch's wheels ship only the versioned libcublasLt.so.N.
-            extra_link_args=[cublaslt_lib, "-Wl,-rpath," + os.path.dirname(cublaslt_lib)],
+            extra_link_args=[cublaslt_lib, "-Wl,-rpath," + os.path.dirname(cublaslt_lib), "-fopenmp"],
         )
     else:
         ext = CppExtension(
             "fastenc._C", cpp_sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
         )
     if not cpp_sources:
         return [], {}

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
+#include "bindings.h"
 #include "ffn.h"
 
 // setup.py passes the archs as one token (-DFASTENC_CUDA_ARCHS=80_90a).
@@ -261,10 +262,7 @@ bool has_cuda() {
 
 }  // namespace
 
-}  // namespace fastenc
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastenc native ops: the feed-forward block (CPU path and, in CUDA builds, CUDA kernels)";
+void bind_ffn(py::module_& m) {
   m.def("ffn_forward", &fastenc::ffn_forward, "y, h, pre = FFN forward", py::arg("x"), py::arg("w1"), py::arg("b1"),
         py::arg("w2"), py::arg("b2"), py::arg("residual"), py::arg("activation"), py::arg("dropout_p"),
         py::arg("seed"), py::arg("gemm_path"), py::arg("save"));
@@ -285,3 +283,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cutlass_sm90_built", &fastenc::cutlass_sm90_built, "whether the CUTLASS sm90 kernels were compiled");
   m.def("cuda_archs", []() { return std::string(kCudaArchs); }, "the CUDA archs of the build, as 80_90a");
 }
+
+}  // namespace fastenc

@@ -1,0 +1,11 @@
+// One bind_<op>(m) per op: each op's bindings file (<op>_api.cpp) defines its m.def calls; module.cpp
+// is the extension's only PYBIND11_MODULE and calls them all.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace fastenc {
+
+void bind_ffn(py::module_& m);
+
+}  // namespace fastenc
