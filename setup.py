@@ -52,6 +52,34 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+# CPU kernels (csrc/cpu/) use ATen's at::vec types, whose width is fixed at compile time by these macros
+# (as torch.compile's C++ code does): FASTENC_CPU_ISA=avx512|avx2|default|auto (auto: the build machine's best).
+_CPU_ISAS = {
+    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"], "AVX512"),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], "AVX2"),
+    "default": ([], None),
+}
+
+
+def _cpu_isa_flags():
+    isa = os.environ.get("FASTENC_CPU_ISA", "auto").lower()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            have = set(f.read().split())
+    except OSError:
+        have = set()
+    if isa == "auto":
+        isa = ("avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= have
+               else "avx2" if {"avx2", "fma", "f16c"} <= have else "default")
+    if isa not in _CPU_ISAS:
+        raise RuntimeError(f"FASTENC_CPU_ISA={isa!r}: expected one of auto, {', '.join(_CPU_ISAS)}")
+    flags, cap = _CPU_ISAS[isa]
+    flags = list(flags) + ([f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"] if cap else [])
+    if isa == "avx512" and "avx512_bf16" in have:  # dot products on bf16 pairs (vdpbf16ps)
+        flags += ["-mavx512bf16", "-DFASTENC_AVX512BF16"]
+    return flags + [f"-DFASTENC_CPU_ISA={isa}"]
+
+
 def _cuda_archs():
     archs = os.environ.get("FASTENC_CUDA_ARCHS", "80;90a")
     return [a.replace("sm_", "").replace(".", "") for a in filter(None, re.split(r"[;, ]+", archs))]
@@ -363,7 +391,7 @@ def _ext_modules():
     cutlass_cu = {os.path.relpath(s, ROOT) for s in cutlass_sources()}
     cu_sources = [s for s in sorted(glob.glob("csrc/**/*.cu", recursive=True)) if s not in cutlass_cu]
     # -fopenmp: at::parallel_for only runs in parallel under _OPENMP; libgomp.so.1 resolves to the one torch loaded.
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"] + _cpu_isa_flags()
     use_cuda = (
         not _env_flag("FASTENC_FORCE_CPU") and torch.version.cuda is not None and CUDA_HOME is not None and cu_sources
     )
