@@ -16,7 +16,7 @@ from tests.conftest import DEVICE, ON_GPU, TRITON_DTYPES
 from fastenc import reference
 from fastenc.backends import BackendUnavailableError
 from fastenc.ops import residual_layer_norm
-from fastenc.ops.layer_norm import draw_dropout_seed
+from fastenc.ops._common import draw_seed as draw_dropout_seed
 from fastenc.testing import assert_close, assert_parity
 from fastenc.triton_kernels import layer_norm as kernels
 
