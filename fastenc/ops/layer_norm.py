@@ -28,7 +28,7 @@ def _triton_available(device, dtype=None, hidden=None, **_) -> Optional[str]:
         return reason
     if dtype is not None and dtype not in _FLOAT_DTYPES:
         return f"the Triton LayerNorm takes float16, bfloat16 or float32, not {dtype}"
-    from ..triton_kernels.layer_norm import MAX_HIDDEN
+    from ..triton_kernels.layer_norm_config import MAX_HIDDEN
 
     if hidden is not None and not 1 <= hidden <= MAX_HIDDEN:
         return f"hidden size {hidden} is outside the Triton kernel's range 1..{MAX_HIDDEN}"
