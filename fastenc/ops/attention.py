@@ -26,7 +26,6 @@ from ._common import check_dropout, compiling, draw_seed, needs_grad
 Tensor = torch.Tensor
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MIN_HEAD_DIM, _MAX_HEAD_DIM = 8, 256  # the Triton kernel's (triton_kernels/attention.py)
 
 
 def _triton_kernels():
@@ -43,8 +42,9 @@ def _triton_available(device: torch.device, dtype: torch.dtype, shape: tuple) ->
     head_dim, head_dim_v, mask_grad = shape
     if dtype not in _KERNEL_DTYPES:
         return f"dtype {dtype} is not one of float16, bfloat16, float32"
-    if not (_MIN_HEAD_DIM <= head_dim <= _MAX_HEAD_DIM and head_dim % 8 == 0):
-        return f"head dim {head_dim} is unsupported (multiples of 8 from {_MIN_HEAD_DIM} to {_MAX_HEAD_DIM})"
+    lo, hi = _triton_kernels().MIN_HEAD_DIM, _triton_kernels().MAX_HEAD_DIM
+    if not (lo <= head_dim <= hi and head_dim % 8 == 0):
+        return f"head dim {head_dim} is unsupported (multiples of 8 from {lo} to {hi})"
     if head_dim_v != head_dim:
         return f"v head dim {head_dim_v} differs from q/k head dim {head_dim}"
     if mask_grad:

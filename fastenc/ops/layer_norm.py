@@ -37,10 +37,11 @@ def _triton_available(device: torch.device, dtype: torch.dtype, shape: tuple) ->
         return reason
     if dtype not in _FLOAT_DTYPES:
         return f"the Triton LayerNorm takes float16, bfloat16 or float32, not {dtype}"
+    from ..triton_kernels.layer_norm_config import MAX_HIDDEN
+
     (hidden,) = shape
-    max_hidden = _triton_kernels().MAX_HIDDEN
-    if not 1 <= hidden <= max_hidden:
-        return f"hidden size {hidden} is outside the Triton kernel's range 1..{max_hidden}"
+    if not 1 <= hidden <= MAX_HIDDEN:
+        return f"hidden size {hidden} is outside the Triton kernel's range 1..{MAX_HIDDEN}"
     return None
 
 
