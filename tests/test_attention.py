@@ -155,7 +155,7 @@ def test_lse_matches_logsumexp():
     q, k, v = _rand(B, L, H, D), _rand(B, S, H, D), _rand(B, S, H, D)
     kpm = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
     kpm[1] = True
-    out, lse = torch.ops.fastenc.attention_fwd(q, k, v, None, kpm, None, None, L, S, False, 0.25, 0.0, None)
+    out, lse = torch.ops.fastenc.attention_fwd(q, k, v, None, kpm, None, None, L, S, False, 0.25, 0.0, None, "triton")
     scores = torch.einsum("blhd,bshd->bhls", q.float(), k.float()) * 0.25
     expected = torch.logsumexp(scores.masked_fill(kpm[:, None, None, :], float("-inf")), -1)
     torch.testing.assert_close(lse[0], expected[0], atol=1e-4, rtol=1e-4)
@@ -310,11 +310,11 @@ def test_dropout_scaling():
     q, k = _rand(B, L, H, D), _rand(B, S, H, D)
     v = torch.ones(B, S, H, D, device=DEVICE, dtype=torch.float16)
     seed = _seed(7)
-    out, _ = torch.ops.fastenc.attention_fwd(q, k, v, None, None, None, None, L, S, False, 0.0, p, seed)
+    out, _ = torch.ops.fastenc.attention_fwd(q, k, v, None, None, None, None, L, S, False, 0.0, p, seed, "triton")
     keep = kernels.dropout_keep_mask(seed, B, H, L, S, p)
     expected = keep.float().mean(-1).transpose(1, 2)[..., None].expand(B, L, H, D) / (1 - p)
     torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
-    out1, _ = torch.ops.fastenc.attention_fwd(q, k, v, None, None, None, None, L, S, False, 0.3, 1.0, seed)
+    out1, _ = torch.ops.fastenc.attention_fwd(q, k, v, None, None, None, None, L, S, False, 0.3, 1.0, seed, "triton")
     assert torch.all(out1 == 0), "p = 1 drops everything"
 
 
@@ -330,8 +330,8 @@ def test_dropout_matches_reference_mask(causal, masked):
         kpm = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
         kpm[1, 20:] = True
     _check_parity(
-        lambda q, k, v: torch.ops.fastenc.attention_fwd(q, k, v, None, kpm, None, None, L, S, causal,
-                                                        1 / math.sqrt(D), p, seed)[0],
+        lambda q, k, v: attn_mod._Attention.apply(q, k, v, None, kpm, None, None, L, S, causal, 1 / math.sqrt(D), p,
+                                                  seed, "triton"),
         lambda q, k, v, upcast: reference.attention(q, k, v, key_padding_mask=kpm, is_causal=causal, dropout_p=p,
                                                     dropout_mask=keep, upcast=upcast),
         [_rand(B, L, H, D), _rand(B, S, H, D), _rand(B, S, H, D)], name="dropout",
@@ -368,8 +368,8 @@ def test_dropout_varlen_matches_reference_mask():
     masks = [keep[b:b + 1, :, :lens_q[b], :lens_k[b]] for b in range(2)]
     inputs = [_rand(20, H, D), _rand(10, H, D), _rand(10, H, D)]
     fast_in, ref_in, base_in = _leaves(inputs), _leaves(inputs, torch.float32), _leaves(inputs)
-    out = torch.ops.fastenc.attention_fwd(*fast_in, None, None, cu_q, cu_k, 17, 9, False, 1 / math.sqrt(D), p,
-                                          seed)[0]
+    out = attn_mod._Attention.apply(*fast_in, None, None, cu_q, cu_k, 17, 9, False, 1 / math.sqrt(D), p, seed,
+                                    "triton")
     ref, base = (reference.attention_varlen(*t, cu_q, cu_k, dropout_p=p, dropout_masks=masks, upcast=upcast)
                  for t, upcast in ((ref_in, True), (base_in, False)))
     assert_parity(out, ref, base, name="varlen dropout out")
@@ -441,13 +441,15 @@ def test_bad_inputs():
 
 def test_check_reasons():
     check = attn_mod._triton_available
-    assert check(DEVICE, torch.float16, head_dim=64) is None
-    assert check(DEVICE, torch.float16, head_dim=72) is None
-    assert "head dim 264" in check(DEVICE, torch.float16, head_dim=264)
-    assert "head dim 12" in check(DEVICE, torch.float16, head_dim=12)
-    assert check(DEVICE, torch.float16, head_dim=8) is None
-    assert "float64" in check(DEVICE, torch.float64, head_dim=64)
-    assert "mask" in check(DEVICE, torch.float16, head_dim=64, mask_requires_grad=True)
+    dev = torch.device(DEVICE)
+    assert check(dev, torch.float16, (64, 64, False)) is None
+    assert check(dev, torch.float16, (72, 72, False)) is None
+    assert "head dim 264" in check(dev, torch.float16, (264, 264, False))
+    assert "head dim 12" in check(dev, torch.float16, (12, 12, False))
+    assert check(dev, torch.float16, (8, 8, False)) is None
+    assert "float64" in check(dev, torch.float64, (64, 64, False))
+    assert "mask" in check(dev, torch.float16, (64, 64, True))
+    assert "v head dim 32" in check(dev, torch.float16, (64, 32, False))
 
 
 def test_mask_needing_grad_goes_to_reference():
@@ -473,12 +475,16 @@ def test_empty_inputs():
 
 
 def test_custom_op_opcheck():
-    q, k, v = (_rand(1, 6, 2, 32).requires_grad_() for _ in range(3))
+    """The raw custom ops (autograd is the autograd.Function above them, as flash-attention does)."""
+    q, k, v = (_rand(1, 6, 2, 32) for _ in range(3))
     kpm = torch.zeros(1, 6, dtype=torch.bool, device=DEVICE)
     kpm[0, 4:] = True
-    torch.library.opcheck(torch.ops.fastenc.attention_fwd.default,
-                          (q, k, v, None, kpm, None, None, 6, 6, False, 0.2, 0.0, None),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    args = (None, kpm, None, None, 6, 6, False, 0.2, 0.0, None, "triton")
+    torch.library.opcheck(torch.ops.fastenc.attention_fwd.default, (q, k, v, *args),
+                          test_utils=("test_schema", "test_faketensor"))
+    out, lse = torch.ops.fastenc.attention_fwd(q, k, v, *args)
+    torch.library.opcheck(torch.ops.fastenc.attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, *args),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph():
