@@ -48,3 +48,14 @@ def compiling() -> bool:
 def needs_grad(*tensors) -> bool:
     """Whether autograd must record this call (some input requires grad and grad mode is on)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def autocast_dtype(device: torch.device):
+    """The lower precision torch.autocast runs matmul-like ops in on ``device``, or None when it is off.
+
+    Fast kernels are not seen by autocast (they are not ATen ops, or they call ATen below autocast's
+    casts), so a GEMM-like op casts its floating inputs itself, as ``F.linear`` would be cast.
+    """
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)

@@ -24,7 +24,7 @@ import torch
 
 from .. import reference
 from ..backends import cpu_check, extension, register_op, resolve
-from ._common import check_dropout, compiling, draw_seed, needs_grad
+from ._common import autocast_dtype, check_dropout, compiling, draw_seed, needs_grad
 
 Tensor = torch.Tensor
 
@@ -260,6 +260,9 @@ def ffn_unchecked(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: O
     b = resolve("ffn", backend, x.device, x.dtype, (activation,))
     if b == "reference":
         return reference.ffn(x, w1, b1, w2, b2, activation=activation, dropout_p=dropout_p, residual=residual)
+    low = autocast_dtype(x.device)
+    if low is not None and x.dtype != low:  # under autocast the GEMMs run in its dtype, as nn.Linear's would
+        x, w1, b1, w2, b2, residual = (t.to(low) if t is not None else None for t in (x, w1, b1, w2, b2, residual))
     seed = draw_seed(torch.device("cpu")) if dropout_p > 0.0 else _NO_SEED
     path = _gemm_path()
     if needs_grad(x, w1, b1, w2, b2, residual):
