@@ -1,0 +1,611 @@
+// CPU flash attention on packed variable-length sequences: FlashAttention-2 (Dao, 2023) —
+// online softmax over key blocks in the forward, P recomputed from the saved log-sum-exp in
+// the backward — with key padding and additive masks, causal masking and Philox dropout.
+//
+// Scores are kept TRANSPOSED, st[j][i] (key j, query i): the query index runs along the SIMD
+// lanes, so the softmax's max and sum over keys are lane-wise (no horizontal reductions),
+// S = Q Kᵀ broadcasts K[j][d] against rows of Qᵀ (Q transposed once per work item, K never),
+// and O += P V broadcasts P[i][j] against rows of V.  Every product is one of two
+// register-blocked micro-kernels on fp32 buffers:
+//   abt: C[r][i] = Σ_d A[r][d] · Bt[d][i]           (scores, dP = dO Vᵀ)
+//   acc: C[r][:] += Σ_c W(c, r) · R[c][:]           (P V, dV = Pᵀ dO, dK = dSᵀ Q, dQ = dS K)
+// q/k/v/dout are staged into fp32 buffers (bf16/fp16 widened there), accumulation is fp32.
+//
+// Limits: the backward parallelises over (sequence, head) only, so a batch with fewer
+// (sequence, head) pairs than threads leaves threads idle; no gradient for the masks.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/attention.h"
+#include "ffn_math.h"
+
+#define FASTENC_UNROLL_ALL _Pragma("GCC unroll 16")
+
+namespace fastenc::cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int kW = Vec::size();
+constexpr int kPad = kW > 8 ? kW : 8;   // row padding of the buffers: a multiple of kW and of every tile height
+constexpr int kAcc = kW >= 16 ? 16 : 8;  // accumulators per tile (AVX-512 has 32 registers, AVX2 16)
+constexpr int kMaxNI = kAcc / 4;         // query vectors per abt tile
+constexpr int kMaxNV = kAcc / 2;         // column vectors per acc tile
+constexpr int64_t kQC = 64;              // query rows per work item (forward) / chunk (backward)
+constexpr int64_t kBN = 128;             // keys per block in the forward
+constexpr int64_t kBNb = 64;             // keys per block in the backward
+constexpr float kInf = std::numeric_limits<float>::infinity();
+static_assert(kQC % kPad == 0 && kBN % 8 == 0 && kBNb % 8 == 0 && kW % 4 == 0);
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Rows per tile for nv vectors per row: a power of two <= 8 (so 8-row padding suffices).
+constexpr int tile_rows(int nv) {
+  const int r = kAcc / nv;
+  return r >= 8 ? 8 : r >= 4 ? 4 : r >= 2 ? 2 : 1;
+}
+
+// ------------------------------------------------------------------------------- micro-kernels
+
+// C[r][n·kW + l] = Σ_{d<kd} A[r·lda + d] · Bt[d·ldb + n·kW + l] for r < NJ, n < NI.
+template <int NJ, int NI>
+inline void abt_tile(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t kd, float* c, int64_t ldc) {
+  Vec acc[NJ][NI];
+  FASTENC_UNROLL_ALL
+  for (int r = 0; r < NJ; ++r) {
+    FASTENC_UNROLL_ALL
+    for (int n = 0; n < NI; ++n) acc[r][n] = Vec(0.f);
+  }
+  for (int64_t d = 0; d < kd; ++d) {
+    Vec b[NI];
+    FASTENC_UNROLL_ALL
+    for (int n = 0; n < NI; ++n) b[n] = Vec::loadu(bt + d * ldb + n * kW);
+    FASTENC_UNROLL_ALL
+    for (int r = 0; r < NJ; ++r) {
+      const Vec ar(a[r * lda + d]);
+      FASTENC_UNROLL_ALL
+      for (int n = 0; n < NI; ++n) acc[r][n] = at::vec::fmadd(ar, b[n], acc[r][n]);
+    }
+  }
+  FASTENC_UNROLL_ALL
+  for (int r = 0; r < NJ; ++r) {
+    FASTENC_UNROLL_ALL
+    for (int n = 0; n < NI; ++n) acc[r][n].store(c + r * ldc + n * kW);
+  }
+}
+
+template <int NI>
+void abt_cols(const float* a, int64_t lda, int64_t rows, const float* bt, int64_t ldb, int64_t kd, float* c,
+              int64_t ldc) {
+  constexpr int NJ = tile_rows(NI);
+  for (int64_t r = 0; r < rows; r += NJ) abt_tile<NJ, NI>(a + r * lda, lda, bt, ldb, kd, c + r * ldc, ldc);
+}
+
+// C[rows][nv·kW] = A[rows][kd] · Bt[kd][nv·kW]; rows a multiple of 8 (A padded to it).
+void abt(const float* a, int64_t lda, int64_t rows, const float* bt, int64_t ldb, int64_t kd, int64_t nv, float* c,
+         int64_t ldc) {
+  for (int64_t n0 = 0; n0 < nv; n0 += kMaxNI) {
+    const float* b = bt + n0 * kW;
+    float* cc = c + n0 * kW;
+    switch (std::min<int64_t>(kMaxNI, nv - n0)) {
+      case 1: abt_cols<1>(a, lda, rows, b, ldb, kd, cc, ldc); break;
+      case 2: abt_cols<2>(a, lda, rows, b, ldb, kd, cc, ldc); break;
+      case 3: abt_cols<3>(a, lda, rows, b, ldb, kd, cc, ldc); break;
+      default: abt_cols<4>(a, lda, rows, b, ldb, kd, cc, ldc); break;
+    }
+  }
+}
+
+// C[r·ldc + v·kW + l] += Σ_{c<nc} W[c·wc + r·wr] · R[c·ldr + v·kW + l] for r < NR, v < NV.
+template <int NR, int NV>
+inline void acc_tile(const float* w, int64_t wc, int64_t wr, const float* rm, int64_t ldr, int64_t nc, float* c,
+                     int64_t ldc) {
+  Vec acc[NR][NV];
+  FASTENC_UNROLL_ALL
+  for (int r = 0; r < NR; ++r) {
+    FASTENC_UNROLL_ALL
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec::loadu(c + r * ldc + v * kW);
+  }
+  for (int64_t k = 0; k < nc; ++k) {
+    Vec x[NV];
+    FASTENC_UNROLL_ALL
+    for (int v = 0; v < NV; ++v) x[v] = Vec::loadu(rm + k * ldr + v * kW);
+    FASTENC_UNROLL_ALL
+    for (int r = 0; r < NR; ++r) {
+      const Vec wv(w[k * wc + r * wr]);
+      FASTENC_UNROLL_ALL
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(wv, x[v], acc[r][v]);
+    }
+  }
+  FASTENC_UNROLL_ALL
+  for (int r = 0; r < NR; ++r) {
+    FASTENC_UNROLL_ALL
+    for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * kW);
+  }
+}
+
+template <int NV>
+void acc_cols(const float* w, int64_t wc, int64_t wr, int64_t rows, const float* rm, int64_t ldr, int64_t nc, float* c,
+              int64_t ldc) {
+  constexpr int NR = tile_rows(NV);
+  for (int64_t r = 0; r < rows; r += NR) acc_tile<NR, NV>(w + r * wr, wc, wr, rm, ldr, nc, c + r * ldc, ldc);
+}
+
+// C[rows][nv·kW] += Wᵀ R with W(c, r) at w[c·wc + r·wr]; rows a multiple of 8.
+void acc(const float* w, int64_t wc, int64_t wr, int64_t rows, const float* rm, int64_t ldr, int64_t nc, int64_t nv,
+         float* c, int64_t ldc) {
+  for (int64_t v0 = 0; v0 < nv; v0 += kMaxNV) {
+    const float* r = rm + v0 * kW;
+    float* cc = c + v0 * kW;
+    switch (std::min<int64_t>(kMaxNV, nv - v0)) {
+      case 1: acc_cols<1>(w, wc, wr, rows, r, ldr, nc, cc, ldc); break;
+      case 2: acc_cols<2>(w, wc, wr, rows, r, ldr, nc, cc, ldc); break;
+      case 3: acc_cols<3>(w, wc, wr, rows, r, ldr, nc, cc, ldc); break;
+      case 4: acc_cols<4>(w, wc, wr, rows, r, ldr, nc, cc, ldc); break;
+      case 5: acc_cols<5>(w, wc, wr, rows, r, ldr, nc, cc, ldc); break;
+      case 6: acc_cols<6>(w, wc, wr, rows, r, ldr, nc, cc, ldc); break;
+      case 7: acc_cols<7>(w, wc, wr, rows, r, ldr, nc, cc, ldc); break;
+      default: acc_cols<8>(w, wc, wr, rows, r, ldr, nc, cc, ldc); break;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------- staging
+
+// dst[0, n) = src · mul in fp32, dst[n, npad) = 0.
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n, int64_t npad, float mul) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]) * mul;
+  for (int64_t d = n; d < npad; ++d) dst[d] = 0.f;
+}
+
+template <typename T>
+inline void store_row(const float* src, T* dst, int64_t n, float mul) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d] * mul);
+}
+
+// Per-thread scratch: grows to the largest request seen, then is reused (no per-call allocation).
+float* scratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n + 16) buf.resize(n + 16);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));  // 64-byte aligned
+}
+
+// Carves 64-byte aligned pieces out of one scratch block.
+struct Carver {
+  float* p;
+  float* take(int64_t n) {
+    float* r = p;
+    p += round_up(n, 16);
+    return r;
+  }
+};
+
+// Runs f(w) for w in [0, n) on at::get_num_threads() threads that take items in turn
+// (dynamic scheduling: ragged items balance, and a busy core does not hold the others up).
+template <typename F>
+void run_items(int64_t n, const F& f) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t w = next.fetch_add(1, std::memory_order_relaxed); w < n; w = next.fetch_add(1, std::memory_order_relaxed))
+      f(w);
+  });
+}
+
+// ------------------------------------------------------------------------------- masks, dropout
+
+template <typename Fn>
+void dispatch_mask(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kBool: fn(bool{}); break;
+    case at::kFloat: fn(float{}); break;
+    case at::kDouble: fn(double{}); break;
+    case at::kHalf: fn(at::Half{}); break;
+    case at::kBFloat16: fn(at::BFloat16{}); break;
+    default: TORCH_CHECK_TYPE(false, "fastenc attention: no kernel for mask dtype ", t);
+  }
+}
+
+template <typename M>
+inline float mask_bias(M m) {
+  if constexpr (std::is_same_v<M, bool>) {
+    return m ? -kInf : 0.f;
+  } else {
+    return static_cast<float>(m);
+  }
+}
+
+struct Seq {
+  int64_t q0, k0, L, S;  // first row in q and in k/v, lengths
+};
+
+// Adds key padding, attention mask and causal masking to st[jj][ii] (key j0 + jj, query i0 + ii).
+void apply_masks(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t nqv, int64_t j0,
+                 int64_t nj, float* st, int64_t ld) {
+  if (p.key_padding) {
+    dispatch_mask(p.key_padding.dtype, [&](auto m_) {
+      using M = decltype(m_);
+      const M* kp = static_cast<const M*>(p.key_padding.data) + b * p.key_padding.sb;
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        const float bias = mask_bias(kp[(j0 + jj) * p.key_padding.sj]);
+        if (bias == 0.f) continue;
+        const Vec bv(bias);
+        for (int64_t n = 0; n < nqv; ++n) (Vec::loadu(st + jj * ld + n * kW) + bv).store(st + jj * ld + n * kW);
+      }
+    });
+  }
+  if (p.attn_mask) {
+    const AttnMask& am = p.attn_mask;
+    dispatch_mask(am.dtype, [&](auto m_) {
+      using M = decltype(m_);
+      const M* base = static_cast<const M*>(am.data) + b * am.sb + h * am.sh + i0 * am.si;
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        const M* col = base + (j0 + jj) * am.sj;
+        float* s = st + jj * ld;
+        for (int64_t ii = 0; ii < rows; ++ii) s[ii] += mask_bias(col[ii * am.si]);
+      }
+    });
+  }
+  if (p.causal) {  // key j is hidden from query i when j > i
+    const Vec ninf(-kInf);
+    for (int64_t jj = std::max<int64_t>(0, i0 + 1 - j0); jj < nj; ++jj) {
+      const Vec j(static_cast<float>(j0 + jj));
+      for (int64_t n = 0; n < nqv; ++n) {
+        const Vec i = Vec::arange(static_cast<float>(i0 + n * kW), 1.f);
+        float* s = st + jj * ld + n * kW;
+        Vec::blendv(Vec::loadu(s), ninf, i < j).store(s);
+      }
+    }
+  }
+}
+
+struct Dropout {
+  bool on = false;
+  uint64_t seed = 0;
+  uint32_t threshold24 = 0;
+  float scale = 1.f;
+};
+
+Dropout make_dropout(const AttnParams& p) {
+  Dropout d;
+  d.on = p.dropout_p > 0.0;
+  d.seed = p.seed;
+  d.threshold24 = dropout_threshold24(p.dropout_p);
+  d.scale = dropout_scale(p.dropout_p);
+  return d;
+}
+
+// z[kk][l] = keep·scale of element (b, h, i = ib + l, j = j0 + kk) for kk < 4, l < kW (ib % 4 == 0):
+// kW Philox calls at once (counters {i / 4, j, h, b}), lane-parallel so the compiler vectorises them.
+void dropout_block(const Dropout& dr, int64_t b, int64_t h, int64_t ib, int64_t j0, float (*z)[kW]) {
+  constexpr int G = kW / 4;  // Philox calls per key
+  uint32_t c0[kW], c1[kW], c2[kW], c3[kW];
+  for (int l = 0; l < kW; ++l) {
+    c0[l] = static_cast<uint32_t>((ib >> 2) + l % G);
+    c1[l] = static_cast<uint32_t>(j0 + l / G);
+    c2[l] = static_cast<uint32_t>(h);
+    c3[l] = static_cast<uint32_t>(b);
+  }
+  uint32_t k0 = static_cast<uint32_t>(dr.seed), k1 = static_cast<uint32_t>(dr.seed >> 32);
+  for (int r = 0; r < 10; ++r) {  // the rounds of philox4x32 (ffn_math.h), one lane per call
+    for (int l = 0; l < kW; ++l) {
+      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[l];
+      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[l];
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[l] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[l] ^ k1;
+      c1[l] = static_cast<uint32_t>(p1);
+      c3[l] = static_cast<uint32_t>(p0);
+      c0[l] = n0;
+      c2[l] = n2;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  const uint32_t* words[4] = {c0, c1, c2, c3};
+  for (int l = 0; l < kW; ++l)
+    for (int w = 0; w < 4; ++w) z[l / G][4 * (l % G) + w] = dropout_keep(words[w][l], dr.threshold24) ? dr.scale : 0.f;
+}
+
+Vec vexp(Vec x) { return x.exp_u20(); }  // 20-ulp exp (as torch's CPU flash attention); exp(-inf) = 0
+
+// ------------------------------------------------------------------------------- forward
+
+template <typename T>
+struct View {  // [T, H, D] rows
+  T* p;
+  int64_t st, sh;
+  T* row(int64_t t, int64_t h) const { return p + t * st + h * sh; }
+};
+
+template <typename T>
+View<T> view(const at::Tensor& t) {
+  return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1)};
+}
+
+struct Shape {
+  int64_t H, D, Dv;
+};
+
+template <typename T>
+void forward_item(const AttnParams& p, const Dropout& dr, const Shape& sh, const View<const T>& q,
+                  const View<const T>& k, const View<const T>& v, const View<T>& out, float* lse, int64_t lse_sh,
+                  int64_t lse_st, const Seq& s, int64_t b, int64_t h, int64_t i0) {
+  const int64_t D = sh.D, Dv = sh.Dv, DVp = round_up(Dv, kW);
+  const int64_t rows = std::min(kQC, s.L - i0), ld = round_up(rows, kPad), nqv = ld / kW;
+  const int64_t kend = p.causal ? std::min(s.S, i0 + rows) : s.S;
+  const int64_t bn = std::min(kBN, round_up(std::max<int64_t>(kend, 1), 8));
+  Carver c{scratch(D * ld + bn * ld + bn * D + bn * DVp + ld * DVp + 3 * ld + 16 * 8)};
+  float* qt = c.take(D * ld);    // Qᵀ · scale [D][ld]
+  float* st = c.take(bn * ld);   // scores, then P [bn][ld]
+  float* kb = c.take(bn * D);    // K block [bn][D]
+  float* vb = c.take(bn * DVp);  // V block [bn][DVp]
+  float* o = c.take(ld * DVp);   // unnormalised output [ld][DVp]
+  float* m = c.take(ld);         // running max
+  float* l = c.take(ld);         // running sum
+  float* alpha = c.take(ld);     // rescale of the previous blocks
+
+  for (int64_t ii = 0; ii < rows; ++ii) {
+    const T* src = q.row(s.q0 + i0 + ii, h);
+    for (int64_t d = 0; d < D; ++d) qt[d * ld + ii] = static_cast<float>(src[d]) * p.scale;
+  }
+  for (int64_t d = 0; d < D; ++d) std::fill(qt + d * ld + rows, qt + (d + 1) * ld, 0.f);
+  std::fill(o, o + ld * DVp, 0.f);
+  std::fill(m, m + ld, -kInf);
+  std::fill(l, l + ld, 0.f);
+
+  for (int64_t j0 = 0; j0 < kend; j0 += bn) {
+    const int64_t nj = std::min(bn, kend - j0), njp = round_up(nj, 8);
+    for (int64_t jj = 0; jj < nj; ++jj) {
+      load_row(k.row(s.k0 + j0 + jj, h), kb + jj * D, D, D, 1.f);
+      load_row(v.row(s.k0 + j0 + jj, h), vb + jj * DVp, Dv, DVp, 1.f);
+    }
+    std::fill(kb + nj * D, kb + njp * D, 0.f);
+    abt(kb, D, njp, qt, ld, D, nqv, st, ld);
+    apply_masks(p, b, h, i0, rows, nqv, j0, nj, st, ld);
+
+    // Online softmax, lane-wise over queries: m' = max(m, max_j s), P = exp(s - m'), l' = l·e^{m-m'} + Σ_j P.
+    for (int64_t n = 0; n < nqv; ++n) {
+      const Vec m_old = Vec::loadu(m + n * kW);
+      Vec m_new = m_old;
+      for (int64_t jj = 0; jj < nj; ++jj) m_new = at::vec::maximum(m_new, Vec::loadu(st + jj * ld + n * kW));
+      const Vec m_ref = Vec::blendv(m_new, Vec(0.f), m_new == Vec(-kInf));  // all masked so far: P = 0
+      Vec sum(0.f);
+      float z[4][kW];
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        float* sp = st + jj * ld + n * kW;
+        Vec pv = vexp(Vec::loadu(sp) - m_ref);
+        sum = sum + pv;
+        if (dr.on) {
+          if (jj % 4 == 0) dropout_block(dr, b, h, i0 + n * kW, j0 + jj, z);
+          pv = pv * Vec::loadu(z[jj % 4]);
+        }
+        pv.store(sp);
+      }
+      const Vec a = vexp(m_old - m_ref);
+      (Vec::loadu(l + n * kW) * a + sum).store(l + n * kW);
+      m_new.store(m + n * kW);
+      a.store(alpha + n * kW);
+    }
+    if (j0 > 0) {
+      for (int64_t ii = 0; ii < rows; ++ii) {
+        const Vec a(alpha[ii]);
+        for (int64_t d = 0; d < DVp; d += kW) (Vec::loadu(o + ii * DVp + d) * a).store(o + ii * DVp + d);
+      }
+    }
+    acc(st, ld, 1, round_up(rows, 8), vb, DVp, nj, DVp / kW, o, DVp);
+  }
+
+  for (int64_t ii = 0; ii < rows; ++ii) {
+    const float mi = m[ii], li = l[ii];
+    float inv = li > 0.f ? 1.f / li : 0.f, ls = li > 0.f ? mi + std::log(li) : kInf;
+    if (std::isnan(mi) || std::isnan(li)) inv = ls = std::numeric_limits<float>::quiet_NaN();
+    store_row(o + ii * DVp, out.row(s.q0 + i0 + ii, h), Dv, inv);
+    if (lse) lse[h * lse_sh + (s.q0 + i0 + ii) * lse_st] = ls;
+  }
+}
+
+// ------------------------------------------------------------------------------- backward
+
+template <typename T>
+void backward_task(const AttnParams& p, const Dropout& dr, const Shape& sh, const View<const T>& dout,
+                   const View<const T>& q, const View<const T>& k, const View<const T>& v, const View<const T>& out,
+                   const float* lse, int64_t lse_sh, int64_t lse_st, const View<T>& dq, const View<T>& dk,
+                   const View<T>& dv, const Seq& s, int64_t b, int64_t h) {
+  const int64_t D = sh.D, Dv = sh.Dv, Dp = round_up(D, kW), DVp = round_up(Dv, kW);
+  const int64_t L = s.L, S = s.S, Lp = round_up(std::max<int64_t>(L, 1), kPad);
+  if (L == 0 || S == 0) {  // nothing attends: zero gradients
+    for (int64_t i = 0; i < L; ++i) std::fill(dq.row(s.q0 + i, h), dq.row(s.q0 + i, h) + D, T(0));
+    for (int64_t j = 0; j < S; ++j) {
+      std::fill(dk.row(s.k0 + j, h), dk.row(s.k0 + j, h) + D, T(0));
+      std::fill(dv.row(s.k0 + j, h), dv.row(s.k0 + j, h) + Dv, T(0));
+    }
+    return;
+  }
+  const int64_t bn = std::min(kBNb, round_up(S, 8));
+  Carver c{scratch(D * Lp + Lp * Dp + Dv * Lp + Lp * DVp + Lp * Dp + 2 * Lp + 2 * bn * Dp + 2 * bn * DVp +
+                   2 * bn * kQC + 16 * 16)};
+  float* qt = c.take(D * Lp);    // Qᵀ · scale [D][Lp]
+  float* qn = c.take(Lp * Dp);   // Q · scale [Lp][Dp]
+  float* dot = c.take(Dv * Lp);  // dOᵀ [Dv][Lp]
+  float* don = c.take(Lp * DVp); // dO [Lp][DVp]
+  float* dqa = c.take(Lp * Dp);  // dQ / scale [Lp][Dp]
+  float* delta = c.take(Lp);     // Δ_i = dO_i · O_i
+  float* lsb = c.take(Lp);       // lse_i
+  float* kb = c.take(bn * Dp);
+  float* vb = c.take(bn * DVp);
+  float* dka = c.take(bn * Dp);
+  float* dva = c.take(bn * DVp);
+  float* st = c.take(bn * kQC);   // P, then P·keep/(1-p)
+  float* dst = c.take(bn * kQC);  // dP, then dS
+
+  for (int64_t i = 0; i < L; ++i) {
+    load_row(q.row(s.q0 + i, h), qn + i * Dp, D, Dp, p.scale);
+    load_row(dout.row(s.q0 + i, h), don + i * DVp, Dv, DVp, 1.f);
+    for (int64_t d = 0; d < D; ++d) qt[d * Lp + i] = qn[i * Dp + d];
+    for (int64_t d = 0; d < Dv; ++d) dot[d * Lp + i] = don[i * DVp + d];
+    const T* o = out.row(s.q0 + i, h);
+    float dsum = 0.f;
+    for (int64_t d = 0; d < Dv; ++d) dsum += don[i * DVp + d] * static_cast<float>(o[d]);
+    delta[i] = dsum;
+    lsb[i] = lse[h * lse_sh + (s.q0 + i) * lse_st];
+  }
+  for (int64_t i = L; i < Lp; ++i) {
+    std::fill(qn + i * Dp, qn + (i + 1) * Dp, 0.f);
+    std::fill(don + i * DVp, don + (i + 1) * DVp, 0.f);
+    delta[i] = 0.f;
+    lsb[i] = kInf;
+  }
+  for (int64_t d = 0; d < D; ++d) std::fill(qt + d * Lp + L, qt + (d + 1) * Lp, 0.f);
+  for (int64_t d = 0; d < Dv; ++d) std::fill(dot + d * Lp + L, dot + (d + 1) * Lp, 0.f);
+  std::fill(dqa, dqa + Lp * Dp, 0.f);
+
+  for (int64_t j0 = 0; j0 < S; j0 += bn) {
+    const int64_t nj = std::min(bn, S - j0), njp = round_up(nj, 8);
+    for (int64_t jj = 0; jj < nj; ++jj) {
+      load_row(k.row(s.k0 + j0 + jj, h), kb + jj * Dp, D, Dp, 1.f);
+      load_row(v.row(s.k0 + j0 + jj, h), vb + jj * DVp, Dv, DVp, 1.f);
+    }
+    std::fill(kb + nj * Dp, kb + njp * Dp, 0.f);
+    std::fill(vb + nj * DVp, vb + njp * DVp, 0.f);
+    std::fill(dka, dka + njp * Dp, 0.f);
+    std::fill(dva, dva + njp * DVp, 0.f);
+    for (int64_t i0 = p.causal ? j0 / kQC * kQC : 0; i0 < L; i0 += kQC) {
+      const int64_t rows = std::min(kQC, L - i0), ld = round_up(rows, kPad), nqv = ld / kW;
+      abt(kb, Dp, njp, qt + i0, Lp, D, nqv, st, ld);      // S = (Q·scale) Kᵀ
+      apply_masks(p, b, h, i0, rows, nqv, j0, nj, st, ld);
+      abt(vb, DVp, njp, dot + i0, Lp, Dv, nqv, dst, ld);  // dP = dO Vᵀ
+      // P = exp(S - lse); with Z = keep/(1-p): dS = P ∘ (Z ∘ dP - Δ), and dV uses Z ∘ P.
+      for (int64_t n = 0; n < nqv; ++n) {
+        const Vec ls = Vec::loadu(lsb + i0 + n * kW), dl = Vec::loadu(delta + i0 + n * kW);
+        float z[4][kW];
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          float* sp = st + jj * ld + n * kW;
+          float* dp = dst + jj * ld + n * kW;
+          Vec pv = vexp(Vec::loadu(sp) - ls), dpv = Vec::loadu(dp);
+          if (dr.on) {
+            if (jj % 4 == 0) dropout_block(dr, b, h, i0 + n * kW, j0 + jj, z);
+            const Vec zv = Vec::loadu(z[jj % 4]);
+            (pv * (dpv * zv - dl)).store(dp);
+            pv = pv * zv;
+          } else {
+            (pv * (dpv - dl)).store(dp);
+          }
+          pv.store(sp);
+        }
+      }
+      acc(st, 1, ld, njp, don + i0 * DVp, DVp, rows, DVp / kW, dva, DVp);  // dV += (Z∘P)ᵀ dO
+      acc(dst, 1, ld, njp, qn + i0 * Dp, Dp, rows, Dp / kW, dka, Dp);      // dK += dSᵀ (Q·scale)
+      acc(dst, ld, 1, round_up(rows, 8), kb, Dp, nj, Dp / kW, dqa + i0 * Dp, Dp);  // dQ/scale += dS K
+    }
+    for (int64_t jj = 0; jj < nj; ++jj) {
+      store_row(dka + jj * Dp, dk.row(s.k0 + j0 + jj, h), D, 1.f);
+      store_row(dva + jj * DVp, dv.row(s.k0 + j0 + jj, h), Dv, 1.f);
+    }
+  }
+  for (int64_t i = 0; i < L; ++i) store_row(dqa + i * Dp, dq.row(s.q0 + i, h), D, p.scale);
+}
+
+std::vector<Seq> sequences(const at::Tensor& cu_q, const at::Tensor& cu_k) {
+  const auto cq = cu_q.accessor<int32_t, 1>(), ck = cu_k.accessor<int32_t, 1>();
+  std::vector<Seq> seqs(cu_q.numel() - 1);
+  for (size_t b = 0; b < seqs.size(); ++b)
+    seqs[b] = {cq[b], ck[b], cq[b + 1] - cq[b], ck[b + 1] - ck[b]};
+  return seqs;
+}
+
+template <typename Fn>
+void dispatch_dtype(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: fn(float{}); break;
+    case at::kHalf: fn(at::Half{}); break;
+    case at::kBFloat16: fn(at::BFloat16{}); break;
+    default: TORCH_CHECK_TYPE(false, "fastenc attention: no kernel for dtype ", t);
+  }
+}
+
+}  // namespace
+
+AttnMask make_mask(const std::optional<at::Tensor>& mask, bool key_padding) {
+  AttnMask m;
+  if (!mask) return m;
+  m.data = mask->data_ptr();
+  m.dtype = mask->scalar_type();
+  m.sb = mask->stride(0);
+  if (key_padding) {
+    m.sj = mask->stride(1);
+  } else {
+    m.sh = mask->stride(1);
+    m.si = mask->stride(2);
+    m.sj = mask->stride(3);
+  }
+  return m;
+}
+
+void attention_forward_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const AttnParams& p,
+                           const at::Tensor& out, const at::Tensor& lse) {
+  const std::vector<Seq> seqs = sequences(cu_seqlens_q, cu_seqlens_k);
+  const Shape sh{q.size(1), q.size(2), v.size(2)};
+  const Dropout dr = make_dropout(p);
+  float* lp = lse.defined() ? lse.data_ptr<float>() : nullptr;
+  const int64_t lse_sh = lse.defined() ? lse.stride(0) : 0, lse_st = lse.defined() ? lse.stride(1) : 0;
+  // Work items: (sequence, query chunk of kQC rows) x head.
+  std::vector<std::pair<int32_t, int32_t>> chunks;
+  for (size_t b = 0; b < seqs.size(); ++b)
+    for (int64_t i0 = 0; i0 < seqs[b].L; i0 += kQC) chunks.emplace_back(static_cast<int32_t>(b), static_cast<int32_t>(i0));
+  dispatch_dtype(q.scalar_type(), [&](auto t_) {
+    using T = decltype(t_);
+    const View<const T> qv = view<const T>(q), kv = view<const T>(k), vv = view<const T>(v);
+    const View<T> ov = view<T>(out);
+    run_items(static_cast<int64_t>(chunks.size()) * sh.H, [&](int64_t w) {
+      const auto [b, i0] = chunks[w / sh.H];
+      forward_item<T>(p, dr, sh, qv, kv, vv, ov, lp, lse_sh, lse_st, seqs[b], b, w % sh.H, i0);
+    });
+  });
+}
+
+void attention_backward_out(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+                            const at::Tensor& cu_seqlens_k, const AttnParams& p, const at::Tensor& dq,
+                            const at::Tensor& dk, const at::Tensor& dv) {
+  const std::vector<Seq> seqs = sequences(cu_seqlens_q, cu_seqlens_k);
+  const Shape sh{q.size(1), q.size(2), v.size(2)};
+  const Dropout dr = make_dropout(p);
+  dispatch_dtype(q.scalar_type(), [&](auto t_) {
+    using T = decltype(t_);
+    run_items(static_cast<int64_t>(seqs.size()) * sh.H, [&](int64_t w) {
+      const int64_t b = w / sh.H, h = w % sh.H;
+      backward_task<T>(p, dr, sh, view<const T>(dout), view<const T>(q), view<const T>(k), view<const T>(v),
+                       view<const T>(out), lse.const_data_ptr<float>(), lse.stride(0), lse.stride(1), view<T>(dq),
+                       view<T>(dk), view<T>(dv), seqs[b], b, h);
+    });
+  });
+}
+
+at::Tensor attention_dropout_mask(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k, double p,
+                                  uint64_t seed) {
+  at::Tensor mask = at::empty({batch, heads, seqlen_q, seqlen_k}, at::TensorOptions().dtype(at::kBool));
+  bool* out = mask.data_ptr<bool>();
+  const uint32_t threshold = dropout_threshold24(p);
+  at::parallel_for(0, batch * heads * seqlen_q, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = r % seqlen_q, h = r / seqlen_q % heads, b = r / seqlen_q / heads;
+      for (int64_t j = 0; j < seqlen_k; ++j) {
+        const U32x4 x = philox4x32(seed, U32x4{{static_cast<uint32_t>(i >> 2), static_cast<uint32_t>(j),
+                                                static_cast<uint32_t>(h), static_cast<uint32_t>(b)}});
+        out[r * seqlen_k + j] = dropout_keep(x.v[i & 3], threshold);
+      }
+    }
+  });
+  return mask;
+}
+
+}  // namespace fastenc::cpu
