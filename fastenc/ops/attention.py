@@ -5,7 +5,8 @@ Masks follow torch.nn: bool True = masked out, float = additive.  A query row wi
 every key masked outputs zeros (and zero gradients), never NaN.
 
 Backends: ``reference`` (``fastenc.reference``), ``triton`` (``fastenc.triton_kernels.attention``:
-FlashAttention-2 forward + two deterministic backward kernels).  The fast kernels run through the
+FlashAttention-2 forward + two deterministic backward kernels), ``cpu`` (the extension's C++ flash
+attention on packed rows, ``csrc/cpu/attention.cpp``).  The fast kernels run through the
 custom ops ``fastenc::attention_fwd`` / ``fastenc::attention_bwd`` (fake functions, so
 ``torch.compile(fullgraph=True)`` traces them) under an ``autograd.Function``; eagerly the same
 functions are called without the dispatcher.  attn_mask and key_padding_mask get no gradient
@@ -20,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
-from ..backends import register_op, resolve, triton_check
+from ..backends import cpu_check, extension, register_op, resolve, triton_check
 from ._common import check_dropout, compiling, draw_seed, needs_grad
 
 Tensor = torch.Tensor
@@ -52,8 +53,47 @@ def _triton_available(device: torch.device, dtype: torch.dtype, shape: tuple) ->
     return None
 
 
-register_op("attention", {"triton": _triton_available}, auto={"cuda": ("triton",)},
-            example=lambda head_dim: (head_dim, head_dim, False))
+def _cpu_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
+    reason = cpu_check(device, dtype)
+    if reason is None and shape[2]:
+        return "a mask requires grad, and the C++ kernel computes no mask gradient"
+    return reason
+
+
+register_op("attention", {"triton": _triton_available, "cpu": _cpu_available},
+            auto={"cuda": ("triton",), "cpu": ("cpu",)}, example=lambda head_dim: (head_dim, head_dim, False))
+
+
+# The C++ CPU kernels take packed rows: a dense [B, L, H, D] batch is B sequences of L rows (a view when
+# B and L merge), its lse [H, B·L] is returned as [B, H, L] like the Triton kernel's.
+def _packed(t: Tensor, cu: Optional[Tensor]):
+    if cu is not None:
+        return t, cu
+    B, L = t.shape[:2]
+    return t.reshape(B * L, *t.shape[2:]), torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=t.device)
+
+
+def _cpu_forward(q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p, seed):
+    (qp, cq), (kp, ck), (vp, _) = _packed(q, cu_q), _packed(k, cu_k), _packed(v, cu_k)
+    out, lse = extension().attention_forward_cpu(qp, kp, vp, cq, ck, max_q, max_k, attn_mask, key_padding_mask,
+                                                 is_causal, scale, dropout_p, int(seed) if seed is not None else 0)
+    if cu_q is None:
+        B, L, H = q.shape[:3]
+        return out.view(q.shape[:-1] + v.shape[-1:]), lse.view(H, B, L).transpose(0, 1).contiguous()
+    return out, lse
+
+
+def _cpu_backward(dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal, scale,
+                  dropout_p, seed):
+    (qp, cq), (kp, ck), (vp, _) = _packed(q, cu_q), _packed(k, cu_k), _packed(v, cu_k)
+    if cu_q is None:
+        B, L, H = q.shape[:3]
+        lse = lse.transpose(0, 1).reshape(H, B * L)
+        dout, out = _packed(dout, None)[0], _packed(out, None)[0]
+    dq, dk, dv = extension().attention_backward_cpu(dout, qp, kp, vp, out, lse, cq, ck, max_q, max_k, attn_mask,
+                                                    key_padding_mask, is_causal, scale, dropout_p,
+                                                    int(seed) if seed is not None else 0)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
 # --------------------------------------------------------------------------- kernels: plain functions, custom ops
@@ -64,6 +104,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_p
              is_causal: bool, scale: float, dropout_p: float, seed: Optional[Tensor], backend: str
              ) -> Tuple[Tensor, Tensor]:
     """(out, lse) of one backend's forward kernel."""
+    if backend == "cpu":
+        return _cpu_forward(q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                            max_seqlen_k, is_causal, scale, dropout_p, seed)
     return _triton_kernels().attention_forward(
         q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, is_causal=is_causal,
@@ -76,6 +119,9 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
               cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, is_causal: bool, scale: float,
               dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of one backend's backward kernels."""
+    if backend == "cpu":
+        return _cpu_backward(dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                             max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p, seed)
     return _triton_kernels().attention_backward(
         dout, q, k, v, out, lse, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,

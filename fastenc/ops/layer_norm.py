@@ -3,7 +3,8 @@
 y = LayerNorm(x + dropout(branch + branch_bias)) · weight + bias; with ``prenorm`` the
 un-normalised sum is returned too, as the new residual stream.
 
-Backends: ``reference`` (``fastenc.reference``), ``triton`` (``fastenc.triton_kernels.layer_norm``).
+Backends: ``reference`` (``fastenc.reference``), ``triton`` (``fastenc.triton_kernels.layer_norm``),
+``cpu`` (the extension's C++ kernel, ``csrc/cpu/layer_norm.cpp``).
 The fast kernels run through the custom ops ``fastenc::residual_layer_norm_fwd`` / ``..._bwd``
 (fake functions, so ``torch.compile(fullgraph=True)`` traces them) under an ``autograd.Function``;
 eagerly the same functions are called without the dispatcher.  The dropout key comes from
@@ -16,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import reference
-from ..backends import register_op, resolve, triton_check
+from ..backends import cpu_check, extension, register_op, resolve, triton_check
 from ._common import check_dropout, compiling, draw_seed, needs_grad
 
 Tensor = torch.Tensor
@@ -45,7 +46,12 @@ def _triton_available(device: torch.device, dtype: torch.dtype, shape: tuple) ->
     return None
 
 
-register_op("layer_norm", {"triton": _triton_available}, auto={"cuda": ("triton",)}, example=lambda head_dim: (768,))
+def _cpu_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
+    return cpu_check(device, dtype)
+
+
+register_op("layer_norm", {"triton": _triton_available, "cpu": _cpu_available},
+            auto={"cuda": ("triton",), "cpu": ("cpu",)}, example=lambda head_dim: (768,))
 
 
 def _check_inputs(x, branch, weight, bias, branch_bias, eps) -> None:
@@ -94,6 +100,10 @@ def _forward(
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, s or an empty tensor, mean, rstd) of one backend's forward kernel."""
+    if backend == "cpu":
+        y, s, mean, rstd = extension().residual_layer_norm_fwd(x, branch, weight, bias, branch_bias, eps, dropout_p,
+                                                               int(seed) if seed is not None else 0, store_residual)
+        return y, s, mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
     y, s, mean, rstd = _triton_kernels().residual_layer_norm_fwd(
         x, branch, weight, bias, branch_bias, eps, dropout_p, seed, store_residual
     )
@@ -122,6 +132,21 @@ def _backward(
     backend: str,
 ) -> List[Tensor]:
     """[dx, dbranch, dweight, dbias, dbranch_bias] of one backend's backward; absent ones are empty tensors."""
+    if backend == "cpu":
+        n = dy.shape[-1]
+        # The C++ backward reads bias for its dtype and branch_bias for its dtype (and, to recompute s
+        # when resid is absent, its values, which the post-norm path saves).
+        bias = dy.new_empty(n, dtype=bias_dtype) if need_dbias else None
+        if branch_bias is None and need_dbranch_bias:
+            branch_bias = dy.new_empty(n, dtype=branch_bias_dtype)
+        dx, dbranch, dweight, dbias, dbranch_bias = extension().residual_layer_norm_bwd(
+            dy, dresid, x, branch, resid, weight, bias,
+            branch_bias if has_branch else None, mean.reshape(-1), rstd.reshape(-1), has_branch, dropout_p,
+            int(seed) if seed is not None else 0)
+        if not need_dweight:
+            dweight = dy.new_empty(0)
+        return [dx, dbranch if has_branch and (dropout_p > 0.0 or branch_dtype != dx.dtype) else dy.new_empty(0),
+                dweight, dbias, dbranch_bias]
     grads = _triton_kernels().residual_layer_norm_bwd(
         dy, dresid, x, branch, resid, weight, branch_bias, mean, rstd,
         has_branch=has_branch, branch_dtype=branch_dtype, dropout_p=dropout_p, seed=seed,
