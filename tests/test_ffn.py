@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastenc import reference
-from fastenc.backends import BackendUnavailableError, extension
+from fastenc.backends import extension
 from fastenc.ops._common import draw_seed
 from fastenc.testing import assert_parity
 from tests.conftest import ON_GPU
