@@ -329,10 +329,10 @@ def encoder_stack(
     for weights in layers:
         w_in, b_in, w_out, b_out, w1, b1, w2, b2, n1w, n1b, n2w, n2b = (_up(t, upcast) for t in weights)
 
-        def self_attn(h):
-            q, k, v = F.linear(h, w_in, b_in).view(T, 3, nhead, hd).unbind(1)
+        def self_attn(h):  # called in this iteration only (hence the noqa: B023 below)
+            q, k, v = F.linear(h, w_in, b_in).view(T, 3, nhead, hd).unbind(1)  # noqa: B023
             o = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, is_causal=is_causal)
-            return F.linear(o.reshape(T, d), w_out)
+            return F.linear(o.reshape(T, d), w_out)  # noqa: B023
 
         if norm_first:
             h = residual_layer_norm(x, None, n1w, n1b, eps=eps)
