@@ -227,6 +227,8 @@ class _ResidualLayerNorm(torch.autograd.Function):
 
 
 def _run(backend, x, branch, weight, bias, branch_bias, eps, dropout_p, prenorm):
+    if backend == "cpu" and branch is not None and branch.dtype != x.dtype:
+        branch = branch.to(x.dtype)  # the C++ kernel adds rows of one dtype (torch.autocast mixes them)
     has_dropout = branch is not None and dropout_p > 0.0
     seed = draw_seed(x.device) if has_dropout else None
     store = prenorm and branch is not None
