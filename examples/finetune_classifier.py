@@ -14,7 +14,7 @@ training works, it does not rank models.  The model and its word-level tokenizer
 from scratch, so the run is offline.  On a CPU the defaults take a few minutes; the "auto"
 backend is the PyTorch reference there.
 """
-from fastenc.models.finetune import main
+from fastenc.apps.finetune import main
 
 if __name__ == "__main__":
     main()
