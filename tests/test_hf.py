@@ -19,7 +19,7 @@ from fastenc.testing import assert_close, assert_parity
 from tests.conftest import DEVICE, ON_GPU
 
 transformers = pytest.importorskip("transformers", reason="the HF adapter needs transformers (requirements/dev.txt)")
-import transformers as tf  # noqa: E402
+tf = transformers
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
@@ -27,11 +27,9 @@ from transformers import (  # noqa: E402
     CamembertConfig,
     DistilBertConfig,
     DistilBertForSequenceClassification,
-    DistilBertModel,
     ElectraConfig,
     RobertaConfig,
     RobertaForSequenceClassification,
-    RobertaModel,
     XLMRobertaConfig,
 )
 
