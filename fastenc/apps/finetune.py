@@ -43,6 +43,8 @@ SCRATCH_DEFAULTS = dict(lr=5e-4, epochs=8, layer_decay=0.9, freeze_embeddings=Fa
 # Frozen embeddings: the word table is most of a small model's parameters (MiniLM: 11.7M of 22.7M),
 # and its dense gradient and AdamW update cost a large share of each CPU step.
 PRETRAINED_DEFAULTS = dict(lr=2e-4, epochs=2, layer_decay=0.9, freeze_embeddings=True)
+# From a `fastenc pretrain` checkpoint (a small encoder that read ~13k words): closer to from scratch.
+CHECKPOINT_DEFAULTS = dict(lr=1e-3, epochs=6, layer_decay=0.9, freeze_embeddings=False)
 COMPARE_STEPS = 12  # steps the unmodified Hugging Face model takes for the step-time comparison
 MAX_LENGTH = 128  # tokens per text for pretrained tokenizers
 
@@ -201,25 +203,25 @@ def run(*, model: str = "fastenc", pretrained: Optional[str] = None, backends: S
 
     data: a ``label<TAB>text`` file, or None for the shipped reviews.  Every 5th example is held out;
     ``train_size`` / ``eval_size`` cap each part after a seeded shuffle (None: all of it).  Defaults
-    (None): from scratch lr 5e-4, 8 epochs, layer decay 0.9, nothing frozen; from a pretrained
-    encoder :data:`PRETRAINED_DEFAULTS`.  From a Hugging Face encoder, the first backend's run also
-    steps the unmodified model on its first ``compare_steps`` batches (0: no comparison) and the row
-    gets ``hf_step_ms`` and ``speedup_vs_hf`` (over the same steps).
+    (None): :data:`SCRATCH_DEFAULTS`, :data:`PRETRAINED_DEFAULTS` (a Hugging Face encoder) or
+    :data:`CHECKPOINT_DEFAULTS` (a ``fastenc pretrain`` checkpoint).  From a Hugging Face encoder,
+    the first backend's run also steps the unmodified model on its first ``compare_steps`` batches
+    (0: no comparison) and the row gets ``hf_step_ms`` and ``speedup_vs_hf`` (over the same steps).
     """
     dev = pick_device(device)
     train_set, evalset, num_labels, source = _data(data, train_size, eval_size, seed)
-    defaults = PRETRAINED_DEFAULTS if pretrained else SCRATCH_DEFAULTS
-    lr = defaults["lr"] if lr is None else lr
-    epochs = defaults["epochs"] if epochs is None else epochs
-    layer_decay = defaults["layer_decay"] if layer_decay is None else layer_decay
-    freeze_embeddings = defaults["freeze_embeddings"] if freeze_embeddings is None else freeze_embeddings
     if pretrained:
         start = Pretrained(pretrained, num_labels, pooling=pooling, dropout=dropout)
         encode, label = start.encode, start.spec
         compare_steps = compare_steps if start.kind == "hf" else 0
+        defaults = PRETRAINED_DEFAULTS if start.kind == "hf" else CHECKPOINT_DEFAULTS
     else:
         tokenizer = WordTokenizer([t for t, _ in train_set], min_count=min_count)
-        encode, label, compare_steps = tokenizer, model, 0
+        encode, label, compare_steps, defaults = tokenizer, model, 0, SCRATCH_DEFAULTS
+    lr = defaults["lr"] if lr is None else lr
+    epochs = defaults["epochs"] if epochs is None else epochs
+    layer_decay = defaults["layer_decay"] if layer_decay is None else layer_decay
+    freeze_embeddings = defaults["freeze_embeddings"] if freeze_embeddings is None else freeze_embeddings
     common = {"device": str(dev), "data": source, "train_examples": len(train_set), "eval_examples": len(evalset),
               "epochs": epochs, "lr": lr, "layer_decay": layer_decay, "freeze_embeddings": freeze_embeddings,
               "freeze_layers": freeze_layers}
@@ -256,12 +258,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     p.add_argument("--data", help="TSV file of 'label<TAB>text' lines (default: fastenc's reviews.tsv)")
     p.add_argument("--train-size", type=int, help="use at most this many training examples (default: all)")
     p.add_argument("--eval-size", type=int, help="use at most this many held-out examples (default: all)")
-    p.add_argument("--epochs", type=int, help="default 8 from scratch, 4 from a pretrained encoder")
+    p.add_argument("--epochs", type=int, help="default 8 from scratch, 2 from a Hugging Face encoder, 6 from a "
+                                               "`fastenc pretrain` checkpoint")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4 from scratch, 1e-4 pretrained)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4 from scratch, 2e-4 from a Hugging "
+                                            "Face encoder, 1e-3 from a `fastenc pretrain` checkpoint)")
     p.add_argument("--layer-decay", type=float, help="layer-wise learning-rate decay (default 0.9)")
     p.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction,
-                   help="freeze the embeddings (default: yes from a pretrained encoder, no from scratch)")
+                   help="freeze the embeddings (default: yes from a Hugging Face encoder, no otherwise)")
     p.add_argument("--freeze-layers", type=int, default=0, help="freeze the lowest N encoder layers")
     p.add_argument("--pooling", choices=("mean", "cls", "max"), default="mean",
                    help="the new head's pooling (pretrained starts)")
