@@ -94,9 +94,9 @@ class Pretrained:
     """A pretrained encoder made into a classifier: ``make()`` builds a fresh copy (the fastenc one
     optimized, or the unmodified Hugging Face one with ``hf=True``); ``encode`` tokenizes."""
 
-    def __init__(self, spec: str, num_labels: int, *, pooling: str, dropout: float) -> None:
+    def __init__(self, spec: str, num_labels: int, *, pooling: str, dropout: float, seed: int = 0) -> None:
         self.spec, self.path = spec, pretrained_path(spec)
-        self.num_labels, self.pooling, self.dropout = num_labels, pooling, dropout
+        self.num_labels, self.pooling, self.dropout, self.seed = num_labels, pooling, dropout, seed
         if os.path.isdir(self.path):
             self.kind = "hf"
             self.base, tok = load_hf(self.path)
@@ -113,9 +113,10 @@ class Pretrained:
     def make(self, *, hf: bool = False) -> nn.Module:
         from ..convert import optimize
 
-        torch.manual_seed(0)  # the new head starts the same in every copy
-        model = PooledClassifier(copy.deepcopy(self.base), self.hidden, self.num_labels, pooling=self.pooling,
-                                 dropout=self.dropout)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)  # the new head starts the same in every copy
+            model = PooledClassifier(copy.deepcopy(self.base), self.hidden, self.num_labels, pooling=self.pooling,
+                                     dropout=self.dropout)
         return model if hf else optimize(model)
 
 
@@ -211,7 +212,7 @@ def run(*, model: str = "fastenc", pretrained: Optional[str] = None, backends: S
     dev = pick_device(device)
     train_set, evalset, num_labels, source = _data(data, train_size, eval_size, seed)
     if pretrained:
-        start = Pretrained(pretrained, num_labels, pooling=pooling, dropout=dropout)
+        start = Pretrained(pretrained, num_labels, pooling=pooling, dropout=dropout, seed=seed)
         encode, label = start.encode, start.spec
         compare_steps = compare_steps if start.kind == "hf" else 0
         defaults = PRETRAINED_DEFAULTS if start.kind == "hf" else CHECKPOINT_DEFAULTS

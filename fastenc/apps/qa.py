@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import random
 import re
 import string
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -53,10 +54,11 @@ def flatten(groups) -> List[Tuple[str, str, str]]:
     return [(c, q, a) for c, qas in groups for q, a in qas]
 
 
-def encode(tokenizer, examples: Sequence[Tuple[str, str, str]]) -> Dict[str, Tensor]:
-    """Tokenized (question, context) pairs with the answer's token span (``start_positions``,
-    ``end_positions``; the answer's first occurrence) and what decoding needs (``offsets``,
-    ``context_mask``)."""
+def encode(tokenizer, examples: Sequence[Tuple[str, str, str]]) -> Tuple[Dict[str, Tensor], Tensor, Tensor]:
+    """(model inputs, offsets [B, L, 2], context mask [B, L]) for (context, question, answer) triples: the
+    tokenized (question, context) pairs with the answer's token span (``start_positions``,
+    ``end_positions``; its first occurrence), and what decoding needs (character offsets of each
+    token, which tokens belong to the context)."""
     enc = tokenizer([q for _, q, _ in examples], [c for c, _, _ in examples], truncation="only_second",
                     max_length=MAX_LENGTH, padding=True, return_offsets_mapping=True, return_tensors="pt")
     starts, ends, ctx_masks = [], [], []
@@ -128,8 +130,6 @@ def run(*, pretrained: str = "minilm", backend: str = "auto", epochs: int = 8, b
         lr: float = 2e-4, layer_decay: float = 0.9, freeze_embeddings: bool = True, train_size: Optional[int] = None,
         device: Optional[str] = None, seed: int = 0, progress: bool = True) -> Dict:
     """Fine-tune on the training paragraphs' questions; returns held-out metrics before and after."""
-    import random
-
     from transformers import AutoModelForQuestionAnswering
     from tqdm.auto import tqdm
 
