@@ -102,7 +102,7 @@ def run(*, backends: Sequence[str] = ("auto",), steps: int = 1500, batch_size: i
             order, pos, tokens = list(range(len(train))), len(train), 0
             rng = random.Random(seed)
             bar = tqdm(total=steps, disable=not progress, desc=f"pretrain ({backend})", unit="step")
-            for step in range(steps):
+            for _ in range(steps):
                 if pos + batch_size > len(order):
                     rng.shuffle(order)
                     pos = 0
