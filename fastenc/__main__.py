@@ -1,10 +1,13 @@
-"""fastenc command line: ``python -m fastenc {bench,inspect,report,ceilings}`` (also the ``fastenc`` script).
+"""fastenc command line: ``python -m fastenc {bench,inspect,report,ceilings,pretrain,finetune}`` (also the
+``fastenc`` script).
 
   fastenc bench [--ops attention,layer_norm,ffn,layer,encoder,train] [--size tiny|cpu|gpu]
                 [--dtype bf16,fp16] [--providers NAMES] [--out DIR] [--time-budget S]
   fastenc inspect [--arch sm_90] [--ops attention,layer_norm,padding,ffn] [--module FILE.py] [--json FILE]
   fastenc report [--device cuda] [--dtype fp16] [--head-dim 64]
   fastenc ceilings [--out DIR]
+  fastenc pretrain [--steps N] [--out CKPT]            (see `fastenc pretrain --help`)
+  fastenc finetune [--pretrained minilm|DIR|CKPT]      (see `fastenc finetune --help`)
 """
 from __future__ import annotations
 
@@ -156,7 +159,7 @@ def cmd_ceilings(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastenc", description="fastenc: benchmarks, kernel inspector, backend report, fine-tuning")
+    p = argparse.ArgumentParser(prog="fastenc", description="fastenc: benchmarks, kernel inspector, backend report, pretraining, fine-tuning")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="benchmark fastenc against PyTorch baselines; writes JSON, CSV, plots")
@@ -196,17 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="bench_out")
     c.set_defaults(fn=cmd_ceilings)
 
-    # Parsed by fastenc.models.finetune.main (main() hands it over before this parser runs).
+    # Parsed by the applications' own main (main() hands them over before this parser runs).
+    sub.add_parser("pretrain", help="pretrain an encoder with masked-language modelling on fastenc's corpus "
+                                    "(see `fastenc pretrain --help`)")
     sub.add_parser("finetune", help="fine-tune a text classifier per backend (see `fastenc finetune --help`)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["finetune"]:  # its own parser: fastenc.models.finetune.main
-        from .models.finetune import main as finetune_main
+    if argv[:1] == ["finetune"]:  # its own parser: fastenc.apps.finetune.main
+        from .apps.finetune import main as finetune_main
 
         finetune_main(argv[1:])
+        return 0
+    if argv[:1] == ["pretrain"]:  # its own parser: fastenc.apps.pretrain.main
+        from .apps.pretrain import main as pretrain_main
+
+        pretrain_main(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
     args.argv = argv
