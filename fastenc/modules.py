@@ -241,7 +241,11 @@ class TransformerEncoderLayer(BackendSetting, nn.TransformerEncoderLayer):
         """torch's forward.  ``unpad``: remove padding tokens (True), keep them (False), or
         let ``auto`` decide (None; the module's ``unpad`` attribute when set)."""
         x, attn_mask, kpm, is_causal, restore = self._batch_first(src, src_mask, src_key_padding_mask, is_causal)
-        info = padding_plan(self._unpad_setting(unpad), attn_mask, kpm)
+        unpad = self._unpad_setting(unpad)
+        weights = fused_stack_weights((self,), None, self.training, x, attn_mask, kpm, unpad, self._backend("encoder"))
+        if weights is not None:
+            return restore(run_fused_stack((self,), None, x, kpm, is_causal, weights, self._backend("encoder")))
+        info = padding_plan(unpad, attn_mask, kpm)
         if info is None:
             return restore(self._layer(x, attn_mask, kpm, is_causal))
         out = self._layer(ops.unpad(x, info, backend=self._backend("padding")), None, None, is_causal, info)
@@ -280,6 +284,65 @@ def padding_plan(unpad: Optional[bool], attn_mask: Optional[Tensor], key_padding
     if unpad is None and info.padding_ratio < UNPAD_MIN_PADDING:
         return None
     return info
+
+
+# Ops a forced per-op backend would take away from the fused stack (it runs all of them in C++).
+_FUSED_OPS = ("attention", "layer_norm", "ffn")
+
+
+def _plain_norm(norm) -> bool:
+    return norm is None or (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1)
+
+
+def fused_stack_weights(layers, final_norm, training: bool, x: Tensor, attn_mask, kpm, unpad: Optional[bool],
+                        backend: Optional[str]):
+    """The layers' weights for one ``encoder`` op call, or None when they must run layer by layer.
+
+    The fused stack (``fastenc.ops.encoder_stack``) runs inference only, on packed tokens, for uniform
+    layers with a fused activation and no dense mask, unless an op is forced to another backend.
+    final_norm: None, a LayerNorm, or False (a final norm the stack cannot run).
+    """
+    if training or final_norm is False or attn_mask is not None or x.device.type != "cpu":
+        return None
+    if kpm is not None and (kpm.dtype != torch.bool or unpad is False):
+        return None
+    first = layers[0]
+    weights = []
+    for layer in layers:
+        if (layer.activation_name != first.activation_name or first.activation_name is None
+                or layer.norm_first != first.norm_first or layer.self_attn.num_heads != first.self_attn.num_heads
+                or not layer.norm1.eps == layer.norm2.eps == first.norm1.eps):
+            return None
+        for op in _FUSED_OPS:
+            if requested_backend(op, layer._backend(op))[0] not in ("auto", "cpu"):
+                return None
+        a = layer.self_attn
+        weights.append((a.in_proj_weight, a.in_proj_bias, a.out_proj.weight, a.out_proj.bias, layer.linear1.weight,
+                        layer.linear1.bias, layer.linear2.weight, layer.linear2.bias, layer.norm1.weight,
+                        layer.norm1.bias, layer.norm2.weight, layer.norm2.bias))
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(
+        t is not None and t.requires_grad for w in weights for t in w))
+    if grad and requested_backend("encoder", backend)[0] == "auto":
+        return None  # autograd needs the per-op path (a forced "cpu" raises in resolve instead)
+    if resolve("encoder", backend, x.device, x.dtype, (grad,)) != "cpu":
+        return None
+    return weights
+
+
+def run_fused_stack(layers, final_norm, x: Tensor, kpm: Optional[Tensor], is_causal: bool, weights,
+                    backend: Optional[str]) -> Tensor:
+    """The layers in one ``encoder`` op call on the packed real tokens of x [B, L, d]; zeros at padding."""
+    first = layers[0]
+    B, L, d = x.shape
+    final = None if final_norm is None else (final_norm.weight, final_norm.bias, final_norm.eps)
+    if kpm is not None:
+        info = ops.padding_info(kpm)
+        packed, cu, max_len = ops.unpad(x, info, backend=first._backend("padding")), info.cu_seqlens, info.max_seqlen
+    else:
+        packed, cu, max_len = x.reshape(B * L, d), torch.arange(0, (B + 1) * L, L, dtype=torch.int32), L
+    out = encoder_stack_unchecked(packed, cu, max_len, weights, first.self_attn.num_heads, first.norm_first,
+                                  first.activation_name, first.norm1.eps, final, is_causal, backend)
+    return ops.pad(out, info, backend=first._backend("padding")) if kpm is not None else out.view(B, L, d)
 
 
 def _is_causal_mask(mask: Optional[Tensor], L: int) -> bool:
@@ -353,9 +416,11 @@ class TransformerEncoder(BackendSetting, nn.TransformerEncoder):
             return self._final_norm(out)
         x, attn_mask, kpm, is_causal, restore = first._batch_first(src, mask, src_key_padding_mask, is_causal)
         unpad = getattr(self, "unpad", None) if unpad is None else unpad
-        weights = self._fused_weights(x, attn_mask, kpm, unpad)
+        final = self.norm if _plain_norm(self.norm) else False
+        weights = fused_stack_weights(self.layers, final, self.training, x, attn_mask, kpm, unpad,
+                                      self._backend("encoder"))
         if weights is not None:
-            return restore(self._fused(x, kpm, is_causal, weights))
+            return restore(run_fused_stack(self.layers, final, x, kpm, is_causal, weights, self._backend("encoder")))
         info = padding_plan(unpad, attn_mask, kpm)
         if info is None:
             for layer in self.layers:
@@ -363,61 +428,6 @@ class TransformerEncoder(BackendSetting, nn.TransformerEncoder):
             return restore(self._final_norm(x))
         h = self._packed(ops.unpad(x, info, backend=first._backend("padding")), info, is_causal)
         return restore(ops.pad(h, info, backend=first._backend("padding")))
-
-    # Ops a forced per-op backend would take away from the fused stack (it runs all of them in C++).
-    _FUSED_OPS = ("attention", "layer_norm", "ffn")
-
-    def _fused_weights(self, x: Tensor, attn_mask, kpm, unpad: Optional[bool]):
-        """The layers' weights for one ``encoder`` op call, or None when the stack must run layer by layer.
-
-        The fused stack (``fastenc.ops.encoder_stack``) runs inference only, on packed tokens, for uniform
-        layers with a fused activation and no dense mask, unless an op is forced to another backend.
-        """
-        if self.training or attn_mask is not None or x.device.type != "cpu" or unpad is False and kpm is not None:
-            return None
-        if kpm is not None and kpm.dtype != torch.bool:
-            return None
-        first = self.layers[0]
-        weights = []
-        for layer in self.layers:
-            if (layer.activation_name is None or layer.norm_first != first.norm_first
-                    or layer.self_attn.num_heads != first.self_attn.num_heads
-                    or not layer.norm1.eps == layer.norm2.eps == first.norm1.eps):
-                return None
-            for op in self._FUSED_OPS:
-                if requested_backend(op, layer._backend(op))[0] not in ("auto", "cpu"):
-                    return None
-            a, f = layer.self_attn, layer
-            weights.append((a.in_proj_weight, a.in_proj_bias, a.out_proj.weight, a.out_proj.bias, f.linear1.weight,
-                            f.linear1.bias, f.linear2.weight, f.linear2.bias, f.norm1.weight, f.norm1.bias,
-                            f.norm2.weight, f.norm2.bias))
-        if len({layer.activation_name for layer in self.layers}) != 1 or not self._plain_final_norm():
-            return None
-        grad = torch.is_grad_enabled() and (x.requires_grad or any(
-            t is not None and t.requires_grad for w in weights for t in w))
-        if grad and requested_backend("encoder", self._backend("encoder"))[0] == "auto":
-            return None  # autograd needs the per-op path (a forced "cpu" raises in resolve instead)
-        if resolve("encoder", self._backend("encoder"), x.device, x.dtype, (grad,)) != "cpu":
-            return None
-        return weights
-
-    def _plain_final_norm(self) -> bool:
-        return self.norm is None or (isinstance(self.norm, nn.LayerNorm) and len(self.norm.normalized_shape) == 1)
-
-    def _fused(self, x: Tensor, kpm: Optional[Tensor], is_causal: bool, weights) -> Tensor:
-        """The whole stack in one ``encoder`` op call on the packed real tokens; zeros at padding."""
-        first = self.layers[0]
-        B, L, d = x.shape
-        final = None if self.norm is None else (self.norm.weight, self.norm.bias, self.norm.eps)
-        if kpm is not None:
-            info = ops.padding_info(kpm)
-            packed, cu, max_len = ops.unpad(x, info, backend=first._backend("padding")), info.cu_seqlens, info.max_seqlen
-        else:
-            packed, cu, max_len = x.reshape(B * L, d), torch.arange(0, (B + 1) * L, L, dtype=torch.int32), L
-        out = encoder_stack_unchecked(packed, cu, max_len, weights, first.self_attn.num_heads, first.norm_first,
-                                      first.activation_name, first.norm1.eps, final, is_causal,
-                                      self._backend("encoder"))
-        return ops.pad(out, info, backend=first._backend("padding")) if kpm is not None else out.view(B, L, d)
 
     def _packed(self, h: Tensor, info: ops.Padding, is_causal: bool) -> Tensor:
         for layer in self.layers:

@@ -192,6 +192,7 @@ def test_forced_backend_that_cannot_run_is_skipped_not_substituted(monkeypatch):
     # Triton on CPU tensors without the interpreter: skipped with the dispatcher's reason, never
     # timed as the reference.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fastenc.backends.clear_cache()  # availability is cached: forget the interpreter's
     w = workloads.layer_norm("fwd", "seqlen", torch.device("cpu"), torch.float32, batch=1, seqlen=5, d_model=32)
     (triton,) = [p for p in providers.providers_for("layer_norm") if p.name == "fastenc-triton"]
     res = runner.run_one(w, triton, min_time_s=0.001)

@@ -134,3 +134,21 @@ def test_module_falls_back_per_op_when_needed(monkeypatch):
         fast(x, mask=torch.zeros(6, 6))
         fast.train()
         fast(x)
+
+
+def test_single_layer_inference_is_one_call(monkeypatch):
+    torch.manual_seed(0)
+    ref = torch.nn.TransformerEncoderLayer(32, 4, 64, activation="gelu", batch_first=True).eval()
+    fast = fastenc.optimize(torch.nn.TransformerEncoderLayer(32, 4, 64, activation="gelu", batch_first=True).eval())
+    fast.load_state_dict(ref.state_dict())
+    calls = []
+    real = encoder_mod.extension
+    monkeypatch.setattr(encoder_mod, "extension", lambda: calls.append(1) or real())
+    x = torch.randn(2, 9, 32)
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[0, 5:] = True
+    with torch.inference_mode():
+        out = fast(x, src_key_padding_mask=kpm)
+        expected = ref(x, src_key_padding_mask=kpm)
+    assert len(calls) == 1
+    torch.testing.assert_close(out[~kpm], expected[~kpm], atol=2e-5, rtol=1e-4)

@@ -15,6 +15,7 @@ makes a forced fast backend raise.  Dropout keys come from ``_common.draw_seed``
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -66,20 +67,31 @@ register_op("attention", {"triton": _triton_available, "cpu": _cpu_available},
 
 # The C++ CPU kernels take packed rows: a dense [B, L, H, D] batch is B sequences of L rows (a view when
 # B and L merge), its lse [H, B·L] is returned as [B, H, L] like the Triton kernel's.
+@functools.lru_cache(maxsize=64)
+def _uniform_cu(batch: int, length: int) -> Tensor:
+    """int32 [batch + 1] offsets of batch sequences of one length (never written: cached)."""
+    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)
+
+
 def _packed(t: Tensor, cu: Optional[Tensor]):
     if cu is not None:
         return t, cu
     B, L = t.shape[:2]
-    return t.reshape(B * L, *t.shape[2:]), torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=t.device)
+    return t.reshape(B * L, *t.shape[2:]), _uniform_cu(B, L)
 
 
-def _cpu_forward(q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p, seed):
-    (qp, cq), (kp, ck), (vp, _) = _packed(q, cu_q), _packed(k, cu_k), _packed(v, cu_k)
+def _cpu_forward(q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p, seed,
+                 return_lse=True):
+    (qp, cq), (kp, ck) = _packed(q, cu_q), _packed(k, cu_k)
+    vp = _packed(v, cu_k)[0]
     out, lse = extension().attention_forward_cpu(qp, kp, vp, cq, ck, max_q, max_k, attn_mask, key_padding_mask,
-                                                 is_causal, scale, dropout_p, int(seed) if seed is not None else 0)
+                                                 is_causal, scale, dropout_p, int(seed) if seed is not None else 0,
+                                                 return_lse)
     if cu_q is None:
-        B, L, H = q.shape[:3]
-        return out.view(q.shape[:-1] + v.shape[-1:]), lse.view(H, B, L).transpose(0, 1).contiguous()
+        out = out.view(q.shape[:-1] + v.shape[-1:])
+        if return_lse:
+            B, L, H = q.shape[:3]
+            lse = lse.view(H, B, L).transpose(0, 1).contiguous()
     return out, lse
 
 
@@ -179,7 +191,11 @@ def _run(backend: str, q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, 
             backend)
     if needs_grad(q, k, v):
         return _Attention.apply(*args)
-    return (_forward_op if compiling() else _forward)(*args)[0]
+    if compiling():
+        return _forward_op(*args)[0]
+    if backend == "cpu":  # inference: no log-sum-exp to keep
+        return _cpu_forward(*args[:-1], return_lse=False)[0]
+    return _forward(*args)[0]
 
 
 # --------------------------------------------------------------------------- validation and masks

@@ -235,8 +235,13 @@ def _run(backend, x, branch, weight, bias, branch_bias, eps, dropout_p, prenorm)
     args = (x, branch, weight, bias, branch_bias, seed, float(eps), dropout_p if has_dropout else 0.0, store, backend)
     if needs_grad(x, branch, weight, bias, branch_bias):
         y, s, _, _ = _ResidualLayerNorm.apply(*args)
+    elif compiling():
+        y, s, _, _ = _forward_op(*args)
+    elif backend == "cpu":  # inference: the statistics are not kept, no reshaping them
+        y, s, _, _ = extension().residual_layer_norm_fwd(x, branch, weight, bias, branch_bias, args[6], args[7],
+                                                         int(seed) if seed is not None else 0, store)
     else:
-        y, s, _, _ = (_forward_op if compiling() else _forward)(*args)
+        y, s, _, _ = _forward(*args)
     if prenorm:
         return y, (s if branch is not None else x)
     return y
