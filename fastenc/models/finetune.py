@@ -129,8 +129,12 @@ def _parse_tsv(lines: Iterable[str], source: str) -> List[Tuple[str, int]]:
 def read_tsv(path: str) -> List[Tuple[str, int]]:
     """``label<TAB>text`` lines (integer labels), optionally under a ``label<TAB>text`` header;
     blank lines are skipped."""
-    with open(path, encoding="utf-8") as f:
-        return _parse_tsv(f, path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _parse_tsv(f, path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); expected "
+                         "'label<TAB>text' lines") from None
 
 
 def reviews_dataset() -> List[Tuple[str, int]]:
@@ -326,12 +330,17 @@ def run(*, model: str = "fastenc", backends: Sequence[str] = ("auto",), data: Op
     seeded shuffle (None: all of it).  lr defaults to 5e-4 (both models start from BERT's
     std-0.02 init; higher rates overfit the small default set sooner).
     """
-    from ..backends import use_backend
+    from ..backends import check_spec, use_backend
 
     if lr is None:
         lr = DEFAULT_LR
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _check_run_args(epochs=epochs, batch_size=batch_size, train_size=train_size, eval_size=eval_size, lr=lr,
+                    min_count=min_count)
+    if not backends:
+        raise ValueError("backends: give at least one backend name")
+    for b in backends:
+        check_spec(b, "backends")  # every name before the first run
+    dev = _device(device)
     if data is None:
         examples, source = reviews_dataset(), f"fastenc reviews ({REVIEWS}, shipped with fastenc)"
     else:
@@ -345,6 +354,8 @@ def run(*, model: str = "fastenc", backends: Sequence[str] = ("auto",), data: Op
     labels = sorted({y for _, y in examples})
     if labels != list(range(len(labels))):
         raise ValueError(f"labels should be 0..K-1, got {labels}")
+    if len(labels) < 2:
+        raise ValueError(f"{source}: every example has label {labels[0]}; a classifier needs at least two classes")
     tokenizer = WordTokenizer([t for t, _ in train], min_count=min_count)
     rows = []
     for backend in backends:
@@ -357,6 +368,30 @@ def run(*, model: str = "fastenc", backends: Sequence[str] = ("auto",), data: Op
         rows.append({"model": model, "backend": backend, "device": str(dev), "data": source,
                      "train_examples": len(train), "eval_examples": len(evalset), "epochs": epochs, **result})
     return rows
+
+
+def _check_run_args(**values) -> None:
+    """Counts at least 1 (sizes may be None: all), lr a positive finite number; ValueError naming the option."""
+    for name, v in values.items():
+        if name == "lr":
+            if not (isinstance(v, (int, float)) and 0.0 < v < float("inf")):
+                raise ValueError(f"lr should be a positive number, got {v!r}")
+        elif not (v is None and name.endswith("_size")) and not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"{name} should be an integer >= 1, got {v!r}")
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device: {name!r} is not a device name (cpu, cuda, cuda:1...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda asked for, but no CUDA GPU is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: fine-tuning runs on cpu or cuda, got {name!r}")
+    return dev
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
