@@ -259,6 +259,8 @@ def attention_varlen(
     """Packed attention: q [Tq, H, D], k/v [Tk, H, D], sequences delimited by int32 cu_seqlens [B+1].
 
     max_seqlen_q/k must be at least the longest sequence (the kernel's grid is sized by them).
+    cu_seqlens must start at 0, never decrease and end at most at the packed length (checked: one host
+    sync on a GPU); rows past the last sequence get zeros.
     """
     _check_qkv(q, k, v, 3, "[total, heads, head_dim]", "attention_varlen")
     dropout_p = check_dropout(dropout_p, "attention_varlen")

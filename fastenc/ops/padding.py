@@ -5,10 +5,11 @@ sync: the per-sequence lengths, which fix the packed size and the attention
 grid); ``unpad`` and ``pad`` move the rows.  Both directions run one Triton gather
 kernel (zeros written at padding in the same pass) and are each other's backward.
 
-The maps decide which rows the kernels read.  A map from ``padding_info`` is trusted
-(its tensors unmodified since); any other ``Padding`` (built by hand, ``_replace``-d,
-edited in place) is checked by ``pad``/``unpad`` first: ranges and consistency of
-``indices`` and ``inverse``, one host sync on a GPU (skipped while torch.compile traces).
+The maps decide which rows the kernels read.  A map from ``padding_info`` is trusted while
+its tensors' version counters are unchanged (inference tensors have none: trusted as made);
+any other ``Padding`` (built by hand, ``_replace``-d, edited in place) is checked by
+``pad``/``unpad`` first: ranges and consistency of ``indices`` and ``inverse``, one host
+sync on a GPU (skipped while torch.compile traces).
 """
 from __future__ import annotations
 
@@ -51,13 +52,19 @@ class _Built(Padding):
         return Padding(*self)._replace(**changes)
 
 
+def _versions(info: Padding) -> tuple:
+    """Version counters of the map's tensors (an in-place edit bumps them; inference tensors keep none)."""
+    return tuple(None if t.is_inference() else t._version for t in (info.indices, info.inverse))
+
+
 def _trusted(info: Padding) -> bool:
-    return type(info) is _Built and info._versions == (info.indices._version, info.inverse._version)
+    return type(info) is _Built and info._versions == _versions(info)
 
 
 def padding_info(key_padding_mask: Tensor) -> Padding:
     """Index maps for a bool key padding mask [B, L] (True = padding)."""
-    if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2:
+    kpm = key_padding_mask
+    if not isinstance(kpm, Tensor) or kpm.dtype != torch.bool or kpm.dim() != 2:
         raise TypeError(
             f"padding_info: padding removal needs a bool key padding mask [B, L], got "
             f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)} "
@@ -76,7 +83,7 @@ def padding_info(key_padding_mask: Tensor) -> Padding:
     inverse[indices] = torch.arange(total, device=keep.device)
     cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
     info = _Built(indices, inverse, cu_seqlens, max_seqlen, B, L)
-    info._versions = (indices._version, inverse._version)
+    info._versions = _versions(info)
     return info
 
 
@@ -84,11 +91,6 @@ def _triton_available(device: torch.device, dtype: torch.dtype, shape: tuple) ->
     if dtype.is_complex:
         return f"Triton has no complex dtypes ({dtype})"
     return triton_check(device, dtype)
-
-
-# What pad/unpad move: any real, integer or bool rows (float8 and quantized dtypes have no index_copy).
-_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, *FLOAT_DTYPES,
-           torch.complex64, torch.complex128)
 
 
 register_op("padding", {"triton": _triton_available}, auto={"cuda": ("triton",)})
@@ -160,6 +162,11 @@ def _check_map(info: object, device: torch.device, where: str) -> Padding:
         if not good:
             raise ValueError(f"{where}: {what} (a hand-made map; padding_info builds consistent ones)")
     return Padding(indices, inverse, info.cu_seqlens, info.max_seqlen, B, L)
+
+
+# What pad/unpad move: any real, integer or bool rows (float8 and quantized dtypes have no index_copy).
+_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, *FLOAT_DTYPES,
+           torch.complex64, torch.complex128)
 
 
 def _check(x: Tensor, info: Padding, rows: int, what: str) -> None:
