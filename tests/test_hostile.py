@@ -255,6 +255,7 @@ ATTENTION = [
     attn_result("mask -1e30 (finite)", backward=False, attn_mask=lambda: torch.full((3, 3), -1e30, device=DEV)),
     attn_result("scale 0", scale=0.0),
     attn_result("dropout 1 drops everything", dropout_p=1.0),
+    attn_result("dropout 0.5 on padding only", dropout_p=0.5, key_padding_mask=_bool(2, 3, fill=True)),
     attn_result("mask requires grad", expect=fast_unavailable("requires grad"),
                 attn_mask=lambda: torch.randn(3, 3, device=DEV).requires_grad_(True)),
     Case("meta tensors", lambda b: [ops.attention(*(rand(2, 3, 2, 16, device="meta") for _ in range(3)), backend=b)],
@@ -327,6 +328,8 @@ LAYER_NORM = [
     ln_case("NaN in x", x=lambda: torch.tensor([float("nan")] + [1.0] * 31, device=DEV).expand(2, 32).clone(),
             backward=False),
     ln_case("dropout 1 drops the branch", branch=lambda: rand(4, 32), dropout_p=1.0),
+    ln_case("dropout 0.5 on a zero branch", branch=lambda: torch.zeros(4, 32, device=DEV), dropout_p=0.5,
+            backward=False),
     ln_case("prenorm", branch=lambda: rand(4, 32), prenorm=True),
     Case("meta tensors", lambda b: [ops.residual_layer_norm(rand(4, 32, device="meta"), None, None, None, backend=b)],
          fast_unavailable("meta")),
@@ -383,6 +386,8 @@ FFN = [
              backward=False),
     ffn_case("large values", x=lambda: 1e3 * rand(5, 16), activation="relu", backward=False),
     ffn_case("dropout 1 drops the hidden layer", dropout_p=1.0),
+    ffn_case("dropout 0.5 into zero weights", w2=lambda: torch.zeros(16, 24, device=DEV), dropout_p=0.5,
+             backward=False),
     ffn_case("no biases", b1=None, b2=None, activation="gelu_tanh"),
     Case("meta tensors", lambda b: [ops.ffn(rand(5, 16, device="meta"), rand(24, 16, device="meta"), None,
                                             rand(16, 24, device="meta"), None, backend=b)],
@@ -397,15 +402,20 @@ def test_ffn(case, backend):
 
 # ----------------------------------------------------------------- padding removal (trusted maps)
 
-def pad_case(name: str, mask, expect=same, x_dtype=torch.float32, width=4) -> Case:
+def pad_case(name: str, mask, expect=same, x_dtype=torch.float32, width=4, backward=True) -> Case:
     def run(backend):
         info = ops.padding_info(mask())
         x = (10 * rand(info.batch, info.seqlen, width)).to(x_dtype)
 
         def roundtrip(x):
             return ops.pad(ops.unpad(x, info, backend=backend) * 2, info, backend=backend)
-        return fwd_bwd(roundtrip, x, backward=x.is_floating_point())
+        return fwd_bwd(roundtrip, x, backward=backward and x.is_floating_point())
     return Case(name, run, expect)
+
+
+def _inference(call):
+    with torch.inference_mode():  # inference tensors have no version counter
+        return [t.clone() for t in call()]
 
 
 PADDING = [
@@ -419,6 +429,8 @@ PADDING = [
              expect=fast_unavailable("complex")),
     pad_case("float8 rows", lambda: torch.tensor([[False, True]], device=DEV), x_dtype=torch.float8_e4m3fn,
              expect=raises(TypeError, "float8")),
+    Case("under inference_mode", lambda b: _inference(lambda: pad_case("", lambda: torch.tensor(
+        [[False, True]], device=DEV), backward=False).run(b)), same),
     Case("float mask", lambda b: [ops.padding_info(torch.zeros(2, 3, device=DEV))],
          raises(TypeError, "bool key padding mask")),
     Case("mask on meta", lambda b: [ops.padding_info(torch.zeros(2, 3, dtype=torch.bool, device="meta"))],
@@ -471,18 +483,26 @@ def _strided_cu():
 
 
 VARLEN = [
-    varlen_case("cu_seqlens past the packed length", cu(0, 2, 9)),
-    varlen_case("cu_seqlens far past the packed length", cu(0, 2, 2**30)),
-    varlen_case("decreasing cu_seqlens", cu(0, 4, 2, 5)),
-    varlen_case("cu_seqlens not from 0", cu(1, 3, 5)),
-    varlen_case("int32 wrap-around", cu(0, 2**31 - 1, -2**31)),
-    varlen_case("max_seqlen too small", cu(0, 2, 5), max_q=2, max_k=2),
-    varlen_case("int64 cu_seqlens", cu(0, 2, 5, dtype=torch.int64)),
-    varlen_case("2-D cu_seqlens", lambda: torch.tensor([[0, 2, 5]], dtype=torch.int32, device=DEV)),
-    varlen_case("cu_seqlens on meta", cu(0, 2, 5, device="meta")),
-    varlen_case("q and k batch counts differ", cu(0, 2, 5), cu(0, 5)),
-    varlen_case("negative max_seqlen", cu(0, 2, 5), max_q=-1),
-    varlen_case("float max_seqlen", cu(0, 2, 5), max_q=2.5),
+    varlen_case("cu_seqlens past the packed length", cu(0, 2, 9),
+                expect=raises(ValueError, "end at most at the packed length 5")),
+    varlen_case("cu_seqlens far past the packed length", cu(0, 2, 2**30),
+                expect=raises(ValueError, "end at most at the packed length")),
+    varlen_case("decreasing cu_seqlens", cu(0, 4, 2, 5), expect=raises(ValueError, "never decrease")),
+    varlen_case("cu_seqlens not from 0", cu(1, 3, 5), expect=raises(ValueError, "must start at 0")),
+    varlen_case("int32 wrap-around", cu(0, 2**31 - 1, -2**31), expect=raises(ValueError, "never decrease")),
+    varlen_case("max_seqlen too small", cu(0, 2, 5), max_q=2, max_k=2,
+                expect=raises(ValueError, "longer than max_seqlen 2")),
+    varlen_case("int64 cu_seqlens", cu(0, 2, 5, dtype=torch.int64),
+                expect=raises(TypeError, "must be an int32 tensor")),
+    varlen_case("2-D cu_seqlens", lambda: torch.tensor([[0, 2, 5]], dtype=torch.int32, device=DEV),
+                expect=raises(ValueError, r"must be 1-D \[B\+1\]")),
+    varlen_case("cu_seqlens on meta", cu(0, 2, 5, device="meta"),
+                expect=raises(ValueError, rf"must be 1-D \[B\+1\] on {DEVICE}.* on meta")),
+    varlen_case("q and k batch counts differ", cu(0, 2, 5), cu(0, 5),
+                expect=raises(ValueError, "cu_seqlens_q has 3 entries, cu_seqlens_k 2")),
+    varlen_case("negative max_seqlen", cu(0, 2, 5), max_q=-1, expect=raises(ValueError, "max_seqlen_q must be >= 0")),
+    varlen_case("float max_seqlen", cu(0, 2, 5), max_q=2.5,
+                expect=raises(TypeError, "max_seqlen_q must be an integer")),
     varlen_case("strided cu_seqlens view", _strided_cu),
     varlen_case("rows past the last sequence", cu(0, 2, 3)),
     varlen_case("empty sequences", cu(0, 0, 3, 3, 5)),
@@ -491,22 +511,6 @@ VARLEN = [
     varlen_case("causal, fewer queries than keys", cu(0, 1, 3), cu(0, 3, 6), tq=3, tk=6, is_causal=True),
     varlen_case("dropout 1", cu(0, 2, 5), dropout_p=1.0),
 ]
-_VARLEN_ERRORS = {
-    "cu_seqlens past the packed length": (ValueError, "end at most at the packed length 5"),
-    "cu_seqlens far past the packed length": (ValueError, "end at most at the packed length"),
-    "decreasing cu_seqlens": (ValueError, "never decrease"),
-    "cu_seqlens not from 0": (ValueError, "must start at 0"),
-    "int32 wrap-around": (ValueError, "never decrease"),
-    "max_seqlen too small": (ValueError, "longer than max_seqlen 2"),
-    "int64 cu_seqlens": (TypeError, "must be an int32 tensor"),
-    "2-D cu_seqlens": (ValueError, r"must be 1-D \[B\+1\]"),
-    "cu_seqlens on meta": (ValueError, r"must be 1-D \[B\+1\] on cpu" if DEVICE == "cpu" else "on cuda"),
-    "q and k batch counts differ": (ValueError, "cu_seqlens_q has 3 entries, cu_seqlens_k 2"),
-    "negative max_seqlen": (ValueError, "max_seqlen_q must be >= 0"),
-    "float max_seqlen": (TypeError, "max_seqlen_q must be an integer"),
-}
-VARLEN = [dataclasses.replace(c, expect=raises(*_VARLEN_ERRORS[c.name])) if c.name in _VARLEN_ERRORS else c
-          for c in VARLEN]
 
 
 def map_case(name: str, edit: Callable, expect=raises(ValueError, "hand-made map")) -> Case:
@@ -680,6 +684,8 @@ def test_optimized_hf_bert_on_a_padding_only_batch(backend):
     run = (lambda: (), lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state)
     assert_same(_module_result(lambda: model(backend), *run), _module_result(lambda: model("reference"), *run),
                 "HF BERT, all padding")
+    with pytest.raises(TypeError, match="attention_mask should be a tensor"):
+        model(backend)(input_ids=ids, attention_mask=mask.tolist())
 
 
 # ----------------------------------------------------------------- module and model misuse
