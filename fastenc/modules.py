@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import operator
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from . import ops
 from ._util import warn_once
 from .backends import BackendSpec, check_spec, op_backends
-from .ops._common import FLOAT_DTYPES
+from .ops._common import FLOAT_DTYPES, check_dropout
 from .ops.attention import attention_unchecked, attention_varlen_unchecked
 from .ops.ffn import ffn_unchecked
 from .ops.layer_norm import residual_layer_norm_unchecked
@@ -142,10 +143,11 @@ class TransformerEncoderLayer(BackendSetting, nn.TransformerEncoderLayer):
         unpad: Optional[bool] = None,
     ) -> None:
         for name, value in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not (hasattr(value, "__index__") and not isinstance(value, bool) and operator.index(value) >= 1):
+                raise ValueError(f"TransformerEncoderLayer: {name} must be a positive integer, got {value!r}")
         if d_model % nhead != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
+        check_dropout(dropout, "TransformerEncoderLayer", "dropout")  # torch lets NaN through
         name = activation_name(activation)
         torch_act = _torch_activation(activation) if isinstance(activation, str) else activation
         super().__init__(d_model, nhead, dim_feedforward, dropout, torch_act, layer_norm_eps, batch_first,

@@ -702,8 +702,11 @@ def _ids(*shape, high=20):
 
 MISUSE = {
     "nhead 0": (ValueError, "nhead must be a positive integer", lambda: fastenc.TransformerEncoderLayer(32, 0)),
-    "d_model 0": (ValueError, "d_model must be a positive integer", lambda: fastenc.TransformerEncoderLayer(0, 2)),
+    "d_model -4": (ValueError, "d_model must be a positive integer", lambda: fastenc.TransformerEncoderLayer(-4, 2)),
+    "nhead 2.0": (ValueError, "nhead must be a positive integer", lambda: fastenc.TransformerEncoderLayer(32, 2.0)),
     "d_model not divisible": (ValueError, "divisible", lambda: fastenc.TransformerEncoderLayer(30, 4)),
+    "dropout NaN": (ValueError, r"TransformerEncoderLayer: dropout must be in \[0, 1\], got nan",
+                    lambda: fastenc.TransformerEncoderLayer(32, 2, dropout=float("nan"))),
     "unknown activation": (ValueError, "relu/gelu/gelu_tanh",
                            lambda: fastenc.TransformerEncoderLayer(32, 2, activation="swish")),
     "src of ints": (TypeError, "src should be a floating-point tensor",
@@ -740,7 +743,7 @@ MISUSE = {
                      lambda: _model()(_ids(2, 3), labels=torch.zeros(2, device=DEV))),
     "labels of the wrong length": (ValueError, r"labels should have shape \(2,\)",
                                    lambda: _model()(_ids(2, 3), labels=torch.zeros(3, dtype=torch.long, device=DEV))),
-    "attention_dropout 2": (ValueError, "attention_dropout: dropout_p must be in",
+    "attention_dropout 2": (ValueError, r"EncoderModel: attention_dropout must be in \[0, 1\]",
                             lambda: fastenc.EncoderModel(20, 32, 2, 1, 48, attention_dropout=2.0)),
 }
 

@@ -108,7 +108,7 @@ class EncoderModel(BackendSetting, nn.Module):
         layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
                                         batch_first=True, norm_first=norm_first, **factory)
         if attention_dropout is not None:
-            layer.self_attn.dropout = check_dropout(attention_dropout, "EncoderModel: attention_dropout")
+            layer.self_attn.dropout = check_dropout(attention_dropout, "EncoderModel", "attention_dropout")
         final_norm = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory) if norm_first else None
         self.encoder = TransformerEncoder(layer, num_layers, final_norm, backend=backend)
         self.pooler = Pooler(pooling)

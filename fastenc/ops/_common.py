@@ -31,16 +31,16 @@ def draw_seed(device: torch.device) -> Tensor:
     return torch.randint(0, SEED_BOUND, (1,), device=device, dtype=torch.int64)
 
 
-def check_dropout(p: object, where: str) -> float:
-    """dropout_p as a float in [0, 1], else a ValueError naming ``where``."""
+def check_dropout(p: object, where: str, name: str = "dropout_p") -> float:
+    """A dropout probability as a float in [0, 1], else a TypeError/ValueError naming ``where`` and ``name``."""
     if isinstance(p, (str, bytes)):
-        raise TypeError(f"{where}: dropout_p must be a number in [0, 1], got {type(p).__name__} {p!r}")
+        raise TypeError(f"{where}: {name} must be a number in [0, 1], got {type(p).__name__} {p!r}")
     try:
         value = float(p)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise TypeError(f"{where}: dropout_p must be a number in [0, 1], got {type(p).__name__}") from None
+        raise TypeError(f"{where}: {name} must be a number in [0, 1], got {type(p).__name__}") from None
     if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"{where}: dropout_p must be in [0, 1], got {p}")
+        raise ValueError(f"{where}: {name} must be in [0, 1], got {p}")
     return value
 
 
