@@ -26,10 +26,29 @@ CHECKPOINT_FORMAT = "fastenc-pretrain-1"
 
 
 def pick_device(name: Optional[str]) -> torch.device:
-    dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The device to train on (default: cuda when available); ValueError for a bad or absent one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device: {name!r} is not a device name (cpu, cuda, cuda:1...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastenc: --device cuda asked for, but no CUDA GPU is available")
+        raise ValueError("device: cuda asked for, but no CUDA GPU is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: training runs on cpu or cuda, got {name!r}")
     return dev
+
+
+def check_counts(**values) -> None:
+    """Counts at least 1 (``*_size`` may be None: all), ``lr`` a positive finite number; ValueError naming it."""
+    for name, v in values.items():
+        if name == "lr":
+            if v is not None and not (isinstance(v, (int, float)) and 0.0 < v < float("inf")):
+                raise ValueError(f"lr should be a positive number, got {v!r}")
+        elif not (v is None and (name.endswith("_size") or name == "epochs")) and not (
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"{name} should be an integer >= 1, got {v!r}")
 
 
 def move(batch: Dict[str, Tensor], device) -> Dict[str, Tensor]:

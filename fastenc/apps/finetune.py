@@ -31,9 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backends import use_backend
+from ..backends import check_spec, use_backend
 from ..models import ClassifierOutput, SequenceClassifier, bert_init, freeze, pool
-from .common import Run, load_checkpoint, load_hf, move, pick_device, pretrained_path, step_all
+from .common import Run, check_counts, load_checkpoint, load_hf, move, pick_device, pretrained_path, step_all
 from .text import REVIEWS, WordTokenizer, batches, read_tsv, reviews_dataset, train_test_split
 
 Tensor = torch.Tensor
@@ -190,6 +190,8 @@ def _data(data: Optional[str], train_size, eval_size, seed: int):
     labels = sorted({y for _, y in examples})
     if labels != list(range(len(labels))):
         raise ValueError(f"labels should be 0..K-1, got {labels}")
+    if len(labels) < 2:
+        raise ValueError(f"{source}: every example has label {labels[0]}; a classifier needs at least two classes")
     return train_set, evalset, len(labels), source
 
 
@@ -209,6 +211,12 @@ def run(*, model: str = "fastenc", pretrained: Optional[str] = None, backends: S
     the first backend's run also steps the unmodified model on its first ``compare_steps`` batches
     (0: no comparison) and the row gets ``hf_step_ms`` and ``speedup_vs_hf`` (over the same steps).
     """
+    check_counts(epochs=epochs, batch_size=batch_size, train_size=train_size, eval_size=eval_size, lr=lr,
+                 min_count=min_count)
+    if not backends:
+        raise ValueError("backends: give at least one backend name")
+    for b in backends:
+        check_spec(b, "backends")  # every name before the first run
     dev = pick_device(device)
     train_set, evalset, num_labels, source = _data(data, train_size, eval_size, seed)
     if pretrained:

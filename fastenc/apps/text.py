@@ -39,8 +39,12 @@ def _parse_tsv(lines: Iterable[str], source: str) -> List[Tuple[str, int]]:
 def read_tsv(path: str) -> List[Tuple[str, int]]:
     """``label<TAB>text`` lines (integer labels), optionally under a ``label<TAB>text`` header;
     blank lines are skipped."""
-    with open(path, encoding="utf-8") as f:
-        return _parse_tsv(f, path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _parse_tsv(f, path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); expected "
+                         "'label<TAB>text' lines") from None
 
 
 def shipped_text(name: str) -> str:

@@ -223,6 +223,9 @@ def key_padding_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int) 
     """HF ``attention_mask`` [B, S] (1 = token, 0 = padding) -> fastenc key padding mask (True = padding)."""
     if attention_mask is None:
         return None
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"fastenc: attention_mask should be a tensor (the tokenizer's [batch, seq] mask), got "
+                        f"{type(attention_mask).__name__}")
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seqlen):
         raise ValueError(
             f"fastenc: attention_mask should be the tokenizer's 2D [batch, seq] = {(batch, seqlen)} mask, got shape "
