@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import ops
 from ._util import warn_once
-from .backends import BackendSpec, check_spec, op_backends, requested_backend, resolve
+from .backends import BackendSpec, BackendUnavailableError, check_spec, op_backends, requested_backend, resolve
 from .ops._common import FLOAT_DTYPES, check_dropout
 from .ops.attention import attention_unchecked, attention_varlen_unchecked
 from .ops.encoder import encoder_stack_unchecked
@@ -78,6 +78,14 @@ class BackendSetting:
         """The ``backend=`` argument this module passes to ``op``."""
         table = self.__dict__.get("_op_backend")
         return None if table is None else table.get(op)
+
+    def _requested(self, op: str):
+        """(backend, named for op) this module asks of ``op``: its own setting (a dict names ops, a string
+        is a default for every op), else the context's."""
+        spec = self.__dict__.get("_backend_spec")
+        if spec is None or (isinstance(spec, dict) and op not in spec):
+            return requested_backend(op, None)
+        return self._backend(op), isinstance(spec, dict)
 
 
 def merge_masks(
@@ -254,7 +262,7 @@ class TransformerEncoderLayer(BackendSetting, nn.TransformerEncoderLayer):
         let ``auto`` decide (None; the module's ``unpad`` attribute when set)."""
         x, attn_mask, kpm, is_causal, restore = self._batch_first(src, src_mask, src_key_padding_mask, is_causal)
         unpad = self._unpad_setting(unpad)
-        weights = fused_stack_weights((self,), None, self.training, x, attn_mask, kpm, unpad, self._backend("encoder"))
+        weights = fused_stack_weights(self, (self,), None, x, attn_mask, kpm, unpad)
         if weights is not None:
             return restore(run_fused_stack((self,), None, x, kpm, is_causal, weights, self._backend("encoder")))
         info = padding_plan(unpad, attn_mask, kpm)
@@ -306,39 +314,61 @@ def _plain_norm(norm) -> bool:
     return norm is None or (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1)
 
 
-def fused_stack_weights(layers, final_norm, training: bool, x: Tensor, attn_mask, kpm, unpad: Optional[bool],
-                        backend: Optional[str]):
-    """The layers' weights for one ``encoder`` op call, or None when they must run layer by layer.
+def fused_stack_weights(module, layers, final_norm, x: Tensor, attn_mask, kpm, unpad: Optional[bool]):
+    """The layers' weights for one ``encoder`` op call, or None when they run layer by layer.
 
     The fused stack (``fastenc.ops.encoder_stack``) runs inference only, on packed tokens, for uniform
     layers with a fused activation and no dense mask, unless an op is forced to another backend.
-    final_norm: None, a LayerNorm, or False (a final norm the stack cannot run).
+    Under ``auto`` or a default for every op an ineligible call runs layer by layer; ``"reference"`` always
+    does (the layer-by-layer path is the stack's reference composition); ``"cpu"`` named for the encoder op
+    raises when it cannot run.  final_norm: None, a LayerNorm, or False (a final norm the stack cannot run).
     """
-    if training or final_norm is False or attn_mask is not None or x.device.type != "cpu":
+    want, named = module._requested("encoder")
+    if want == "reference":
         return None
-    if kpm is not None and (kpm.dtype != torch.bool or unpad is False):
+    why = _unfusable(layers, final_norm, module.training, x, attn_mask, kpm, unpad)
+    if why is not None:
+        if want == "cpu" and named:
+            raise BackendUnavailableError(f"fastenc encoder: backend 'cpu' is unavailable: {why}")
         return None
-    first = layers[0]
     weights = []
     for layer in layers:
-        if (layer.activation_name != first.activation_name or first.activation_name is None
-                or layer.norm_first != first.norm_first or layer.self_attn.num_heads != first.self_attn.num_heads
-                or not layer.norm1.eps == layer.norm2.eps == first.norm1.eps):
-            return None
-        for op in _FUSED_OPS:
-            if requested_backend(op, layer._backend(op))[0] not in ("auto", "cpu"):
-                return None
         a = layer.self_attn
         weights.append((a.in_proj_weight, a.in_proj_bias, a.out_proj.weight, a.out_proj.bias, layer.linear1.weight,
                         layer.linear1.bias, layer.linear2.weight, layer.linear2.bias, layer.norm1.weight,
                         layer.norm1.bias, layer.norm2.weight, layer.norm2.bias))
     grad = torch.is_grad_enabled() and (x.requires_grad or any(
         t is not None and t.requires_grad for w in weights for t in w))
-    if grad and requested_backend("encoder", backend)[0] == "auto":
-        return None  # autograd needs the per-op path (a forced "cpu" raises in resolve instead)
-    if resolve("encoder", backend, x.device, x.dtype, (grad,)) != "cpu":
+    if grad and not (want == "cpu" and named):
+        return None  # autograd needs the per-op path (a named "cpu" raises in resolve instead)
+    if resolve("encoder", want if named else None, x.device, x.dtype, (grad,)) != "cpu":
         return None
     return weights
+
+
+def _unfusable(layers, final_norm, training: bool, x: Tensor, attn_mask, kpm, unpad: Optional[bool]) -> Optional[str]:
+    """Why these layers cannot run as one fused stack call, or None."""
+    if training:
+        return "the module is in training mode (the fused stack has no dropout and no autograd)"
+    if x.device.type != "cpu":
+        return f"it runs on CPU tensors, not {x.device.type}"
+    if attn_mask is not None:
+        return "a dense src_mask is indexed by padded positions; the stack runs on packed tokens"
+    if kpm is not None and (kpm.dtype != torch.bool or unpad is False):
+        return "it needs a bool key padding mask and padding removal (not unpad=False)"
+    if final_norm is False:
+        return "the final norm is not a LayerNorm over the last dimension"
+    first = layers[0]
+    for layer in layers:
+        if (layer.activation_name != first.activation_name or first.activation_name is None
+                or layer.norm_first != first.norm_first or layer.self_attn.num_heads != first.self_attn.num_heads
+                or not layer.norm1.eps == layer.norm2.eps == first.norm1.eps):
+            return "the layers differ in activation, norm placement, heads or eps, or the activation has no kernel"
+        for op in _FUSED_OPS:
+            forced = requested_backend(op, layer._backend(op))[0]
+            if forced not in ("auto", "cpu"):
+                return f"{op} is set to {forced!r}"
+    return None
 
 
 def run_fused_stack(layers, final_norm, x: Tensor, kpm: Optional[Tensor], is_causal: bool, weights,
@@ -351,7 +381,7 @@ def run_fused_stack(layers, final_norm, x: Tensor, kpm: Optional[Tensor], is_cau
         info = ops.padding_info(kpm)
         packed, cu, max_len = ops.unpad(x, info, backend=first._backend("padding")), info.cu_seqlens, info.max_seqlen
     else:
-        packed, cu, max_len = x.reshape(B * L, d), torch.arange(0, (B + 1) * L, L, dtype=torch.int32), L
+        packed, cu, max_len = x.reshape(B * L, d), torch.arange(B + 1, dtype=torch.int32) * L, L
     out = encoder_stack_unchecked(packed, cu, max_len, weights, first.self_attn.num_heads, first.norm_first,
                                   first.activation_name, first.norm1.eps, final, is_causal, backend)
     return ops.pad(out, info, backend=first._backend("padding")) if kpm is not None else out.view(B, L, d)
@@ -429,8 +459,7 @@ class TransformerEncoder(BackendSetting, nn.TransformerEncoder):
         x, attn_mask, kpm, is_causal, restore = first._batch_first(src, mask, src_key_padding_mask, is_causal)
         unpad = getattr(self, "unpad", None) if unpad is None else unpad
         final = self.norm if _plain_norm(self.norm) else False
-        weights = fused_stack_weights(self.layers, final, self.training, x, attn_mask, kpm, unpad,
-                                      self._backend("encoder"))
+        weights = fused_stack_weights(self, self.layers, final, x, attn_mask, kpm, unpad)
         if weights is not None:
             return restore(run_fused_stack(self.layers, final, x, kpm, is_causal, weights, self._backend("encoder")))
         info = padding_plan(unpad, attn_mask, kpm)

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEV = torch.device(DEVICE)
 FAST = [b for b in BACKENDS if b not in ("auto", "reference")]
 # A typical shape class per op (what each op's availability checks read).
-EXAMPLE = {"attention": (16, 16, False), "layer_norm": (32,), "ffn": ("gelu",), "padding": ()}
+EXAMPLE = {"attention": (16, 16, False), "layer_norm": (32,), "ffn": ("gelu",), "padding": (), "encoder": (False,)}
 
 
 def usable(op: str, backend: str, device: torch.device = DEV, dtype: torch.dtype = torch.float32) -> bool:
@@ -774,11 +774,24 @@ def _op_call(op: str) -> Callable[[Optional[str]], torch.Tensor]:
         "ffn": lambda b: ops.ffn(rand(3, 16), rand(24, 16), None, rand(16, 24), None, backend=b),
         "padding": lambda b: ops.pad(rand(1, 4), ops.padding_info(torch.tensor([[False, True]], device=DEV)),
                                      backend=b),
+        "encoder": lambda b: _stack_call(b),
     }
     return calls[op]
 
 
-REFERENCE_OF = {"attention": "attention", "layer_norm": "residual_layer_norm", "ffn": "ffn", "padding": "pad"}
+def _stack_call(backend):
+    """A two-layer stack on 5 packed tokens in inference (the encoder op records no autograd graph)."""
+    layer = _layer(None).eval()
+    weights = [(layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias, layer.self_attn.out_proj.weight,
+                layer.self_attn.out_proj.bias, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight,
+                layer.linear2.bias, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias)] * 2
+    with torch.inference_mode():
+        return ops.encoder_stack(rand(5, 32), torch.tensor([0, 2, 5], dtype=torch.int32, device=DEV), 3, weights,
+                                 nhead=2, activation=layer.activation_name, backend=backend)
+
+
+REFERENCE_OF = {"attention": "attention", "layer_norm": "residual_layer_norm", "ffn": "ffn", "padding": "pad",
+                "encoder": "encoder_stack"}
 _FORCED = [(op, b) for op in registered_ops() for b in FAST]
 
 
@@ -822,13 +835,17 @@ def test_forced_backend_runs_or_raises(op, backend, monkeypatch):
             else:
                 with pytest.raises(BackendUnavailableError, match=f"fastenc {op}: "):
                     _op_call(op)(arg)
-    if op != "padding":  # a layer given {op: backend}
+    if op != "padding":  # a layer given {op: backend} (the encoder op runs inference only)
         layer, x = _layer({op: backend}), rand(2, 3, 32)
-        if runs:
-            layer(x)
-        else:
-            with pytest.raises(BackendUnavailableError, match=f"fastenc {op}: "):
+        grad = contextlib.nullcontext()
+        if op == "encoder":
+            layer, grad = layer.eval(), torch.inference_mode()
+        with grad:
+            if runs:
                 layer(x)
+            else:
+                with pytest.raises(BackendUnavailableError, match=f"fastenc {op}: "):
+                    layer(x)
     assert not calls, f"forced {backend!r} ran the {op} reference"
 
 

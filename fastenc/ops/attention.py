@@ -70,7 +70,7 @@ register_op("attention", {"triton": _triton_available, "cpu": _cpu_available},
 @functools.lru_cache(maxsize=64)
 def _uniform_cu(batch: int, length: int) -> Tensor:
     """int32 [batch + 1] offsets of batch sequences of one length (never written: cached)."""
-    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)
+    return torch.arange(batch + 1, dtype=torch.int32) * length
 
 
 def _packed(t: Tensor, cu: Optional[Tensor]):

@@ -47,7 +47,10 @@ def _triton_available(device: torch.device, dtype: torch.dtype, shape: tuple) ->
 
 
 def _cpu_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
-    return cpu_check(device, dtype)
+    reason = cpu_check(device, dtype)
+    if reason is None and shape[0] < 1:
+        return f"hidden size {shape[0]}: the C++ kernel normalises rows of at least one column"
+    return reason
 
 
 register_op("layer_norm", {"triton": _triton_available, "cpu": _cpu_available},
@@ -224,7 +227,13 @@ class _ResidualLayerNorm(torch.autograd.Function):
 
 def _run(backend, x, branch, weight, bias, branch_bias, eps, dropout_p, prenorm):
     if backend == "cpu" and branch is not None and branch.dtype != x.dtype:
-        branch = branch.to(x.dtype)  # the C++ kernel adds rows of one dtype (torch.autocast mixes them)
+        # The C++ kernel adds rows of one dtype: add in the promoted one, as torch (and the reference) would
+        # (torch.autocast mixes an fp32 residual with bf16 branches); outputs come back in x's dtype.
+        wide = torch.promote_types(x.dtype, branch.dtype)
+        weight, bias, branch_bias = (t.to(wide) if t is not None and t.dtype not in (wide, torch.float32) else t
+                                     for t in (weight, bias, branch_bias))
+        out = _run(backend, x.to(wide), branch.to(wide), weight, bias, branch_bias, eps, dropout_p, prenorm)
+        return tuple(t.to(x.dtype) for t in out) if prenorm else out.to(x.dtype)
     has_dropout = branch is not None and dropout_p > 0.0
     seed = draw_seed(x.device) if has_dropout else None
     store = prenorm and branch is not None
