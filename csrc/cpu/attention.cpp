@@ -17,6 +17,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -39,6 +40,7 @@ constexpr int kMaxNV = kAcc / 2;         // column vectors per acc tile
 constexpr int64_t kQC = 64;              // query rows per work item (forward) / chunk (backward)
 constexpr int64_t kBN = 128;             // keys per block in the forward
 constexpr int64_t kBNb = 64;             // keys per block in the backward
+constexpr int64_t kPrefetchRows = 128;   // keys of the next work item prefetched
 constexpr float kInf = std::numeric_limits<float>::infinity();
 static_assert(kQC % kPad == 0 && kBN % 8 == 0 && kBNb % 8 == 0 && kW % 4 == 0);
 
@@ -169,6 +171,26 @@ inline void store_row(const float* src, T* dst, int64_t n, float mul) {
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d] * mul);
 }
 
+// dst[d·ld + i] = src[i·ld_src + d] · mul for i < rows, d < n: a row block staged transposed, with
+// at::vec's register transposes (fp32 sources directly; others widened through tmp [rows][n]).
+template <typename T>
+void load_transposed(const T* src, int64_t ld_src, int64_t rows, int64_t n, float mul, float* tmp, float* dst,
+                     int64_t ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    at::vec::transpose_mxn<float>(src, ld_src, dst, ld, static_cast<int>(rows), static_cast<int>(n));
+    if (mul != 1.f) {
+      for (int64_t d = 0; d < n; ++d)
+        for (int64_t i = 0; i < rows; i += kW) {
+          const int64_t c = std::min<int64_t>(kW, rows - i);
+          (Vec::loadu(dst + d * ld + i, c) * Vec(mul)).store(dst + d * ld + i, c);
+        }
+    }
+  } else {
+    for (int64_t i = 0; i < rows; ++i) load_row(src + i * ld_src, tmp + i * n, n, n, mul);
+    at::vec::transpose_mxn<float>(tmp, n, dst, ld, static_cast<int>(rows), static_cast<int>(n));
+  }
+}
+
 // Per-thread scratch: grows to the largest request seen, then is reused (no per-call allocation).
 float* scratch(int64_t n) {
   thread_local std::vector<float> buf;
@@ -187,17 +209,30 @@ struct Carver {
   }
 };
 
-// Runs f(w) for w in [0, n) on at::get_num_threads() threads that take items in turn
-// (dynamic scheduling: ragged items balance, and a busy core does not hold the others up).
+// Runs f(w0, w1) over [0, n) on at::get_num_threads() threads that take runs of items in turn
+// (dynamic scheduling: ragged items balance, and a busy core does not hold the others up).  A run
+// holds about 1/8 of a thread's share, at most 16 items: one atomic per run (a locked add waits
+// for the stores of the previous item to drain).
 template <typename F>
 void run_items(int64_t n, const F& f) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  const int64_t run = std::clamp<int64_t>(n / (threads * 8), 1, 16);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t w = next.fetch_add(1, std::memory_order_relaxed); w < n; w = next.fetch_add(1, std::memory_order_relaxed))
-      f(w);
+    for (int64_t w = next.fetch_add(run, std::memory_order_relaxed); w < n;
+         w = next.fetch_add(run, std::memory_order_relaxed))
+      f(w, std::min(n, w + run));
   });
+}
+
+// Asks for rows [t0, t1) of head h into L2 (a short sequence's rows are a few scattered lines:
+// fetching the next item's while computing this one hides their latency).
+template <bool WRITE = false, typename T>
+inline void prefetch_rows(const T* base, int64_t st, int64_t t0, int64_t t1, int64_t n) {
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t e = 0; e < n; e += 64 / static_cast<int64_t>(sizeof(T)))
+      __builtin_prefetch(base + t * st + e, WRITE ? 1 : 0, 2);
 }
 
 // ------------------------------------------------------------------------------- masks, dropout
@@ -334,81 +369,89 @@ struct Shape {
   int64_t H, D, Dv;
 };
 
+// Work item: queries [r0, r1) of sequence s, head h, in chunks of kQC rows.  K and V (up to the
+// last key any of these queries sees) are staged once for all the chunks.
 template <typename T>
 void forward_item(const AttnParams& p, const Dropout& dr, const Shape& sh, const View<const T>& q,
                   const View<const T>& k, const View<const T>& v, const View<T>& out, float* lse, int64_t lse_sh,
-                  int64_t lse_st, const Seq& s, int64_t b, int64_t h, int64_t i0) {
+                  int64_t lse_st, const Seq& s, int64_t b, int64_t h, int64_t r0, int64_t r1) {
   const int64_t D = sh.D, Dv = sh.Dv, DVp = round_up(Dv, kW);
-  const int64_t rows = std::min(kQC, s.L - i0), ld = round_up(rows, kPad), nqv = ld / kW;
-  const int64_t kend = p.causal ? std::min(s.S, i0 + rows) : s.S;
-  const int64_t bn = std::min(kBN, round_up(std::max<int64_t>(kend, 1), 8));
-  Carver c{scratch(D * ld + bn * ld + bn * D + bn * DVp + ld * DVp + 3 * ld + 16 * 8)};
-  float* qt = c.take(D * ld);    // Qᵀ · scale [D][ld]
-  float* st = c.take(bn * ld);   // scores, then P [bn][ld]
-  float* kb = c.take(bn * D);    // K block [bn][D]
-  float* vb = c.take(bn * DVp);  // V block [bn][DVp]
-  float* o = c.take(ld * DVp);   // unnormalised output [ld][DVp]
-  float* m = c.take(ld);         // running max
-  float* l = c.take(ld);         // running sum
-  float* alpha = c.take(ld);     // rescale of the previous blocks
+  const int64_t kall = p.causal ? std::min(s.S, r1) : s.S, kp = round_up(std::max<int64_t>(kall, 1), 8);
+  const int64_t bn = std::min(kBN, kp);
+  Carver c{scratch(kp * D + kp * DVp + D * kQC + bn * kQC + kQC * D + kQC * DVp + 3 * kQC + 16 * 10)};
+  float* kb = c.take(kp * D);     // K [kp][D]
+  float* vb = c.take(kp * DVp);   // V [kp][DVp]
+  float* qt = c.take(D * kQC);    // Qᵀ · scale [D][ld]
+  float* st = c.take(bn * kQC);   // scores, then P [bn][ld]
+  float* tmp = c.take(kQC * D);   // Q widened to fp32 (when q is not fp32)
+  float* o = c.take(kQC * DVp);   // unnormalised output [ld][DVp]
+  float* m = c.take(kQC);         // running max
+  float* l = c.take(kQC);         // running sum
+  float* alpha = c.take(kQC);     // rescale of the previous blocks
 
-  for (int64_t ii = 0; ii < rows; ++ii) {
-    const T* src = q.row(s.q0 + i0 + ii, h);
-    for (int64_t d = 0; d < D; ++d) qt[d * ld + ii] = static_cast<float>(src[d]) * p.scale;
+  for (int64_t j = 0; j < kall; ++j) {
+    load_row(k.row(s.k0 + j, h), kb + j * D, D, D, 1.f);
+    load_row(v.row(s.k0 + j, h), vb + j * DVp, Dv, DVp, 1.f);
   }
-  for (int64_t d = 0; d < D; ++d) std::fill(qt + d * ld + rows, qt + (d + 1) * ld, 0.f);
-  std::fill(o, o + ld * DVp, 0.f);
-  std::fill(m, m + ld, -kInf);
-  std::fill(l, l + ld, 0.f);
+  std::fill(kb + kall * D, kb + kp * D, 0.f);
 
-  for (int64_t j0 = 0; j0 < kend; j0 += bn) {
-    const int64_t nj = std::min(bn, kend - j0), njp = round_up(nj, 8);
-    for (int64_t jj = 0; jj < nj; ++jj) {
-      load_row(k.row(s.k0 + j0 + jj, h), kb + jj * D, D, D, 1.f);
-      load_row(v.row(s.k0 + j0 + jj, h), vb + jj * DVp, Dv, DVp, 1.f);
-    }
-    std::fill(kb + nj * D, kb + njp * D, 0.f);
-    abt(kb, D, njp, qt, ld, D, nqv, st, ld);
-    apply_masks(p, b, h, i0, rows, nqv, j0, nj, st, ld);
+  for (int64_t i0 = r0; i0 < r1; i0 += kQC) {
+    const int64_t rows = std::min(kQC, r1 - i0), ld = round_up(rows, kPad), nqv = ld / kW;
+    const int64_t kend = p.causal ? std::min(s.S, i0 + rows) : s.S;
+    load_transposed(q.row(s.q0 + i0, h), q.st, rows, D, p.scale, tmp, qt, ld);
+    for (int64_t d = 0; d < D; ++d) std::fill(qt + d * ld + rows, qt + (d + 1) * ld, 0.f);
+    std::fill(o, o + ld * DVp, 0.f);
+    std::fill(m, m + ld, -kInf);
+    std::fill(l, l + ld, 0.f);
 
-    // Online softmax, lane-wise over queries: m' = max(m, max_j s), P = exp(s - m'), l' = l·e^{m-m'} + Σ_j P.
-    for (int64_t n = 0; n < nqv; ++n) {
-      const Vec m_old = Vec::loadu(m + n * kW);
-      Vec m_new = m_old;
-      for (int64_t jj = 0; jj < nj; ++jj) m_new = at::vec::maximum(m_new, Vec::loadu(st + jj * ld + n * kW));
-      const Vec m_ref = Vec::blendv(m_new, Vec(0.f), m_new == Vec(-kInf));  // all masked so far: P = 0
-      Vec sum(0.f);
-      float z[4][kW];
-      for (int64_t jj = 0; jj < nj; ++jj) {
-        float* sp = st + jj * ld + n * kW;
-        Vec pv = vexp(Vec::loadu(sp) - m_ref);
-        sum = sum + pv;
-        if (dr.on) {
-          if (jj % 4 == 0) dropout_block(dr, b, h, i0 + n * kW, j0 + jj, z);
-          pv = pv * Vec::loadu(z[jj % 4]);
+    for (int64_t j0 = 0; j0 < kend; j0 += bn) {
+      const int64_t nj = std::min(bn, kend - j0);
+      abt(kb + j0 * D, D, round_up(nj, 8), qt, ld, D, nqv, st, ld);
+      apply_masks(p, b, h, i0, rows, nqv, j0, nj, st, ld);
+
+      // Online softmax, lane-wise over queries: m' = max(m, max_j s), P = exp(s - m'), l' = l·e^{m-m'} + Σ_j P.
+      for (int64_t n = 0; n < nqv; ++n) {
+        const Vec m_old = Vec::loadu(m + n * kW);
+        Vec mx[4] = {m_old, m_old, m_old, m_old};  // four chains: vmaxps latency
+        int64_t jj = 0;
+        for (; jj + 4 <= nj; jj += 4)
+          for (int u = 0; u < 4; ++u) mx[u] = at::vec::maximum(mx[u], Vec::loadu(st + (jj + u) * ld + n * kW));
+        for (; jj < nj; ++jj) mx[0] = at::vec::maximum(mx[0], Vec::loadu(st + jj * ld + n * kW));
+        const Vec m_new = at::vec::maximum(at::vec::maximum(mx[0], mx[1]), at::vec::maximum(mx[2], mx[3]));
+        const Vec m_ref = Vec::blendv(m_new, Vec(0.f), m_new == Vec(-kInf));  // all masked so far: P = 0
+        Vec sum[2] = {Vec(0.f), Vec(0.f)};
+        float z[4][kW];
+        for (jj = 0; jj < nj; ++jj) {
+          float* sp = st + jj * ld + n * kW;
+          Vec pv = vexp(Vec::loadu(sp) - m_ref);
+          sum[jj & 1] = sum[jj & 1] + pv;
+          if (dr.on) {
+            if (jj % 4 == 0) dropout_block(dr, b, h, i0 + n * kW, j0 + jj, z);
+            pv = pv * Vec::loadu(z[jj % 4]);
+          }
+          pv.store(sp);
         }
-        pv.store(sp);
+        const Vec a = vexp(m_old - m_ref);
+        (Vec::loadu(l + n * kW) * a + sum[0] + sum[1]).store(l + n * kW);
+        m_new.store(m + n * kW);
+        a.store(alpha + n * kW);
       }
-      const Vec a = vexp(m_old - m_ref);
-      (Vec::loadu(l + n * kW) * a + sum).store(l + n * kW);
-      m_new.store(m + n * kW);
-      a.store(alpha + n * kW);
-    }
-    if (j0 > 0) {
-      for (int64_t ii = 0; ii < rows; ++ii) {
-        const Vec a(alpha[ii]);
-        for (int64_t d = 0; d < DVp; d += kW) (Vec::loadu(o + ii * DVp + d) * a).store(o + ii * DVp + d);
+      if (j0 > 0) {
+        for (int64_t ii = 0; ii < rows; ++ii) {
+          const Vec a(alpha[ii]);
+          for (int64_t d = 0; d < DVp; d += kW) (Vec::loadu(o + ii * DVp + d) * a).store(o + ii * DVp + d);
+        }
       }
+      acc(st, ld, 1, round_up(rows, 8), vb + j0 * DVp, DVp, nj, DVp / kW, o, DVp);
     }
-    acc(st, ld, 1, round_up(rows, 8), vb, DVp, nj, DVp / kW, o, DVp);
-  }
 
-  for (int64_t ii = 0; ii < rows; ++ii) {
-    const float mi = m[ii], li = l[ii];
-    float inv = li > 0.f ? 1.f / li : 0.f, ls = li > 0.f ? mi + std::log(li) : kInf;
-    if (std::isnan(mi) || std::isnan(li)) inv = ls = std::numeric_limits<float>::quiet_NaN();
-    store_row(o + ii * DVp, out.row(s.q0 + i0 + ii, h), Dv, inv);
-    if (lse) lse[h * lse_sh + (s.q0 + i0 + ii) * lse_st] = ls;
+    for (int64_t ii = 0; ii < rows; ++ii) {
+      const float mi = m[ii], li = l[ii];
+      float inv = li > 0.f ? 1.f / li : 0.f, ls = li > 0.f ? mi + std::log(li) : kInf;
+      if (std::isnan(mi) || std::isnan(li)) inv = ls = std::numeric_limits<float>::quiet_NaN();
+      store_row(o + ii * DVp, out.row(s.q0 + i0 + ii, h), Dv, inv);
+      if (lse) lse[h * lse_sh + (s.q0 + i0 + ii) * lse_st] = ls;
+    }
   }
 }
 
@@ -449,8 +492,6 @@ void backward_task(const AttnParams& p, const Dropout& dr, const Shape& sh, cons
   for (int64_t i = 0; i < L; ++i) {
     load_row(q.row(s.q0 + i, h), qn + i * Dp, D, Dp, p.scale);
     load_row(dout.row(s.q0 + i, h), don + i * DVp, Dv, DVp, 1.f);
-    for (int64_t d = 0; d < D; ++d) qt[d * Lp + i] = qn[i * Dp + d];
-    for (int64_t d = 0; d < Dv; ++d) dot[d * Lp + i] = don[i * DVp + d];
     const T* o = out.row(s.q0 + i, h);
     float dsum = 0.f;
     for (int64_t d = 0; d < Dv; ++d) dsum += don[i * DVp + d] * static_cast<float>(o[d]);
@@ -463,6 +504,8 @@ void backward_task(const AttnParams& p, const Dropout& dr, const Shape& sh, cons
     delta[i] = 0.f;
     lsb[i] = kInf;
   }
+  load_transposed<float>(qn, Dp, L, D, 1.f, nullptr, qt, Lp);
+  load_transposed<float>(don, DVp, L, Dv, 1.f, nullptr, dot, Lp);
   for (int64_t d = 0; d < D; ++d) std::fill(qt + d * Lp + L, qt + (d + 1) * Lp, 0.f);
   for (int64_t d = 0; d < Dv; ++d) std::fill(dot + d * Lp + L, dot + (d + 1) * Lp, 0.f);
   std::fill(dqa, dqa + Lp * Dp, 0.f);
@@ -557,17 +600,35 @@ void attention_forward_out(const at::Tensor& q, const at::Tensor& k, const at::T
   const Dropout dr = make_dropout(p);
   float* lp = lse.defined() ? lse.data_ptr<float>() : nullptr;
   const int64_t lse_sh = lse.defined() ? lse.stride(0) : 0, lse_st = lse.defined() ? lse.stride(1) : 0;
-  // Work items: (sequence, query chunk of kQC rows) x head.
-  std::vector<std::pair<int32_t, int32_t>> chunks;
+  // Work items: (sequence, run of up to G query chunks of kQC rows) x head, G as large as leaves
+  // about 4 items per thread (K and V are staged once per item).
+  int64_t chunks = 0;
+  for (const Seq& s : seqs) chunks += (s.L + kQC - 1) / kQC;
+  const int64_t G = std::clamp<int64_t>(chunks * sh.H / (4 * at::get_num_threads()), 1, 16);
+  std::vector<std::array<int32_t, 3>> groups;  // (b, first row, end row)
   for (size_t b = 0; b < seqs.size(); ++b)
-    for (int64_t i0 = 0; i0 < seqs[b].L; i0 += kQC) chunks.emplace_back(static_cast<int32_t>(b), static_cast<int32_t>(i0));
+    for (int64_t r = 0; r < seqs[b].L; r += G * kQC)
+      groups.push_back({static_cast<int32_t>(b), static_cast<int32_t>(r),
+                        static_cast<int32_t>(std::min(seqs[b].L, r + G * kQC))});
   dispatch_dtype(q.scalar_type(), [&](auto t_) {
     using T = decltype(t_);
     const View<const T> qv = view<const T>(q), kv = view<const T>(k), vv = view<const T>(v);
     const View<T> ov = view<T>(out);
-    run_items(static_cast<int64_t>(chunks.size()) * sh.H, [&](int64_t w) {
-      const auto [b, i0] = chunks[w / sh.H];
-      forward_item<T>(p, dr, sh, qv, kv, vv, ov, lp, lse_sh, lse_st, seqs[b], b, w % sh.H, i0);
+    run_items(static_cast<int64_t>(groups.size()) * sh.H, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) {
+        if (w + 1 < w1) {  // the next item's first q chunk and first kPrefetchRows keys
+          const auto [b, r0, r1] = groups[(w + 1) / sh.H];
+          const Seq& s = seqs[b];
+          const int64_t h = (w + 1) % sh.H, kend = s.k0 + std::min(s.S, kPrefetchRows);
+          const int64_t qend = s.q0 + std::min<int64_t>(r1, r0 + kQC);
+          prefetch_rows(qv.row(0, h), qv.st, s.q0 + r0, qend, sh.D);
+          prefetch_rows(kv.row(0, h), kv.st, s.k0, kend, sh.D);
+          prefetch_rows(vv.row(0, h), vv.st, s.k0, kend, sh.Dv);
+          prefetch_rows<true>(ov.row(0, h), ov.st, s.q0 + r0, qend, sh.Dv);
+        }
+        const auto [b, r0, r1] = groups[w / sh.H];
+        forward_item<T>(p, dr, sh, qv, kv, vv, ov, lp, lse_sh, lse_st, seqs[b], b, w % sh.H, r0, r1);
+      }
     });
   });
 }
@@ -581,11 +642,11 @@ void attention_backward_out(const at::Tensor& dout, const at::Tensor& q, const a
   const Dropout dr = make_dropout(p);
   dispatch_dtype(q.scalar_type(), [&](auto t_) {
     using T = decltype(t_);
-    run_items(static_cast<int64_t>(seqs.size()) * sh.H, [&](int64_t w) {
-      const int64_t b = w / sh.H, h = w % sh.H;
-      backward_task<T>(p, dr, sh, view<const T>(dout), view<const T>(q), view<const T>(k), view<const T>(v),
-                       view<const T>(out), lse.const_data_ptr<float>(), lse.stride(0), lse.stride(1), view<T>(dq),
-                       view<T>(dk), view<T>(dv), seqs[b], b, h);
+    run_items(static_cast<int64_t>(seqs.size()) * sh.H, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w)
+        backward_task<T>(p, dr, sh, view<const T>(dout), view<const T>(q), view<const T>(k), view<const T>(v),
+                         view<const T>(out), lse.const_data_ptr<float>(), lse.stride(0), lse.stride(1), view<T>(dq),
+                         view<T>(dk), view<T>(dv), seqs[w / sh.H], w / sh.H, w % sh.H);
     });
   });
 }
