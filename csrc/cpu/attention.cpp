@@ -318,36 +318,51 @@ Dropout make_dropout(const AttnParams& p) {
   return d;
 }
 
-// z[kk][l] = keep·scale of element (b, h, i = ib + l, j = j0 + kk) for kk < 4, l < kW (ib % 4 == 0):
-// kW Philox calls at once (counters {i / 4, j, h, b}), lane-parallel so the compiler vectorises them.
+// z[w][l] = keep·scale of element (b, h, i = ib + l, j = j0 + w) for w < 4, l < kW (j0 % 4 == 0):
+// word j % 4 of philox4x32(seed, counter {i, j / 4, h, b}) (ffn_math.h), so each query lane's call
+// covers 4 keys; with AVX-512 the kW calls run in the lanes of four registers.
+#if defined(CPU_CAPABILITY_AVX512)
+// hi and lo words of the 32x32-bit products a·m, lane-wise (mul_epu32 multiplies the even lanes).
+inline void mulhilo(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  lo = _mm512_mullo_epi32(a, m);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
 void dropout_block(const Dropout& dr, int64_t b, int64_t h, int64_t ib, int64_t j0, float (*z)[kW]) {
-  constexpr int G = kW / 4;  // Philox calls per key
-  uint32_t c0[kW], c1[kW], c2[kW], c3[kW];
-  for (int l = 0; l < kW; ++l) {
-    c0[l] = static_cast<uint32_t>((ib >> 2) + l % G);
-    c1[l] = static_cast<uint32_t>(j0 + l / G);
-    c2[l] = static_cast<uint32_t>(h);
-    c3[l] = static_cast<uint32_t>(b);
-  }
+  static_assert(kW == 16);
+  __m512i c[4] = {_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(ib)),
+                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
+                  _mm512_set1_epi32(static_cast<int>(j0 >> 2)), _mm512_set1_epi32(static_cast<int>(h)),
+                  _mm512_set1_epi32(static_cast<int>(b))};
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
   uint32_t k0 = static_cast<uint32_t>(dr.seed), k1 = static_cast<uint32_t>(dr.seed >> 32);
-  for (int r = 0; r < 10; ++r) {  // the rounds of philox4x32 (ffn_math.h), one lane per call
-    for (int l = 0; l < kW; ++l) {
-      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[l];
-      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[l];
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[l] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[l] ^ k1;
-      c1[l] = static_cast<uint32_t>(p1);
-      c3[l] = static_cast<uint32_t>(p0);
-      c0[l] = n0;
-      c2[l] = n2;
-    }
+  for (int r = 0; r < 10; ++r) {
+    __m512i hi0, lo0, hi1, lo1;
+    mulhilo(c[0], m0, hi0, lo0);
+    mulhilo(c[2], m1, hi1, lo1);
+    c[0] = _mm512_xor_si512(_mm512_xor_si512(hi1, c[1]), _mm512_set1_epi32(static_cast<int>(k0)));
+    c[1] = lo1;
+    c[2] = _mm512_xor_si512(_mm512_xor_si512(hi0, c[3]), _mm512_set1_epi32(static_cast<int>(k1)));
+    c[3] = lo0;
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  const uint32_t* words[4] = {c0, c1, c2, c3};
-  for (int l = 0; l < kW; ++l)
-    for (int w = 0; w < 4; ++w) z[l / G][4 * (l % G) + w] = dropout_keep(words[w][l], dr.threshold24) ? dr.scale : 0.f;
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(dr.threshold24));
+  const __m512 scale = _mm512_set1_ps(dr.scale);
+  for (int w = 0; w < 4; ++w)  // dropout_keep: (word >> 8) >= threshold24
+    _mm512_storeu_ps(z[w], _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(_mm512_srli_epi32(c[w], 8), thr), scale));
 }
+#else
+void dropout_block(const Dropout& dr, int64_t b, int64_t h, int64_t ib, int64_t j0, float (*z)[kW]) {
+  for (int l = 0; l < kW; ++l) {
+    const U32x4 r = philox4x32(dr.seed, U32x4{{static_cast<uint32_t>(ib + l), static_cast<uint32_t>(j0 >> 2),
+                                               static_cast<uint32_t>(h), static_cast<uint32_t>(b)}});
+    for (int w = 0; w < 4; ++w) z[w][l] = dropout_keep(r.v[w], dr.threshold24) ? dr.scale : 0.f;
+  }
+}
+#endif
 
 Vec vexp(Vec x) { return x.exp_u20(); }  // 20-ulp exp (as torch's CPU flash attention); exp(-inf) = 0
 
@@ -660,9 +675,9 @@ at::Tensor attention_dropout_mask(int64_t batch, int64_t heads, int64_t seqlen_q
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r % seqlen_q, h = r / seqlen_q % heads, b = r / seqlen_q / heads;
       for (int64_t j = 0; j < seqlen_k; ++j) {
-        const U32x4 x = philox4x32(seed, U32x4{{static_cast<uint32_t>(i >> 2), static_cast<uint32_t>(j),
+        const U32x4 x = philox4x32(seed, U32x4{{static_cast<uint32_t>(i), static_cast<uint32_t>(j >> 2),
                                                 static_cast<uint32_t>(h), static_cast<uint32_t>(b)}});
-        out[r * seqlen_k + j] = dropout_keep(x.v[i & 3], threshold);
+        out[r * seqlen_k + j] = dropout_keep(x.v[j & 3], threshold);
       }
     }
   });
