@@ -245,6 +245,19 @@ def test_same_result_on_one_and_two_threads():
     assert torch.equal(one[0], two[0]) and all(torch.equal(a, b) for a, b in zip(one[2], two[2]))
 
 
+def test_nan_propagates():
+    q, k, v, cu_q, cu_k = _dense(2, 5, 6, 2, 32, torch.float32)
+    q[3, 1, 7] = float("nan")  # query 3, head 1
+    ref_in = _leaves((q, k, v))
+    ref = _dense_ref(2, 5, 6)(*ref_in, upcast=True)
+    dout = torch.randn_like(ref)
+    ref.backward(dout)
+    out, _, grads = _fwd_bwd(q, k, v, cu_q, cu_k, 5, 6, dout)
+    for name, fast, expected in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *(t.grad for t in ref_in))):
+        assert torch.isnan(expected).any()
+        assert torch.equal(torch.isnan(fast), torch.isnan(expected)), name
+
+
 # --------------------------------------------------------------------------- dropout
 
 

@@ -364,7 +364,8 @@ void dropout_block(const Dropout& dr, int64_t b, int64_t h, int64_t ib, int64_t 
 }
 #endif
 
-Vec vexp(Vec x) { return x.exp_u20(); }  // 20-ulp exp (as torch's CPU flash attention); exp(-inf) = 0
+// 20-ulp exp (as torch's CPU flash attention); exp(-inf) = 0, and a NaN stays NaN (exp_u20 clamps it).
+Vec vexp(Vec x) { return Vec::blendv(x.exp_u20(), x, x != x); }
 
 // ------------------------------------------------------------------------------- forward
 
