@@ -79,6 +79,7 @@ def _dense_ref(B, L, S, **kw):
         (2, 7, 19, 2, 80, False),
         (1, 19, 7, 1, 96, True),
         (1, 130, 140, 1, 40, False),  # two key blocks, a head dim that is no multiple of the vector width
+        (2, 9, 11, 1, 33, True),  # odd head dim: bf16 falls back from pair (AVX512-BF16) products to fp32
     ],
 )
 def test_dense_parity(B, L, S, H, D, causal, dtype):

@@ -20,6 +20,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -385,44 +386,246 @@ struct Shape {
   int64_t H, D, Dv;
 };
 
-// Work item: queries [r0, r1) of sequence s, head h, in chunks of kQC rows.  K and V (up to the
-// last key any of these queries sees) are staged once for all the chunks.
+// The forward's products, fp32: q, k, v widened to fp32 when staged, Qᵀ pre-scaled; abt and acc.
 template <typename T>
+struct Fp32Dots {
+  int64_t D, Dv, DVp;
+  float *kb, *vb, *qt, *tmp;
+
+  Fp32Dots(const Shape& sh) : D(sh.D), Dv(sh.Dv), DVp(round_up(sh.Dv, kW)) {}
+  int64_t floats(int64_t kp, int64_t bn) const { return kp * D + kp * DVp + D * kQC + kQC * D + 64; }
+  void carve(Carver& c, int64_t kp, int64_t bn) {
+    kb = c.take(kp * D);    // K [kp][D]
+    vb = c.take(kp * DVp);  // V [kp][DVp]
+    qt = c.take(D * kQC);   // Qᵀ · scale [D][ld]
+    tmp = c.take(kQC * D);  // Q widened to fp32 (when q is not fp32)
+  }
+  void stage_kv(const View<const T>& k, const View<const T>& v, const Seq& s, int64_t h, int64_t kall, int64_t kp) {
+    for (int64_t j = 0; j < kall; ++j) {
+      load_row(k.row(s.k0 + j, h), kb + j * D, D, D, 1.f);
+      load_row(v.row(s.k0 + j, h), vb + j * DVp, Dv, DVp, 1.f);
+    }
+    std::fill(kb + kall * D, kb + kp * D, 0.f);
+  }
+  void stage_q(const View<const T>& q, int64_t t0, int64_t h, int64_t rows, int64_t ld, float scale) {
+    load_transposed(q.row(t0, h), q.st, rows, D, scale, tmp, qt, ld);
+    for (int64_t d = 0; d < D; ++d) std::fill(qt + d * ld + rows, qt + (d + 1) * ld, 0.f);
+  }
+  // st[jj][i] = (q_i · scale) · k_{j0+jj} for jj < round_up(nj, 8).
+  void scores(int64_t j0, int64_t nj, int64_t nqv, float* st, int64_t ld) const {
+    abt(kb + j0 * D, D, round_up(nj, 8), qt, ld, D, nqv, st, ld);
+  }
+  // o[i] += Σ_{jj<nj} st[jj][i] · v_{j0+jj} for i < round_up(rows, 8).
+  void pv(const float* st, int64_t ld, int64_t rows, int64_t j0, int64_t nj, float* o) const {
+    acc(st, ld, 1, round_up(rows, 8), vb + j0 * DVp, DVp, nj, DVp / kW, o, DVp);
+  }
+};
+
+#if defined(FASTENC_AVX512BF16) && defined(CPU_CAPABILITY_AVX512)
+// bf16 products with AVX512-BF16 (vdpbf16ps: C += a₀b₀ + a₁b₁ on pairs of bf16, fp32 accumulation),
+// for bf16 inputs with an even head dim.  Operands are staged as 32-bit pairs along the reduction:
+// Qᵀ as [D/2][ld] (pairs of head-dim entries), K as its rows, V as [keys/2][Dv] (pairs of keys),
+// P as [keys/2][ld].  q·k is exact before fp32 accumulation (q unscaled, scale applied to the
+// sums); P is rounded to bf16 before P V, as torch's bf16 attention does.
+inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
+
+// C[r][n·16 + l] = scale · Σ_{p<np} A2[r·lda + p] ⋅ Bt2[p·ldb + n·16 + l] (bf16 pair dot products).
+template <int NJ, int NI>
+inline void abt_tile_bf16(const uint32_t* a, int64_t lda, const uint32_t* bt, int64_t ldb, int64_t np, float scale,
+                          float* c, int64_t ldc) {
+  __m512 acc[NJ][NI];
+  FASTENC_UNROLL_ALL
+  for (int r = 0; r < NJ; ++r) {
+    FASTENC_UNROLL_ALL
+    for (int n = 0; n < NI; ++n) acc[r][n] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < np; ++p) {
+    __m512i b[NI];
+    FASTENC_UNROLL_ALL
+    for (int n = 0; n < NI; ++n) b[n] = _mm512_loadu_si512(bt + p * ldb + n * 16);
+    FASTENC_UNROLL_ALL
+    for (int r = 0; r < NJ; ++r) {
+      const __m512bh ar = as_bh(_mm512_set1_epi32(static_cast<int>(a[r * lda + p])));
+      FASTENC_UNROLL_ALL
+      for (int n = 0; n < NI; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], as_bh(b[n]), ar);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  FASTENC_UNROLL_ALL
+  for (int r = 0; r < NJ; ++r) {
+    FASTENC_UNROLL_ALL
+    for (int n = 0; n < NI; ++n) _mm512_storeu_ps(c + r * ldc + n * 16, _mm512_mul_ps(acc[r][n], sc));
+  }
+}
+
+// C[r·ldc + v·16 + l] += Σ_{k<nc} W2[k·wc + r] ⋅ R2[k·ldr + v·16 + l] (bf16 pair dot products).
+template <int NR, int NV>
+inline void acc_tile_bf16(const uint32_t* w, int64_t wc, const uint32_t* rm, int64_t ldr, int64_t nc, float* c,
+                          int64_t ldc) {
+  __m512 acc[NR][NV];
+  FASTENC_UNROLL_ALL
+  for (int r = 0; r < NR; ++r) {
+    FASTENC_UNROLL_ALL
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_loadu_ps(c + r * ldc + v * 16);
+  }
+  for (int64_t k = 0; k < nc; ++k) {
+    __m512i x[NV];
+    FASTENC_UNROLL_ALL
+    for (int v = 0; v < NV; ++v) x[v] = _mm512_loadu_si512(rm + k * ldr + v * 16);
+    FASTENC_UNROLL_ALL
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh wv = as_bh(_mm512_set1_epi32(static_cast<int>(w[k * wc + r])));
+      FASTENC_UNROLL_ALL
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], as_bh(x[v]), wv);
+    }
+  }
+  FASTENC_UNROLL_ALL
+  for (int r = 0; r < NR; ++r) {
+    FASTENC_UNROLL_ALL
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + v * 16, acc[r][v]);
+  }
+}
+
+template <int NI>
+void abt_cols_bf16(const uint32_t* a, int64_t lda, int64_t rows, const uint32_t* bt, int64_t ldb, int64_t np,
+                   float scale, float* c, int64_t ldc) {
+  constexpr int NJ = tile_rows(NI);
+  for (int64_t r = 0; r < rows; r += NJ)
+    abt_tile_bf16<NJ, NI>(a + r * lda, lda, bt, ldb, np, scale, c + r * ldc, ldc);
+}
+
+template <int NV>
+void acc_cols_bf16(const uint32_t* w, int64_t wc, int64_t rows, const uint32_t* rm, int64_t ldr, int64_t nc, float* c,
+                   int64_t ldc) {
+  constexpr int NR = tile_rows(NV);
+  for (int64_t r = 0; r < rows; r += NR) acc_tile_bf16<NR, NV>(w + r, wc, rm, ldr, nc, c + r * ldc, ldc);
+}
+
+// The pair (lo, hi) of bf16 bit patterns in one 32-bit word.
+inline uint32_t bf16_pair(at::BFloat16 lo, at::BFloat16 hi) {
+  return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
+}
+
+struct Bf16Dots {
+  int64_t D, D2, Dv, DVp;
+  float scale = 1.f;
+  uint32_t *kb, *vb, *qt, *tmp, *pb;
+
+  Bf16Dots(const Shape& sh) : D(sh.D), D2(sh.D / 2), Dv(sh.Dv), DVp(round_up(sh.Dv, 16)) {}
+  int64_t floats(int64_t kp, int64_t bn) const { return kp * D2 + kp / 2 * DVp + 2 * D2 * kQC + bn / 2 * kQC + 80; }
+  void carve(Carver& c, int64_t kp, int64_t bn) {
+    kb = reinterpret_cast<uint32_t*>(c.take(kp * D2));        // K rows as pairs [kp][D/2]
+    vb = reinterpret_cast<uint32_t*>(c.take(kp / 2 * DVp));   // V key pairs [kp/2][DVp]
+    qt = reinterpret_cast<uint32_t*>(c.take(D2 * kQC));       // Qᵀ pairs [D/2][ld]
+    tmp = reinterpret_cast<uint32_t*>(c.take(D2 * kQC));      // Q rows as pairs [rows][D/2]
+    pb = reinterpret_cast<uint32_t*>(c.take(bn / 2 * kQC));   // P key pairs [bn/2][ld]
+  }
+  void stage_kv(const View<const at::BFloat16>& k, const View<const at::BFloat16>& v, const Seq& s, int64_t h,
+                int64_t kall, int64_t kp) {
+    for (int64_t j = 0; j < kall; ++j) std::memcpy(kb + j * D2, k.row(s.k0 + j, h), D * sizeof(at::BFloat16));
+    std::fill(kb + kall * D2, kb + kp * D2, 0u);
+    const at::BFloat16 zero(0.f);
+    for (int64_t jp = 0; jp < kp / 2; ++jp) {
+      const int64_t j = 2 * jp;
+      uint32_t* dst = vb + jp * DVp;
+      if (j >= kall) {
+        std::fill(dst, dst + DVp, 0u);
+        continue;
+      }
+      const at::BFloat16* v0 = v.row(s.k0 + j, h);
+      const at::BFloat16* v1 = j + 1 < kall ? v.row(s.k0 + j + 1, h) : nullptr;
+      for (int64_t d = 0; d < Dv; ++d) dst[d] = bf16_pair(v0[d], v1 ? v1[d] : zero);
+      std::fill(dst + Dv, dst + DVp, 0u);
+    }
+  }
+  void stage_q(const View<const at::BFloat16>& q, int64_t t0, int64_t h, int64_t rows, int64_t ld, float sc) {
+    scale = sc;
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(tmp + i * D2, q.row(t0 + i, h), D * sizeof(at::BFloat16));
+    at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(tmp), D2, reinterpret_cast<float*>(qt), ld,
+                                  static_cast<int>(rows), static_cast<int>(D2));
+    for (int64_t p = 0; p < D2; ++p) std::fill(qt + p * ld + rows, qt + (p + 1) * ld, 0u);
+  }
+  void scores(int64_t j0, int64_t nj, int64_t nqv, float* st, int64_t ld) const {
+    const uint32_t* a = kb + j0 * D2;
+    const int64_t rows = round_up(nj, 8);
+    for (int64_t n0 = 0; n0 < nqv; n0 += kMaxNI) {
+      const uint32_t* b = qt + n0 * 16;
+      float* c = st + n0 * 16;
+      switch (std::min<int64_t>(kMaxNI, nqv - n0)) {
+        case 1: abt_cols_bf16<1>(a, D2, rows, b, ld, D2, scale, c, ld); break;
+        case 2: abt_cols_bf16<2>(a, D2, rows, b, ld, D2, scale, c, ld); break;
+        case 3: abt_cols_bf16<3>(a, D2, rows, b, ld, D2, scale, c, ld); break;
+        default: abt_cols_bf16<4>(a, D2, rows, b, ld, D2, scale, c, ld); break;
+      }
+    }
+  }
+  void pv(const float* st, int64_t ld, int64_t rows, int64_t j0, int64_t nj, float* o) const {
+    // P to bf16 key pairs: pb[jp][i] = (P[2jp][i], P[2jp+1][i]), a zero key past nj.
+    const int64_t np = (nj + 1) / 2, nqv = ld / 16;
+    for (int64_t jp = 0; jp < np; ++jp)
+      for (int64_t n = 0; n < nqv; ++n) {
+        const __m512 p0 = _mm512_loadu_ps(st + 2 * jp * ld + n * 16);
+        const __m512 p1 = 2 * jp + 1 < nj ? _mm512_loadu_ps(st + (2 * jp + 1) * ld + n * 16) : _mm512_setzero_ps();
+        const __m256bh b0 = _mm512_cvtneps_pbh(p0), b1 = _mm512_cvtneps_pbh(p1);
+        const __m512i lo = _mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(b0));
+        const __m512i hi = _mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(b1));
+        _mm512_storeu_si512(pb + jp * ld + n * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    const uint32_t* r = vb + j0 / 2 * DVp;
+    const int64_t nr = round_up(rows, 8);
+    for (int64_t v0 = 0; v0 < DVp / 16; v0 += kMaxNV) {
+      const uint32_t* rv = r + v0 * 16;
+      float* c = o + v0 * 16;
+      switch (std::min<int64_t>(kMaxNV, DVp / 16 - v0)) {
+        case 1: acc_cols_bf16<1>(pb, ld, nr, rv, DVp, np, c, DVp); break;
+        case 2: acc_cols_bf16<2>(pb, ld, nr, rv, DVp, np, c, DVp); break;
+        case 3: acc_cols_bf16<3>(pb, ld, nr, rv, DVp, np, c, DVp); break;
+        case 4: acc_cols_bf16<4>(pb, ld, nr, rv, DVp, np, c, DVp); break;
+        case 5: acc_cols_bf16<5>(pb, ld, nr, rv, DVp, np, c, DVp); break;
+        case 6: acc_cols_bf16<6>(pb, ld, nr, rv, DVp, np, c, DVp); break;
+        case 7: acc_cols_bf16<7>(pb, ld, nr, rv, DVp, np, c, DVp); break;
+        default: acc_cols_bf16<8>(pb, ld, nr, rv, DVp, np, c, DVp); break;
+      }
+    }
+  }
+};
+
+bool has_avx512_bf16() {
+  static const bool yes = __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+#endif
+
+// Work item: queries [r0, r1) of sequence s, head h, in chunks of kQC rows.  K and V (up to the
+// last key any of these queries sees) are staged once for all the chunks; Dots does the products.
+template <typename T, typename Dots>
 void forward_item(const AttnParams& p, const Dropout& dr, const Shape& sh, const View<const T>& q,
                   const View<const T>& k, const View<const T>& v, const View<T>& out, float* lse, int64_t lse_sh,
                   int64_t lse_st, const Seq& s, int64_t b, int64_t h, int64_t r0, int64_t r1) {
-  const int64_t D = sh.D, Dv = sh.Dv, DVp = round_up(Dv, kW);
+  const int64_t Dv = sh.Dv, DVp = round_up(Dv, kW);
   const int64_t kall = p.causal ? std::min(s.S, r1) : s.S, kp = round_up(std::max<int64_t>(kall, 1), 8);
   const int64_t bn = std::min(kBN, kp);
-  Carver c{scratch(kp * D + kp * DVp + D * kQC + bn * kQC + kQC * D + kQC * DVp + 3 * kQC + 16 * 10)};
-  float* kb = c.take(kp * D);     // K [kp][D]
-  float* vb = c.take(kp * DVp);   // V [kp][DVp]
-  float* qt = c.take(D * kQC);    // Qᵀ · scale [D][ld]
+  Dots dots(sh);
+  Carver c{scratch(dots.floats(kp, bn) + bn * kQC + kQC * DVp + 3 * kQC + 16 * 4)};
+  dots.carve(c, kp, bn);
   float* st = c.take(bn * kQC);   // scores, then P [bn][ld]
-  float* tmp = c.take(kQC * D);   // Q widened to fp32 (when q is not fp32)
   float* o = c.take(kQC * DVp);   // unnormalised output [ld][DVp]
   float* m = c.take(kQC);         // running max
   float* l = c.take(kQC);         // running sum
   float* alpha = c.take(kQC);     // rescale of the previous blocks
-
-  for (int64_t j = 0; j < kall; ++j) {
-    load_row(k.row(s.k0 + j, h), kb + j * D, D, D, 1.f);
-    load_row(v.row(s.k0 + j, h), vb + j * DVp, Dv, DVp, 1.f);
-  }
-  std::fill(kb + kall * D, kb + kp * D, 0.f);
+  dots.stage_kv(k, v, s, h, kall, kp);
 
   for (int64_t i0 = r0; i0 < r1; i0 += kQC) {
     const int64_t rows = std::min(kQC, r1 - i0), ld = round_up(rows, kPad), nqv = ld / kW;
     const int64_t kend = p.causal ? std::min(s.S, i0 + rows) : s.S;
-    load_transposed(q.row(s.q0 + i0, h), q.st, rows, D, p.scale, tmp, qt, ld);
-    for (int64_t d = 0; d < D; ++d) std::fill(qt + d * ld + rows, qt + (d + 1) * ld, 0.f);
+    dots.stage_q(q, s.q0 + i0, h, rows, ld, p.scale);
     std::fill(o, o + ld * DVp, 0.f);
     std::fill(m, m + ld, -kInf);
     std::fill(l, l + ld, 0.f);
 
     for (int64_t j0 = 0; j0 < kend; j0 += bn) {
       const int64_t nj = std::min(bn, kend - j0);
-      abt(kb + j0 * D, D, round_up(nj, 8), qt, ld, D, nqv, st, ld);
+      dots.scores(j0, nj, nqv, st, ld);
       apply_masks(p, b, h, i0, rows, nqv, j0, nj, st, ld);
 
       // Online softmax, lane-wise over queries: m' = max(m, max_j s), P = exp(s - m'), l' = l·e^{m-m'} + Σ_j P.
@@ -458,7 +661,7 @@ void forward_item(const AttnParams& p, const Dropout& dr, const Shape& sh, const
           for (int64_t d = 0; d < DVp; d += kW) (Vec::loadu(o + ii * DVp + d) * a).store(o + ii * DVp + d);
         }
       }
-      acc(st, ld, 1, round_up(rows, 8), vb + j0 * DVp, DVp, nj, DVp / kW, o, DVp);
+      dots.pv(st, ld, rows, j0, nj, o);
     }
 
     for (int64_t ii = 0; ii < rows; ++ii) {
@@ -626,6 +829,9 @@ void attention_forward_out(const at::Tensor& q, const at::Tensor& k, const at::T
     for (int64_t r = 0; r < seqs[b].L; r += G * kQC)
       groups.push_back({static_cast<int32_t>(b), static_cast<int32_t>(r),
                         static_cast<int32_t>(std::min(seqs[b].L, r + G * kQC))});
+#if defined(FASTENC_AVX512BF16) && defined(CPU_CAPABILITY_AVX512)
+  const bool bf16_dots = sh.D % 2 == 0 && has_avx512_bf16();
+#endif
   dispatch_dtype(q.scalar_type(), [&](auto t_) {
     using T = decltype(t_);
     const View<const T> qv = view<const T>(q), kv = view<const T>(k), vv = view<const T>(v);
@@ -643,7 +849,15 @@ void attention_forward_out(const at::Tensor& q, const at::Tensor& k, const at::T
           prefetch_rows<true>(ov.row(0, h), ov.st, s.q0 + r0, qend, sh.Dv);
         }
         const auto [b, r0, r1] = groups[w / sh.H];
-        forward_item<T>(p, dr, sh, qv, kv, vv, ov, lp, lse_sh, lse_st, seqs[b], b, w % sh.H, r0, r1);
+#if defined(FASTENC_AVX512BF16) && defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if (bf16_dots) {
+            forward_item<T, Bf16Dots>(p, dr, sh, qv, kv, vv, ov, lp, lse_sh, lse_st, seqs[b], b, w % sh.H, r0, r1);
+            continue;
+          }
+        }
+#endif
+        forward_item<T, Fp32Dots<T>>(p, dr, sh, qv, kv, vv, ov, lp, lse_sh, lse_st, seqs[b], b, w % sh.H, r0, r1);
       }
     });
   });
