@@ -38,7 +38,7 @@ constexpr int kPad = kW > 8 ? kW : 8;   // row padding of the buffers: a multipl
 constexpr int kAcc = kW >= 16 ? 16 : 8;  // accumulators per tile (AVX-512 has 32 registers, AVX2 16)
 constexpr int kMaxNI = kAcc / 4;         // query vectors per abt tile
 constexpr int kMaxNV = kAcc / 2;         // column vectors per acc tile
-constexpr int64_t kQC = 64;              // query rows per work item (forward) / chunk (backward)
+constexpr int64_t kQC = 128;             // query rows per work item (forward) / chunk (backward)
 constexpr int64_t kBN = 128;             // keys per block in the forward
 constexpr int64_t kBNb = 64;             // keys per block in the backward
 constexpr int64_t kPrefetchRows = 128;   // keys of the next work item prefetched
@@ -872,11 +872,23 @@ void attention_backward_out(const at::Tensor& dout, const at::Tensor& q, const a
   const Dropout dr = make_dropout(p);
   dispatch_dtype(q.scalar_type(), [&](auto t_) {
     using T = decltype(t_);
+    const View<const T> gv = view<const T>(dout), qv = view<const T>(q), kv = view<const T>(k), vv = view<const T>(v);
+    const View<const T> ov = view<const T>(out);
     run_items(static_cast<int64_t>(seqs.size()) * sh.H, [&](int64_t w0, int64_t w1) {
-      for (int64_t w = w0; w < w1; ++w)
-        backward_task<T>(p, dr, sh, view<const T>(dout), view<const T>(q), view<const T>(k), view<const T>(v),
-                         view<const T>(out), lse.const_data_ptr<float>(), lse.stride(0), lse.stride(1), view<T>(dq),
-                         view<T>(dk), view<T>(dv), seqs[w / sh.H], w / sh.H, w % sh.H);
+      for (int64_t w = w0; w < w1; ++w) {
+        if (w + 1 < w1) {  // the next task's first kPrefetchRows queries and keys
+          const Seq& s = seqs[(w + 1) / sh.H];
+          const int64_t h = (w + 1) % sh.H, qend = s.q0 + std::min(s.L, kPrefetchRows);
+          const int64_t kend = s.k0 + std::min(s.S, kPrefetchRows);
+          prefetch_rows(qv.row(0, h), qv.st, s.q0, qend, sh.D);
+          prefetch_rows(gv.row(0, h), gv.st, s.q0, qend, sh.Dv);
+          prefetch_rows(ov.row(0, h), ov.st, s.q0, qend, sh.Dv);
+          prefetch_rows(kv.row(0, h), kv.st, s.k0, kend, sh.D);
+          prefetch_rows(vv.row(0, h), vv.st, s.k0, kend, sh.Dv);
+        }
+        backward_task<T>(p, dr, sh, gv, qv, kv, vv, ov, lse.const_data_ptr<float>(), lse.stride(0), lse.stride(1),
+                         view<T>(dq), view<T>(dk), view<T>(dv), seqs[w / sh.H], w / sh.H, w % sh.H);
+      }
     });
   });
 }
