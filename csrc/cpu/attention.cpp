@@ -9,10 +9,19 @@
 // register-blocked micro-kernels on fp32 buffers:
 //   abt: C[r][i] = Σ_d A[r][d] · Bt[d][i]           (scores, dP = dO Vᵀ)
 //   acc: C[r][:] += Σ_c W(c, r) · R[c][:]           (P V, dV = Pᵀ dO, dK = dSᵀ Q, dQ = dS K)
-// q/k/v/dout are staged into fp32 buffers (bf16/fp16 widened there), accumulation is fp32.
+// q/k/v/dout are staged into fp32 buffers (bf16/fp16 widened there), accumulation is fp32.  With
+// AVX512-BF16 (FASTENC_AVX512BF16), the forward of bf16 inputs with an even head dim runs both
+// products as bf16 pair dot products instead (Bf16Dots: P rounded to bf16 before P V, as torch's
+// bf16 attention does).  Rows whose keys are all masked output zeros with lse = +inf, so the
+// backward's P = exp(s - lse) and every gradient of theirs are zero.
+//
+// Work: the forward runs (sequence, head, run of 128-query chunks) items, the backward one
+// (sequence, head) task each, claimed dynamically by at::get_num_threads() threads.  Scratch is
+// per thread and grows to the largest shape seen (the backward's: 4 · max_seqlen_q · D floats).
 //
 // Limits: the backward parallelises over (sequence, head) only, so a batch with fewer
-// (sequence, head) pairs than threads leaves threads idle; no gradient for the masks.
+// (sequence, head) pairs than threads leaves threads idle; no gradient for the masks; the AVX-512
+// dropout RNG is the only hand-vectorised part for one ISA (elsewhere Philox runs per lane).
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -227,8 +236,8 @@ void run_items(int64_t n, const F& f) {
   });
 }
 
-// Asks for rows [t0, t1) of head h into L2 (a short sequence's rows are a few scattered lines:
-// fetching the next item's while computing this one hides their latency).
+// Asks for rows [t0, t1) (n elements each, row stride st) into L2: a short sequence's rows are a
+// few scattered lines, and fetching the next item's while computing this one hides their latency.
 template <bool WRITE = false, typename T>
 inline void prefetch_rows(const T* base, int64_t st, int64_t t0, int64_t t1, int64_t n) {
   for (int64_t t = t0; t < t1; ++t)
