@@ -615,7 +615,7 @@ void forward_item(const AttnParams& p, const Dropout& dr, const Shape& sh, const
   const int64_t kall = p.causal ? std::min(s.S, r1) : s.S, kp = round_up(std::max<int64_t>(kall, 1), 8);
   const int64_t bn = std::min(kBN, kp);
   Dots dots(sh);
-  Carver c{scratch(dots.floats(kp, bn) + bn * kQC + kQC * DVp + 3 * kQC + 16 * 4)};
+  Carver c{scratch(dots.floats(kp, bn) + bn * kQC + kQC * DVp + 3 * kQC + 16 * 5)};
   dots.carve(c, kp, bn);
   float* st = c.take(bn * kQC);   // scores, then P [bn][ld]
   float* o = c.take(kQC * DVp);   // unnormalised output [ld][DVp]
