@@ -64,7 +64,7 @@ void attention_backward_out(const at::Tensor& dout, const at::Tensor& q, const a
                             const at::Tensor& dk, const at::Tensor& dv);
 
 // The dropout keep mask bool [B, H, L, S]: element (b, h, i, j) is kept when the top 24 bits of
-// word i % 4 of philox4x32(seed, counter {i / 4, j, h, b}) are >= round(p · 2^24); survivors are
+// word j % 4 of philox4x32(seed, counter {i, j / 4, h, b}) are >= round(p · 2^24); survivors are
 // scaled by 1 / (1 - p).  A pure function of (seed, b, h, i, j): the backward replays it.
 at::Tensor attention_dropout_mask(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k, double p,
                                   uint64_t seed);
