@@ -419,7 +419,8 @@ if __name__ == "__main__":  # pip and `python setup.py` run this file as __main_
         install_requires=["torch>=2.11", "triton>=3.6; platform_system=='Linux'"],
         extras_require={
             "test": ["pytest", "pytest-benchmark"],
-            "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
+            # onnx + onnxruntime: the CPU main job's ONNX Runtime peer (skipped with the reason without them)
+            "bench": ["matplotlib", "tqdm", "pytest-benchmark", "onnx", "onnxruntime"],
             "hf": ["transformers"],
         },
         ext_modules=ext_modules,

@@ -119,53 +119,55 @@ def time_interleaved(steps: Dict[str, Tuple[Callable[[int], object], int]], devi
                      ) -> Tuple[Dict[str, Timing], Dict[str, BaseException]]:
     """Time several providers round-robin: {name: (step(i), n_copies)} -> ({name: Timing}, {name: error}).
 
-    Each step has run once already (the parity check: compile, allocations); one more call
-    each, timed, sizes the blocks (calls under ``BLOCK_S`` run in blocks; a sample is a
-    block's mean) and the rounds (enough for ``min_time_s`` of samples, within [min_rounds,
-    max_rounds]).  Each round runs every provider once, starting one further along each
-    time, so none always follows the same neighbour; ``pause_s`` of sleep before each sample
-    lets the previous provider's spinning worker threads go idle.  Wall clock, synchronised
-    on CUDA; a provider that raises is dropped.
+    Each step has run once already (the parity check: compile, allocations).  A first round
+    in order sizes the blocks (calls under ``BLOCK_S`` run in blocks; a sample is a block's
+    mean; a longer call is that provider's first sample) and the rounds (enough for
+    ``min_time_s`` of samples, within [min_rounds, max_rounds]).  Each later round runs every
+    provider once, starting one further along each time, so none always follows the same
+    neighbour; ``pause_s`` of sleep before each sample lets the previous provider's spinning
+    worker threads go idle.  Wall clock, synchronised on CUDA; a provider that raises is dropped.
     """
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     errors: Dict[str, BaseException] = {}
-    est: Dict[str, float] = {}
-    for name, (step, n) in steps.items():
+    samples: Dict[str, List[float]] = {}
+    calls: Dict[str, int] = {}
+
+    def run(k: str, block: int) -> Optional[float]:
+        """Seconds per call over a block of calls, or None (the error is recorded)."""
+        step, n = steps[k]
+        if pause_s:
+            time.sleep(pause_s)
         try:
             sync()
             t0 = time.perf_counter()
-            step(1 % n)
+            for _ in range(block):
+                calls[k] = calls.get(k, 0) + 1
+                step(calls[k] % n)
             sync()
-            est[name] = max(time.perf_counter() - t0, 1e-7)
+            return max(time.perf_counter() - t0, 1e-9) / block
         except Exception as e:  # noqa: BLE001  (reported in the provider's row)
-            errors[name] = e
+            errors[k] = e
+            return None
+
+    est = {k: t for k in steps for t in [run(k, 1)] if t is not None}
     names = list(est)
     if not names:
         return {}, errors
     block = {k: max(1, math.ceil(BLOCK_S / est[k])) for k in names}
+    for k in names:
+        samples[k] = [est[k] * 1e3] if block[k] == 1 else []
     per_round = sum(block[k] * est[k] for k in names)
     rounds = max(min_rounds, min(max_rounds, math.ceil(min_time_s / per_round)))
-    samples: Dict[str, List[float]] = {k: [] for k in names}
-    calls = {k: 0 for k in names}
     for r in range(rounds):
         live = [k for k in names if k not in errors]
         if not live:
             break
         shift = r % len(live)
         for k in live[shift:] + live[:shift]:
-            step, n = steps[k]
-            if pause_s:
-                time.sleep(pause_s)
-            try:
-                sync()
-                t0 = time.perf_counter()
-                for _ in range(block[k]):
-                    step(calls[k] % n)
-                    calls[k] += 1
-                sync()
-                samples[k].append((time.perf_counter() - t0) / block[k] * 1e3)
-            except Exception as e:  # noqa: BLE001
-                errors[k] = e
+            if len(samples[k]) < rounds:
+                t = run(k, block[k])
+                if t is not None:
+                    samples[k].append(t * 1e3)
     out = {}
     for k in names:
         if k not in errors and samples[k]:
