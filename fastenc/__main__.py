@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", choices=("tiny", "cpu", "gpu"), help="sweep size (default: gpu on CUDA, cpu otherwise)")
     b.add_argument("--dtype", help="comma-separated: bf16,fp16,fp32; the first is the main dtype, the others "
                                    "are swept (default: bf16,fp16 on GPU, fp32 on CPU)")
-    b.add_argument("--providers", help="comma-separated provider names or prefixes (default: all)")
+    b.add_argument("--providers", help="comma-separated provider names or prefixes (default: all; on CPU the "
+                                       "Triton providers run under the interpreter only when named: fastenc-triton)")
     b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     b.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
     b.add_argument("--time-budget", type=float, help="seconds; later workloads are listed as skipped")

@@ -192,10 +192,10 @@ def _main_thread() -> bool:
 
 class _NoBar:
     def __init__(self, total, log):
-        self.total, self.n, self.log = total, 0, log
+        self.total, self.n, self.log, self.t0 = total, 0, log, time.monotonic()
 
     def set_description(self, s):
-        self.log(f"[{self.n + 1}/{self.total}] {s}")
+        self.log(f"[{self.n + 1}/{self.total}, {time.monotonic() - self.t0:.0f} s] {s}")
 
     def update(self, k):
         self.n += k

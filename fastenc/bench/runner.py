@@ -22,6 +22,7 @@ from .workload import Workload, dtype_name
 
 PRIMARY_BASELINE = "torch-eager"
 
+
 @dataclasses.dataclass
 class Result:
     workload: Workload
@@ -208,7 +209,8 @@ def _fail(res: Result, e: BaseException) -> None:
 
 
 def _prepare(w: Workload, provider: Provider, res: Result):
-    """(step, n_copies) of a checked provider; on any failure, None with ``res`` saying why."""
+    """The timed step of a checked provider (its input copies in ``res.copies``); on any failure, None
+    with ``res`` saying why."""
     try:
         impl, first = build_checked(w, provider)
         res.note = impl.note
