@@ -199,7 +199,7 @@ def test_e2e_summary_ratios_and_goals():
     assert re.search(r"pad=47% +vs onnxruntime +1\.4x \(goal >= 1\.3x\): met", text)
     assert re.search(r"pad=47% +vs hf-sdpa +0\.9x \(goal >= 1\.0x\): NOT MET", text)
     assert re.search(r"pad=47% +vs torch-fastpath +- \(goal >= 1\.0x\): not measured", text)
-    assert re.search(r"train fp32 MiniLM B=32 L=128 pad=0% +vs torch-eager +1\.2x \(goal >= 1\.1x\): met", text)
+    assert re.search(r"train +fp32 MiniLM B=32 L=128 pad=0% +vs torch-eager +1\.2x \(goal >= 1\.1x\): met", text)
 
 
 def test_e2e_optional_peers_missing_are_skipped_with_the_reason(monkeypatch):

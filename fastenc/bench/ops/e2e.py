@@ -569,6 +569,10 @@ def workload_label(r: dict) -> str:
     return f"{r['model']}{layers} B={r['batch']} L={r['seqlen']} pad={pad}"
 
 
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def _fastenc_rows(rows: List[dict]) -> List[dict]:
     return [r for r in rows if r["provider"] == "fastenc"]
 
@@ -584,16 +588,16 @@ def summary(rows: List[dict]) -> str:
             fast = {workload_label(r): r for r in _fastenc_rows(group)}
             if not fast:
                 continue
-            head = f"  {'workload':<38} {'fastenc ms':>10}" + "".join(f" {b:>15}" for b in base)
+            head = f"  {'workload':<48} {'fastenc ms':>10}" + "".join(f" {b:>15}" for b in base)
             out += ["", f" {'inference' if mode == 'fwd' else 'training step'} ({dtype})", head]
             for label, r in fast.items():
-                ms = "failed" if r["status"] != "ok" else f"{r['median_ms']:.4g}"
+                ms = r["status"] if r["status"] != "ok" else _ms(r["median_ms"])
                 cells = []
                 for b in base:
                     v = r["speedups"].get(b)
                     other = next((o for o in group if o["provider"] == b and workload_label(o) == label), None)
                     cells.append(f"{v:.3g}x" if v is not None else ("-" if other is None else other["status"]))
-                out.append(f"  {label:<38} {ms:>10}" + "".join(f" {c:>15}" for c in cells))
+                out.append(f"  {label:<48} {ms:>10}" + "".join(f" {c:>15}" for c in cells))
     out += ["", " goals (issue #15):"]
     for mode, dtype, kind, b, at_least in GOALS:
         for r in _fastenc_rows(rows):
@@ -602,7 +606,8 @@ def summary(rows: List[dict]) -> str:
             v = r["speedups"].get(b)
             verdict = "not measured" if v is None else ("met" if v >= at_least else "NOT MET")
             got = "-" if v is None else f"{v:.3g}x"
-            out.append(f"  {mode} {dtype} {workload_label(r):<38} vs {b:<15} {got:>7} (goal >= {at_least}x): {verdict}")
+            out.append(f"  {mode:<5} {dtype} {workload_label(r):<48} vs {b:<15} {got:>7} (goal >= {at_least}x): "
+                       f"{verdict}")
     return "\n".join(out)
 
 
