@@ -109,8 +109,8 @@ if [ "$DEVICE" = cuda ]; then
 else
     ARCH=90a  # what an H100/H200 build uses; the dry run only shows the command
 fi
-# CUTLASS: prebuilt objects (setup.py checks their stamps and recompiles stale ones), else headers
-# to compile from, else none.
+# CUTLASS: prebuilt objects (setup.py checks their stamps, build_tools/cutlass_objects.py, and recompiles
+# stale ones), else headers to compile from, else none.
 PREBUILT="${FASTENC_SUITE_PREBUILT:-$ROOT/.prebuilt/cutlass}"
 CUTLASS_ENV=()
 BUILD_S_DEFAULT=150

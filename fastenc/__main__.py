@@ -102,28 +102,26 @@ def cmd_inspect(args) -> int:
         # The interpreter turns kernels into Python functions: start again without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         os.execve(sys.executable, [sys.executable, "-m", "fastenc", *args.argv], env)
-    from . import inspect as ins
+    from .apps import inspector as ins
 
     try:
         arch = ins.get_arch(args.arch)
     except ValueError as e:
         raise SystemExit(f"fastenc inspect: {e}") from None
-    shipped = ins.kernel_modules()
+    shipped = ins.shipped_specs()
     names = [n for n, _ in shipped] + ["ffn"]  # ffn: the CUDA extension's kernels
     ops = names if args.ops is None else [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = sorted(set(ops) - set(names))
     if unknown:
         raise SystemExit(f"fastenc inspect: unknown --ops {', '.join(unknown)}; choose from {', '.join(names)}")
     try:
-        modules = [(n, m) for n, m in shipped if n in ops]
-        modules += [(os.path.basename(p), ins.load_module_file(p)) for p in args.module]
-        reports = ins.inspect_triton(arch, modules, jobs=args.jobs)
+        sources = [(n, f) for n, f in shipped if n in ops]
+        sources += [(os.path.basename(p), ins.load_module_file(p).compile_specs) for p in args.module]
+        reports = ins.inspect_triton(arch, sources, jobs=args.jobs)
     except ins.InspectError as e:
         print(f"fastenc inspect: {e}", file=sys.stderr)
         return 1
     missing = []
-    if not shipped:
-        missing.append("no fastenc.triton_kernels module defines compile_specs()")
     ext = ins.extension_path()
     if args.no_extension or "ffn" not in ops:
         pass

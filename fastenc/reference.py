@@ -300,3 +300,48 @@ def encoder_layer(
 
 def _up(t: Optional[Tensor], upcast: bool) -> Optional[Tensor]:
     return t.float() if (upcast and t is not None) else t
+
+
+def encoder_stack(
+    x: Tensor,
+    cu_seqlens: Tensor,
+    layers: list,
+    *,
+    nhead: int,
+    norm_first: bool = False,
+    activation: str = "relu",
+    eps: float = 1e-5,
+    final_norm: Optional[tuple] = None,
+    is_causal: bool = False,
+    upcast: bool = False,
+) -> Tensor:
+    """A stack of nn.TransformerEncoderLayer forwards (no dropout) on packed tokens x [T, d].
+
+    Sequence b is rows cu_seqlens[b]:cu_seqlens[b+1].  layers: per layer the tuple
+    (in_proj_weight, in_proj_bias, out_proj.weight, out_proj.bias, linear1.weight, linear1.bias,
+    linear2.weight, linear2.bias, norm1.weight, norm1.bias, norm2.weight, norm2.bias), biases optional.
+    final_norm: (weight, bias, eps) of the encoder's final LayerNorm, or None.
+    """
+    out_dtype = torch.float32 if upcast else x.dtype
+    x = x.float() if upcast else x
+    T, d = x.shape
+    hd = d // nhead
+    for weights in layers:
+        w_in, b_in, w_out, b_out, w1, b1, w2, b2, n1w, n1b, n2w, n2b = (_up(t, upcast) for t in weights)
+
+        def self_attn(h):  # called in this iteration only (hence the noqa: B023 below)
+            q, k, v = F.linear(h, w_in, b_in).view(T, 3, nhead, hd).unbind(1)  # noqa: B023
+            o = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, is_causal=is_causal)
+            return F.linear(o.reshape(T, d), w_out)  # noqa: B023
+
+        if norm_first:
+            h = residual_layer_norm(x, None, n1w, n1b, eps=eps)
+            h, x = residual_layer_norm(x, self_attn(h), n2w, n2b, branch_bias=b_out, eps=eps, prenorm=True)
+            x = x + ffn(h, w1, b1, w2, b2, activation=activation)
+        else:
+            x = residual_layer_norm(x, self_attn(x), n1w, n1b, branch_bias=b_out, eps=eps)
+            x = residual_layer_norm(x, ffn(x, w1, b1, w2, b2, activation=activation), n2w, n2b, eps=eps)
+    if final_norm is not None:
+        w, b, norm_eps = final_norm
+        x = residual_layer_norm(x, None, _up(w, upcast), _up(b, upcast), eps=norm_eps)
+    return x.to(out_dtype)

@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
-from ..modules import BackendSpec, _check_backend
+from ..backends import BackendSpec
+from ..modules import BackendSetting
+from ..ops.layer_norm import residual_layer_norm_unchecked
 
 Tensor = torch.Tensor
 
@@ -32,7 +33,7 @@ def sinusoidal_positions(num_positions: int, dim: int) -> Tensor:
     return table.float()
 
 
-class Embeddings(nn.Module):
+class Embeddings(BackendSetting, nn.Module):
     """Token + position (+ token-type) embeddings, LayerNorm, dropout.
 
     type_vocab_size=0 means no token-type (segment) embeddings.  ``pad_token_id`` rows
@@ -60,7 +61,7 @@ class Embeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(type_vocab_size, d_model, **factory) if type_vocab_size else None
         self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
         self.dropout = nn.Dropout(dropout)
-        self.backend = _check_backend(backend)
+        self.backend = backend
 
     def _positions(self, position_ids: Tensor) -> Tensor:
         if self.positional == "learned":
@@ -85,6 +86,6 @@ class Embeddings(nn.Module):
             branch = self.token_type_embeddings(types)
         elif token_type_ids is not None:
             raise ValueError("token_type_ids given but the embeddings were built with type_vocab_size=0")
-        b = self.backend.get("layer_norm") if isinstance(self.backend, dict) else self.backend
-        x = ops.residual_layer_norm(x, branch, self.norm.weight, self.norm.bias, eps=self.norm.eps, backend=b)
+        x = residual_layer_norm_unchecked(x, branch, self.norm.weight, self.norm.bias, None, self.norm.eps, 0.0,
+                                          False, self._backend("layer_norm"))
         return F.dropout(x, self.dropout.p, self.training)

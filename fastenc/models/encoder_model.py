@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import BackendSpec, TransformerEncoder, TransformerEncoderLayer, _check_backend
+from ..backends import BackendSpec
+from ..modules import BackendSetting, TransformerEncoder, TransformerEncoderLayer
 from .embeddings import Embeddings
 
 Tensor = torch.Tensor
@@ -76,7 +77,7 @@ def _padding_mask(attention_mask: Optional[Tensor], shape) -> Optional[Tensor]:
     return ~attention_mask.bool()
 
 
-class EncoderModel(nn.Module):
+class EncoderModel(BackendSetting, nn.Module):
     """Embeddings → ``fastenc.TransformerEncoder`` (batch-first) → pooling.
 
     Defaults are BERT-base's (post-norm, erf GELU, eps 1e-12).  With ``norm_first`` a
@@ -93,7 +94,7 @@ class EncoderModel(nn.Module):
         if num_layers < 1:
             raise ValueError(f"num_layers should be at least 1, got {num_layers}")
         factory = dict(device=device, dtype=dtype)
-        self.backend = _check_backend(backend)
+        self.backend = backend
         self.embeddings = Embeddings(vocab_size, d_model, max_position, positional=positional,
                                      type_vocab_size=type_vocab_size, pad_token_id=pad_token_id,
                                      layer_norm_eps=layer_norm_eps, dropout=dropout, backend=backend, **factory)

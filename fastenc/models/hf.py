@@ -46,7 +46,8 @@ from transformers.models.bert.modeling_bert import BertModel
 from transformers.models.distilbert.modeling_distilbert import DistilBertModel
 from transformers.models.roberta.modeling_roberta import RobertaModel
 
-from ..modules import BackendSpec, TransformerEncoder, TransformerEncoderLayer, _check_backend, activation_name
+from ..backends import BackendSpec, check_spec
+from ..modules import TransformerEncoder, TransformerEncoderLayer, activation_name
 
 Tensor = torch.Tensor
 
@@ -130,7 +131,7 @@ class HFEncoder(TransformerEncoder):
     def _init_hf(self, family: str, hf_class: type, backend: BackendSpec) -> None:
         self.family = family
         self.hf_class = hf_class  # the HF encoder class, for to_hf
-        self.backend = _check_backend(backend)
+        self.backend = backend
         self.gradient_checkpointing = False
         self.register_state_dict_post_hook(_state_dict_to_hf)
         self.register_load_state_dict_pre_hook(_load_state_dict_from_hf)
@@ -389,7 +390,7 @@ def optimize_hf(model: nn.Module, *, backend: BackendSpec = None, strict: bool =
     A model that cannot be converted is left untouched with a warning, or raises
     ``ValueError`` when ``strict``.
     """
-    _check_backend(backend)
+    check_spec(backend)
     for base in hf_base_models(model):
         reason = unsupported_reason(base)
         if reason is not None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..backends import register_op, resolve, triton_check
+from ._common import compiling, needs_grad
 
 Tensor = torch.Tensor
 
@@ -58,37 +59,44 @@ def padding_info(key_padding_mask: Tensor) -> Padding:
     return Padding(indices, inverse, cu_seqlens, max_seqlen, B, L)
 
 
-def _triton_available(device, dtype=None, **_) -> Optional[str]:
+def _triton_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
     return triton_check(device, dtype)
 
 
-register_op("padding", {"triton": _triton_available}, auto_cuda=("triton",))
+register_op("padding", {"triton": _triton_available}, auto={"cuda": ("triton",)})
 
 
-@torch.library.custom_op("fastenc::gather_rows", mutates_args=())
-def _gather_rows(src: Tensor, idx: Tensor, bwd_idx: Tensor) -> Tensor:
+def _gather(src: Tensor, idx: Tensor, bwd_idx: Tensor) -> Tensor:
     """out[r] = src[idx[r]] (zeros where idx[r] < 0); bwd_idx is the inverse map, for the backward."""
     from ..triton_kernels.padding import gather_rows
 
     return gather_rows(src, idx)
 
 
-@_gather_rows.register_fake
-def _(src, idx, bwd_idx):
+_gather_op = torch.library.custom_op("fastenc::gather_rows", _gather, mutates_args=())
+
+
+@_gather_op.register_fake
+def _gather_fake(src, idx, bwd_idx):
     return src.new_empty((idx.shape[0], *src.shape[1:]))
 
 
-def _gather_setup(ctx, inputs, output):
-    _, idx, bwd_idx = inputs
-    ctx.save_for_backward(idx, bwd_idx)
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, src, idx, bwd_idx):
+        ctx.save_for_backward(idx, bwd_idx)
+        return (_gather_op if compiling() else _gather)(src, idx, bwd_idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, bwd_idx = ctx.saved_tensors
+        return _Gather.apply(grad.contiguous(), bwd_idx, idx), None, None
 
 
-def _gather_backward(ctx, grad):
-    idx, bwd_idx = ctx.saved_tensors
-    return _gather_rows(grad.contiguous(), bwd_idx, idx), None, None
-
-
-_gather_rows.register_autograd(_gather_backward, setup_context=_gather_setup)
+def _gather_rows(src: Tensor, idx: Tensor, bwd_idx: Tensor) -> Tensor:
+    if needs_grad(src):
+        return _Gather.apply(src, idx, bwd_idx)
+    return (_gather_op if compiling() else _gather)(src, idx, bwd_idx)
 
 
 def _check(x: Tensor, info: Padding, rows: int, what: str) -> None:
@@ -104,7 +112,7 @@ def unpad(x: Tensor, info: Padding, *, backend: Optional[str] = None) -> Tensor:
         raise ValueError(f"unpad: expected [B, L, ...] = [{info.batch}, {info.seqlen}, ...], got {tuple(x.shape)}")
     flat = x.reshape(info.batch * info.seqlen, *x.shape[2:])
     _check(flat, info, info.batch * info.seqlen, "unpad")
-    if resolve("padding", backend, device=x.device, dtype=x.dtype) == "reference":
+    if resolve("padding", backend, x.device, x.dtype) == "reference":
         return flat.index_select(0, info.indices)
     return _gather_rows(flat, info.indices, info.inverse)
 
@@ -112,7 +120,7 @@ def unpad(x: Tensor, info: Padding, *, backend: Optional[str] = None) -> Tensor:
 def pad(packed: Tensor, info: Padding, *, backend: Optional[str] = None) -> Tensor:
     """[T, ...] -> [B, L, ...] with zeros at the padding positions."""
     _check(packed, info, info.total, "pad")
-    if resolve("padding", backend, device=packed.device, dtype=packed.dtype) == "reference":
+    if resolve("padding", backend, packed.device, packed.dtype) == "reference":
         return reference.pad(packed, info.indices, info.batch, info.seqlen)
     out = _gather_rows(packed, info.inverse, info.indices)
     return out.view(info.batch, info.seqlen, *packed.shape[1:])
