@@ -15,6 +15,7 @@ import torch
 
 from tests.conftest import DEVICE  # noqa: F401  (sets TRITON_INTERPRET before fastenc is imported)
 
+from fastenc import backends
 from fastenc.__main__ import main
 from fastenc.bench import output, registry, runner, timing, workload
 from fastenc.bench.ops import attention, encoder_stack, ffn, layer_norm
@@ -189,10 +190,19 @@ def test_unavailable_and_crashing_providers_are_reported():
     assert res.status == "error" and "kernel exploded" in res.reason and res.timing is None
 
 
-def test_forced_backend_that_cannot_run_is_skipped_not_substituted(monkeypatch):
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    """TRITON_INTERPRET unset, with the dispatcher's cached availability forgotten before and after."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    backends.clear_cache()
+    yield
+    monkeypatch.undo()
+    backends.clear_cache()
+
+
+def test_forced_backend_that_cannot_run_is_skipped_not_substituted(no_interpreter):
     # Triton on CPU tensors without the interpreter: skipped with the dispatcher's reason, never
     # timed as the reference.
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     w = layer_norm.workload("fwd", "seqlen", torch.device("cpu"), torch.float32, batch=1, seqlen=5, d_model=32)
     (triton,) = [p for p in registry.providers_for("layer_norm") if p.name == "fastenc-triton"]
     res = runner.run_one(w, triton, min_time_s=0.001)

@@ -169,10 +169,11 @@ def only_at(keep: bool, *providers: str) -> Dict[str, str]:
     return {} if keep else {p: SUBSET for p in providers}
 
 
-def force(op: str, backend: str, **call_info) -> str:
-    """Raise Unavailable unless ``backend`` can run this call of ``op``; returns the explanation."""
+def force(op: str, backend: str, device: torch.device, dtype: torch.dtype, shape: tuple) -> str:
+    """Raise Unavailable unless ``backend`` can run such a call of ``op`` (``shape``: the op's shape
+    class, what its backend checks read); returns the explanation."""
     try:
-        chosen, why = backends.explain(op, backend, **call_info)
+        chosen, why = backends.explain(op, backend, device, dtype, shape)
     except backends.BackendUnavailableError as e:
         raise Unavailable(str(e)) from None
     if chosen != backend:

@@ -1,5 +1,5 @@
-"""Attention benchmark: fastenc's Triton kernels (padded and varlen) against torch eager, SDPA's backends
-and torch.compile, forward and backward.
+"""Attention benchmark: fastenc's Triton kernels (padded and varlen) and its C++ CPU backend (where the op
+has one) against torch eager, SDPA's backends and torch.compile, forward and backward.
 
 FLOPs = 4·H·D·Σ_b L_b·S_b forward (QKᵀ and PV, 2 FLOPs per MAC; 4·B·H·L·S·D without
 padding), halved for causal, 2.5x for the backward (FlashAttention's convention); only
@@ -62,9 +62,14 @@ def workload(mode, sweep, device, dtype, *, batch, seqlen, heads, head_dim, padd
 # --------------------------------------------------------------------------- providers
 
 
+def shape_class(w: Workload) -> tuple:
+    """What the attention backends' checks read: (head dim of q/k, of v, whether a mask needs a gradient)."""
+    return w.params["head_dim"], w.params["head_dim"], False
+
+
 def _fastenc(backend: str):
     def build(w: Workload) -> Impl:
-        R.force("attention", backend, device=w.device, dtype=w.dtype, head_dim=w.params["head_dim"])
+        R.force("attention", backend, w.device, w.dtype, shape_class(w))
         causal = w.params["causal"]
         return Impl(lambda i: ops.attention(i[0], i[1], i[2], key_padding_mask=i[3], is_causal=causal,
                                             backend=backend))
@@ -75,7 +80,7 @@ def _fastenc_varlen(backend: str):
     def build(w: Workload) -> Impl:
         if w.params["padding"] == 0:
             raise Unavailable("varlen runs only in the padding sweep (with padding > 0)")
-        R.force("attention", backend, device=w.device, dtype=w.dtype, head_dim=w.params["head_dim"])
+        R.force("attention", backend, w.device, w.dtype, shape_class(w))
         causal = w.params["causal"]
 
         def prepare(inputs):
@@ -146,6 +151,7 @@ def _torch_compile(w: Workload) -> Impl:
 PROVIDERS = [
     Provider("fastenc-triton", _fastenc("triton"), False, triton=True),
     Provider("fastenc-triton-varlen", _fastenc_varlen("triton"), False, triton=True),
+    Provider("fastenc-cpu", _fastenc("cpu"), False),
     Provider("fastenc-reference", _fastenc("reference"), False),
     Provider("torch-eager", _torch_eager, True),
     *(Provider(n, _sdpa(n), True) for n in _SDPA_BACKENDS),

@@ -304,9 +304,8 @@ def _fastenc_model(spec: Spec, w: Workload, dtype) -> nn.Module:
 def _auto_backends(spec: Spec, w: Workload, dtype) -> str:
     """What ``auto`` runs here, per op; Unavailable where that is the Triton interpreter (CPU)."""
     picks = []
-    for op, info in (("attention", dict(head_dim=spec.d_model // spec.heads)),
-                     ("layer_norm", dict(hidden=spec.d_model)), ("ffn", dict(activation="gelu"))):
-        chosen = backends.explain(op, "auto", device=w.device, dtype=dtype, **info)[0]
+    for op, shape in encoder_stack.shape_classes(spec.d_model, spec.heads, "gelu").items():
+        chosen = backends.explain(op, "auto", w.device, dtype, shape)[0]
         if chosen == "triton" and w.device.type == "cpu":
             raise Unavailable(f"auto runs {op} on the Triton interpreter here: a correctness tool, never timed")
         picks.append(f"{op}={chosen}")

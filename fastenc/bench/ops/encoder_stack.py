@@ -128,6 +128,12 @@ def _torch_compile(w: Workload) -> Impl:
                 note="torch.compile(nn.TransformerEncoder), training mode")
 
 
+def shape_classes(d_model: int, nhead: int, activation: str) -> Dict[str, tuple]:
+    """Each op's shape class in such a layer (what ``fastenc.backends.explain`` passes to its checks)."""
+    head_dim = d_model // nhead
+    return {"attention": (head_dim, head_dim, False), "layer_norm": (d_model,), "ffn": (activation,)}
+
+
 def _fastenc(backend: str):
     def build(w: Workload) -> Impl:
         import fastenc
@@ -135,10 +141,9 @@ def _fastenc(backend: str):
         m = w.model
         notes = []
         if backend != "reference":
-            for op, info in (("attention", dict(head_dim=m["d_model"] // m["nhead"])),
-                             ("layer_norm", dict(hidden=m["d_model"])), ("ffn", dict(activation=m["activation"]))):
+            for op, shape in shape_classes(m["d_model"], m["nhead"], m["activation"]).items():
                 try:
-                    notes.append(f"{op}={backends.explain(op, backend, device=w.device, dtype=w.dtype, **info)[0]}")
+                    notes.append(f"{op}={backends.explain(op, backend, w.device, w.dtype, shape)[0]}")
                 except backends.BackendUnavailableError as e:
                     raise Unavailable(str(e)) from None
         layer = fastenc.TransformerEncoderLayer(m["d_model"], m["nhead"], m["d_ff"], dropout=m["dropout"],

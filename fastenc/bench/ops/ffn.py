@@ -1,5 +1,5 @@
-"""FFN benchmark: linear2(act(linear1(x))) by fastenc's CUDA extension (each GEMM path forced in turn) against
-torch eager and torch.compile, forward and backward.
+"""FFN benchmark: linear2(act(linear1(x))) by fastenc's CUDA extension (each GEMM path forced in turn) and its
+C++ CPU backend against torch eager and torch.compile, forward and backward.
 
 FLOPs = 2·T·d·f·2 forward (two GEMMs of T·d·f multiply-adds), 2x that backward (dX and dW of each).
 """
@@ -47,7 +47,7 @@ def workload(mode, sweep, device, dtype, *, batch, seqlen, d_model, d_ff, activa
 def _fastenc(backend: str):
     def build(w: Workload) -> Impl:
         act = w.params["activation"]
-        R.force("ffn", backend, device=w.device, dtype=w.dtype, activation=act)
+        R.force("ffn", backend, w.device, w.dtype, (act,))  # shape class: (activation,)
         return Impl(lambda i: ops.ffn(*i, activation=act, backend=backend))
     return build
 
@@ -58,7 +58,7 @@ def _fastenc_gemm_path(path: str):
         if w.device.type != "cuda":
             raise Unavailable("GEMM paths apply to CUDA tensors (fastenc-cuda covers the CPU path)")
         act = w.params["activation"]
-        R.force("ffn", "cuda", device=w.device, dtype=w.dtype, activation=act)
+        R.force("ffn", "cuda", w.device, w.dtype, (act,))
         from ...ops import ffn as ffn_op
 
         env = ffn_op.GEMM_PATH_ENV
@@ -107,6 +107,7 @@ def _torch_compile(w: Workload) -> Impl:
 PROVIDERS = [
     Provider("fastenc-cuda", _fastenc("cuda"), False),
     *(Provider(f"fastenc-cuda-{p}", _fastenc_gemm_path(p), False) for p in ("cutlass", "cublaslt", "unfused")),
+    Provider("fastenc-cpu", _fastenc("cpu"), False),
     Provider("fastenc-reference", _fastenc("reference"), False),
     Provider("torch-eager", _torch_eager, True),
     Provider("torch-compile", _torch_compile, True),

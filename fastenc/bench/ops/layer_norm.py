@@ -1,5 +1,5 @@
-"""Residual + LayerNorm benchmark: LayerNorm(x + (branch + branch_bias)) by fastenc's Triton kernel against
-torch eager and torch.compile, forward and backward.
+"""Residual + LayerNorm benchmark: LayerNorm(x + (branch + branch_bias)) by fastenc's Triton kernel and its
+C++ CPU backend (where the op has one) against torch eager and torch.compile, forward and backward.
 
 Memory-bound: GB/s counts each input read once and each output written once (``bytes``).
 """
@@ -51,7 +51,7 @@ def workload(mode, sweep, device, dtype, *, batch, seqlen, d_model, eps=1e-5) ->
 
 def _fastenc(backend: str):
     def build(w: Workload) -> Impl:
-        R.force("layer_norm", backend, device=w.device, dtype=w.dtype, hidden=w.params["d_model"])
+        R.force("layer_norm", backend, w.device, w.dtype, (w.params["d_model"],))  # shape class: (hidden,)
         return Impl(lambda i: ops.residual_layer_norm(i[0], i[1], i[2], i[3], branch_bias=i[4], backend=backend))
     return build
 
@@ -72,6 +72,7 @@ def _torch_compile(w: Workload) -> Impl:
 
 PROVIDERS = [
     Provider("fastenc-triton", _fastenc("triton"), False, triton=True),
+    Provider("fastenc-cpu", _fastenc("cpu"), False),
     Provider("fastenc-reference", _fastenc("reference"), False),
     Provider("torch-eager", _torch_eager, True),
     Provider("torch-compile", _torch_compile, True),
