@@ -152,7 +152,7 @@ def write_plots(out_dir: str, rows: List[dict], env: Dict[str, str]) -> List[str
 
 
 def write_ratio_plot(path: str, title: str, groups: List[str], series: Dict[str, List[Optional[float]]],
-                     ylabel: str, env: Dict[str, str], line: Optional[float] = 1.0) -> str:
+                     ylabel: str, env: Dict[str, str], line: Optional[float] = 1.0, log: bool = False) -> str:
     """Grouped bars: one group per workload, one bar per series (missing values left out)."""
     import matplotlib
 
@@ -171,8 +171,9 @@ def write_ratio_plot(path: str, title: str, groups: List[str], series: Dict[str,
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, fontsize=7, rotation=20, ha="right")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{title}\n{env['device_name']}, {env.get('threads', '?')} threads, commit {env['git_commit']}",
-                 fontsize=9)
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(f"{title}\n{env['device_name']}, commit {env['git_commit']}", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

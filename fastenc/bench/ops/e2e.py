@@ -621,7 +621,8 @@ def plots(out_dir: str, rows: List[dict], env: Dict[str, str]) -> List[str]:
             series = {b: [r["speedups"].get(b) for r in fast] for b in base}
             what = "inference (mean-pooled embeddings)" if mode == "fwd" else "training step (fwd + bwd + AdamW)"
             files.append(output.write_ratio_plot(
-                os.path.join(out_dir, f"e2e_{mode}_{dtype}_ratios.png"), f"end to end, {what}, {dtype}",
+                os.path.join(out_dir, f"e2e_{mode}_{dtype}_ratios.png"),
+                f"end to end, {what}, {dtype}, {env.get('threads', '?')} threads",
                 [workload_label(r) for r in fast], series, "provider time / fastenc time (> 1: fastenc faster)", env))
     return files
 

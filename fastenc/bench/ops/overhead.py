@@ -152,7 +152,8 @@ def plots(out_dir: str, rows: List[dict], env: Dict[str, str]) -> List[str]:
     series = {"fastenc": [r["median_ms"] * 1e3 for r in fast], "torch": [twins[_label(r)]["median_ms"] * 1e3
                                                                          for r in fast]}
     return [output.write_ratio_plot(os.path.join(out_dir, "overhead_us.png"), "host overhead, tiny tensors, 1 thread",
-                                    [_label(r) for r in fast], series, "median µs per call", env, line=None)]
+                                    [_label(r) for r in fast], series, "median µs per call", env, line=None,
+                                    log=True)]
 
 
 SUITE = R.register(R.Suite(
