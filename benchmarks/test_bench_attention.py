@@ -1,9 +1,9 @@
-"""attention: every provider side by side (see benchmarks/conftest.py and fastenc/bench/)."""
+"""attention: every provider side by side (see benchmarks/cases.py and fastenc/bench/ops/attention.py)."""
 import pytest
 
-from benchmarks.conftest import cases, run_case
+from benchmarks.cases import cases, run_case
 
 
 @pytest.mark.parametrize("entry,provider", cases("attention"))
-def test_attention(benchmark, bench_env, entry, provider):
-    run_case(benchmark, entry, provider, bench_env)
+def test_attention(benchmark, entry, provider):
+    run_case(benchmark, entry, provider)

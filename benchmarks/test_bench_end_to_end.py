@@ -1,19 +1,19 @@
-"""End to end: one encoder layer, a BERT-base-sized encoder, a training step (see benchmarks/conftest.py)."""
+"""Encoder stacks: one layer, an encoder, a training step (see benchmarks/cases.py and fastenc/bench/ops/)."""
 import pytest
 
-from benchmarks.conftest import cases, run_case
+from benchmarks.cases import cases, run_case
 
 
 @pytest.mark.parametrize("entry,provider", cases("layer"))
-def test_layer(benchmark, bench_env, entry, provider):
-    run_case(benchmark, entry, provider, bench_env)
+def test_layer(benchmark, entry, provider):
+    run_case(benchmark, entry, provider)
 
 
 @pytest.mark.parametrize("entry,provider", cases("encoder"))
-def test_encoder(benchmark, bench_env, entry, provider):
-    run_case(benchmark, entry, provider, bench_env)
+def test_encoder(benchmark, entry, provider):
+    run_case(benchmark, entry, provider)
 
 
 @pytest.mark.parametrize("entry,provider", cases("train"))
-def test_train_step(benchmark, bench_env, entry, provider):
-    run_case(benchmark, entry, provider, bench_env)
+def test_train_step(benchmark, entry, provider):
+    run_case(benchmark, entry, provider)

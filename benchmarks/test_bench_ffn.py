@@ -1,9 +1,9 @@
-"""ffn: every provider side by side (see benchmarks/conftest.py and fastenc/bench/)."""
+"""ffn: every provider side by side (see benchmarks/cases.py and fastenc/bench/ops/ffn.py)."""
 import pytest
 
-from benchmarks.conftest import cases, run_case
+from benchmarks.cases import cases, run_case
 
 
 @pytest.mark.parametrize("entry,provider", cases("ffn"))
-def test_ffn(benchmark, bench_env, entry, provider):
-    run_case(benchmark, entry, provider, bench_env)
+def test_ffn(benchmark, entry, provider):
+    run_case(benchmark, entry, provider)

@@ -1,9 +1,9 @@
-"""layer_norm: every provider side by side (see benchmarks/conftest.py and fastenc/bench/)."""
+"""layer_norm: every provider side by side (see benchmarks/cases.py and fastenc/bench/ops/layer_norm.py)."""
 import pytest
 
-from benchmarks.conftest import cases, run_case
+from benchmarks.cases import cases, run_case
 
 
 @pytest.mark.parametrize("entry,provider", cases("layer_norm"))
-def test_layer_norm(benchmark, bench_env, entry, provider):
-    run_case(benchmark, entry, provider, bench_env)
+def test_layer_norm(benchmark, entry, provider):
+    run_case(benchmark, entry, provider)

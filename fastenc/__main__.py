@@ -1,7 +1,7 @@
 """fastenc command line: ``python -m fastenc {bench,inspect,report,ceilings,pretrain,finetune}`` (also the
 ``fastenc`` script).
 
-  fastenc bench [--ops attention,layer_norm,ffn,layer,encoder,train] [--size tiny|cpu|gpu]
+  fastenc bench [--ops e2e,overhead,attention,layer_norm,ffn,layer,encoder,train] [--size tiny|cpu|gpu]
                 [--dtype bf16,fp16] [--providers NAMES] [--out DIR] [--time-budget S]
   fastenc inspect [--arch sm_90] [--ops attention,layer_norm,padding,ffn] [--module FILE.py] [--json FILE]
   fastenc report [--device cuda] [--dtype fp16] [--head-dim 64]
@@ -20,7 +20,12 @@ import os
 import sys
 from typing import List, Optional
 
-ALL_OPS = "attention,layer_norm,ffn,layer,encoder,train"
+GPU_OPS = "attention,layer_norm,ffn,layer,encoder,train"
+# CPU main job: the end-to-end workloads and the host overhead, then the op-level points while
+# the run is under CPU_OP_LEVEL_S seconds (each op-level suite runs in full when named in --ops).
+CPU_OPS = "e2e,overhead"
+CPU_OP_LEVEL = "attention,layer_norm,ffn,layer,encoder,train"
+CPU_OP_LEVEL_S = 300.0
 TRACEBACK_ENV = "FASTENC_TRACEBACK"  # =1: let argument and data errors raise with their traceback
 
 
@@ -44,7 +49,7 @@ def _device(name: Optional[str]):
 
 
 def _dtypes(spec: Optional[str], device) -> list:
-    from .bench.workloads import DTYPES
+    from .bench.workload import DTYPES
 
     if spec is None:
         # bf16 first on a GPU (fp16 swept too); fp32 on a CPU, where low precision is emulated and slow.
@@ -69,21 +74,27 @@ def _ceilings(path: Optional[str]) -> Optional[dict]:
 
 def cmd_bench(args) -> int:
     from . import bench
-    from .bench import plans, providers
+    from .bench import registry
 
     device = _device(args.device)
     size = args.size or bench.default_size(device)
-    if size not in plans.SIZES:
-        raise UsageError(f"unknown --size {size!r}; expected one of {plans.SIZES}")
-    from .bench.workloads import SUITES
-
-    ops = _csv(args.ops)
-    bad_ops = [o for o in ops if o not in SUITES]
+    if size not in registry.SIZES:
+        raise UsageError(f"unknown --size {size!r}; expected one of {registry.SIZES}")
+    suites = registry.suite_names()
+    best_effort: List[str] = []
+    if args.ops is not None:
+        ops = _csv(args.ops)
+    elif device.type == "cuda":
+        ops = _csv(GPU_OPS)
+    else:
+        best_effort = _csv(CPU_OP_LEVEL)
+        ops = _csv(CPU_OPS) + best_effort
+    bad_ops = [o for o in ops if o not in suites]
     if bad_ops or not ops:
-        raise UsageError(f"unknown --ops {bad_ops or args.ops!r}; expected a subset of {','.join(SUITES)}")
+        raise UsageError(f"unknown --ops {bad_ops or args.ops!r}; expected a subset of {','.join(suites)}")
     names = _csv(args.providers) if args.providers else None
     if names:
-        known = providers.provider_names()
+        known = registry.provider_names()
         bad = [n for n in names if not any(k.startswith(n) for k in known)]
         if bad:
             raise UsageError(f"unknown providers {bad}; known: {', '.join(known)}")
@@ -91,6 +102,7 @@ def cmd_bench(args) -> int:
         ops=ops, size=size, device=device, dtypes=_dtypes(args.dtype, device), providers_filter=names,
         out_dir=args.out, time_budget_s=args.time_budget, min_time_s=args.min_time,
         progress=not args.no_progress, plots=not args.no_plots, ceilings=_ceilings(args.ceilings),
+        best_effort=best_effort, best_effort_s=CPU_OP_LEVEL_S if best_effort else None,
     )
     bad = [r for r in rows if r["status"] in ("failed", "error")]
     return 1 if (bad and args.strict) else 0
@@ -146,7 +158,7 @@ def cmd_report(args) -> int:
     import torch
 
     from . import backend_report
-    from .bench.workloads import DTYPES
+    from .bench.workload import DTYPES
 
     if args.dtype not in DTYPES:
         raise UsageError(f"unknown dtype {args.dtype!r}; expected one of {sorted(DTYPES)}")
@@ -168,11 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="benchmark fastenc against PyTorch baselines; writes JSON, CSV, plots")
-    b.add_argument("--ops", default=ALL_OPS, help=f"comma-separated suites (default: {ALL_OPS})")
+    b.add_argument("--ops", help=f"comma-separated suites (default on GPU: {GPU_OPS}; on CPU: {CPU_OPS}, then "
+                                 f"the op-level suites while the run is under {CPU_OP_LEVEL_S:.0f} s)")
     b.add_argument("--size", choices=("tiny", "cpu", "gpu"), help="sweep size (default: gpu on CUDA, cpu otherwise)")
     b.add_argument("--dtype", help="comma-separated: bf16,fp16,fp32; the first is the main dtype, the others "
                                    "are swept (default: bf16,fp16 on GPU, fp32 on CPU)")
-    b.add_argument("--providers", help="comma-separated provider names or prefixes (default: all)")
+    b.add_argument("--providers", help="comma-separated provider names or prefixes (default: all; on CPU the "
+                                       "Triton providers run under the interpreter only when named: fastenc-triton)")
     b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     b.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
     b.add_argument("--time-budget", type=float, help="seconds; later workloads are listed as skipped")

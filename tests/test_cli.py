@@ -15,8 +15,10 @@ import torch
 
 from tests.conftest import DEVICE  # noqa: F401  (sets TRITON_INTERPRET before fastenc is imported)
 
+from fastenc import backends
 from fastenc.__main__ import main
-from fastenc.bench import formulas, output, plans, providers, runner, timing, workloads
+from fastenc.bench import output, registry, runner, timing, workload
+from fastenc.bench.ops import attention, encoder_stack, ffn, layer_norm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_OPS = "attention,layer_norm,encoder"
@@ -84,7 +86,7 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("fastenc bench: ") and message in err and err.count("\n") == 1, err
     with pytest.raises(ValueError, match="unknown size"):
-        plans.plan("huge", torch.device("cpu"), [torch.float32])
+        registry.plan("huge", torch.device("cpu"), [torch.float32])
 
 
 def test_report_prints_backends(capsys):
@@ -99,35 +101,35 @@ def test_report_prints_backends(capsys):
 
 def test_flop_formulas():
     b, h, n, d = 3, 5, 7, 16
-    fwd = formulas.attention_flops([n] * b, [n] * b, h, d)
+    fwd = attention.flops([n] * b, [n] * b, h, d)
     assert fwd == 4 * b * h * n * n * d
-    assert formulas.attention_flops([n] * b, [n] * b, h, d, causal=True) == fwd / 2
-    assert formulas.attention_flops([n] * b, [n] * b, h, d, mode="bwd") == 2.5 * fwd
+    assert attention.flops([n] * b, [n] * b, h, d, causal=True) == fwd / 2
+    assert attention.flops([n] * b, [n] * b, h, d, mode="bwd") == 2.5 * fwd
     # padding: only real query x key pairs count
-    assert formulas.attention_flops([4, 2], [4, 2], h, d) == 4 * h * d * (16 + 4)
+    assert attention.flops([4, 2], [4, 2], h, d) == 4 * h * d * (16 + 4)
     t, dm, f = 11, 8, 32
-    assert formulas.ffn_flops(t, dm, f) == 2 * t * dm * f * 2
-    assert formulas.ffn_flops(t, dm, f, mode="bwd") == 2 * formulas.ffn_flops(t, dm, f)
-    assert formulas.ffn_flops(t, dm, f, mode="train") == 3 * formulas.ffn_flops(t, dm, f)
+    assert ffn.flops(t, dm, f) == 2 * t * dm * f * 2
+    assert ffn.flops(t, dm, f, mode="bwd") == 2 * ffn.flops(t, dm, f)
+    assert ffn.flops(t, dm, f, mode="train") == 3 * ffn.flops(t, dm, f)
     # LN forward: x and branch read, y written (T x N each) + weight, bias, branch bias read
-    assert formulas.layer_norm_bytes(t, dm, 2) == 3 * t * dm * 2 + 3 * dm * 2
-    assert formulas.layer_norm_bytes(t, dm, 2, prenorm=True) == 4 * t * dm * 2 + 3 * dm * 2
-    lay = formulas.encoder_layer_flops([n, n], 64, 4, 256)
+    assert layer_norm.bytes_moved(t, dm, 2) == 3 * t * dm * 2 + 3 * dm * 2
+    assert layer_norm.bytes_moved(t, dm, 2, prenorm=True) == 4 * t * dm * 2 + 3 * dm * 2
+    lay = encoder_stack.flops([n, n], 64, 4, 256)
     assert lay == 2 * 2 * n * 4 * 64 * 64 + 2 * 2 * n * 64 * 256 * 2 + 4 * 64 * 2 * n * n
     with pytest.raises(ValueError, match="unknown mode"):
-        formulas.ffn_flops(t, dm, f, mode="sideways")
+        ffn.flops(t, dm, f, mode="sideways")
 
 
 def test_padded_lengths_hit_the_ratio():
     for batch, seqlen, pad in ((8, 128, 0.0), (8, 128, 0.25), (32, 512, 0.5), (16, 64, 0.75), (1, 10, 0.5)):
-        lengths = workloads.padded_lengths(batch, seqlen, pad)
+        lengths = workload.padded_lengths(batch, seqlen, pad)
         assert len(lengths) == batch and all(1 <= n <= seqlen for n in lengths)
         assert abs(1 - sum(lengths) / (batch * seqlen) - pad) < 0.05
-    kpm = workloads.key_padding_mask([3, 1], 4, "cpu")
+    kpm = workload.key_padding_mask([3, 1], 4, "cpu")
     assert kpm.tolist() == [[False, False, False, True], [False, True, True, True]]
-    assert workloads.key_padding_mask([4, 4], 4, "cpu") is None
+    assert workload.key_padding_mask([4, 4], 4, "cpu") is None
     with pytest.raises(ValueError, match="padding ratio"):
-        workloads.padded_lengths(2, 8, 1.0)
+        workload.padded_lengths(2, 8, 1.0)
 
 
 def test_l2_rotation_and_quantiles(monkeypatch):
@@ -145,37 +147,37 @@ def test_l2_rotation_and_quantiles(monkeypatch):
 
 
 def _provider(fn_builder, name="fake"):
-    return providers.Provider(name, ("layer_norm",), fn_builder, baseline=False)
+    return registry.Provider(name, fn_builder, baseline=False)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "bwd"])
 def test_wrong_results_are_never_timed(mode):
-    w = workloads.layer_norm(mode, "seqlen", torch.device("cpu"), torch.float32, batch=2, seqlen=7, d_model=96)
-    good = _provider(lambda w: providers.Impl(lambda i: w.reference(i, False)))
+    w = layer_norm.workload(mode, "seqlen", torch.device("cpu"), torch.float32, batch=2, seqlen=7, d_model=96)
+    good = _provider(lambda w: registry.Impl(lambda i: w.reference(i, False)))
     res = runner.run_one(w, good, min_time_s=0.001)
     assert res.status == "ok" and res.timing.median_ms > 0, res.reason
 
-    off = _provider(lambda w: providers.Impl(lambda i: w.reference(i, False) * 1.01))
+    off = _provider(lambda w: registry.Impl(lambda i: w.reference(i, False) * 1.01))
     res = runner.run_one(w, off, min_time_s=0.001)
     assert res.status == "failed" and res.timing is None and "parity check failed" in res.reason
     assert res.row()["median_ms"] is None
 
-    nan = _provider(lambda w: providers.Impl(lambda i: w.reference(i, False) + float("nan")))
+    nan = _provider(lambda w: registry.Impl(lambda i: w.reference(i, False) + float("nan")))
     res = runner.run_one(w, nan, min_time_s=0.001)
     assert res.status == "failed" and "non-finite" in res.reason
 
     if mode == "bwd":  # right values, wrong gradient
         def wrong_grad(w):
-            return providers.Impl(lambda i: w.reference(i, False).detach() + 0.5 * i[0] - 0.5 * i[0].detach())
+            return registry.Impl(lambda i: w.reference(i, False).detach() + 0.5 * i[0] - 0.5 * i[0].detach())
         res = runner.run_one(w, _provider(wrong_grad), min_time_s=0.001)
         assert res.status == "failed" and "input gradient" in res.reason
 
 
 def test_unavailable_and_crashing_providers_are_reported():
-    w = workloads.layer_norm("fwd", "seqlen", torch.device("cpu"), torch.float32, batch=1, seqlen=3, d_model=32)
+    w = layer_norm.workload("fwd", "seqlen", torch.device("cpu"), torch.float32, batch=1, seqlen=3, d_model=32)
 
     def unavailable(w):
-        raise providers.Unavailable("needs a GPU")
+        raise registry.Unavailable("needs a GPU")
 
     res = runner.run_one(w, _provider(unavailable), min_time_s=0.001)
     assert (res.status, res.reason) == ("skipped", "needs a GPU")
@@ -183,28 +185,36 @@ def test_unavailable_and_crashing_providers_are_reported():
     def crash(i):
         raise RuntimeError("kernel exploded")
 
-    res = runner.run_one(w, _provider(lambda w: providers.Impl(crash)), min_time_s=0.001)
+    res = runner.run_one(w, _provider(lambda w: registry.Impl(crash)), min_time_s=0.001)
     assert res.status == "error" and "kernel exploded" in res.reason and res.timing is None
 
 
-def test_forced_backend_that_cannot_run_is_skipped_not_substituted(monkeypatch):
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    """TRITON_INTERPRET unset, with the dispatcher's cached availability forgotten before and after."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    backends.clear_cache()
+    yield
+    monkeypatch.undo()
+    backends.clear_cache()
+
+
+def test_forced_backend_that_cannot_run_is_skipped_not_substituted(no_interpreter):
     # Triton on CPU tensors without the interpreter: skipped with the dispatcher's reason, never
     # timed as the reference.
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    fastenc.backends.clear_cache()  # availability is cached: forget the interpreter's
-    w = workloads.layer_norm("fwd", "seqlen", torch.device("cpu"), torch.float32, batch=1, seqlen=5, d_model=32)
-    (triton,) = [p for p in providers.providers_for("layer_norm") if p.name == "fastenc-triton"]
+    w = layer_norm.workload("fwd", "seqlen", torch.device("cpu"), torch.float32, batch=1, seqlen=5, d_model=32)
+    (triton,) = [p for p in registry.providers_for("layer_norm") if p.name == "fastenc-triton"]
     res = runner.run_one(w, triton, min_time_s=0.001)
     assert res.status == "skipped" and "TRITON_INTERPRET" in res.reason and res.timing is None
     # GEMM-path variants of the CUDA FFN exist only for CUDA tensors
-    w = workloads.ffn("fwd", "seqlen", torch.device("cpu"), torch.float32, batch=1, seqlen=5, d_model=32, d_ff=64)
-    (cutlass,) = [p for p in providers.providers_for("ffn") if p.name == "fastenc-cuda-cutlass"]
+    w = ffn.workload("fwd", "seqlen", torch.device("cpu"), torch.float32, batch=1, seqlen=5, d_model=32, d_ff=64)
+    (cutlass,) = [p for p in registry.providers_for("ffn") if p.name == "fastenc-cuda-cutlass"]
     res = runner.run_one(w, cutlass, min_time_s=0.001)
     assert res.status == "skipped" and "CUDA tensors" in res.reason
 
 
 def test_speedups_and_table():
-    w = workloads.layer_norm("fwd", "seqlen", torch.device("cpu"), torch.float32, batch=1, seqlen=3, d_model=32)
+    w = layer_norm.workload("fwd", "seqlen", torch.device("cpu"), torch.float32, batch=1, seqlen=3, d_model=32)
     t = lambda ms: timing.Timing(ms, ms, ms, 3, None, "test")  # noqa: E731
     results = [
         runner.Result(w, "fastenc-triton", "ok", timing=t(1.0)),

@@ -1,10 +1,15 @@
 """fastenc benchmarks: providers side by side on each op and end to end, checked, timed, saved.
 
+A generic engine (``registry``: suites, providers, plans; ``runner``: check then time;
+``timing``; ``output``: table, JSON, CSV, plots; ``env``) and one module per suite in
+``ops/`` (its workloads, providers, FLOP/byte formula and sizes).
+
 Entry points: ``python -m fastenc bench`` (see ``fastenc/__main__.py``), the
 pytest-benchmark suites under ``benchmarks/``, and :func:`run` for scripts.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,31 +18,67 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from . import output, plans, providers, runner, workloads
+from . import output, registry, runner
 from .env import environment
-from .providers import PROVIDERS, Unavailable
+from .registry import Entry, Provider, Suite, Unavailable
 from .runner import Result, run_one
+from .workload import dtype_name
 
-__all__ = ["PROVIDERS", "Result", "Unavailable", "environment", "run", "run_one", "default_size"]
+__all__ = ["Provider", "Result", "Suite", "Unavailable", "environment", "run", "run_one", "default_size",
+           "INTERPRETER_SKIP"]
+
+INTERPRETER_SKIP = ("Triton interpreter on CPU: a correctness tool, never timed by default "
+                    "(ask for it by name: --providers fastenc-triton)")
 
 
 def default_size(device: torch.device) -> str:
     return "gpu" if device.type == "cuda" else "cpu"
 
 
-def _results_for_entry(entry: plans.Entry, names: Optional[Sequence[str]], min_time_s: float,
-                       on_result: Callable[[Result], None], deadline: Optional[float]) -> List[Result]:
+def asked_by_name(p: Provider, names: Optional[Sequence[str]]) -> bool:
+    """A Triton provider runs on CPU only when a --providers entry names it (``fastenc-triton...``)."""
+    return any(p.name.startswith(n) and "triton" in n for n in names or ())
+
+
+@contextlib.contextmanager
+def _threads(n: Optional[int]):
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _results_for_entry(entry: Entry, names: Optional[Sequence[str]], min_time_s: Optional[float], size: str,
+                       on_result: Callable[[Result], None], skip_all: Optional[str]) -> List[Result]:
+    suite = registry.get(entry.suite)
     w = entry.make()
+    provs = registry.providers_for(entry.suite, names)
+    skipped = {}
+    for p in provs:
+        reason = skip_all or entry.exclude.get(p.name)
+        if reason is None and p.triton and w.device.type == "cpu" and not asked_by_name(p, names):
+            reason = INTERPRETER_SKIP
+        if reason is not None:
+            skipped[p.name] = Result(w, p.name, "skipped", reason, baseline=p.baseline)
+    runnable = [p for p in provs if p.name not in skipped]
     out = []
-    for p in providers.providers_for(entry.suite, names):
-        if p.name in entry.exclude:
-            r = Result(w, p.name, "skipped", entry.exclude[p.name], baseline=p.baseline)
-        elif deadline is not None and time.monotonic() > deadline:
-            r = Result(w, p.name, "skipped", "time budget exhausted (--time-budget)", baseline=p.baseline)
+    with _threads(suite.threads):
+        if suite.interleaved:
+            t = suite.min_time_s.get(size, registry.MIN_TIME_S[size]) if min_time_s is None else min_time_s
+            timed = {r.provider: r for r in runner.run_interleaved(
+                w, runnable, min_time_s=t, min_rounds=suite.min_rounds, max_rounds=suite.max_rounds,
+                pause_s=suite.pause_s)}
+            for p in provs:
+                out.append(skipped.get(p.name) or timed[p.name])
+                on_result(out[-1])
         else:
-            r = run_one(w, p, min_time_s=min_time_s)
-        out.append(r)
-        on_result(r)
+            t = registry.MIN_TIME_S[size] if min_time_s is None else min_time_s
+            for p in provs:  # streamed one by one: a run killed mid-workload keeps what it measured
+                out.append(skipped.get(p.name) or run_one(w, p, min_time_s=t))
+                on_result(out[-1])
     runner.add_speedups(out)
     return out
 
@@ -45,26 +86,37 @@ def _results_for_entry(entry: plans.Entry, names: Optional[Sequence[str]], min_t
 def run(*, ops: Sequence[str], size: str, device: torch.device, dtypes: Sequence[torch.dtype],
         providers_filter: Optional[Sequence[str]] = None, out_dir: str, time_budget_s: Optional[float] = None,
         min_time_s: Optional[float] = None, progress: bool = True, plots: bool = True,
-        ceilings: Optional[dict] = None, log=print) -> List[dict]:
-    """Run a sweep and write results.json, results.csv, results.jsonl (streamed), table.txt and plots.
+        ceilings: Optional[dict] = None, best_effort: Sequence[str] = (), best_effort_s: Optional[float] = None,
+        log=print) -> List[dict]:
+    """Run a sweep and write results.json, results.csv, results.jsonl (streamed), table.txt, summary.txt and plots.
 
     ceilings: ``fastenc ceilings`` output ({"copy_gbps", "matmul_tflops"}): adds each row's
     percentage of the measured device ceiling (TFLOP/s over the matmul's, GB/s over the copy's).
+    best_effort: suites whose workloads start only while less than ``best_effort_s`` seconds
+    have passed (the CPU main job's op-level points); the others are listed as skipped.
     """
     os.makedirs(out_dir, exist_ok=True)
-    unknown = [o for o in ops if o not in workloads.SUITES]
+    unknown = [o for o in ops if o not in registry.suite_names()]
     if unknown:
-        raise ValueError(f"unknown ops {unknown}; expected a subset of {workloads.SUITES}")
+        raise ValueError(f"unknown ops {unknown}; expected a subset of {registry.suite_names()}")
     env = environment(device)
-    entries = [e for e in plans.plan(size, device, dtypes) if e.suite in ops]
-    min_time_s = plans.MIN_TIME_S[size] if min_time_s is None else min_time_s
-    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+    entries = registry.plan(size, device, dtypes, ops=ops)
+    start = time.monotonic()
     bar = _progress(len(entries), progress, log)
     stream = open(os.path.join(out_dir, "results.jsonl"), "w")
 
     def on_result(r: Result) -> None:
         stream.write(json.dumps({**r.row(), **env}, default=str) + "\n")
         stream.flush()
+
+    def skip_reason(e: Entry) -> Optional[str]:
+        elapsed = time.monotonic() - start
+        if time_budget_s is not None and elapsed > time_budget_s:
+            return "time budget exhausted (--time-budget)"
+        if e.suite in best_effort and best_effort_s is not None and elapsed > best_effort_s:
+            return (f"the default CPU run starts op-level points only in its first {best_effort_s:.0f} s "
+                    f"(ask for them: --ops {e.suite})")
+        return None
 
     # `timeout` sends SIGTERM: finish the files with what was measured.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
@@ -74,7 +126,7 @@ def run(*, ops: Sequence[str], size: str, device: torch.device, dtypes: Sequence
         for e in entries:
             bar.set_description(e.label[:60])
             try:
-                results += _results_for_entry(e, providers_filter, min_time_s, on_result, deadline)
+                results += _results_for_entry(e, providers_filter, min_time_s, size, on_result, skip_reason(e))
             except (RuntimeError, ValueError) as err:
                 broken.append(f"{e.label}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
                 log(f"workload not run: {broken[-1]}")
@@ -86,6 +138,9 @@ def run(*, ops: Sequence[str], size: str, device: torch.device, dtypes: Sequence
         stream.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        for name in ops:
+            if registry.get(name).reset is not None:
+                registry.get(name).reset()
     rows = [r.row() for r in results]
     if ceilings:
         for row in rows:
@@ -93,22 +148,35 @@ def run(*, ops: Sequence[str], size: str, device: torch.device, dtypes: Sequence
                 row["pct_of_ceiling"] = 100 * row["tflops"] / ceilings["matmul_tflops"]
             elif row["gbps"]:
                 row["pct_of_ceiling"] = 100 * row["gbps"] / ceilings["copy_gbps"]
-    config = dict(ops=list(ops), size=size, device=str(device), dtypes=[workloads.dtype_name(d) for d in dtypes],
+    config = dict(ops=list(ops), size=size, device=str(device), dtypes=[dtype_name(d) for d in dtypes],
                   providers=list(providers_filter or []), time_budget_s=time_budget_s, min_time_s=min_time_s,
-                  workloads_not_run=broken, ceilings=ceilings)
+                  workloads_not_run=broken, ceilings=ceilings, best_effort=list(best_effort),
+                  best_effort_s=best_effort_s, wall_s=round(time.monotonic() - start, 1))
     output.write_json(os.path.join(out_dir, "results.json"), rows, env, config)
     output.write_csv(os.path.join(out_dir, "results.csv"), rows, env)
+    summaries = [registry.get(n).summary([r for r in rows if r["suite"] == n]) for n in ops
+                 if registry.get(n).summary is not None and any(r["suite"] == n for r in rows)]
     table = output.format_table(rows, env)
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
-        f.write(table + "\n")
+        f.write("\n\n".join([table, *summaries]) + "\n")
+    with open(os.path.join(out_dir, "summary.txt"), "w") as f:
+        f.write("\n\n".join(summaries) + "\n")
     log(table)
+    for s in summaries:
+        log("\n" + s)
     if plots:
         try:
             files = output.write_plots(out_dir, rows, env)
+            for n in ops:
+                suite = registry.get(n)
+                mine = [r for r in rows if r["suite"] == n]
+                if suite.plots is not None and mine:
+                    files += suite.plots(out_dir, mine, env)
             log(f"{len(files)} plots written to {out_dir}")
         except ImportError:
             log("matplotlib is not installed (pip install matplotlib): no plots written")
-    log(f"results: {os.path.join(out_dir, 'results.json')}, {os.path.join(out_dir, 'results.csv')}")
+    log(f"results: {os.path.join(out_dir, 'results.json')}, {os.path.join(out_dir, 'results.csv')} "
+        f"({time.monotonic() - start:.0f} s)")
     return rows
 
 
@@ -124,10 +192,10 @@ def _main_thread() -> bool:
 
 class _NoBar:
     def __init__(self, total, log):
-        self.total, self.n, self.log = total, 0, log
+        self.total, self.n, self.log, self.t0 = total, 0, log, time.monotonic()
 
     def set_description(self, s):
-        self.log(f"[{self.n + 1}/{self.total}] {s}")
+        self.log(f"[{self.n + 1}/{self.total}, {time.monotonic() - self.t0:.0f} s] {s}")
 
     def update(self, k):
         self.n += k

@@ -57,6 +57,7 @@ def environment(device: torch.device) -> Dict[str, str]:
         "fastenc": __version__,
         "python": platform.python_version(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "threads": str(torch.get_num_threads()),
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

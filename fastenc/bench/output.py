@@ -9,10 +9,11 @@ import os
 from typing import Dict, List, Optional
 
 COLUMNS = [
-    "suite", "mode", "sweep", "provider", "status", "dtype", "batch", "seqlen", "heads", "head_dim", "d_model",
-    "d_ff", "activation", "layers", "padding", "dropout", "causal", "tokens", "median_ms", "p20_ms", "p80_ms",
-    "tflops", "gbps", "tokens_per_s", "pct_of_ceiling", "peak_mem_mb", "speedup_vs_eager", "speedup_vs_best_baseline",
-    "best_baseline", "speedups", "samples", "timing", "copies", "flops", "bytes", "note", "reason",
+    "suite", "mode", "sweep", "provider", "status", "dtype", "model", "op", "batch", "seqlen", "heads", "head_dim",
+    "d_model", "d_ff", "activation", "layers", "padding", "dropout", "causal", "tokens", "median_ms", "p20_ms",
+    "p80_ms", "tflops", "gbps", "tokens_per_s", "pct_of_ceiling", "peak_mem_mb", "speedup_vs_eager",
+    "speedup_vs_best_baseline", "best_baseline", "speedups", "samples", "timing", "copies", "flops", "bytes", "note",
+    "reason",
 ]
 ENV_COLUMNS = ["device_name", "torch", "triton", "cuda", "git_commit", "date"]
 SHAPE_KEYS = ("batch", "seqlen", "heads", "head_dim", "d_model", "d_ff", "layers", "padding", "dropout")
@@ -27,15 +28,16 @@ def _fmt(v, spec=".3g") -> str:
 def shape_label(row: dict) -> str:
     abbrev = {"batch": "B", "seqlen": "L", "heads": "H", "head_dim": "D", "d_model": "d", "d_ff": "f",
               "layers": "layers", "padding": "pad", "dropout": "p"}
-    parts = [f"{abbrev[k]}={row[k]}" for k in SHAPE_KEYS if row.get(k) not in (None, 0.0) or k == "padding"
-             and row.get("sweep") == "padding"]
+    parts = [str(row[k]) for k in ("model", "op") if row.get(k)]
+    parts += [f"{abbrev[k]}={row[k]}" for k in SHAPE_KEYS if row.get(k) not in (None, 0.0) or k == "padding"
+              and row.get("sweep") == "padding"]
     return f"{row['dtype']} " + " ".join(parts)
 
 
 def format_table(rows: List[dict], env: Dict[str, str]) -> str:
     """One block per suite/mode; each sweep point lists its providers, then the skipped ones with reasons."""
     out = [f"fastenc bench on {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
-           f"CUDA {env['cuda']} | commit {env['git_commit']} | {env['date']}"]
+           f"CUDA {env['cuda']} | {env.get('threads', '?')} threads | commit {env['git_commit']} | {env['date']}"]
     blocks: Dict[tuple, Dict[str, List[dict]]] = {}
     for r in rows:
         blocks.setdefault((r["suite"], r["mode"]), {}).setdefault(shape_label(r), []).append(r)
@@ -147,3 +149,34 @@ def write_plots(out_dir: str, rows: List[dict], env: Dict[str, str]) -> List[str
         plt.close(fig)
         written.append(path)
     return written
+
+
+def write_ratio_plot(path: str, title: str, groups: List[str], series: Dict[str, List[Optional[float]]],
+                     ylabel: str, env: Dict[str, str], line: Optional[float] = 1.0, log: bool = False) -> str:
+    """Grouped bars: one group per workload, one bar per series (missing values left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(groups) + 2), 4.6))
+    width = 0.8 / max(1, len(series))
+    for j, (name, values) in enumerate(series.items()):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i, v in enumerate(values) if v is not None]
+        ys = [v for v in values if v is not None]
+        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar_label(bars, fmt="%.3g", fontsize=6)
+    if line is not None:
+        ax.axhline(line, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, fontsize=7, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(f"{title}\n{env['device_name']}, commit {env['git_commit']}", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,9 +1,10 @@
-"""Run one (workload, provider) pair: parity check against the reference, then timing.
+"""Run a workload's providers: parity check against the reference, then timing.
 
 A result is never timed before its output (and, for "bwd"/"train", its input
 gradient) passes ``fastenc.testing.parity_error`` against the fp32 reference with
-plain PyTorch in the same dtype as the yardstick: a broken kernel cannot post a
-fast time.
+plain PyTorch in the same dtype as the yardstick (or the workload's own ``check``):
+a broken kernel cannot post a fast time.  ``run_one`` times one provider alone;
+``run_interleaved`` checks every provider first, then times them round-robin.
 """
 from __future__ import annotations
 
@@ -16,12 +17,10 @@ import torch
 from ..backends import BackendUnavailableError
 from ..testing import parity_error
 from . import timing
-from .providers import PRIMARY_BASELINE, Impl, Provider, Unavailable
-from .workloads import Workload, dtype_name
+from .registry import Impl, Provider, Unavailable
+from .workload import Workload, dtype_name
 
-# Check large workloads on a slice (same kernels, smaller batch/heads): the fp32 reference
-# materialises the [B, H, L, S] scores.
-CHECK_MAX_SCORES = 2**28
+PRIMARY_BASELINE = "torch-eager"
 
 
 @dataclasses.dataclass
@@ -44,7 +43,7 @@ class Result:
             suite=w.suite, mode=w.mode, sweep=w.sweep, provider=self.provider, status=self.status, reason=self.reason,
             dtype=dtype_name(w.dtype), batch=p.get("batch"), seqlen=p.get("seqlen"), heads=p.get("heads"),
             head_dim=p.get("head_dim"), d_model=p.get("d_model"), d_ff=p.get("d_ff"), activation=p.get("activation"),
-            layers=p.get("layers"),
+            layers=p.get("layers"), model=p.get("model"), op=p.get("op"),
             padding=p.get("padding"), dropout=p.get("dropout"), causal=p.get("causal"), tokens=w.tokens,
             median_ms=t.median_ms if t else None, p20_ms=t.p20_ms if t else None, p80_ms=t.p80_ms if t else None,
             tflops=(w.flops / med_s / 1e12) if (t and w.flops) else None,
@@ -76,22 +75,12 @@ def _upcast(inputs: tuple) -> tuple:
     return tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
 
 
-def _check_slice(w: Workload, inputs: tuple) -> tuple:
-    """Inputs for the parity check: the workload's own, or its first batch element (and heads) when huge."""
-    if w.suite != "attention":
-        return inputs
-    b, h, n = w.params["batch"], w.params["heads"], w.params["seqlen"]
-    if b * h * n * n <= CHECK_MAX_SCORES:
-        return inputs
-    heads = max(1, min(h, CHECK_MAX_SCORES // (n * n)))
-    q, k, v, kpm = inputs
-    return (q[:1, :, :heads].contiguous(), k[:1, :, :heads].contiguous(), v[:1, :, :heads].contiguous(),
-            None if kpm is None else kpm[:1])
-
-
 def check(w: Workload, impl: Impl, inputs: tuple) -> Optional[str]:
     """None when the provider matches the reference (output, and input gradient when differentiated)."""
-    inputs = _check_slice(w, inputs)
+    if w.check is not None:
+        return w.check(w, impl, inputs)
+    if w.check_slice is not None:
+        inputs = w.check_slice(inputs)
     ref_fn = impl.reference or w.reference
     differentiate = w.mode != "fwd"
     gi = w.grad_inputs[:1]
@@ -165,6 +154,13 @@ def _train_steps(w: Workload, impl: Impl, copies: List[tuple]):
     return step
 
 
+def grad_context(w: Workload):
+    """Autograd mode of the timed call: none in "fwd" (inference mode where the workload asks)."""
+    if w.mode != "fwd":
+        return contextlib.nullcontext()
+    return torch.inference_mode() if w.inference_mode else torch.no_grad()
+
+
 def build_step(w: Workload, impl: Impl, first: tuple):
     """(step(i), n_copies): the timed call on input copy i, with enough copies to rotate past the L2.
 
@@ -189,7 +185,7 @@ def build_checked(w: Workload, provider: Provider):
         raise Unavailable("inference only")
     torch.manual_seed(0)
     first = w.make_inputs()
-    with torch.no_grad() if w.mode == "fwd" else contextlib.nullcontext():
+    with grad_context(w):
         msg = check(w, impl, first)
     if msg is not None:
         raise ParityError(f"parity check failed, not timed: {msg}")
@@ -200,28 +196,72 @@ class ParityError(AssertionError):
     """The provider's result (or gradient) does not match the reference."""
 
 
-def run_one(w: Workload, provider: Provider, *, min_time_s: float) -> Result:
-    res = Result(w, provider.name, "ok", baseline=provider.baseline)
+def _fail(res: Result, e: BaseException) -> None:
+    """Record why a provider did not get a time."""
+    if isinstance(e, (Unavailable, BackendUnavailableError)):
+        res.status, res.reason = "skipped", str(e)
+    elif isinstance(e, ParityError):
+        res.status, res.reason = "failed", str(e)
+    elif isinstance(e, torch.OutOfMemoryError):
+        res.status, res.reason = "error", f"out of memory: {str(e).splitlines()[0]}"
+    else:  # a provider that crashes is reported, and the sweep goes on
+        res.status, res.reason = "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _prepare(w: Workload, provider: Provider, res: Result):
+    """The timed step of a checked provider (its input copies in ``res.copies``); on any failure, None
+    with ``res`` saying why."""
     try:
         impl, first = build_checked(w, provider)
         res.note = impl.note
         if w.params.get("dropout"):
             res.note += ("; " if res.note else "") + "dropout: random masks, checked for finite values only"
         step, res.copies = build_step(w, impl, first)
-        with torch.no_grad() if w.mode == "fwd" else contextlib.nullcontext():
-            res.timing = timing.time_step(step, res.copies, w.device, min_time_s=min_time_s)
-    except (Unavailable, BackendUnavailableError) as e:
-        res.status, res.reason = "skipped", str(e)
-    except ParityError as e:
-        res.status, res.reason = "failed", str(e)
-    except torch.OutOfMemoryError as e:
-        res.status, res.reason = "error", f"out of memory: {str(e).splitlines()[0]}"
-    except Exception as e:  # a provider that crashes is reported, and the sweep goes on
-        res.status, res.reason = "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return step
+    except Exception as e:
+        _fail(res, e)
+        return None
+
+
+def run_one(w: Workload, provider: Provider, *, min_time_s: float) -> Result:
+    res = Result(w, provider.name, "ok", baseline=provider.baseline)
+    try:
+        step = _prepare(w, provider, res)
+        if step is not None:
+            with grad_context(w):
+                res.timing = timing.time_step(step, res.copies, w.device, min_time_s=min_time_s)
+    except Exception as e:
+        _fail(res, e)
     finally:
         if w.device.type == "cuda":
             torch.cuda.empty_cache()
     return res
+
+
+def run_interleaved(w: Workload, providers: List[Provider], *, min_time_s: float, min_rounds: int,
+                    max_rounds: int, pause_s: float = 0.0) -> List[Result]:
+    """Check and build every provider, then time them round-robin in one loop (medians over rounds).
+
+    Interleaving spreads a busy machine's noise over every provider alike, where timing one
+    provider after the other would hand it to whichever ran during the disturbance.
+    """
+    results = [Result(w, p.name, "ok", baseline=p.baseline) for p in providers]
+    steps = {}
+    for p, res in zip(providers, results):
+        step = _prepare(w, p, res)
+        if step is not None:
+            steps[p.name] = (step, res.copies)
+    by_name = {r.provider: r for r in results}
+    with grad_context(w):
+        timings, errors = timing.time_interleaved(steps, w.device, min_time_s=min_time_s, min_rounds=min_rounds,
+                                                  max_rounds=max_rounds, pause_s=pause_s)
+    for name, t in timings.items():
+        by_name[name].timing = t
+    for name, e in errors.items():
+        _fail(by_name[name], e)
+    if w.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
 
 
 def add_speedups(results: List[Result]) -> None:

@@ -1,4 +1,5 @@
-"""Timing: CUDA events on the GPU (after warm-up, rotating input copies past the L2), torch.utils.benchmark on CPU.
+"""Timing: CUDA events on the GPU (after warm-up, rotating input copies past the L2), torch.utils.benchmark on CPU;
+or several providers round-robin in one loop (``time_interleaved``, wall clock, medians over rounds).
 
 A GPU kernel that reads the same few megabytes every repetition runs out of L2 and
 looks faster than it is in a real model.  ``copies_for_l2`` picks how many distinct
@@ -9,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,7 +25,7 @@ class Timing:
     p80_ms: float
     n: int  # number of timed samples
     peak_mem_mb: Optional[float]  # memory a call allocates on top of its inputs (GPU only)
-    method: str  # "cuda-events" | "torch.utils.benchmark"
+    method: str  # "cuda-events" | "torch.utils.benchmark" | "interleaved"
 
 
 def quantiles(samples: Sequence[float], qs=(0.5, 0.2, 0.8)) -> List[float]:
@@ -108,3 +109,68 @@ def time_step(step: Callable[[int], object], n_copies: int, device: torch.device
     if device.type == "cuda":
         return time_cuda(step, n_copies, min_time_s=min_time_s, device=device)
     return time_cpu(step, min_time_s=min_time_s)
+
+
+BLOCK_S = 1e-3  # interleaved: calls shorter than this are timed in blocks of about this length
+
+
+def time_interleaved(steps: Dict[str, Tuple[Callable[[int], object], int]], device: torch.device, *,
+                     min_time_s: float, min_rounds: int = 3, max_rounds: int = 50, pause_s: float = 0.0
+                     ) -> Tuple[Dict[str, Timing], Dict[str, BaseException]]:
+    """Time several providers round-robin: {name: (step(i), n_copies)} -> ({name: Timing}, {name: error}).
+
+    Each step has run once already (the parity check: compile, allocations).  A first round
+    in order sizes the blocks (calls under ``BLOCK_S`` run in blocks; a sample is a block's
+    mean; a longer call is that provider's first sample) and the rounds (enough for
+    ``min_time_s`` of samples, within [min_rounds, max_rounds]).  Each later round runs every
+    provider once, starting one further along each time, so none always follows the same
+    neighbour; ``pause_s`` of sleep before each sample lets the previous provider's spinning
+    worker threads go idle.  Wall clock, synchronised on CUDA; a provider that raises is dropped.
+    """
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    errors: Dict[str, BaseException] = {}
+    samples: Dict[str, List[float]] = {}
+    calls: Dict[str, int] = {}
+
+    def run(k: str, block: int) -> Optional[float]:
+        """Seconds per call over a block of calls, or None (the error is recorded)."""
+        step, n = steps[k]
+        if pause_s:
+            time.sleep(pause_s)
+        try:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(block):
+                calls[k] = calls.get(k, 0) + 1
+                step(calls[k] % n)
+            sync()
+            return max(time.perf_counter() - t0, 1e-9) / block
+        except Exception as e:  # noqa: BLE001  (reported in the provider's row)
+            errors[k] = e
+            return None
+
+    est = {k: t for k in steps for t in [run(k, 1)] if t is not None}
+    names = list(est)
+    if not names:
+        return {}, errors
+    block = {k: max(1, math.ceil(BLOCK_S / est[k])) for k in names}
+    for k in names:
+        samples[k] = [est[k] * 1e3] if block[k] == 1 else []
+    per_round = sum(block[k] * est[k] for k in names)
+    rounds = max(min_rounds, min(max_rounds, math.ceil(min_time_s / per_round)))
+    for r in range(rounds):
+        live = [k for k in names if k not in errors]
+        if not live:
+            break
+        shift = r % len(live)
+        for k in live[shift:] + live[:shift]:
+            if len(samples[k]) < rounds:
+                t = run(k, block[k])
+                if t is not None:
+                    samples[k].append(t * 1e3)
+    out = {}
+    for k in names:
+        if k not in errors and samples[k]:
+            med, p20, p80 = quantiles(samples[k])
+            out[k] = Timing(med, p20, p80, len(samples[k]), None, "interleaved")
+    return out, errors

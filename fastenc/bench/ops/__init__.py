@@ -1,0 +1,2 @@
+"""One module per benchmark suite; importing this package registers them, in this order."""
+from . import attention, layer_norm, ffn, layer, encoder, train, e2e, overhead  # noqa: F401
