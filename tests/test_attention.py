@@ -672,7 +672,7 @@ for spec in attention_specs():
     ce = spec["constexprs"]
     mask_elt = {"*u8": 1, "*fp32": 4}[spec["signature"]["Mask"]] if ce["HAS_MASK"] else 0
     cfg = AttentionConfig(ce["BLOCK_M"], ce["BLOCK_N"], spec["num_warps"], spec["num_stages"])
-    est = cfg.smem_bytes(kernel_of[spec["fn"].__name__], ce["HEAD_DIM"], 2, mask_elt, ce["DROPOUT"])
+    est = cfg.smem_bytes(kernel_of[spec["fn"].__name__], ce["HEAD_DIM"], 2, mask_elt, ce["DROPOUT"], ce["ROTARY"])
     print(spec["name"], "HGMMA", sass.count("HGMMA"), "REG", usage["REG"], "STACK", usage["STACK"],
           "LOCAL", usage["LOCAL"], "SHARED", k.metadata.shared, "EST", est,
           "SERIALIZED", log.count("wgmma.mma_async instructions are serialized"), flush=True)
@@ -711,6 +711,9 @@ def test_attention_specs_mirror_jit_specialization():
     # contiguous key padding mask / attn_mask.  The specs must compile that kernel, not a generic one.
     for spec in specs.attention_specs():
         ce = spec["constexprs"]
+        if not (ce["HAS_MASK"] or ce["HAS_KPM"]):  # packed tokens: no mask, its strides are 0
+            assert ce["IS_VARLEN"] and "stride_pn" not in ce and "stride_mn" not in ce, spec["name"]
+            continue
         unit = "stride_mn" if ce["HAS_MASK"] else "stride_pn"
         assert ce.get(unit) == 1 and spec["signature"][unit] == "constexpr", spec["name"]
 
@@ -722,11 +725,12 @@ def test_attention_config_fits_shared_memory(smem_limit):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for kernel in KERNELS:
                 for head_dim in (8, 64, 80, 96, 128, 256):
-                    for mask_elt, dropout in itertools.product((0, 1, 2, 4), (False, True)):
+                    for mask_elt, dropout, rotary in itertools.product((0, 1, 2, 4), (False, True), (False, True)):
                         cfg = AttentionConfig.for_launch(kernel, head_dim, 512, dtype, arch, masked=mask_elt > 0,
-                                                    smem_limit=smem_limit, mask_elt=mask_elt, dropout=dropout)
+                                                         smem_limit=smem_limit, mask_elt=mask_elt, dropout=dropout,
+                                                         rotary=rotary)
                         elt = torch.empty((), dtype=dtype).element_size()
-                        assert cfg.smem_bytes(kernel, head_dim, elt, mask_elt, dropout) <= smem_limit
+                        assert cfg.smem_bytes(kernel, head_dim, elt, mask_elt, dropout, rotary) <= smem_limit
                         assert min(cfg.BLOCK_M, cfg.BLOCK_N) >= 16 and cfg.num_stages >= 1
     h200 = AttentionConfig.for_launch("fwd", 128, 512, torch.float16, (9, 0), smem_limit=227 * 1024, mask_elt=0)
     assert h200 == AttentionConfig.for_launch("fwd", 128, 512, torch.float16, (9, 0)), "H200 keeps the table's tile"
@@ -738,32 +742,38 @@ class _ShrunkAttention(torch.autograd.Function):
     """The kernels through explicit launch configs (the op picks its own)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kpm, config):
-        out, lse = kernels.attention_forward(q, k, v, key_padding_mask=kpm, config=config)
+    def forward(ctx, q, k, v, kpm, config, kw):
+        out, lse = kernels.attention_forward(q, k, v, key_padding_mask=kpm, config=config, **kw)
         ctx.save_for_backward(q, k, v, out, lse, kpm)
-        ctx.config = config
+        ctx.config, ctx.kw = config, kw
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, kpm = ctx.saved_tensors
         dq, dk, dv = kernels.attention_backward(dout, q, k, v, out, lse, key_padding_mask=kpm,
-                                                config_dq=ctx.config, config_dkdv=ctx.config)
-        return dq, dk, dv, None, None
+                                                config_dq=ctx.config, config_dkdv=ctx.config, **ctx.kw)
+        return dq, dk, dv, None, None, None
 
 
-@pytest.mark.parametrize("config", [AttentionConfig(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
-                                    AttentionConfig(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1)])
-def test_shrunk_tiles_parity(config):
-    # The smallest tiles AttentionConfig.fit_smem can pick still give the same attention (forward and backward).
+@pytest.mark.parametrize("config,modern", [
+    (AttentionConfig(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1), False),
+    (AttentionConfig(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1), False),
+    (AttentionConfig(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=2), True),  # sm_90 rotary dK/dV at hd 128
+    (AttentionConfig(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2), True),  # sm_90 rotary dQ with dropout
+])
+def test_shrunk_tiles_parity(config, modern):
+    # The smallest tiles AttentionConfig.fit_smem can pick, and the rotary tiles of _ROTARY_SM90, still
+    # give the same attention (forward and backward).
     B, L, S, H, D = 1, 37, 29, 2, 96
     q, k, v = _rand(B, L, H, D), _rand(B, S, H, D), _rand(B, S, H, D)
     kpm = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
     kpm[0, 20:] = True
+    kw = dict(window=(5, 9), rotary=_tables(D, L)) if modern else {}
     _check_parity(
-        lambda q, k, v: _ShrunkAttention.apply(q, k, v, kpm, config),
-        lambda q, k, v, upcast: reference.attention(q, k, v, key_padding_mask=kpm, upcast=upcast),
-        [q, k, v], name=f"tiles {config}",
+        lambda q, k, v: _ShrunkAttention.apply(q, k, v, kpm, config, kw),
+        lambda q, k, v, upcast: reference.attention(q, k, v, key_padding_mask=kpm, upcast=upcast, **kw),
+        [q, k, v], name=f"tiles {config} {kw}",
     )
 
 

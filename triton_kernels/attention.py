@@ -21,12 +21,13 @@ Sliding window (constexprs WIN_LEFT, WIN_RIGHT; -1 = unbounded): query i sees ke
 i + WIN_RIGHT (sequence-local rows).  Every loop visits only the key (or query) blocks that meet the
 window, so a window w costs O(L·w), not O(L·S); the blocks it cuts through are masked elementwise.
 Rotary embeddings (ROTARY; Hugging Face's rotate_half convention): q and k are rotated as they are
-loaded, y = x·cos + rotate_half(x)·sin at their sequence-local row, from fp32 tables Cos/Sin [P, D/2]
-(y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin), and rounded to the input dtype as HF does.  The
-backward rotates dQ and dK back (the transpose: sin negated) before storing them.  To swap the
-halves in registers, q/k/dQ/dK tiles hold the head dim in a split layout: the first half in columns
-[0, D/2), the second from column BLOCK_D/2 (BLOCK_D = 2·next_pow2(D/2); identical to the plain
-layout when D is a power of two); scores do not depend on the column order.
+loaded, y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin for the head-dim halves (x1, x2) at their
+sequence-local row, from tables Cos/Sin [P, D/2] (any float dtype; the ops pass q's, as HF rounds
+them), in fp32 and rounded to the input dtype as HF does.  The rotated tiles hold the head dim
+interleaved (y1_0, y2_0, y1_1, ...), the same order for q and k, so the scores are unchanged and no
+register shuffle is needed; dQ and dK come out in that order and are rotated back (the transpose:
+sin negated) as they are stored.  Head dims that are not a power of two pad each half to
+BLOCK_D/2 columns.
 Dropout: one Philox-4x32 call per 4 (query, key) elements, laid out as an mma accumulator tile holds
 them (see _dropout_keep); the backward replays it; ``dropout_keep_mask`` materialises the same keep
 mask for tests.
@@ -178,65 +179,56 @@ def _query_range(q_len, start_n, IS_CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr
 
 
 @triton.jit
-def _qk_columns(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr):
-    """(head-dim column of each tile column, column in range, column of the other half) for q/k tiles:
-    the plain layout, or with ROTARY the split layout (halves at tile columns 0 and BLOCK_D/2)."""
-    c = tl.arange(0, BLOCK_D)
-    if ROTARY:
-        HALF: tl.constexpr = HEAD_DIM // 2
-        j = c % (BLOCK_D // 2)
-        first = c < BLOCK_D // 2
-        return tl.where(first, j, HALF + j), j < HALF, tl.where(first, HALF + j, j)
-    return c, c < HEAD_DIM, c
-
-
-@triton.jit
-def _rotary_tables(Cos, Sin, stride_rot, pos, ok, BLOCK_D: tl.constexpr):
-    """cos and ±sin [rows, BLOCK_D] (fp32) at sequence-local positions pos, in the split layout:
-    -sin on the first half, +sin on the second (y = x cos + swap(x) · that)."""
-    c = tl.arange(0, BLOCK_D)
-    j = c % (BLOCK_D // 2)
-    offs = pos[:, None].to(tl.int64) * stride_rot + j[None, :]
-    cos = tl.load(Cos + offs, mask=ok, other=0.0)
-    sin = tl.load(Sin + offs, mask=ok, other=0.0)
-    return cos, tl.where((c < BLOCK_D // 2)[None, :], -sin, sin)
+def _rotary_tables(Cos, Sin, stride_rot, pos, ok, HALF_B: tl.constexpr):
+    """cos and sin [rows, HALF_B] (fp32) at sequence-local positions pos [rows]."""
+    offs = pos[:, None].to(tl.int64) * stride_rot + tl.arange(0, HALF_B)[None, :]
+    cos = tl.load(Cos + offs, mask=ok, other=0.0).to(tl.float32)
+    sin = tl.load(Sin + offs, mask=ok, other=0.0).to(tl.float32)
+    return cos, sin
 
 
 @triton.jit
 def _load_qk(base, rows, stride, row_ok, pos, Cos, Sin, stride_rot,
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr):
-    """A q or k tile: base + rows·stride (rows [R] local offsets), columns per _qk_columns; with ROTARY
-    rotated at positions pos [R] in fp32 and rounded to the input dtype.  The other half comes from a
-    second load of the same (cached) rows, so no register shuffle is needed."""
-    col, col_ok, col_sw = _qk_columns(HEAD_DIM, BLOCK_D, ROTARY)
-    ok = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(base + rows[:, None] * stride + col[None, :], mask=ok, other=0.0)
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, ROTARY: tl.constexpr):
+    """A q or k tile [ROWS, BLOCK_D] at base + rows·stride (rows: local offsets).  With ROTARY: its
+    halves x1, x2 load as two [ROWS, BLOCK_D/2] tiles, y1 = x1 cos - x2 sin and y2 = x2 cos + x1 sin
+    (fp32, rounded to the input dtype) at positions pos, returned interleaved (columns y1_0, y2_0,
+    y1_1, ...): a column order q and k share, so their dot product is unchanged."""
     if ROTARY:
-        x_sw = tl.load(base + rows[:, None] * stride + col_sw[None, :], mask=ok, other=0.0)
-        cos, sin = _rotary_tables(Cos, Sin, stride_rot, pos, ok, BLOCK_D)
-        x = (x.to(tl.float32) * cos + x_sw.to(tl.float32) * sin).to(x.dtype)
-    return x
-
-
-@triton.jit
-def _swap_halves(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """x [ROWS, BLOCK_D] with its two column halves exchanged (in registers)."""
-    x = tl.permute(tl.reshape(x, [ROWS, 2, BLOCK_D // 2]), [0, 2, 1])
-    lo, hi = tl.split(x)
-    return tl.reshape(tl.permute(tl.join(hi, lo), [0, 2, 1]), [ROWS, BLOCK_D])
+        HALF: tl.constexpr = HEAD_DIM // 2
+        j = tl.arange(0, BLOCK_D // 2)
+        ok = row_ok[:, None] & (j < HALF)[None, :]
+        ptrs = base + rows[:, None] * stride + j[None, :]
+        x1 = tl.load(ptrs, mask=ok, other=0.0)
+        x2 = tl.load(ptrs + HALF, mask=ok, other=0.0)
+        cos, sin = _rotary_tables(Cos, Sin, stride_rot, pos, ok, BLOCK_D // 2)
+        y1 = (x1.to(tl.float32) * cos - x2.to(tl.float32) * sin).to(x1.dtype)
+        y2 = (x2.to(tl.float32) * cos + x1.to(tl.float32) * sin).to(x1.dtype)
+        return tl.reshape(tl.join(y1, y2), [ROWS, BLOCK_D])
+    c = tl.arange(0, BLOCK_D)
+    return tl.load(base + rows[:, None] * stride + c[None, :], mask=row_ok[:, None] & (c < HEAD_DIM)[None, :],
+                   other=0.0)
 
 
 @triton.jit
 def _store_qk_grad(base, rows, stride, row_ok, g, pos, Cos, Sin, stride_rot,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, ROTARY: tl.constexpr):
-    """Store the fp32 gradient tile g of a q or k tile (same layout); with ROTARY first rotate it back:
-    dx = g cos - swap(g) · (±sin), the transpose of the forward rotation."""
-    col, col_ok, _ = _qk_columns(HEAD_DIM, BLOCK_D, ROTARY)
-    ok = row_ok[:, None] & col_ok[None, :]
+    """Store the fp32 gradient g [ROWS, BLOCK_D] of a _load_qk tile (same column order).  With ROTARY
+    it is de-interleaved and rotated back (the transpose of the forward rotation):
+    dx1 = g1 cos + g2 sin, dx2 = g2 cos - g1 sin."""
     if ROTARY:
-        cos, sin = _rotary_tables(Cos, Sin, stride_rot, pos, ok, BLOCK_D)
-        g = g * cos - _swap_halves(g, ROWS, BLOCK_D) * sin
-    tl.store(base + rows[:, None] * stride + col[None, :], g.to(base.dtype.element_ty), mask=ok)
+        HALF: tl.constexpr = HEAD_DIM // 2
+        j = tl.arange(0, BLOCK_D // 2)
+        ok = row_ok[:, None] & (j < HALF)[None, :]
+        g1, g2 = tl.split(tl.reshape(g, [ROWS, BLOCK_D // 2, 2]))
+        cos, sin = _rotary_tables(Cos, Sin, stride_rot, pos, ok, BLOCK_D // 2)
+        ptrs = base + rows[:, None] * stride + j[None, :]
+        tl.store(ptrs, (g1 * cos + g2 * sin).to(base.dtype.element_ty), mask=ok)
+        tl.store(ptrs + HALF, (g2 * cos - g1 * sin).to(base.dtype.element_ty), mask=ok)
+    else:
+        c = tl.arange(0, BLOCK_D)
+        tl.store(base + rows[:, None] * stride + c[None, :], g.to(base.dtype.element_ty),
+                 mask=row_ok[:, None] & (c < HEAD_DIM)[None, :])
 
 
 # --------------------------------------------------------------------------- forward
@@ -285,7 +277,7 @@ def _attn_fwd_kernel(
 
     q_base = Q + b64 * stride_qb + h64 * stride_qh + (q_start + start_m).to(tl.int64) * stride_qm
     q = _load_qk(q_base, tl.arange(0, BLOCK_M), stride_qm, row_ok, offs_m, Cos, Sin, stride_rot,
-                 HEAD_DIM, BLOCK_D, ROTARY)
+                 HEAD_DIM, BLOCK_D, BLOCK_M, ROTARY)
     k_base = K + b64 * stride_kb + h64 * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + b64 * stride_vb + h64 * stride_vh + k_start.to(tl.int64) * stride_vn
     mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
@@ -303,7 +295,7 @@ def _attn_fwd_kernel(
         col_ok = cols < k_len
         kv_off = tl.cast(start_n, tl.int64)
         k = _load_qk(k_base + kv_off * stride_kn, offs_n, stride_kn, col_ok, cols, Cos, Sin, stride_rot,
-                     HEAD_DIM, BLOCK_D, ROTARY)
+                     HEAD_DIM, BLOCK_D, BLOCK_N, ROTARY)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         # int64 only in the scalar tile origin; int32 offsets inside the tile
         mask_ptrs = (mask_bh + (tl.cast(start_m, tl.int64) * stride_mm + kv_off * stride_mn)
@@ -382,7 +374,7 @@ def _attn_bwd_dq_kernel(
     tile_ok = row_ok[:, None] & d_ok[None, :]
 
     q = _load_qk(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm, tl.arange(0, BLOCK_M), stride_qm, row_ok,
-                 offs_m, Cos, Sin, stride_rot, HEAD_DIM, BLOCK_D, ROTARY)
+                 offs_m, Cos, Sin, stride_rot, HEAD_DIM, BLOCK_D, BLOCK_M, ROTARY)
     do = tl.load(DOut + b64 * stride_dob + h64 * stride_doh + row0 * stride_dom + local * stride_dom + offs_d[None, :],
                  mask=tile_ok, other=0.0)
     o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + row0 * stride_om + local * stride_om + offs_d[None, :],
@@ -407,7 +399,7 @@ def _attn_bwd_dq_kernel(
         kv_ok = (cols < k_len)[:, None] & d_ok[None, :]
         kv_off = tl.cast(start_n, tl.int64)
         k = _load_qk(k_base + kv_off * stride_kn, offs_n, stride_kn, cols < k_len, cols, Cos, Sin, stride_rot,
-                     HEAD_DIM, BLOCK_D, ROTARY)
+                     HEAD_DIM, BLOCK_D, BLOCK_N, ROTARY)
         v = tl.load(v_base + kv_off * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         # int64 only in the scalar tile origin; int32 offsets inside the tile
@@ -471,7 +463,7 @@ def _attn_bwd_dkdv_kernel(
 
     k_ok = offs_n < k_len
     k = _load_qk(K + b64 * stride_kb + h64 * stride_kh + col0 * stride_kn, tl.arange(0, BLOCK_N), stride_kn, k_ok,
-                 offs_n, Cos, Sin, stride_rot, HEAD_DIM, BLOCK_D, ROTARY)
+                 offs_n, Cos, Sin, stride_rot, HEAD_DIM, BLOCK_D, BLOCK_N, ROTARY)
     v = tl.load(V + b64 * stride_vb + h64 * stride_vh + col0 * stride_vn + local * stride_vn + offs_d[None, :],
                 mask=tile_ok, other=0.0)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qm
@@ -496,7 +488,7 @@ def _attn_bwd_dkdv_kernel(
         q_off = tl.cast(start_m, tl.int64)
         qd_ok = row_ok[:, None] & d_ok[None, :]
         q = _load_qk(q_base + q_off * stride_qm, offs_m, stride_qm, row_ok, rows, Cos, Sin, stride_rot,
-                     HEAD_DIM, BLOCK_D, ROTARY)
+                     HEAD_DIM, BLOCK_D, BLOCK_M, ROTARY)
         do = tl.load(do_base + q_off * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :],
                      mask=qd_ok, other=0.0)
         lse2 = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf")) * LOG2E
@@ -519,11 +511,12 @@ def _attn_bwd_dkdv_kernel(
 
     if DROPOUT:
         dv = dv * drop_scale
+    # dV first: its registers are free before dK's rotary epilogue needs its tables
+    tl.store(DV + b64 * stride_dkb + h64 * stride_dkh + col0 * stride_dkn + local * stride_dkn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=tile_ok)
     dk = dk * sm_scale
     _store_qk_grad(DK + b64 * stride_dkb + h64 * stride_dkh + col0 * stride_dkn, tl.arange(0, BLOCK_N), stride_dkn,
                    k_ok, dk, offs_n, Cos, Sin, stride_rot, HEAD_DIM, BLOCK_D, BLOCK_N, ROTARY)
-    tl.store(DV + b64 * stride_dkb + h64 * stride_dkh + col0 * stride_dkn + local * stride_dkn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit(do_not_specialize=["drop_thresh"])  # its value changes with p
@@ -556,11 +549,11 @@ def _smem_limit(t: Tensor) -> Optional[int]:
     return getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_block_optin", None)
 
 
-def _config(kernel: str, t: Tensor, head_dim: int, seqlen_q: int, mask: Optional[Tensor],
-            dropout: bool) -> AttentionConfig:
+def _config(kernel: str, t: Tensor, head_dim: int, seqlen_q: int, mask: Optional[Tensor], flags: dict
+            ) -> AttentionConfig:
     return AttentionConfig.for_launch(kernel, head_dim, seqlen_q, t.dtype, _arch(t), masked=mask is not None,
-                                      smem_limit=_smem_limit(t),
-                                      mask_elt=0 if mask is None else mask.element_size(), dropout=dropout)
+                                      smem_limit=_smem_limit(t), mask_elt=0 if mask is None else mask.element_size(),
+                                      dropout=flags["DROPOUT"], rotary=flags["ROTARY"])
 
 
 def _grid(num_blocks: int, batch_heads: int) -> Tuple[int]:
@@ -703,7 +696,7 @@ def attention_forward(
     mask, kpm, mask_args, kpm_args, kv_range = _prepare_masks(attn_mask, key_padding_mask, dummy)
     rot = _rotary_args(rotary, D, max(L, S), dummy)
     flags = _flags(q, mask, kpm, is_causal, varlen, dropout_p, D, window, rotary is not None)
-    cfg = config or _config("fwd", q, D, L, mask, flags["DROPOUT"])
+    cfg = config or _config("fwd", q, D, L, mask, flags)
     num_m = triton.cdiv(L, cfg.BLOCK_M)
     _attn_fwd_kernel[_grid(num_m, B * H)](
         q, k, v, out, lse, mask_args[0], kpm_args[0], kv_range,
@@ -761,7 +754,7 @@ def attention_backward(
     common = (*mask_args[1:], *kpm_args[1:], stride_rot)
     tail = (scale, keep_threshold(dropout_p), _drop_scale(dropout_p))
 
-    cfg = config_dq or _config("bwd_dq", q, D, L, mask, flags["DROPOUT"])
+    cfg = config_dq or _config("bwd_dq", q, D, L, mask, flags)
     num_m = triton.cdiv(L, cfg.BLOCK_M)
     _attn_bwd_dq_kernel[_grid(num_m, B * H)](
         q, k, v, out, dout, dq, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed, cos, sin,
@@ -769,7 +762,7 @@ def attention_backward(
         *_head_strides(out, varlen), *_head_strides(dout, varlen), *_head_strides(dq, varlen),
         *stride_l, *common, H, L, S, num_m, *tail, **flags, **_knobs(cfg),
     )
-    cfg = config_dkdv or _config("bwd_dkdv", q, D, L, mask, flags["DROPOUT"])
+    cfg = config_dkdv or _config("bwd_dkdv", q, D, L, mask, flags)
     num_n = triton.cdiv(S, cfg.BLOCK_N)
     _attn_bwd_dkdv_kernel[_grid(num_n, B * H)](
         q, k, v, dout, dk, dv, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed, cos, sin,
