@@ -147,7 +147,8 @@ def _forward(
     gemm_path: str,
     save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(y, h, pre): h = dropout(act(pre)) and pre are kept only when ``save`` (pre not for relu)."""
+    """(y, h, pre): h = dropout(act(pre)) (gated: dropout(act(a) · g), [a, g] = pre) and pre are kept only
+    when ``save`` (pre not for relu)."""
     return extension().ffn_forward(x, w1, b1, w2, b2, residual, activation, dropout_p, int(seed.item()),
                                    gemm_path, save)
 
@@ -178,9 +179,9 @@ _backward_op = torch.library.custom_op("fastenc::ffn_bwd", _backward, mutates_ar
 @_forward_op.register_fake
 def _forward_fake(x, w1, b1, w2, b2, residual, seed, activation, dropout_p, gemm_path, save):
     tokens = x.numel() // x.shape[-1]
-    hidden = (tokens, w1.shape[0])
+    hidden = (tokens, w2.shape[1])  # h; pre is GEMM1's [tokens, w1 rows] (twice h's width when gated)
     h = x.new_empty(hidden if save else (0,))
-    pre = x.new_empty(hidden if save and activation != "relu" else (0,))
+    pre = x.new_empty((tokens, w1.shape[0]) if save and activation != "relu" else (0,))
     return x.new_empty(x.shape), h, pre
 
 
