@@ -17,6 +17,7 @@ struct Math<Vec> {
   static Vec tanh(Vec x) { return x.tanh(); }
   static Vec relu(Vec x) { return at::vec::maximum(x, Vec(0.f)); }
   static Vec step(Vec x) { return Vec::blendv(Vec(0.f), Vec(1.f), x > Vec(0.f)); }
+  static Vec rcp(Vec x) { return Vec(1.f) / x; }
 };
 
 }  // namespace fastenc

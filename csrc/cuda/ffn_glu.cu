@@ -15,26 +15,28 @@ namespace fastenc {
 
 namespace {
 
-// Grid-stride over the VEC-element chunks of the [rows, f] hidden (f % VEC == 0).
+// Rows on grid axis y, VEC-element column chunks of the [rows, f] hidden on x (f % VEC == 0), both
+// grid-strided: no 64-bit division per element (its out-of-line call made the kernels spill).
 template <typename T, Act A, int VEC>
 __global__ void __launch_bounds__(256) _ffn_glu_fwd_kernel(const T* __restrict__ pre, T* __restrict__ h, int64_t rows,
                                                            int64_t f, bool dropout, uint64_t seed, uint32_t thr,
                                                            float scale) {
-  const int64_t per_row = f / VEC, total = rows * per_row;
-  for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < total; v += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = v / per_row, c = (v - r * per_row) * VEC;
-    const T* src = pre + r * 2 * f + c;
-    const Pack<T, VEC> a = *reinterpret_cast<const Pack<T, VEC>*>(src);
-    const Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(src + f);
-    float ks[VEC];
-    if (dropout) keep_scale<VEC>(seed, thr, scale, static_cast<uint64_t>(r * f + c), ks);
-    Pack<T, VEC> out;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    for (int64_t c = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * VEC; c < f;
+         c += int64_t(gridDim.x) * blockDim.x * VEC) {
+      const T* src = pre + r * 2 * f + c;
+      const Pack<T, VEC> a = *reinterpret_cast<const Pack<T, VEC>*>(src);
+      const Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(src + f);
+      float ks[VEC];
+      if (dropout) keep_scale<VEC>(seed, thr, scale, static_cast<uint64_t>(r * f + c), ks);
+      Pack<T, VEC> out;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float y = ActOp<A>::fwd(static_cast<float>(a.v[j])) * static_cast<float>(g.v[j]);
-      out.v[j] = static_cast<T>(dropout ? y * ks[j] : y);
+      for (int j = 0; j < VEC; ++j) {
+        const float y = ActOp<A>::fwd(static_cast<float>(a.v[j])) * static_cast<float>(g.v[j]);
+        out.v[j] = static_cast<T>(dropout ? y * ks[j] : y);
+      }
+      *reinterpret_cast<Pack<T, VEC>*>(h + r * f + c) = out;
     }
-    *reinterpret_cast<Pack<T, VEC>*>(h + r * f + c) = out;
   }
 }
 
@@ -114,9 +116,10 @@ void glu_dropout_cuda(const at::Tensor& pre, const at::Tensor& h, Act act, const
     const int width = vec ? kVec : 1;
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     constexpr int kThreads = 256;
-    const int64_t work = rows * f / width;
-    const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads,
-                                                                             int64_t(sms) * 16)));
+    // x: enough blocks for one row's chunks (capped); y: rows, up to ~16 blocks per SM in all.
+    const int64_t gx = std::min<int64_t>((f / width + kThreads - 1) / kThreads, 64);
+    const int64_t gy = std::max<int64_t>(1, std::min<int64_t>({rows, int64_t(sms) * 16 / gx + 1, 65535}));
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
     const auto stream = at::cuda::getCurrentCUDAStream();
     dispatch_glu_cuda(act, [&](auto a_) {
       constexpr Act A = decltype(a_)::value;
