@@ -7,5 +7,6 @@
 namespace fastenc {
 
 void bind_ffn(py::module_& m);
+void bind_attention(py::module_& m);
 
 }  // namespace fastenc

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Callable, Dict, Optional, Union
+import operator
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from . import ops
 from ._util import warn_once
 from .backends import BackendSpec, check_spec, op_backends
+from .ops._common import FLOAT_DTYPES, check_dropout
 from .ops.attention import attention_unchecked, attention_varlen_unchecked
 from .ops.ffn import ffn_unchecked
 from .ops.layer_norm import residual_layer_norm_unchecked
@@ -90,7 +92,7 @@ def merge_masks(
             continue
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"{name} should be a tensor or None, got {type(m).__name__}")
-        if not (m.dtype == torch.bool or m.is_floating_point()):
+        if not (m.dtype == torch.bool or m.dtype in FLOAT_DTYPES):
             raise TypeError(f"{name} should be bool or float, got {m.dtype}")
         if m.device != device:
             raise ValueError(f"{name} is on {m.device} but src is on {device}")
@@ -140,8 +142,12 @@ class TransformerEncoderLayer(BackendSetting, nn.TransformerEncoderLayer):
         backend: BackendSpec = None,
         unpad: Optional[bool] = None,
     ) -> None:
+        for name, value in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
+            if not (hasattr(value, "__index__") and not isinstance(value, bool) and operator.index(value) >= 1):
+                raise ValueError(f"TransformerEncoderLayer: {name} must be a positive integer, got {value!r}")
         if d_model % nhead != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
+        check_dropout(dropout, "TransformerEncoderLayer", "dropout")  # torch lets NaN through
         name = activation_name(activation)
         torch_act = _torch_activation(activation) if isinstance(activation, str) else activation
         super().__init__(d_model, nhead, dim_feedforward, dropout, torch_act, layer_norm_eps, batch_first,
@@ -206,13 +212,19 @@ class TransformerEncoderLayer(BackendSetting, nn.TransformerEncoderLayer):
 
     def _batch_first(self, src: Tensor, src_mask, src_key_padding_mask, is_causal: bool):
         """Validate; return (x [B, L, d], attn_mask, key_padding_mask, is_causal, restore(out))."""
-        if not src.is_floating_point():
-            raise TypeError(f"src should be a floating-point tensor, got {src.dtype}")
+        if not isinstance(src, torch.Tensor) or src.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"src should be a floating-point tensor, got {getattr(src, 'dtype', type(src).__name__)}")
         if src.dim() not in (2, 3) or src.shape[-1] != self.self_attn.embed_dim:
             raise ValueError(
                 f"src should be [L, d_model], [B, L, d_model] or [L, B, d_model] with d_model="
                 f"{self.self_attn.embed_dim}, got {tuple(src.shape)}"
             )
+        w = self.self_attn.in_proj_weight
+        if src.device != w.device:
+            raise ValueError(f"src is on {src.device} but the layer's parameters are on {w.device}")
+        if src.dtype != w.dtype and not torch.is_autocast_enabled(src.device.type):
+            raise TypeError(f"src has dtype {src.dtype} but the layer's parameters have {w.dtype} (cast one, or "
+                            "run under torch.autocast)")
         kpm = src_key_padding_mask
         if src.dim() == 2:
             x = src.unsqueeze(0)
@@ -265,8 +277,8 @@ def padding_plan(unpad: Optional[bool], attn_mask: Optional[Tensor], key_padding
     """
     if unpad is False or key_padding_mask is None:
         return None
-    if unpad is None and torch.compiler.is_compiling():
-        return None  # auto decides from the data (a host sync): keep the padded path inside torch.compile
+    if unpad is None and (torch.compiler.is_compiling() or key_padding_mask.device.type == "meta"):
+        return None  # auto decides from the data (a host sync): keep the padded path inside torch.compile / on meta
     possible = key_padding_mask.dtype == torch.bool and attn_mask is None
     if not possible:
         if unpad:
@@ -369,6 +381,9 @@ class TransformerEncoder(BackendSetting, nn.TransformerEncoder):
 
         ``Padding.cu_seqlens`` delimits the sequences; ``fastenc.ops.pad(hidden, info)`` restores [B, L, d].
         """
+        if not isinstance(src_key_padding_mask, torch.Tensor) or src_key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"forward_unpadded needs a bool src_key_padding_mask [B, L] (True = padding), got "
+                            f"{getattr(src_key_padding_mask, 'dtype', type(src_key_padding_mask).__name__)}")
         first = self.layers[0]
         x, attn_mask, kpm, is_causal, _ = first._batch_first(src, None, src_key_padding_mask, is_causal)
         info = padding_plan(True, attn_mask, kpm)

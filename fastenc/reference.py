@@ -94,8 +94,6 @@ def attention(
     B, L, H, D = q.shape
     S = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if L == 0 or S == 0:  # nothing to attend to (or nobody asking): zeros
-        return q.new_zeros(B, L, H, v.shape[-1], dtype=out_dtype)
     if rotary is not None:
         q, k = rotary_embed(q, *rotary), rotary_embed(k, *rotary)
     scores = torch.einsum("blhd,bshd->bhls", q, k) * scale
@@ -108,13 +106,15 @@ def attention(
         scores = scores.masked_fill(causal, float("-inf"))
     if window is not None:
         scores = scores.masked_fill(window_mask(L, S, window, q.device), float("-inf"))
-    # Softmax that returns 0 (not NaN) on rows that are entirely -inf.
-    row_max = scores.detach().amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(scores - row_max)
-    denom = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    p = _dropout(p, dropout_p, dropout_mask)
+    if S == 0:  # no key: zero rows, computed through the graph so that gradients are zeros too
+        p = scores
+    else:  # softmax that returns 0 (not NaN) on rows that are entirely -inf
+        row_max = scores.detach().amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = torch.exp(scores - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+        p = _dropout(p, dropout_p, dropout_mask)
     out = torch.einsum("bhls,bshd->blhd", p.to(v.dtype), v)
     return out.to(out_dtype)
 
@@ -138,6 +138,7 @@ def attention_varlen(
 
     Computed as ``attention`` on the sequences padded to a batch (keys past each
     sequence's end masked), so it costs one batched call, not one per sequence.
+    Rows past ``cu_seqlens_q[-1]`` belong to no sequence: their output is zero.
     dropout_masks: optional list of per-sequence keep-masks [1, H, Lb, Sb].
     window, rotary: as for ``attention``, positions counted from each sequence's first row.
     """
@@ -152,19 +153,21 @@ def attention_varlen(
             keep[b, :, : m.shape[-2], : m.shape[-1]] = m[0]
     out = attention(qp, kp, vp, key_padding_mask=k_pad, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
                     dropout_mask=keep, window=window, rotary=rotary, upcast=upcast)
-    return out.reshape(-1, *out.shape[2:]).index_select(0, q_rows)
+    packed = out.reshape(-1, *out.shape[2:]).index_select(0, q_rows)
+    return F.pad(packed, (0, 0) * (packed.dim() - 1) + (0, q.shape[0] - packed.shape[0]))
 
 
 def _pad_packed(x: Tensor, cu_seqlens: Tensor, n: int):
     """Packed [T, ...] -> ([n, Lmax, ...] zero-padded, row of each token in the flat padded layout,
-    key padding mask [n, Lmax])."""
+    key padding mask [n, Lmax]); rows past cu_seqlens[-1] are left out."""
     lengths = cu_seqlens.diff().long()
     lmax = int(lengths.max()) if n else 0
-    seq = torch.repeat_interleave(torch.arange(n, device=x.device), lengths, output_size=x.shape[0])
-    pos = torch.arange(x.shape[0], device=x.device) - cu_seqlens.long()[seq]
+    used = int(cu_seqlens[-1])
+    seq = torch.repeat_interleave(torch.arange(n, device=x.device), lengths, output_size=used)
+    pos = torch.arange(used, device=x.device) - cu_seqlens.long()[seq]
     rows = seq * lmax + pos
     padding = torch.arange(lmax, device=x.device)[None, :] >= lengths[:, None]
-    return pad(x, rows, n, lmax), rows, padding
+    return pad(x[:used], rows, n, lmax), rows, padding
 
 
 def window_mask(L: int, S: int, window: Tuple[int, int], device=None) -> Tensor:
@@ -260,10 +263,17 @@ def residual_layer_norm(
     if branch is not None:
         h = branch if branch_bias is None else branch + branch_bias
         s = x + _dropout(h, dropout_p, dropout_mask)
-    y = F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+    y = F.layer_norm(s, s.shape[-1:], _ln_param(weight, s.dtype), _ln_param(bias, s.dtype), eps)
     if prenorm:
         return y.to(out_dtype), s.to(out_dtype)
     return y.to(out_dtype)
+
+
+def _ln_param(p: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """F.layer_norm takes parameters in its input's dtype, or float32 for a float16/bfloat16 input."""
+    if p is None or p.dtype == dtype or (p.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
+        return p
+    return p.to(dtype)
 
 
 # --------------------------------------------------------------------------- feed-forward
@@ -397,10 +407,10 @@ def encoder_stack(
     for weights in layers:
         w_in, b_in, w_out, b_out, w1, b1, w2, b2, n1w, n1b, n2w, n2b = (_up(t, upcast) for t in weights)
 
-        def self_attn(h):
-            q, k, v = F.linear(h, w_in, b_in).view(T, 3, nhead, hd).unbind(1)
+        def self_attn(h):  # called in this iteration only (hence the noqa: B023 below)
+            q, k, v = F.linear(h, w_in, b_in).view(T, 3, nhead, hd).unbind(1)  # noqa: B023
             o = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, is_causal=is_causal)
-            return F.linear(o.reshape(T, d), w_out)
+            return F.linear(o.reshape(T, d), w_out)  # noqa: B023
 
         if norm_first:
             h = residual_layer_norm(x, None, n1w, n1b, eps=eps)

@@ -541,6 +541,11 @@ def _check_vector(name: str, t: Optional[Tensor], x: Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernels read [N] vectors densely: a strided or expanded (stride 0) one is copied first."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def _dropout_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
@@ -574,6 +579,7 @@ def residual_layer_norm_fwd(
         _check_row_input("branch", branch, x)
     for name, t in (("weight", weight), ("bias", bias), ("branch_bias", branch_bias)):
         _check_vector(name, t, x)
+    weight, bias, branch_bias = (_unit_stride(t) for t in (weight, bias, branch_bias))
     has_dropout = branch is not None and dropout_p > 0.0
     if has_dropout and (seed is None or seed.dtype != torch.int64 or seed.device != x.device):
         raise ValueError("dropout needs a seed: an int64 tensor of shape [1] on x's device")
@@ -634,6 +640,7 @@ def residual_layer_norm_bwd(
     parameter gradients are None.
     """
     n = dy.shape[-1]
+    weight, branch_bias = _unit_stride(weight), _unit_stride(branch_bias)
     has_dropout = has_branch and dropout_p > 0.0
     recompute = resid is None
     ref = resid if resid is not None else x

@@ -12,6 +12,8 @@ stride).  Launch policy: padding_config.py.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -46,10 +48,10 @@ def gather_rows(src: Tensor, idx: Tensor) -> Tensor:
         raise TypeError(f"gather_rows index must be int32 or int64, got {idx.dtype}")
     if src.device != idx.device:
         raise ValueError(f"src on {src.device} but idx on {idx.device}")
-    rows = src.reshape(src.shape[0], -1)
+    n_cols = math.prod(src.shape[1:])
+    rows = src.reshape(src.shape[0], n_cols)  # not (n, -1): a batch of padding only has n = 0 rows
     if rows.numel() and rows.stride(-1) != 1:
         rows = rows.contiguous()
-    n_cols = rows.shape[1]
     out = torch.empty((idx.shape[0], n_cols), dtype=src.dtype, device=src.device)
     if out.numel():
         cfg = GatherConfig.for_rows(n_cols, src.element_size())

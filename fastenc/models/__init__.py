@@ -1,4 +1,5 @@
-"""Encoder models (embeddings + fastenc encoder + pooling), fine-tuning helpers, Hugging Face adapters.
+"""Encoder models (embeddings + fastenc encoder + pooling), task heads, masking, fine-tuning helpers,
+Hugging Face adapters.
 
 The Hugging Face adapters (``fastenc.models.hf`` for the BERT family, ``fastenc.models.modernbert``)
 import transformers, so they are loaded only on first use of one of their names.
@@ -7,8 +8,18 @@ import importlib
 import sys
 
 from .embeddings import Embeddings, sinusoidal_positions
-from .encoder_model import ClassifierOutput, EncoderModel, EncoderOutput, Pooler, SequenceClassifier, pool
-from .finetune import encoder_parts, freeze, parameter_groups
+from .encoder_model import (
+    ClassifierOutput,
+    EncoderModel,
+    EncoderOutput,
+    Pooler,
+    SequenceClassifier,
+    bert_init,
+    pool,
+)
+from .finetuning import encoder_parts, freeze, parameter_groups
+from .heads import IGNORE_INDEX, MaskedLM, MaskedLMOutput, QuestionAnswering, SpanOutput
+from .masking import mask_tokens
 
 _HF_NAMES = ("HFEncoder", "optimize_hf", "unsupported_reason")
 _MODERNBERT_NAMES = ("FastModernBertModel", "optimize_modernbert")
@@ -18,11 +29,18 @@ __all__ = [
     "Embeddings",
     "EncoderModel",
     "EncoderOutput",
+    "IGNORE_INDEX",
+    "MaskedLM",
+    "MaskedLMOutput",
     "Pooler",
+    "QuestionAnswering",
     "SequenceClassifier",
+    "SpanOutput",
+    "bert_init",
     "encoder_parts",
     "freeze",
     "hf_hook",
+    "mask_tokens",
     "parameter_groups",
     "pool",
     "sinusoidal_positions",

@@ -1,4 +1,4 @@
-"""Plumbing every op shares: dropout seeds and probabilities, the eager/compiled switch.
+"""Plumbing every op shares: argument checks, dropout seeds and probabilities, the eager/compiled switch.
 
 Seed policy (one for every op): a dropout call draws one Philox key, an int64 in [0, 2^62), from torch's
 generator of the device whose kernel reads it, so ``torch.manual_seed`` reproduces a run.  Triton kernels
@@ -12,11 +12,18 @@ directly, skipping the dispatcher (tens of microseconds per call), as QuACK and 
 """
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 Tensor = torch.Tensor
 
 SEED_BOUND = 2**62
+
+# The floating dtypes every backend of every op accepts (the reference computes in them; fast kernels
+# that lack one report it as unavailable).  float8 and complex are rejected by validation.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def draw_seed(device: torch.device) -> Tensor:
@@ -24,15 +31,54 @@ def draw_seed(device: torch.device) -> Tensor:
     return torch.randint(0, SEED_BOUND, (1,), device=device, dtype=torch.int64)
 
 
-def check_dropout(p: object, where: str) -> float:
-    """dropout_p as a float in [0, 1], else a ValueError naming ``where``."""
+def check_dropout(p: object, where: str, name: str = "dropout_p") -> float:
+    """A dropout probability as a float in [0, 1], else a TypeError/ValueError naming ``where`` and ``name``."""
+    if isinstance(p, (str, bytes)):
+        raise TypeError(f"{where}: {name} must be a number in [0, 1], got {type(p).__name__} {p!r}")
     try:
         value = float(p)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise TypeError(f"{where}: dropout_p must be a number in [0, 1], got {type(p).__name__}") from None
+        raise TypeError(f"{where}: {name} must be a number in [0, 1], got {type(p).__name__}") from None
     if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"{where}: dropout_p must be in [0, 1], got {p}")
+        raise ValueError(f"{where}: {name} must be in [0, 1], got {p}")
     return value
+
+
+def check_float(t: object, name: str, where: str, *, optional: bool = False) -> None:
+    """``t`` is a tensor of one of FLOAT_DTYPES (None allowed when ``optional``), else a TypeError naming it."""
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{where}: {name} must be a tensor{' or None' if optional else ''}, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: {name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got {t.dtype}")
+
+
+def check_number(value: object, name: str, where: str, *, positive: bool = False) -> float:
+    """A finite real number (a 1-element tensor too) as a float, else TypeError/ValueError naming ``name``."""
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        raise TypeError(f"{where}: {name} must be a finite number, got {type(value).__name__} {value!r}")
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{where}: {name} must be a finite number, got {type(value).__name__}") from None
+    if not math.isfinite(x) or (positive and x <= 0.0):
+        raise ValueError(f"{where}: {name} must be {'positive and finite' if positive else 'finite'}, got {value}")
+    return x
+
+
+def check_count(value: object, name: str, where: str) -> int:
+    """A non-negative integer (no float, no bool), else TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{where}: {name} must be an integer, got bool")
+    try:
+        n = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{where}: {name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if n < 0:
+        raise ValueError(f"{where}: {name} must be >= 0, got {n}")
+    return n
 
 
 def dropout_scale(p: float) -> float:

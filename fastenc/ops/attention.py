@@ -20,13 +20,14 @@ kernels; the tables get no gradient.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Tuple
 
 import torch
 
 from .. import reference
 from ..backends import register_op, resolve, triton_check
-from ._common import check_dropout, compiling, draw_seed, needs_grad
+from ._common import FLOAT_DTYPES, check_count, check_dropout, check_number, compiling, draw_seed, needs_grad
 
 Tensor = torch.Tensor
 
@@ -164,8 +165,9 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, ndim: int, layout: str, where: s
             raise ValueError(f"{where}: {name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{where}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if not q.is_floating_point():
-        raise TypeError(f"{where}: q, k, v must be floating point, got {q.dtype}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: q, k, v must be floating point (float16, bfloat16, float32 or float64), "
+                        f"got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{where}: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
     if k.shape[:-1] != v.shape[:-1]:
@@ -174,6 +176,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, ndim: int, layout: str, where: s
     same = (q.shape[0] == k.shape[0] if ndim == 4 else True) and q.shape[-2:] == k.shape[-2:]
     if not same:
         raise ValueError(f"{where}: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on {layout}")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError(f"{where}: head_dim must be at least 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
 
 
 def normalize_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], B: int, H: int, L: int,
@@ -188,8 +192,9 @@ def normalize_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tens
             continue
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"attention: {name} must be a tensor or None, got {type(m).__name__}")
-        if m.dtype != torch.bool and not m.is_floating_point():
-            raise TypeError(f"attention: {name} must be bool (True = masked) or float (additive), got {m.dtype}")
+        if m.dtype != torch.bool and m.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"attention: {name} must be bool (True = masked) or float (additive; float16, bfloat16, "
+                            f"float32 or float64), got {m.dtype}")
         if m.device != device:
             raise ValueError(f"attention: {name} is on {m.device}, q on {device}")
     if attn_mask is not None:
@@ -210,10 +215,12 @@ def check_window(window, where: str) -> Optional[Tuple[int, int]]:
     """window as None or a pair of ints >= -1 (-1 = unbounded side); (-1, -1) is no window."""
     if window is None:
         return None
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
-        raise TypeError(f"{where}: window must be None or a pair of ints (left, right), got {window!r}")
-    left, right = window
+    try:
+        if not isinstance(window, (tuple, list)) or len(window) != 2 or any(isinstance(w, bool) for w in window):
+            raise TypeError
+        left, right = (operator.index(w) for w in window)  # any integer type, no float or bool
+    except TypeError:
+        raise TypeError(f"{where}: window must be None or a pair of ints (left, right), got {window!r}") from None
     if left < -1 or right < -1:
         raise ValueError(f"{where}: window sides must be >= 0, or -1 for unbounded; got {tuple(window)}")
     return None if left == right == -1 else (left, right)
@@ -273,6 +280,7 @@ def attention(
     """
     _check_qkv(q, k, v, 4, "[batch, seqlen, heads, head_dim]", "attention")
     dropout_p = check_dropout(dropout_p, "attention")
+    scale = None if scale is None else check_number(scale, "scale", "attention")
     B, L, H, D = q.shape
     S = k.shape[1]
     attn_mask, key_padding_mask = normalize_masks(attn_mask, key_padding_mask, B, H, L, S, q.device)
@@ -320,9 +328,12 @@ def attention_varlen(
     max_seqlen_q/k must be at least the longest sequence (the kernel's grid is sized by them).
     window, rotary: as for :func:`attention`, positions counted from each sequence's first row
     (rotary tables need P >= max(max_seqlen_q, max_seqlen_k)).
+    cu_seqlens must start at 0, never decrease and end at most at the packed length (checked: one host
+    sync on a GPU); rows past the last sequence get zeros.
     """
     _check_qkv(q, k, v, 3, "[total, heads, head_dim]", "attention_varlen")
     dropout_p = check_dropout(dropout_p, "attention_varlen")
+    scale = None if scale is None else check_number(scale, "scale", "attention_varlen")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32:
             raise TypeError(f"attention_varlen: {name} must be an int32 tensor, got "
@@ -333,32 +344,38 @@ def attention_varlen(
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"attention_varlen: cu_seqlens_q has {cu_seqlens_q.numel()} entries, "
                          f"cu_seqlens_k {cu_seqlens_k.numel()}")
-    max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
-    if max_seqlen_q < 0 or max_seqlen_k < 0:
-        raise ValueError(f"attention_varlen: max_seqlen_q/k must be >= 0, got {max_seqlen_q}, {max_seqlen_k}")
+    max_seqlen_q = check_count(max_seqlen_q, "max_seqlen_q", "attention_varlen")
+    max_seqlen_k = check_count(max_seqlen_k, "max_seqlen_k", "attention_varlen")
     # The values decide which rows the kernels read: checked here (one host sync on a GPU), where the
     # caller built them; fastenc's modules build them with padding_info and call the unchecked variant.
-    for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
-        _check_cu_seqlens(name, cu, total, mx)
+    # The kernels read cu_seqlens as a dense array: a strided view is copied first.
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    _check_cu_seqlens((("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                       ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)))
     window = check_window(window, "attention_varlen")
     rotary = check_rotary(rotary, q.shape[-1], max(max_seqlen_q, max_seqlen_k), q.device, "attention_varlen")
     return attention_varlen_unchecked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
                                       scale, dropout_p, backend, window, rotary)
 
 
-def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_seqlen: int) -> None:
-    lengths = cu.diff()
-    first, last = int(cu[0]), int(cu[-1])
-    shortest = int(lengths.min()) if lengths.numel() else 0
-    longest = int(lengths.max()) if lengths.numel() else 0
-    if first != 0 or shortest < 0 or last > total:
-        raise ValueError(f"attention_varlen: {name} must start at 0, never decrease and end at most at the "
-                         f"packed length {total}; got {cu.tolist() if cu.numel() <= 16 else 'a tensor'} "
-                         f"(first {first}, last {last}, smallest step {shortest})")
-    if longest > max_seqlen:
-        raise ValueError(f"attention_varlen: {name} has a sequence of length {longest}, longer than "
-                         f"max_seqlen {max_seqlen}")
+def _check_cu_seqlens(items) -> None:
+    """Each cu_seqlens starts at 0, never decreases, ends at most at its packed length, and no sequence is longer
+    than its max_seqlen: (first, last, shortest, longest) of both read in one host sync."""
+    stats = []
+    for name, cu, _, _ in items:
+        if cu.device.type == "meta":
+            raise ValueError(f"attention_varlen: {name} is a meta tensor; its values decide which rows are read, "
+                             "so packed attention needs real tensors")
+        steps = torch.cat([cu.long().diff(), cu.new_zeros(1, dtype=torch.long)])  # int64: no wrap-around
+        stats.append(torch.stack([cu[0].long(), cu[-1].long(), steps.min(), steps.max()]))
+    for (name, cu, total, max_seqlen), (first, last, shortest, longest) in zip(items, torch.stack(stats).tolist()):
+        if first != 0 or shortest < 0 or last > total:
+            raise ValueError(f"attention_varlen: {name} must start at 0, never decrease and end at most at the "
+                             f"packed length {total}; got {cu.tolist() if cu.numel() <= 16 else 'a tensor'} "
+                             f"(first {first}, last {last}, smallest step {shortest})")
+        if longest > max_seqlen:
+            raise ValueError(f"attention_varlen: {name} has a sequence of length {longest}, longer than "
+                             f"max_seqlen {max_seqlen}")
 
 
 def attention_varlen_unchecked(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,

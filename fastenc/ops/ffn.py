@@ -230,6 +230,8 @@ def _check_args(x, w1, b1, w2, b2, activation, residual) -> None:
         raise ValueError(f"fastenc ffn: x must be [..., d], w1 [f, d], w2 [d, f]; got x {tuple(x.shape)}, "
                          f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
     f, d = w1.shape
+    if f < 1 or d < 1:
+        raise ValueError(f"fastenc ffn: w1 must be [f, d] with f, d >= 1, got shape {list(w1.shape)}")
     hidden = f // 2 if activation in reference.GATED_ACTIVATIONS else f  # gated: w1 stacks [activated; gate]
     if activation in reference.GATED_ACTIVATIONS and f % 2:
         raise ValueError(f"fastenc ffn: a gated activation ({activation}) needs w1 [2f, d] with an even row count, "

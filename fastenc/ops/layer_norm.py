@@ -17,7 +17,7 @@ import torch
 
 from .. import reference
 from ..backends import register_op, resolve, triton_check
-from ._common import check_dropout, compiling, draw_seed, needs_grad
+from ._common import check_dropout, check_float, check_number, compiling, draw_seed, needs_grad
 
 Tensor = torch.Tensor
 
@@ -48,34 +48,30 @@ def _triton_available(device: torch.device, dtype: torch.dtype, shape: tuple) ->
 register_op("layer_norm", {"triton": _triton_available}, auto={"cuda": ("triton",)}, example=lambda head_dim: (768,))
 
 
-def _check_inputs(x, branch, weight, bias, branch_bias, eps) -> None:
-    """Clear errors for bad input, before any backend runs."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+def _check_inputs(x, branch, weight, bias, branch_bias, eps) -> float:
+    """Clear errors for bad input, before any backend runs; returns eps as a float."""
+    where = "residual_layer_norm"
+    check_float(x, "x", where)
     if x.dim() == 0:
-        raise ValueError("x must have at least one dimension (the hidden size)")
+        raise ValueError(f"{where}: x must have at least one dimension (the hidden size), got a 0-d tensor")
     n = x.shape[-1]
-    if branch is not None:
-        if not branch.is_floating_point():
-            raise TypeError(f"branch must be a floating-point tensor, got {branch.dtype}")
-        if branch.shape != x.shape:
-            raise ValueError(f"branch has shape {tuple(branch.shape)} but x has shape {tuple(x.shape)}")
+    check_float(branch, "branch", where, optional=True)
+    if branch is not None and branch.shape != x.shape:
+        raise ValueError(f"{where}: branch has shape {tuple(branch.shape)} but x has shape {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias), ("branch_bias", branch_bias)):
+        check_float(t, name, where, optional=True)
         if t is None:
             continue
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.shape != (n,):
-            raise ValueError(f"{name} must have shape ({n},) to match x's last dim, got {tuple(t.shape)}")
+            raise ValueError(f"{where}: {name} must have shape ({n},) to match x's last dim, got {tuple(t.shape)}")
+        if t.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{where}: {name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
     if branch_bias is not None and branch is None:
-        raise ValueError("branch_bias is given but branch is None")
+        raise ValueError(f"{where}: branch_bias is given but branch is None")
     for name, t in (("branch", branch), ("weight", weight), ("bias", bias), ("branch_bias", branch_bias)):
         if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if not eps > 0.0:
-        raise ValueError(f"eps must be positive, got {eps}")
+            raise ValueError(f"{where}: {name} is on {t.device} but x is on {x.device}")
+    return check_number(eps, "eps", where, positive=True)
 
 
 # --------------------------------------------------------------------------- kernels: plain functions, custom ops
@@ -232,11 +228,12 @@ def residual_layer_norm(
 ):
     """Returns y, or (y, residual) when ``prenorm``.  dropout_p is applied as given.
 
-    x, branch: [..., N] in any layout; weight, bias, branch_bias: [N] or None, in x's
-    dtype or float32.  Outputs are in x's dtype.
+    x, branch: [..., N] in any layout and any of float16/bfloat16/float32/float64 (the sum is
+    taken in their promoted dtype); weight, bias, branch_bias: [N] or None, in x's dtype or
+    float32.  Outputs are in x's dtype.
     """
     dropout_p = check_dropout(dropout_p, "residual_layer_norm")
-    _check_inputs(x, branch, weight, bias, branch_bias, eps)
+    eps = _check_inputs(x, branch, weight, bias, branch_bias, eps)
     return residual_layer_norm_unchecked(x, branch, weight, bias, branch_bias, eps, dropout_p, prenorm, backend)
 
 
