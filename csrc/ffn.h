@@ -77,6 +77,19 @@ std::vector<at::Tensor> ffn_backward_2d(const at::Tensor& dy, const at::Tensor& 
                                         const at::Tensor& w2, const at::Tensor& h, const at::Tensor& pre, Act act,
                                         const DropoutParams& dp, const Plan& plan, bool has_b1, bool has_b2);
 
+// Gated activations (ffn_glu_ops.cpp): w1 [2f, d] (b1 [2f]), w2 [d, f]; GEMM1 gives pre [T, 2f],
+// h = dropout(act(pre[:, :f]) · pre[:, f:]) [T, f].  Returns {y, h, pre} (h, pre empty unless save)
+// and {dx, dW1, db1, dW2, db2}.  ATen GEMMs and the GLU pass on every device: no library epilogue
+// multiplies the gate, so a forced fused GEMM path is refused by the dispatch table.
+std::vector<at::Tensor> ffn_glu_forward_2d(const at::Tensor& x, const at::Tensor& w1,
+                                           const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                           const std::optional<at::Tensor>& b2,
+                                           const std::optional<at::Tensor>& residual, Act act,
+                                           const DropoutParams& dp, bool save);
+std::vector<at::Tensor> ffn_glu_backward_2d(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w1,
+                                            const at::Tensor& w2, const at::Tensor& h, const at::Tensor& pre, Act act,
+                                            const DropoutParams& dp, bool has_b1, bool has_b2);
+
 // ------------------------------------------------------------------ elementwise passes
 // Forward epilogue of the unfused path: h = dropout(act(pre)), pre [T, f] = x W1ᵀ + b1 from
 // the GEMM (bias in the GEMM's epilogue: one rounding, so sign(pre) and relu' are exact).
@@ -89,12 +102,21 @@ void dact_dropout_bgrad_cpu(const at::Tensor& g, const at::Tensor& saved, const 
                             const at::Tensor& db1, Act act, const DropoutParams& dp);
 // The keep mask (bool [rows, cols]) the kernels draw for this seed and p.
 at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, const DropoutParams& dp);
+// GLU passes (gated act): h [T, f] = dropout(act(a) · g) for pre [T, 2f] = [a, g]; backward from
+// gh [T, f] = dy W2: dpre [T, 2f] = [gh · keep · scale · g · act'(a), gh · keep · scale · act(a)] and,
+// when db1 (fp32 [2f]) is defined, db1 = Σ_rows dpre.  The dropout mask is the [T, f] hidden's.
+void glu_dropout_cpu(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp);
+void dglu_dropout_bgrad_cpu(const at::Tensor& gh, const at::Tensor& pre, const at::Tensor& dpre, const at::Tensor& db1,
+                            Act act, const DropoutParams& dp);
 
 #ifdef FASTENC_WITH_CUDA
 void act_dropout_cuda(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp);
 void dact_dropout_bgrad_cuda(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre,
                              const at::Tensor& db1, Act act, const DropoutParams& dp);
 at::Tensor dropout_keep_mask_cuda(int64_t rows, int64_t cols, const DropoutParams& dp, const at::Device& device);
+void glu_dropout_cuda(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp);
+void dglu_dropout_bgrad_cuda(const at::Tensor& gh, const at::Tensor& pre, const at::Tensor& dpre,
+                             const at::Tensor& db1, Act act, const DropoutParams& dp);
 
 // cuBLASLt GEMM with a fused epilogue on row-major operands (see cuda/ffn_cublaslt.cpp):
 // out[M, N] = a[M, K] · b[N, K]ᵀ (+ bias[N]) (+ c[M, N]) -> act, storing the

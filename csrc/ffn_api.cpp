@@ -1,6 +1,7 @@
 // Python bindings of fastenc._C: argument checks (TORCH_CHECK_VALUE -> ValueError,
 // TORCH_CHECK_TYPE -> TypeError) and one m.def per entry point.  The math is in
-// ffn_ops.cpp, the path choice in ffn_dispatch.cpp, the kernels in ffn_cpu.cpp and cuda/.
+// ffn_ops.cpp (gated activations: ffn_glu_ops.cpp), the path choice in ffn_dispatch.cpp, the kernels
+// in ffn_cpu.cpp, ffn_glu_cpu.cpp and cuda/.
 #include <torch/extension.h>
 
 #ifdef FASTENC_WITH_CUDA
@@ -26,7 +27,10 @@ Act parse_activation(const std::string& name) {
   if (name == "relu") return Act::kReLU;
   if (name == "gelu") return Act::kGelu;
   if (name == "gelu_tanh") return Act::kGeluTanh;
-  TORCH_CHECK_VALUE(false, "fastenc ffn: unknown activation '", name, "'; expected one of relu, gelu, gelu_tanh");
+  if (name == "geglu") return Act::kGeGLU;
+  if (name == "swiglu") return Act::kSwiGLU;
+  TORCH_CHECK_VALUE(false, "fastenc ffn: unknown activation '", name,
+                    "'; expected one of relu, gelu, gelu_tanh, geglu, swiglu");
 }
 
 const char* activation_name(Act act) {
@@ -34,6 +38,8 @@ const char* activation_name(Act act) {
     case Act::kReLU: return "relu";
     case Act::kGelu: return "gelu";
     case Act::kGeluTanh: return "gelu_tanh";
+    case Act::kGeGLU: return "geglu";
+    case Act::kSwiGLU: return "swiglu";
   }
   return "?";
 }
@@ -78,10 +84,10 @@ void check_device(const at::Tensor& x) {
 #endif
 }
 
-// Validates shapes, dtypes and devices; returns (d, f).
+// Validates shapes, dtypes and devices; returns (d, f), f = w1's rows (2× the hidden when gated).
 std::pair<int64_t, int64_t> check_inputs(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                                          const at::Tensor& w2, const std::optional<at::Tensor>& b2,
-                                         const std::optional<at::Tensor>& residual) {
+                                         const std::optional<at::Tensor>& residual, Act act) {
   check_device(x);
   const auto dt = x.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
@@ -91,8 +97,11 @@ std::pair<int64_t, int64_t> check_inputs(const at::Tensor& x, const at::Tensor& 
   const int64_t d = w1.size(1), f = w1.size(0);
   TORCH_CHECK_VALUE(d > 0 && f > 0, "fastenc ffn: w1 must be [f, d] with f, d >= 1, got shape ", w1.sizes());
   TORCH_CHECK_VALUE(x.size(-1) == d, "fastenc ffn: x has last dim ", x.size(-1), " but w1 is [f, d] = ", w1.sizes());
-  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == d && w2.size(1) == f,
-                    "fastenc ffn: w2 must be [d, f] = [", d, ", ", f, "] (nn.Linear(f, d).weight), got shape ",
+  TORCH_CHECK_VALUE(!is_gated(act) || f % 2 == 0, "fastenc ffn: a gated activation (", activation_name(act),
+                    ") needs w1 [2f, d] with an even row count, got shape ", w1.sizes());
+  const int64_t hidden = is_gated(act) ? f / 2 : f;
+  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == d && w2.size(1) == hidden,
+                    "fastenc ffn: w2 must be [d, f] = [", d, ", ", hidden, "] (nn.Linear(f, d).weight), got shape ",
                     w2.sizes());
   check_same(x, w1, "w1");
   check_same(x, w2, "w2");
@@ -139,8 +148,8 @@ std::vector<at::Tensor> ffn_forward(const at::Tensor& x, const at::Tensor& w1, c
                                     const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                                     const std::optional<at::Tensor>& residual, const std::string& activation,
                                     double dropout_p, int64_t seed, const std::string& gemm_path, bool save) {
-  const auto [d, f] = check_inputs(x, w1, b1, w2, b2, residual);
   const Act act = parse_activation(activation);
+  const auto [d, f] = check_inputs(x, w1, b1, w2, b2, residual, act);
   const DropoutParams dp = make_dropout(dropout_p, seed);
 #ifdef FASTENC_WITH_CUDA
   const c10::cuda::OptionalCUDAGuard guard(x.is_cuda() ? std::optional<at::Device>(x.device()) : std::nullopt);
@@ -151,7 +160,8 @@ std::vector<at::Tensor> ffn_forward(const at::Tensor& x, const at::Tensor& w1, c
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   const auto b1c = contiguous(b1), b2c = contiguous(b2);
   const Plan plan = plan_for(x2, {x2, w1c, b1c, w2c, b2c, r2}, d, f, b1.has_value(), act, dropout_p, save, gemm_path);
-  std::vector<at::Tensor> out = ffn_forward_2d(x2, w1c, b1c, w2c, b2c, r2, act, dp, plan, save);
+  std::vector<at::Tensor> out = is_gated(act) ? ffn_glu_forward_2d(x2, w1c, b1c, w2c, b2c, r2, act, dp, save)
+                                              : ffn_forward_2d(x2, w1c, b1c, w2c, b2c, r2, act, dp, plan, save);
   out[0] = out[0].view(x.sizes());
   return out;
 }
@@ -160,14 +170,14 @@ std::vector<at::Tensor> ffn_backward(const at::Tensor& dy, const at::Tensor& x, 
                                      const at::Tensor& w2, const at::Tensor& h, const at::Tensor& pre,
                                      const std::string& activation, double dropout_p, int64_t seed, bool has_b1,
                                      bool has_b2, const std::string& gemm_path) {
-  const auto [d, f] = check_inputs(x, w1, std::nullopt, w2, std::nullopt, std::nullopt);
   const Act act = parse_activation(activation);
+  const auto [d, f] = check_inputs(x, w1, std::nullopt, w2, std::nullopt, std::nullopt, act);
   const DropoutParams dp = make_dropout(dropout_p, seed);
   TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "fastenc ffn: dy must have x's shape ", x.sizes(), ", got ", dy.sizes());
   check_same(x, dy, "dy");
   const int64_t T = x.numel() / d;
-  const std::vector<int64_t> hidden = {T, f};
-  TORCH_CHECK_VALUE(h.sizes() == at::IntArrayRef(hidden) && (act == Act::kReLU || pre.sizes() == at::IntArrayRef(hidden)),
+  const std::vector<int64_t> hidden = {T, is_gated(act) ? f / 2 : f}, gemm1 = {T, f};
+  TORCH_CHECK_VALUE(h.sizes() == at::IntArrayRef(hidden) && (act == Act::kReLU || pre.sizes() == at::IntArrayRef(gemm1)),
                     "fastenc ffn: backward needs the hidden tensors saved by a training forward (save=True)");
   check_same(x, h, "h");
   if (act != Act::kReLU) check_same(x, pre, "pre");
@@ -178,7 +188,8 @@ std::vector<at::Tensor> ffn_backward(const at::Tensor& dy, const at::Tensor& x, 
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   const at::Tensor hc = h.contiguous(), prec = pre.contiguous();
   const Plan plan = plan_for(x2, {x2, dy2, w1c, w2c, hc, prec}, d, f, has_b1, act, dropout_p, true, gemm_path);
-  std::vector<at::Tensor> out = ffn_backward_2d(dy2, x2, w1c, w2c, hc, prec, act, dp, plan, has_b1, has_b2);
+  std::vector<at::Tensor> out = is_gated(act) ? ffn_glu_backward_2d(dy2, x2, w1c, w2c, hc, prec, act, dp, has_b1, has_b2)
+                                              : ffn_backward_2d(dy2, x2, w1c, w2c, hc, prec, act, dp, plan, has_b1, has_b2);
   out[0] = out[0].view(x.sizes());
   return out;
 }
@@ -282,6 +293,7 @@ void bind_ffn(py::module_& m) {
 #endif
   m.def("cutlass_sm90_built", &fastenc::cutlass_sm90_built, "whether the CUTLASS sm90 kernels were compiled");
   m.def("cuda_archs", []() { return std::string(kCudaArchs); }, "the CUDA archs of the build, as 80_90a");
+  m.attr("FFN_ACTIVATIONS") = py::make_tuple("relu", "gelu", "gelu_tanh", "geglu", "swiglu");
 }
 
 }  // namespace fastenc

@@ -3,24 +3,13 @@
 // the activation formulas of ffn_math.h on at::vec::Vectorized<float> lanes (fp16/bf16
 // are widened to fp32 in registers); rows are split across threads with at::parallel_for.
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 
 #include "ffn.h"
+#include "ffn_math_vec.h"
 
 namespace fastenc {
-
-using Vec = at::vec::Vectorized<float>;
-
-template <>
-struct Math<Vec> {
-  static Vec erf(Vec x) { return x.erf(); }
-  static Vec exp(Vec x) { return x.exp(); }
-  static Vec tanh(Vec x) { return x.tanh(); }
-  static Vec relu(Vec x) { return at::vec::maximum(x, Vec(0.f)); }
-  static Vec step(Vec x) { return Vec::blendv(Vec(0.f), Vec(1.f), x > Vec(0.f)); }
-};
 
 namespace {
 
@@ -121,6 +110,8 @@ void dispatch_act(Act act, Fn&& fn) {
     case Act::kReLU: fn(std::integral_constant<Act, Act::kReLU>{}); break;
     case Act::kGelu: fn(std::integral_constant<Act, Act::kGelu>{}); break;
     case Act::kGeluTanh: fn(std::integral_constant<Act, Act::kGeluTanh>{}); break;
+    case Act::kGeGLU:
+    case Act::kSwiGLU: TORCH_CHECK(false, "fastenc ffn: gated activations run the GLU passes (ffn_glu_cpu.cpp)");
   }
 }
 

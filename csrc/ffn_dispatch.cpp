@@ -18,6 +18,7 @@
 //   sm_90 relu      : cublaslt, unfused (same reasoning; the ReLU epilogue is trivial).
 //   sm_8x gelu      : unfused (no fused erf-GELU epilogue in cuBLASLt; CUTLASS sm90 only).
 //   sm_8x gelu_tanh : cublaslt, unfused.     sm_8x relu : cublaslt, unfused.
+//   geglu, swiglu   : unfused (ATen GEMMs + the GLU pass, cuda/ffn_glu.cu) on every arch.
 // Every fused path needs fp16/bf16, no dropout (no library epilogue draws dropout),
 // d and f multiples of 8 (16-byte rows: TMA and cuBLASLt's aux ld) and 16-byte aligned
 // operands; otherwise the next entry runs.  Under `auto` a fused path whose library
@@ -46,6 +47,10 @@ const std::vector<Row>& table() {
       {8, Act::kGelu, {GemmPath::kUnfused}},
       {8, Act::kGeluTanh, {GemmPath::kCublasLt, GemmPath::kUnfused}},
       {8, Act::kReLU, {GemmPath::kCublasLt, GemmPath::kUnfused}},
+      {9, Act::kGeGLU, {GemmPath::kUnfused}},
+      {9, Act::kSwiGLU, {GemmPath::kUnfused}},
+      {8, Act::kGeGLU, {GemmPath::kUnfused}},
+      {8, Act::kSwiGLU, {GemmPath::kUnfused}},
   };
   return rows;
 }
@@ -62,6 +67,7 @@ bool built_with_cuda() {
 std::string ineligible(GemmPath path, const PlanQuery& q) {
   if (path == GemmPath::kUnfused) return built_with_cuda() ? "" : "fastenc._C was built without CUDA";
   if (!built_with_cuda()) return "fastenc._C was built without CUDA";
+  if (is_gated(q.act)) return "no library epilogue multiplies the gate (gated FFNs run ATen GEMMs + the GLU pass)";
   if (q.dtype != at::kHalf && q.dtype != at::kBFloat16) return "fused GEMM paths take float16/bfloat16 only";
   if (q.dropout) return "no library epilogue draws dropout";
   if (q.d % 8 != 0 || q.f % 8 != 0) return "fused GEMM paths need d and f multiples of 8";

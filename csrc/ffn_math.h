@@ -1,9 +1,9 @@
-// Math shared by the CPU path and the CUDA kernels of the feed-forward op: the three
-// activations (value and derivative) and the counter-based dropout RNG.  Every function
+// Math shared by the CPU path and the CUDA kernels of the feed-forward op: the activations
+// (value and derivative) and the counter-based dropout RNG.  Every function
 // is a template over the float type F so the CPU path instantiates it with
 // at::vec::Vectorized<float> and the CUDA kernels with float: the CPU tests run the
 // formulas the GPU runs.  A type F needs a Math<F> specialisation (erf, exp, tanh,
-// max, step); Math<float> is here, Math<Vectorized<float>> is in ffn_cpu.cpp.
+// max, step); Math<float> is here, Math<Vectorized<float>> is in ffn_math_vec.h.
 #pragma once
 
 #include <cmath>
@@ -19,7 +19,12 @@
 
 namespace fastenc {
 
-enum class Act : int { kReLU = 0, kGelu = 1, kGeluTanh = 2 };
+// kGeGLU / kSwiGLU are gated (GLU): GEMM1 gives [a, g] = x W1ᵀ + b1 (W1 [2f, d]: the rows of the
+// activated half first, HF ModernBERT's Wi) and the hidden is h = act(a) · g [.., f], act = erf-GELU
+// / SiLU; ActOp<A> of a gated A is that act.  Backward: da = dh · g · act'(a), dg = dh · act(a).
+enum class Act : int { kReLU = 0, kGelu = 1, kGeluTanh = 2, kGeGLU = 3, kSwiGLU = 4 };
+
+FASTENC_HD constexpr bool is_gated(Act a) { return a == Act::kGeGLU || a == Act::kSwiGLU; }
 
 constexpr float kSqrt1_2 = 0.70710678118654752f;     // 1/√2
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1/√(2π)
@@ -38,6 +43,13 @@ struct Math<float> {
   FASTENC_HD static float tanh(float x) { return ::tanhf(x); }
   FASTENC_HD static float relu(float x) { return x > 0.f ? x : 0.f; }
   FASTENC_HD static float step(float x) { return x > 0.f ? 1.f : 0.f; }  // relu'(x), 0 at 0 as torch
+  // 1/x for x >= 1 (inf gives 0).  On the device MUFU.RCP's approximation (2 ulp): the IEEE
+  // division's out-of-line slow path made the SiLU kernels spill around its call.
+#if defined(__CUDA_ARCH__)
+  FASTENC_HD static float rcp(float x) { return __fdividef(1.f, x); }
+#else
+  FASTENC_HD static float rcp(float x) { return 1.f / x; }
+#endif
 };
 
 template <Act A, typename F = float>
@@ -75,6 +87,22 @@ struct ActOp<Act::kGeluTanh, F> {
     const F t = Math<F>::tanh(F(kSqrt2OverPi) * (x + F(kGeluTanhC) * x2 * x));
     const F du = F(kSqrt2OverPi) * (F(1.f) + F(3.f * kGeluTanhC) * x2);
     return F(0.5f) * (F(1.f) + t) + F(0.5f) * x * (F(1.f) - t * t) * du;
+  }
+};
+
+// geglu's activation: erf-GELU.
+template <typename F>
+struct ActOp<Act::kGeGLU, F> : ActOp<Act::kGelu, F> {};
+
+// swiglu's activation: silu(x) = x σ(x), σ(x) = 1 / (1 + e^{-x});  silu'(x) = σ(x) (1 + x (1 - σ(x))).
+// e^{-x} = inf for x < -88 gives σ = 0: silu = -0 and silu' = 0, as the limits.
+template <typename F>
+struct ActOp<Act::kSwiGLU, F> {
+  FASTENC_HD static F sigmoid(F x) { return Math<F>::rcp(F(1.f) + Math<F>::exp(F(0.f) - x)); }
+  FASTENC_HD static F fwd(F x) { return x * sigmoid(x); }
+  FASTENC_HD static F grad(F x) {
+    const F s = sigmoid(x);
+    return s * (F(1.f) + x * (F(1.f) - s));
   }
 };
 

@@ -13,12 +13,17 @@ Conventions shared by all of fastenc:
   * a query row whose keys are all masked attends to nothing: its output is zero
     and its gradients are zero (torch.nn returns NaN there);
   * ``dropout_mask`` arguments are boolean *keep* masks (``True`` = kept), so a
-    test can replay a kernel's random numbers exactly.
+    test can replay a kernel's random numbers exactly;
+  * a sliding window ``(left, right)`` lets query i see keys i - left .. i + right
+    (inclusive, -1 = unbounded on that side), positions counted from each sequence's
+    first row, as flash-attention's ``window_size``;
+  * rotary embeddings follow Hugging Face's ``rotate_half`` convention (GPT-NeoX, ModernBERT):
+    the head dim splits into halves (x1, x2) rotated by angle position · inv_freq[i].
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +31,8 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+# Gated FFNs: act(a) * g with [a, g] = (x W1ᵀ + b1).chunk(2, -1), the activated half first (HF ModernBERT's Wi).
+GATED_ACTIVATIONS = ("geglu", "swiglu")
 
 
 def _maybe_upcast(upcast: bool, *tensors: Optional[Tensor]):
@@ -66,6 +73,8 @@ def attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     dropout_mask: Optional[Tensor] = None,
+    window: Optional[Tuple[int, int]] = None,
+    rotary: Optional[Tuple[Tensor, Tensor]] = None,
     upcast: bool = False,
 ) -> Tensor:
     """softmax(q kᵀ · scale + mask) v, materialising the [B, H, L, S] scores.
@@ -75,6 +84,9 @@ def attention(
     key_padding_mask: bool [B, S] (True = padding) or additive float [B, S].
     is_causal: key j is masked for query i when j > i (top-left aligned, as torch's SDPA).
     dropout_mask: bool keep-mask [B, H, L, S] that replaces torch's random dropout.
+    window: (left, right): query i sees keys i - left .. i + right only (-1 = unbounded side).
+    rotary: (cos, sin) tables [P, D/2] (``rotary_tables``): q and k are rotated (``rotary``) at
+    their row index (queries 0..L-1, keys 0..S-1) before the scores.
     Rows with every key masked give zeros.
     """
     out_dtype = torch.float32 if upcast else q.dtype
@@ -82,6 +94,8 @@ def attention(
     B, L, H, D = q.shape
     S = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if rotary is not None:
+        q, k = rotary_embed(q, *rotary), rotary_embed(k, *rotary)
     scores = torch.einsum("blhd,bshd->bhls", q, k) * scale
     if attn_mask is not None:
         scores = scores + mask_to_bias(attn_mask, scores.dtype)
@@ -90,6 +104,8 @@ def attention(
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(causal, float("-inf"))
+    if window is not None:
+        scores = scores.masked_fill(window_mask(L, S, window, q.device), float("-inf"))
     if S == 0:  # no key: zero rows, computed through the graph so that gradients are zeros too
         p = scores
     else:  # softmax that returns 0 (not NaN) on rows that are entirely -inf
@@ -114,6 +130,8 @@ def attention_varlen(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     dropout_masks: Optional[list] = None,
+    window: Optional[Tuple[int, int]] = None,
+    rotary: Optional[Tuple[Tensor, Tensor]] = None,
     upcast: bool = False,
 ) -> Tensor:
     """Packed attention: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1] of q [Tq, H, D], k/v [Tk, H, D].
@@ -122,6 +140,7 @@ def attention_varlen(
     sequence's end masked), so it costs one batched call, not one per sequence.
     Rows past ``cu_seqlens_q[-1]`` belong to no sequence: their output is zero.
     dropout_masks: optional list of per-sequence keep-masks [1, H, Lb, Sb].
+    window, rotary: as for ``attention``, positions counted from each sequence's first row.
     """
     n = cu_seqlens_q.numel() - 1
     qp, q_rows, _ = _pad_packed(q, cu_seqlens_q, n)
@@ -133,7 +152,7 @@ def attention_varlen(
         for b, m in enumerate(dropout_masks):
             keep[b, :, : m.shape[-2], : m.shape[-1]] = m[0]
     out = attention(qp, kp, vp, key_padding_mask=k_pad, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-                    dropout_mask=keep, upcast=upcast)
+                    dropout_mask=keep, window=window, rotary=rotary, upcast=upcast)
     packed = out.reshape(-1, *out.shape[2:]).index_select(0, q_rows)
     return F.pad(packed, (0, 0) * (packed.dim() - 1) + (0, q.shape[0] - packed.shape[0]))
 
@@ -149,6 +168,47 @@ def _pad_packed(x: Tensor, cu_seqlens: Tensor, n: int):
     rows = seq * lmax + pos
     padding = torch.arange(lmax, device=x.device)[None, :] >= lengths[:, None]
     return pad(x[:used], rows, n, lmax), rows, padding
+
+
+def window_mask(L: int, S: int, window: Tuple[int, int], device=None) -> Tensor:
+    """Bool [L, S], True where key j is outside query i's window (j < i - left or j > i + right)."""
+    left, right = window
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    outside = torch.zeros(L, S, dtype=torch.bool, device=device)
+    if left >= 0:
+        outside |= j < i - left
+    if right >= 0:
+        outside |= j > i + right
+    return outside
+
+
+# --------------------------------------------------------------------------- rotary embeddings
+
+
+def rotary_inv_freq(head_dim: int, base: float, device=None) -> Tensor:
+    """HF's default RoPE frequencies: inv_freq[i] = base^(-2i / head_dim), fp32 [head_dim / 2]."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+
+
+def rotary_tables(inv_freq: Tensor, seqlen: int, scaling: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """(cos, sin) fp32 [seqlen, D/2] of angle p · inv_freq[i] at positions p = 0..seqlen-1, times
+    ``scaling`` (HF's attention_scaling); the same float32 arithmetic as HF's rotary embedding."""
+    freqs = torch.arange(seqlen, device=inv_freq.device).float()[:, None] * inv_freq.float()[None, :]
+    return freqs.cos() * scaling, freqs.sin() * scaling
+
+
+def rotary_embed(x: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+    """Rotate x [..., L, H, D] by the tables cos/sin [P, D/2] at each row's position (HF's rotate_half):
+        y1 = x1 cos - x2 sin,   y2 = x2 cos + x1 sin,   (x1, x2) = halves of the head dim.
+    positions: int [..., L] (default 0..L-1 along dim -3).  Computed in fp32, returned in x's dtype
+    (as HF's ``apply_rotary_pos_emb``)."""
+    L = x.shape[-3]
+    if positions is None:
+        positions = torch.arange(L, device=x.device)
+    c, s = cos.float()[positions].unsqueeze(-2), sin.float()[positions].unsqueeze(-2)  # [..., L, 1, D/2]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- padding
@@ -220,14 +280,18 @@ def _ln_param(p: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 
 def apply_activation(x: Tensor, name: str) -> Tensor:
-    """relu, erf-GELU (torch's default ``gelu``) or tanh-GELU."""
+    """relu, erf-GELU (torch's default ``gelu``) or tanh-GELU; the gated ones halve the last dim:
+    geglu(a, g) = GELU_erf(a) · g, swiglu(a, g) = SiLU(a) · g with [a, g] = x.chunk(2, -1)."""
+    if name in GATED_ACTIVATIONS:
+        a, g = x.chunk(2, dim=-1)
+        return (F.gelu(a) if name == "geglu" else F.silu(a)) * g
     if name == "relu":
         return F.relu(x)
     if name == "gelu":
         return F.gelu(x)
     if name == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
-    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS + GATED_ACTIVATIONS}")
 
 
 def ffn(
@@ -243,7 +307,11 @@ def ffn(
     residual: Optional[Tensor] = None,
     upcast: bool = False,
 ) -> Tensor:
-    """y = dropout(act(x W1ᵀ + b1)) W2ᵀ + b2 (+ residual), nn.Linear weight layouts."""
+    """y = dropout(act(x W1ᵀ + b1)) W2ᵀ + b2 (+ residual), nn.Linear weight layouts.
+
+    Gated activations (``GATED_ACTIVATIONS``) take w1 [2f, d] (b1 [2f]): rows :f make the activated
+    half, rows f: the gate; w2 is [d, f] and dropout_mask [..., f].
+    """
     out_dtype = torch.float32 if upcast else x.dtype
     x, w1, b1, w2, b2, residual = _maybe_upcast(upcast, x, w1, b1, w2, b2, residual)
     h = apply_activation(F.linear(x, w1, b1), activation)

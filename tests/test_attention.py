@@ -393,6 +393,145 @@ def test_dropout_seed_from_torch_rng():
     assert not torch.equal(a, c), "another torch seed gives another dropout mask"
 
 
+# --------------------------------------------------------------------------- sliding window and rotary
+
+
+def _tables(D, P, base=10000.0):
+    return reference.rotary_tables(reference.rotary_inv_freq(D, base, device=DEVICE), P)
+
+
+@pytest.mark.parametrize(
+    "B,L,S,H,D,dtype,window,rotary,causal",
+    [
+        (1, 70, 70, 2, 32, torch.float16, (8, 8), False, False),  # many key blocks skipped on both sides
+        (2, 45, 61, 1, 16, torch.float32, (40, 3), False, False),  # L != S, asymmetric
+        (1, 50, 50, 1, 32, torch.float16, (0, 0), False, False),  # each query sees itself only
+        (1, 67, 67, 2, 64, torch.float16, (-1, 5), False, False),  # right side only
+        (1, 67, 67, 1, 32, torch.float16, (6, -1), False, True),  # left side only, with causal
+        (1, 40, 40, 2, 32, torch.float32, None, True, False),  # rotary alone
+        (1, 33, 29, 2, 24, torch.float16, (9, 17), True, False),  # hd 24: halves padded to 16 columns each
+        (2, 70, 70, 1, 64, torch.float16, (16, 16), True, True),
+        (1, 21, 21, 1, 80, torch.float32, (4, 7), True, False),
+        (1, 19, 19, 1, 8, torch.float16, None, True, False),  # smallest head dim: 4-column halves
+    ],
+)
+def test_window_rotary_parity(B, L, S, H, D, dtype, window, rotary, causal):
+    rot = _tables(D, max(L, S) + 3) if rotary else None
+    _dense_case(B, L, S, H, D, dtype, window=window, rotary=rot, is_causal=causal)
+
+
+@pytest.mark.parametrize("kind", ["kpm_bool", "kpm_float", "bool_LS"])
+def test_window_rotary_with_masks(kind):
+    B, L, S, H, D = 2, 45, 45, 2, 32
+    attn_mask, kpm, _ = _masks(kind, B, H, L, S)
+    _dense_case(B, L, S, H, D, torch.float16, attn_mask=attn_mask, key_padding_mask=kpm, window=(5, 11),
+                rotary=_tables(D, S))
+
+
+def test_window_padded_row_sees_nothing():
+    # Query 0 of a left-padded sequence with window (2, 2) sees only padding: zeros and zero gradients.
+    B, L, H, D = 1, 40, 1, 32
+    kpm = torch.zeros(B, L, dtype=torch.bool, device=DEVICE)
+    kpm[0, :5] = True
+    out, (q, k, v) = _dense_case(B, L, L, H, D, torch.float16, key_padding_mask=kpm, window=(2, 2),
+                                 rotary=_tables(D, L))
+    assert torch.all(out[0, :3] == 0) and torch.all(q.grad[0, :3] == 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_rotary_varlen(causal):
+    lens = [1, 70, 5, 38]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    H, D = 2, 32
+    rot = _tables(D, max(lens), base=160000.0)
+    inputs = [_rand(sum(lens), H, D) for _ in range(3)]
+    _check_parity(
+        lambda q, k, v: attention_varlen(q, k, v, cu, cu, max(lens), max(lens), is_causal=causal, window=(7, 9),
+                                         rotary=rot, backend="triton"),
+        lambda q, k, v, upcast: reference.attention_varlen(q, k, v, cu, cu, is_causal=causal, window=(7, 9),
+                                                           rotary=rot, upcast=upcast),
+        inputs, name=f"varlen window rotary causal={causal}",
+    )
+
+
+def test_window_skips_blocks_outside():
+    # NaN in rows far outside the first query block's window reaches it only if those blocks are
+    # loaded: a masked-but-visited block gives 0 * NaN = NaN.  Forward (v), dQ (v), dK/dV (dout).
+    B, L, H, D, w = 1, 256, 1, 32, 8
+    q, k, v = _rand(B, L, H, D), _rand(B, L, H, D), _rand(B, L, H, D)
+    v[:, 200:] = float("nan")
+    out, lse = kernels.attention_forward(q, k, v, window=(w, w))
+    assert torch.isfinite(out[:, :32]).all(), "forward visited key blocks outside the window"
+    dout = torch.randn_like(out)
+    dout[:, 200:] = float("nan")
+    dq, dk, dv = kernels.attention_backward(dout, q, k, v, out, lse, window=(w, w))
+    assert torch.isfinite(dq[:, :32]).all(), "dQ visited key blocks outside the window"
+    assert torch.isfinite(dk[:, :32]).all() and torch.isfinite(dv[:, :32]).all(), \
+        "dK/dV visited query blocks outside the window"
+
+
+def test_window_dropout_matches_reference_mask():
+    B, L, S, H, D, p = 1, 37, 37, 2, 32, 0.3
+    seed = _seed(77)
+    keep = kernels.dropout_keep_mask(seed, B, H, L, S, p)
+    rot = _tables(D, L)
+    cos, sin = rot
+    _check_parity(
+        lambda q, k, v: attn_mod._Attention.apply(q, k, v, None, None, None, None, L, S, False, 1 / math.sqrt(D), p,
+                                                  seed, "triton", 6, 6, cos, sin),
+        lambda q, k, v, upcast: reference.attention(q, k, v, dropout_p=p, dropout_mask=keep, window=(6, 6),
+                                                    rotary=rot, upcast=upcast),
+        [_rand(B, L, H, D), _rand(B, S, H, D), _rand(B, S, H, D)], name="window dropout",
+    )
+
+
+def test_rotary_matches_hf_apply_rotary_pos_emb():
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from transformers.models.modernbert.modeling_modernbert import ModernBertRotaryEmbedding, apply_rotary_pos_emb
+    from transformers import ModernBertConfig
+
+    cfg = ModernBertConfig(hidden_size=64, num_attention_heads=2, global_rope_theta=160000.0)
+    emb = ModernBertRotaryEmbedding(cfg)
+    B, L, H, D = 2, 11, 2, 32
+    x = torch.randn(B, L, H, D)
+    pos = torch.arange(L)[None]
+    for layer_type, base in (("full_attention", 160000.0), ("sliding_attention", 10000.0)):
+        cos_hf, sin_hf = emb(x, pos, layer_type)
+        hf, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos_hf, sin_hf)
+        cos, sin = reference.rotary_tables(reference.rotary_inv_freq(D, base), L)
+        torch.testing.assert_close(reference.rotary_embed(x, cos, sin), hf.transpose(1, 2), atol=0, rtol=0)
+
+
+def test_window_rotary_bad_inputs():
+    q, k, v = _rand(1, 4, 2, 32), _rand(1, 6, 2, 32), _rand(1, 6, 2, 32)
+    cos, sin = _tables(32, 6)
+    with pytest.raises(TypeError, match="window must be None or a pair"):
+        attention(q, k, v, window=8, backend="triton")
+    with pytest.raises(TypeError, match="window must be None or a pair"):
+        attention(q, k, v, window=(1.5, 2), backend="triton")
+    with pytest.raises(ValueError, match="window sides must be >= 0"):
+        attention(q, k, v, window=(-2, 3), backend="triton")
+    with pytest.raises(TypeError, match="rotary must be None or a pair"):
+        attention(q, k, v, rotary=cos, backend="triton")
+    with pytest.raises(ValueError, match=r"\[P, 16\]"):
+        attention(q, k, v, rotary=(cos[:, :8], sin[:, :8]), backend="triton")
+    with pytest.raises(ValueError, match="cover 5 positions"):
+        attention(q, k, v, rotary=(cos[:5], sin[:5]), backend="triton")
+    with pytest.raises(TypeError, match="floating point"):
+        attention(q, k, v, rotary=(cos.int(), sin.int()), backend="triton")
+    with pytest.raises(ValueError, match="rotary tables are on meta"):
+        attention(q, k, v, rotary=(cos.to("meta"), sin.to("meta")), backend="triton")
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="cover 6 positions, the sequences need 9"):
+        attention_varlen(q[0], k[0], v[0], cu, torch.tensor([0, 6], dtype=torch.int32, device=DEVICE), 4, 9,
+                         rotary=(cos, sin), backend="triton")
+    with pytest.raises(ValueError, match="even head dim"):
+        attention(_rand(1, 4, 1, 9), _rand(1, 4, 1, 9), _rand(1, 4, 1, 9), rotary=_tables(8, 4), backend="reference")
+    # window (-1, -1) is no window at all
+    torch.testing.assert_close(attention(q, k, v, window=(-1, -1), backend="triton"),
+                               attention(q, k, v, backend="triton"), atol=0, rtol=0)
+
+
 # --------------------------------------------------------------------------- validation and dispatch
 
 
@@ -533,7 +672,7 @@ for spec in attention_specs():
     ce = spec["constexprs"]
     mask_elt = {"*u8": 1, "*fp32": 4}[spec["signature"]["Mask"]] if ce["HAS_MASK"] else 0
     cfg = AttentionConfig(ce["BLOCK_M"], ce["BLOCK_N"], spec["num_warps"], spec["num_stages"])
-    est = cfg.smem_bytes(kernel_of[spec["fn"].__name__], ce["HEAD_DIM"], 2, mask_elt, ce["DROPOUT"])
+    est = cfg.smem_bytes(kernel_of[spec["fn"].__name__], ce["HEAD_DIM"], 2, mask_elt, ce["DROPOUT"], ce["ROTARY"])
     print(spec["name"], "HGMMA", sass.count("HGMMA"), "REG", usage["REG"], "STACK", usage["STACK"],
           "LOCAL", usage["LOCAL"], "SHARED", k.metadata.shared, "EST", est,
           "SERIALIZED", log.count("wgmma.mma_async instructions are serialized"), flush=True)
@@ -572,6 +711,9 @@ def test_attention_specs_mirror_jit_specialization():
     # contiguous key padding mask / attn_mask.  The specs must compile that kernel, not a generic one.
     for spec in specs.attention_specs():
         ce = spec["constexprs"]
+        if not (ce["HAS_MASK"] or ce["HAS_KPM"]):  # packed tokens: no mask, its strides are 0
+            assert ce["IS_VARLEN"] and "stride_pn" not in ce and "stride_mn" not in ce, spec["name"]
+            continue
         unit = "stride_mn" if ce["HAS_MASK"] else "stride_pn"
         assert ce.get(unit) == 1 and spec["signature"][unit] == "constexpr", spec["name"]
 
@@ -583,11 +725,12 @@ def test_attention_config_fits_shared_memory(smem_limit):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for kernel in KERNELS:
                 for head_dim in (8, 64, 80, 96, 128, 256):
-                    for mask_elt, dropout in itertools.product((0, 1, 2, 4), (False, True)):
+                    for mask_elt, dropout, rotary in itertools.product((0, 1, 2, 4), (False, True), (False, True)):
                         cfg = AttentionConfig.for_launch(kernel, head_dim, 512, dtype, arch, masked=mask_elt > 0,
-                                                    smem_limit=smem_limit, mask_elt=mask_elt, dropout=dropout)
+                                                         smem_limit=smem_limit, mask_elt=mask_elt, dropout=dropout,
+                                                         rotary=rotary)
                         elt = torch.empty((), dtype=dtype).element_size()
-                        assert cfg.smem_bytes(kernel, head_dim, elt, mask_elt, dropout) <= smem_limit
+                        assert cfg.smem_bytes(kernel, head_dim, elt, mask_elt, dropout, rotary) <= smem_limit
                         assert min(cfg.BLOCK_M, cfg.BLOCK_N) >= 16 and cfg.num_stages >= 1
     h200 = AttentionConfig.for_launch("fwd", 128, 512, torch.float16, (9, 0), smem_limit=227 * 1024, mask_elt=0)
     assert h200 == AttentionConfig.for_launch("fwd", 128, 512, torch.float16, (9, 0)), "H200 keeps the table's tile"
@@ -599,32 +742,38 @@ class _ShrunkAttention(torch.autograd.Function):
     """The kernels through explicit launch configs (the op picks its own)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kpm, config):
-        out, lse = kernels.attention_forward(q, k, v, key_padding_mask=kpm, config=config)
+    def forward(ctx, q, k, v, kpm, config, kw):
+        out, lse = kernels.attention_forward(q, k, v, key_padding_mask=kpm, config=config, **kw)
         ctx.save_for_backward(q, k, v, out, lse, kpm)
-        ctx.config = config
+        ctx.config, ctx.kw = config, kw
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, kpm = ctx.saved_tensors
         dq, dk, dv = kernels.attention_backward(dout, q, k, v, out, lse, key_padding_mask=kpm,
-                                                config_dq=ctx.config, config_dkdv=ctx.config)
-        return dq, dk, dv, None, None
+                                                config_dq=ctx.config, config_dkdv=ctx.config, **ctx.kw)
+        return dq, dk, dv, None, None, None
 
 
-@pytest.mark.parametrize("config", [AttentionConfig(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
-                                    AttentionConfig(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1)])
-def test_shrunk_tiles_parity(config):
-    # The smallest tiles AttentionConfig.fit_smem can pick still give the same attention (forward and backward).
+@pytest.mark.parametrize("config,modern", [
+    (AttentionConfig(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1), False),
+    (AttentionConfig(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1), False),
+    (AttentionConfig(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=2), True),  # sm_90 rotary dK/dV at hd 128
+    (AttentionConfig(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2), True),  # sm_90 rotary dQ with dropout
+])
+def test_shrunk_tiles_parity(config, modern):
+    # The smallest tiles AttentionConfig.fit_smem can pick, and the rotary tiles of _ROTARY_SM90, still
+    # give the same attention (forward and backward).
     B, L, S, H, D = 1, 37, 29, 2, 96
     q, k, v = _rand(B, L, H, D), _rand(B, S, H, D), _rand(B, S, H, D)
     kpm = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
     kpm[0, 20:] = True
+    kw = dict(window=(5, 9), rotary=_tables(D, L)) if modern else {}
     _check_parity(
-        lambda q, k, v: _ShrunkAttention.apply(q, k, v, kpm, config),
-        lambda q, k, v, upcast: reference.attention(q, k, v, key_padding_mask=kpm, upcast=upcast),
-        [q, k, v], name=f"tiles {config}",
+        lambda q, k, v: _ShrunkAttention.apply(q, k, v, kpm, config, kw),
+        lambda q, k, v, upcast: reference.attention(q, k, v, key_padding_mask=kpm, upcast=upcast, **kw),
+        [q, k, v], name=f"tiles {config} {kw}",
     )
 
 

@@ -149,6 +149,77 @@ def test_cpu_dropout_p_one_drops_everything():
     torch.testing.assert_close(y, b2.expand_as(y), rtol=0, atol=0)
 
 
+# ----------------------------------------------------------------------------- gated (geglu, swiglu)
+
+GATED = ("geglu", "swiglu")
+
+
+def _make_gated(tokens_shape, d, f, dtype, device, bias=True, residual=False):
+    """Inputs of a gated FFN with hidden width f: w1 [2f, d] (activated rows, then gate rows), w2 [d, f]."""
+    x, w1, b1, _, b2, r = _make(tokens_shape, d, 2 * f, dtype, device, bias=bias, residual=residual)
+    w2 = (torch.randn(d, f) / f**0.5).to(device=device, dtype=dtype).requires_grad_()
+    return x, w1, b1, w2, b2, r
+
+
+# (token shape, d, f, bias, residual): hidden widths not a multiple of the vector width.
+GATED_CASES = [((1,), 64, 96, True, False), ((7,), 100, 37, False, True), ((3, 41), 96, 160, True, True)]
+
+
+@pytest.mark.parametrize("case", GATED_CASES, ids=lambda c: f"T{c[0]}-d{c[1]}-f{c[2]}-b{int(c[3])}-r{int(c[4])}")
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("activation", GATED)
+def test_cpu_gated_parity(activation, dtype, case):
+    shape, d, f, bias, residual = case
+    inputs = _make_gated(shape, d, f, dtype, "cpu", bias=bias, residual=residual)
+    x, w1, b1, w2, b2, r = inputs
+    _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cpu"), inputs, activation)
+
+
+@pytest.mark.parametrize("activation", GATED)
+def test_cpu_gated_dropout_same_mask_forward_and_backward(activation):
+    """The gated pass drops elements of the [T, f] hidden: the mask of ffn's dropout_keep_mask(T, f)."""
+    p = 0.3
+    inputs = _make_gated((131,), 64, 72, torch.float32, "cpu", residual=True)
+    x, w1, b1, w2, b2, r = inputs
+    torch.manual_seed(99)
+    keep = ffn_mod.dropout_keep_mask(draw_seed(torch.device("cpu")), 131, 72, p)
+    torch.manual_seed(99)
+    _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, dropout_p=p, residual=r, backend="cpu"),
+           inputs, activation, dropout_p=p, dropout_mask=keep)
+
+
+def test_cpu_gated_saved_tensors_and_extremes():
+    """Training keeps h [T, f] and pre [T, 2f], inference neither; SiLU's exp overflow gives finite zeros."""
+    x, w1, b1, w2, b2, _ = (t.detach() if t is not None else None
+                            for t in _make_gated((5,), 64, 48, torch.float32, "cpu"))
+    seed = torch.zeros(1, dtype=torch.int64)
+    y, h, pre = ffn_mod._forward(x, w1, b1, w2, b2, None, seed, "swiglu", 0.0, "auto", True)
+    assert h.shape == (5, 48) and pre.shape == (5, 96)
+    y0, h0, pre0 = ffn_mod._forward(x, w1, b1, w2, b2, None, seed, "swiglu", 0.0, "auto", False)
+    assert h0.numel() == 0 and pre0.numel() == 0
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    big = (x * 1e4).requires_grad_()  # pre-activations far beyond exp's range on both sides
+    y = ffn(big, w1, b1, w2, b2, activation="swiglu", backend="cpu")
+    (g,) = torch.autograd.grad(y.sum(), big)
+    assert torch.isfinite(y).all() and torch.isfinite(g).all()
+
+
+def test_gated_bad_shapes_raise():
+    x, w1, b1, w2, b2, _ = (t.detach() if t is not None else None
+                            for t in _make_gated((7,), 64, 48, torch.float32, "cpu"))
+    with pytest.raises(ValueError, match=r"w2 must have shape \[64, 48\]"):
+        ffn(x, w1, b1, torch.randn(64, 96), b2, activation="geglu", backend="cpu")
+    with pytest.raises(ValueError, match="even row count"):
+        ffn(x, w1[:95], b1[:95], w2, b2, activation="geglu", backend="cpu")
+    with pytest.raises(ValueError, match="even row count"):
+        extension().ffn_forward(x, w1[:95], None, w2, None, None, "geglu", 0.0, 0, "auto", False)
+    with pytest.raises(ValueError, match=r"w2 must be \[d, f\] = \[64, 48\]"):
+        extension().ffn_forward(x, w1, None, torch.randn(64, 96), None, None, "swiglu", 0.0, 0, "auto", False)
+    with pytest.raises(ValueError, match="saved by a training forward"):
+        extension().ffn_backward(x, x, w1, w2, torch.randn(7, 48), torch.randn(7, 48), "geglu", 0.0, 0, True, True,
+                                 "auto")
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -270,6 +341,10 @@ def test_dispatch_table_choices():
         plan("cuda", 90, "float32", 768, 3072, "relu", 0.0, True, True, "cublaslt")
     with pytest.raises(ValueError, match="multiples of 8"):
         plan("cuda", 90, "bfloat16", 770, 3080, "gelu_tanh", 0.0, True, True, "cublaslt")
+    for act in GATED:  # ATen GEMMs + the GLU pass; a forced fused path is refused, never replaced
+        assert plan("cuda", 90, "bfloat16", 768, 2304, act, 0.0, True, False, "auto")[0] == "unfused"
+        with pytest.raises(ValueError, match="multiplies the gate"):
+            plan("cuda", 90, "bfloat16", 768, 2304, act, 0.0, True, False, "cublaslt")
 
 
 # ------------------------------------------------------------- cuBLASLt calls on a column-major model
@@ -434,6 +509,32 @@ def test_cuda_dropout_matches_cpu_mask(activation):
     inputs = _make((127,), 768, 3072, torch.bfloat16, "cuda", residual=True)
     x, w1, b1, w2, b2, r = inputs
     torch.manual_seed(7)
+    _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, dropout_p=p, residual=r, backend="cuda"),
+           inputs, activation, dropout_p=p, dropout_mask=keep)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("activation", GATED)
+def test_cuda_gated_parity(activation, dtype):
+    # f = 1152 (ModernBERT-base): 16-byte packs; f = 37: the scalar kernels.
+    for shape, d, f in (((4, 129), 768, 1152), ((7,), 96, 37)):
+        for bias, residual in ((True, True), (False, False)):
+            inputs = _make_gated(shape, d, f, dtype, "cuda", bias=bias, residual=residual)
+            x, w1, b1, w2, b2, r = inputs
+            _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cuda"),
+                   inputs, activation)
+
+
+@gpu
+@pytest.mark.parametrize("activation", GATED)
+def test_cuda_gated_dropout_matches_cpu_mask(activation):
+    p = 0.1
+    torch.manual_seed(8)
+    keep = ffn_mod.dropout_keep_mask(draw_seed(torch.device("cpu")), 127, 1152, p, device="cuda")
+    inputs = _make_gated((127,), 768, 1152, torch.bfloat16, "cuda", residual=True)
+    x, w1, b1, w2, b2, r = inputs
+    torch.manual_seed(8)
     _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, dropout_p=p, residual=r, backend="cuda"),
            inputs, activation, dropout_p=p, dropout_mask=keep)
 

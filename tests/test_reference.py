@@ -102,3 +102,38 @@ def test_encoder_layer_matches_torch(norm_first, batch_first):
     with torch.no_grad():
         expected = layer(x, src_key_padding_mask=kpm)
     assert_close(ours, expected, atol=2e-5, rtol=1e-4, name="encoder_layer")
+
+
+def test_window_matches_sdpa_with_a_band_mask():
+    B, L, S, H, D = 2, 9, 12, 2, 8
+    q, k, v = torch.randn(B, L, H, D), torch.randn(B, S, H, D), torch.randn(B, S, H, D)
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    for window, band in (((2, 3), (j >= i - 2) & (j <= i + 3)), ((-1, 0), j <= i), ((4, -1), j >= i - 4)):
+        assert torch.equal(~reference.window_mask(L, S, window), band)
+        ours = reference.attention(q, k, v, window=window)
+        sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=band)
+        assert_close(ours, sdpa.transpose(1, 2), atol=1e-5, rtol=1e-5, name=f"window {window}")
+
+
+def test_rotary_is_a_rotation_with_relative_scores():
+    D, P = 16, 40
+    cos, sin = reference.rotary_tables(reference.rotary_inv_freq(D, 10000.0), P)
+    assert cos.shape == sin.shape == (P, D // 2) and cos.dtype == torch.float32
+    x = torch.randn(1, P, 1, D, dtype=torch.float64)
+    y = reference.rotary_embed(x, cos, sin)
+    assert_close(y.norm(dim=-1), x.norm(dim=-1), atol=1e-6, name="norm kept")
+    # q_i · k_j after rotation depends only on i - j: shifting both positions by 7 keeps the score.
+    q, k = torch.randn(D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+    pos = torch.tensor([3, 11, 10, 18])
+    rq = reference.rotary_embed(q.expand(4, 1, D), cos, sin, positions=pos)
+    rk = reference.rotary_embed(k.expand(4, 1, D), cos, sin, positions=pos)
+    assert_close((rq[0] * rk[1]).sum(), (rq[2] * rk[3]).sum(), atol=1e-5, name="relative")
+
+
+@pytest.mark.parametrize("act,fn", [("geglu", F.gelu), ("swiglu", F.silu)])
+def test_gated_ffn_is_hf_modernbert_mlp(act, fn):
+    wi, wo = nn.Linear(12, 2 * 30), nn.Linear(30, 12)
+    x = torch.randn(7, 12)
+    a, g = wi(x).chunk(2, dim=-1)  # HF ModernBertMLP: input, gate = Wi(x).chunk(2); Wo(act(input) * gate)
+    out = reference.ffn(x, wi.weight, wi.bias, wo.weight, wo.bias, activation=act)
+    assert_close(out, wo(fn(a) * g), atol=1e-5, name=act)

@@ -17,6 +17,17 @@ projection work without copies), or packed varlen q [Tq, H, D], k/v [Tk, H, D] w
 Masks: attn_mask [B, H, L, S] view (stride 0 on broadcast dims; bool -> uint8, or float additive),
 key padding [B, S] (bool or float additive).  Key blocks outside [first, last] unpadded key of a batch
 are skipped; padded keys in between are masked elementwise.  attn_mask gets no gradient.
+Sliding window (constexprs WIN_LEFT, WIN_RIGHT; -1 = unbounded): query i sees keys i - WIN_LEFT ..
+i + WIN_RIGHT (sequence-local rows).  Every loop visits only the key (or query) blocks that meet the
+window, so a window w costs O(L·w), not O(L·S); the blocks it cuts through are masked elementwise.
+Rotary embeddings (ROTARY; Hugging Face's rotate_half convention): q and k are rotated as they are
+loaded, y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin for the head-dim halves (x1, x2) at their
+sequence-local row, from tables Cos/Sin [P, D/2] (any float dtype; the ops pass q's, as HF rounds
+them), in fp32 and rounded to the input dtype as HF does.  The rotated tiles hold the head dim
+interleaved (y1_0, y2_0, y1_1, ...), the same order for q and k, so the scores are unchanged and no
+register shuffle is needed; dQ and dK come out in that order and are rotated back (the transpose:
+sin negated) as they are stored.  Head dims that are not a power of two pad each half to
+BLOCK_D/2 columns.
 Dropout: one Philox-4x32 call per 4 (query, key) elements, laid out as an mma accumulator tile holds
 them (see _dropout_keep); the backward replays it; ``dropout_keep_mask`` materialises the same keep
 mask for tests.
@@ -105,12 +116,16 @@ def _masked_scores(
     s, rows, cols, q_len, k_len,  # log2-domain scores of query `rows` x key `cols` (either orientation)
     mask_ptrs, kpm_ptrs,  # attn_mask tile and key padding pointers, shaped like s / like cols
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    HAS_KPM: tl.constexpr, KPM_BOOL: tl.constexpr,
+    HAS_KPM: tl.constexpr, KPM_BOOL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
 ):
     """Add biases to s and set masked or out-of-range entries to -inf."""
     valid = (rows < q_len) & (cols < k_len)
     if IS_CAUSAL:  # top-left aligned: query i sees keys j <= i
         valid = valid & (cols <= rows)
+    if WIN_LEFT >= 0:
+        valid = valid & (cols >= rows - WIN_LEFT)
+    if WIN_RIGHT >= 0:
+        valid = valid & (cols <= rows + WIN_RIGHT)
     if HAS_MASK:
         mval = tl.load(mask_ptrs, mask=valid, other=0)
         if MASK_BOOL:
@@ -127,16 +142,93 @@ def _masked_scores(
 
 
 @triton.jit
-def _key_range(KvRange, b, k_len, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[lo, hi) of keys worth visiting: all of them, or the unpadded span of batch b, lo aligned to BLOCK_N."""
+def _key_range(KvRange, b, k_len, start_m, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of keys worth visiting for queries start_m + [0, BLOCK_M): the unpadded span of batch b
+    (all keys without padding), cut by causality and the window; lo aligned to BLOCK_N."""
     if HAS_KPM:
         lo = tl.load(KvRange + 2 * b)
         hi = tl.minimum(tl.load(KvRange + 2 * b + 1), k_len)
-        lo = tl.multiple_of((lo // BLOCK_N) * BLOCK_N, BLOCK_N)
     else:
         lo = b * 0
         hi = k_len
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    if WIN_RIGHT >= 0:  # keys j <= i + right
+        hi = tl.minimum(hi, start_m + BLOCK_M + WIN_RIGHT)
+    if WIN_LEFT >= 0:  # keys j >= i - left
+        lo = tl.maximum(lo, start_m - WIN_LEFT)
+    lo = tl.multiple_of((lo // BLOCK_N) * BLOCK_N, BLOCK_N)
     return lo, hi
+
+
+@triton.jit
+def _query_range(q_len, start_n, IS_CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of queries that can see keys start_n + [0, BLOCK_N), lo aligned to BLOCK_M."""
+    lo = start_n * 0
+    hi = q_len
+    if IS_CAUSAL:  # queries i >= j
+        lo = tl.maximum(lo, start_n)
+    if WIN_RIGHT >= 0:  # queries i >= j - right
+        lo = tl.maximum(lo, start_n - WIN_RIGHT)
+    if WIN_LEFT >= 0:  # queries i <= j + left
+        hi = tl.minimum(hi, start_n + BLOCK_N + WIN_LEFT)
+    lo = tl.multiple_of((lo // BLOCK_M) * BLOCK_M, BLOCK_M)
+    return lo, hi
+
+
+@triton.jit
+def _rotary_tables(Cos, Sin, stride_rot, pos, ok, HALF_B: tl.constexpr):
+    """cos and sin [rows, HALF_B] (fp32) at sequence-local positions pos [rows]."""
+    offs = pos[:, None].to(tl.int64) * stride_rot + tl.arange(0, HALF_B)[None, :]
+    cos = tl.load(Cos + offs, mask=ok, other=0.0).to(tl.float32)
+    sin = tl.load(Sin + offs, mask=ok, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def _load_qk(base, rows, stride, row_ok, pos, Cos, Sin, stride_rot,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, ROTARY: tl.constexpr):
+    """A q or k tile [ROWS, BLOCK_D] at base + rows·stride (rows: local offsets).  With ROTARY: its
+    halves x1, x2 load as two [ROWS, BLOCK_D/2] tiles, y1 = x1 cos - x2 sin and y2 = x2 cos + x1 sin
+    (fp32, rounded to the input dtype) at positions pos, returned interleaved (columns y1_0, y2_0,
+    y1_1, ...): a column order q and k share, so their dot product is unchanged."""
+    if ROTARY:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        j = tl.arange(0, BLOCK_D // 2)
+        ok = row_ok[:, None] & (j < HALF)[None, :]
+        ptrs = base + rows[:, None] * stride + j[None, :]
+        x1 = tl.load(ptrs, mask=ok, other=0.0)
+        x2 = tl.load(ptrs + HALF, mask=ok, other=0.0)
+        cos, sin = _rotary_tables(Cos, Sin, stride_rot, pos, ok, BLOCK_D // 2)
+        y1 = (x1.to(tl.float32) * cos - x2.to(tl.float32) * sin).to(x1.dtype)
+        y2 = (x2.to(tl.float32) * cos + x1.to(tl.float32) * sin).to(x1.dtype)
+        return tl.reshape(tl.join(y1, y2), [ROWS, BLOCK_D])
+    c = tl.arange(0, BLOCK_D)
+    return tl.load(base + rows[:, None] * stride + c[None, :], mask=row_ok[:, None] & (c < HEAD_DIM)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_qk_grad(base, rows, stride, row_ok, g, pos, Cos, Sin, stride_rot,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, ROTARY: tl.constexpr):
+    """Store the fp32 gradient g [ROWS, BLOCK_D] of a _load_qk tile (same column order).  With ROTARY
+    it is de-interleaved and rotated back (the transpose of the forward rotation):
+    dx1 = g1 cos + g2 sin, dx2 = g2 cos - g1 sin."""
+    if ROTARY:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        j = tl.arange(0, BLOCK_D // 2)
+        ok = row_ok[:, None] & (j < HALF)[None, :]
+        g1, g2 = tl.split(tl.reshape(g, [ROWS, BLOCK_D // 2, 2]))
+        cos, sin = _rotary_tables(Cos, Sin, stride_rot, pos, ok, BLOCK_D // 2)
+        ptrs = base + rows[:, None] * stride + j[None, :]
+        tl.store(ptrs, (g1 * cos + g2 * sin).to(base.dtype.element_ty), mask=ok)
+        tl.store(ptrs + HALF, (g2 * cos - g1 * sin).to(base.dtype.element_ty), mask=ok)
+    else:
+        c = tl.arange(0, BLOCK_D)
+        tl.store(base + rows[:, None] * stride + c[None, :], g.to(base.dtype.element_ty),
+                 mask=row_ok[:, None] & (c < HEAD_DIM)[None, :])
 
 
 # --------------------------------------------------------------------------- forward
@@ -151,18 +243,20 @@ def _attn_fwd_kernel(
     KvRange,  # int32 [B, 2]: first / last+1 unpadded key per batch
     CuSeqQ, CuSeqK,  # int32 [B+1] packed sequence offsets (varlen)
     Seed,  # int64 [1] Philox key (dropout)
+    Cos, Sin,  # fp32 [P, D/2] rotary tables (ROTARY), row stride stride_rot
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_pb, stride_pn,
+    stride_pb, stride_pn, stride_rot,
     H, L, S, NUM_M,  # heads, (max) query / key lengths, query blocks per (b, h)
     sm_scale, drop_thresh, drop_scale,  # softmax scale, dropout_rng.keep_threshold(p), 1/(1-p) (0 when p = 1)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_KPM: tl.constexpr, KPM_BOOL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = pid // NUM_M
@@ -182,8 +276,8 @@ def _attn_fwd_kernel(
     row_ok = offs_m < q_len
 
     q_base = Q + b64 * stride_qb + h64 * stride_qh + (q_start + start_m).to(tl.int64) * stride_qm
-    q = tl.load(q_base + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_qk(q_base, tl.arange(0, BLOCK_M), stride_qm, row_ok, offs_m, Cos, Sin, stride_rot,
+                 HEAD_DIM, BLOCK_D, BLOCK_M, ROTARY)
     k_base = K + b64 * stride_kb + h64 * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + b64 * stride_vb + h64 * stride_vh + k_start.to(tl.int64) * stride_vn
     mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
@@ -195,22 +289,20 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(KvRange, b, k_len, HAS_KPM, BLOCK_N)
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M)
+    lo, hi = _key_range(KvRange, b, k_len, start_m, HAS_KPM, IS_CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < k_len
         kv_off = tl.cast(start_n, tl.int64)
-        k = tl.load(k_base + kv_off * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _load_qk(k_base + kv_off * stride_kn, offs_n, stride_kn, col_ok, cols, Cos, Sin, stride_rot,
+                     HEAD_DIM, BLOCK_D, BLOCK_N, ROTARY)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         # int64 only in the scalar tile origin; int32 offsets inside the tile
         mask_ptrs = (mask_bh + (tl.cast(start_m, tl.int64) * stride_mm + kv_off * stride_mn)
                      + (tl.arange(0, BLOCK_M)[:, None] * stride_mm + offs_n[None, :] * stride_mn))
         kpm_ptrs = kpm_b + kv_off * stride_pn + offs_n[None, :] * stride_pn
         s = _masked_scores(s, offs_m[:, None], cols[None, :], q_len, k_len, mask_ptrs, kpm_ptrs,
-                           IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_KPM, KPM_BOOL)
+                           IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_KPM, KPM_BOOL, WIN_LEFT, WIN_RIGHT)
         # Online softmax; a row with no visible key so far keeps m = -inf and uses 0 as its offset.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_off = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -244,7 +336,7 @@ def _attn_fwd_kernel(
 def _attn_bwd_dq_kernel(
     Q, K, V, Out, DOut, DQ,  # strided like the forward; DQ laid out like Q's shape, own strides
     Lse, Delta,  # fp32 [B, H, L] / [H, Tq]: forward log-sum-exp; Δ = rowsum(dO ∘ O), written here
-    Mask, Kpm, KvRange, CuSeqQ, CuSeqK, Seed,  # as in the forward
+    Mask, Kpm, KvRange, CuSeqQ, CuSeqK, Seed, Cos, Sin,  # as in the forward
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -253,12 +345,13 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_lb, stride_lh,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_pb, stride_pn,
+    stride_pb, stride_pn, stride_rot,
     H, L, S, NUM_M,
     sm_scale, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_KPM: tl.constexpr, KPM_BOOL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = pid // NUM_M
@@ -280,8 +373,8 @@ def _attn_bwd_dq_kernel(
     row_ok = offs_m < q_len
     tile_ok = row_ok[:, None] & d_ok[None, :]
 
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm + local * stride_qm + offs_d[None, :],
-                mask=tile_ok, other=0.0)
+    q = _load_qk(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm, tl.arange(0, BLOCK_M), stride_qm, row_ok,
+                 offs_m, Cos, Sin, stride_rot, HEAD_DIM, BLOCK_D, BLOCK_M, ROTARY)
     do = tl.load(DOut + b64 * stride_dob + h64 * stride_doh + row0 * stride_dom + local * stride_dom + offs_d[None, :],
                  mask=tile_ok, other=0.0)
     o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + row0 * stride_om + local * stride_om + offs_d[None, :],
@@ -300,14 +393,13 @@ def _attn_bwd_dq_kernel(
     qk_scale = sm_scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(KvRange, b, k_len, HAS_KPM, BLOCK_N)
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M)
+    lo, hi = _key_range(KvRange, b, k_len, start_m, HAS_KPM, IS_CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_ok = (cols < k_len)[:, None] & d_ok[None, :]
         kv_off = tl.cast(start_n, tl.int64)
-        k = tl.load(k_base + kv_off * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = _load_qk(k_base + kv_off * stride_kn, offs_n, stride_kn, cols < k_len, cols, Cos, Sin, stride_rot,
+                     HEAD_DIM, BLOCK_D, BLOCK_N, ROTARY)
         v = tl.load(v_base + kv_off * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         # int64 only in the scalar tile origin; int32 offsets inside the tile
@@ -315,7 +407,7 @@ def _attn_bwd_dq_kernel(
                      + (tl.arange(0, BLOCK_M)[:, None] * stride_mm + offs_n[None, :] * stride_mn))
         kpm_ptrs = kpm_b + kv_off * stride_pn + offs_n[None, :] * stride_pn
         s = _masked_scores(s, offs_m[:, None], cols[None, :], q_len, k_len, mask_ptrs, kpm_ptrs,
-                           IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_KPM, KPM_BOOL)
+                           IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_KPM, KPM_BOOL, WIN_LEFT, WIN_RIGHT)
         p = tl.exp2(s - lse2[:, None])  # masked entries and empty rows (lse = +inf) give 0
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
@@ -325,15 +417,15 @@ def _attn_bwd_dq_kernel(
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm + local * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=tile_ok)
+    _store_qk_grad(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm, tl.arange(0, BLOCK_M), stride_dqm,
+                   row_ok, dq, offs_m, Cos, Sin, stride_rot, HEAD_DIM, BLOCK_D, BLOCK_M, ROTARY)
 
 
 @triton.jit(do_not_specialize=["drop_thresh"])  # its value changes with p
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut, DK, DV,  # strided like the forward; DK/DV laid out like K's shape, own strides
     Lse, Delta,  # fp32 row statistics from the forward and the dQ kernel
-    Mask, Kpm, KvRange, CuSeqQ, CuSeqK, Seed,  # as in the forward
+    Mask, Kpm, KvRange, CuSeqQ, CuSeqK, Seed, Cos, Sin,  # as in the forward
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -341,12 +433,13 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_lb, stride_lh,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_pb, stride_pn,
+    stride_pb, stride_pn, stride_rot,
     H, L, S, NUM_N,  # NUM_N: key blocks per (b, h)
     sm_scale, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_KPM: tl.constexpr, KPM_BOOL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
 ):
     # Works on transposed tiles: rows are keys (BLOCK_N), columns are queries (BLOCK_M).
     pid = tl.program_id(0)
@@ -368,8 +461,9 @@ def _attn_bwd_dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     tile_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
 
-    k = tl.load(K + b64 * stride_kb + h64 * stride_kh + col0 * stride_kn + local * stride_kn + offs_d[None, :],
-                mask=tile_ok, other=0.0)
+    k_ok = offs_n < k_len
+    k = _load_qk(K + b64 * stride_kb + h64 * stride_kh + col0 * stride_kn, tl.arange(0, BLOCK_N), stride_kn, k_ok,
+                 offs_n, Cos, Sin, stride_rot, HEAD_DIM, BLOCK_D, BLOCK_N, ROTARY)
     v = tl.load(V + b64 * stride_vb + h64 * stride_vh + col0 * stride_vn + local * stride_vn + offs_d[None, :],
                 mask=tile_ok, other=0.0)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qm
@@ -383,10 +477,7 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo = 0
-    if IS_CAUSAL:  # queries i >= start_n see this key block
-        lo = (start_n // BLOCK_M) * BLOCK_M
-    hi = q_len
+    lo, hi = _query_range(q_len, start_n, IS_CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     if HAS_KPM:  # a key block wholly outside the unpadded span gets zero gradients without a loop
         k_lo = tl.load(KvRange + 2 * b)
         k_hi = tl.load(KvRange + 2 * b + 1)
@@ -396,7 +487,8 @@ def _attn_bwd_dkdv_kernel(
         row_ok = rows < q_len
         q_off = tl.cast(start_m, tl.int64)
         qd_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + q_off * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qd_ok, other=0.0)
+        q = _load_qk(q_base + q_off * stride_qm, offs_m, stride_qm, row_ok, rows, Cos, Sin, stride_rot,
+                     HEAD_DIM, BLOCK_D, BLOCK_M, ROTARY)
         do = tl.load(do_base + q_off * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :],
                      mask=qd_ok, other=0.0)
         lse2 = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf")) * LOG2E
@@ -405,7 +497,7 @@ def _attn_bwd_dkdv_kernel(
         mask_ptrs = (mask_bh + (q_off * stride_mm + tl.cast(start_n, tl.int64) * stride_mn)
                      + (offs_m[None, :] * stride_mm + local * stride_mn))
         s_t = _masked_scores(s_t, rows[None, :], offs_n[:, None], q_len, k_len, mask_ptrs, kpm_ptrs,
-                             IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_KPM, KPM_BOOL)
+                             IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_KPM, KPM_BOOL, WIN_LEFT, WIN_RIGHT)
         p_t = tl.exp2(s_t - lse2[None, :])
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
@@ -419,11 +511,12 @@ def _attn_bwd_dkdv_kernel(
 
     if DROPOUT:
         dv = dv * drop_scale
-    dk = dk * sm_scale
-    tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + col0 * stride_dkn + local * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=tile_ok)
+    # dV first: its registers are free before dK's rotary epilogue needs its tables
     tl.store(DV + b64 * stride_dkb + h64 * stride_dkh + col0 * stride_dkn + local * stride_dkn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=tile_ok)
+    dk = dk * sm_scale
+    _store_qk_grad(DK + b64 * stride_dkb + h64 * stride_dkh + col0 * stride_dkn, tl.arange(0, BLOCK_N), stride_dkn,
+                   k_ok, dk, offs_n, Cos, Sin, stride_rot, HEAD_DIM, BLOCK_D, BLOCK_N, ROTARY)
 
 
 @triton.jit(do_not_specialize=["drop_thresh"])  # its value changes with p
@@ -456,11 +549,11 @@ def _smem_limit(t: Tensor) -> Optional[int]:
     return getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_block_optin", None)
 
 
-def _config(kernel: str, t: Tensor, head_dim: int, seqlen_q: int, mask: Optional[Tensor],
-            dropout: bool) -> AttentionConfig:
+def _config(kernel: str, t: Tensor, head_dim: int, seqlen_q: int, mask: Optional[Tensor], flags: dict
+            ) -> AttentionConfig:
     return AttentionConfig.for_launch(kernel, head_dim, seqlen_q, t.dtype, _arch(t), masked=mask is not None,
-                                      smem_limit=_smem_limit(t),
-                                      mask_elt=0 if mask is None else mask.element_size(), dropout=dropout)
+                                      smem_limit=_smem_limit(t), mask_elt=0 if mask is None else mask.element_size(),
+                                      dropout=flags["DROPOUT"], rotary=flags["ROTARY"])
 
 
 def _grid(num_blocks: int, batch_heads: int) -> Tuple[int]:
@@ -487,7 +580,8 @@ def _head_strides(t: Tensor, varlen: bool) -> Tuple[int, int, int]:
 
 
 def _flags(q: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], is_causal: bool,
-           varlen: bool, dropout_p: float, head_dim: int) -> dict:
+           varlen: bool, dropout_p: float, head_dim: int, window: Optional[Tuple[int, int]], rotary: bool) -> dict:
+    left, right = window if window is not None else (-1, -1)
     return dict(
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         IS_CAUSAL=bool(is_causal), IS_VARLEN=varlen,
@@ -495,7 +589,24 @@ def _flags(q: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Te
         HAS_KPM=key_padding_mask is not None,
         KPM_BOOL=key_padding_mask is not None and key_padding_mask.dtype == torch.uint8,
         DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        WIN_LEFT=int(left), WIN_RIGHT=int(right), ROTARY=rotary,
     )
+
+
+def _rotary_args(rotary: Optional[Tuple[Tensor, Tensor]], head_dim: int, length: int, dummy: Tensor) -> tuple:
+    """(Cos, Sin, row stride) kernel arguments: fp32 tables [P, D/2] with unit last stride, P >= length."""
+    if rotary is None:
+        return dummy, dummy, 0
+    cos, sin = rotary
+    if head_dim % 2 or tuple(cos.shape) != tuple(sin.shape) or cos.dim() != 2 or cos.shape[1] != head_dim // 2:
+        raise ValueError(f"attention kernel: rotary tables must be two [P, head_dim/2] = [P, {head_dim // 2}] "
+                         f"tensors for an even head dim, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.shape[0] < length:
+        raise ValueError(f"attention kernel: rotary tables cover {cos.shape[0]} positions, the sequences need {length}")
+    cos, sin = (t.float() if t.stride(-1) == 1 else t.float().contiguous() for t in (cos, sin))
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, cos.stride(0)
 
 
 def _prepare_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], dummy: Tensor):
@@ -545,13 +656,16 @@ def attention_forward(
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0,
     is_causal: bool = False, scale: Optional[float] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+    window: Optional[Tuple[int, int]] = None, rotary: Optional[Tuple[Tensor, Tensor]] = None,
     config: Optional[AttentionConfig] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Run the forward kernel; returns (out like q, contiguous; lse fp32 [B, H, L] or [H, Tq]).
 
     attn_mask: [B, H, L, S] (broadcast dims with stride 0), bool or float; key_padding_mask: [B, S].
     Packed mode when cu_seqlens_q/k (int32 [B+1]) are given: q [Tq, H, D], k/v [Tk, H, D], no masks.
-    seed: int64 [1] tensor, required when dropout_p > 0.  config overrides AttentionConfig.for_launch's choice.
+    seed: int64 [1] tensor, required when dropout_p > 0.  window: (left, right), -1 = unbounded side.
+    rotary: (cos, sin) fp32 [P, D/2], P >= the longest sequence.  config overrides
+    AttentionConfig.for_launch's choice.
     """
     varlen = cu_seqlens_q is not None
     _check_inputs(q, k, v, varlen)
@@ -580,14 +694,16 @@ def attention_forward(
     if dropout_p > 0.0 and seed is None:
         raise ValueError("attention kernel: dropout_p > 0 needs a seed tensor")
     mask, kpm, mask_args, kpm_args, kv_range = _prepare_masks(attn_mask, key_padding_mask, dummy)
-    flags = _flags(q, mask, kpm, is_causal, varlen, dropout_p, D)
-    cfg = config or _config("fwd", q, D, L, mask, flags["DROPOUT"])
+    rot = _rotary_args(rotary, D, max(L, S), dummy)
+    flags = _flags(q, mask, kpm, is_causal, varlen, dropout_p, D, window, rotary is not None)
+    cfg = config or _config("fwd", q, D, L, mask, flags)
     num_m = triton.cdiv(L, cfg.BLOCK_M)
     _attn_fwd_kernel[_grid(num_m, B * H)](
         q, k, v, out, lse, mask_args[0], kpm_args[0], kv_range,
         cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy, seed if seed is not None else dummy,
+        rot[0], rot[1],
         *_head_strides(q, varlen), *_head_strides(k, varlen), *_head_strides(v, varlen), *_head_strides(out, varlen),
-        *stride_l, *mask_args[1:], *kpm_args[1:],
+        *stride_l, *mask_args[1:], *kpm_args[1:], rot[2],
         H, L, S, num_m, scale, keep_threshold(dropout_p), _drop_scale(dropout_p),
         **flags, **_knobs(cfg),
     )
@@ -604,6 +720,7 @@ def attention_backward(
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0,
     is_causal: bool = False, scale: Optional[float] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+    window: Optional[Tuple[int, int]] = None, rotary: Optional[Tuple[Tensor, Tensor]] = None,
     config_dq: Optional[AttentionConfig] = None, config_dkdv: Optional[AttentionConfig] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv), contiguous, for the forward's arguments and its (out, lse)."""
@@ -629,25 +746,26 @@ def attention_backward(
     delta = torch.empty_like(lse)
     dummy = q.new_empty(0, dtype=torch.int32)
     mask, kpm, mask_args, kpm_args, kv_range = _prepare_masks(attn_mask, key_padding_mask, dummy)
-    flags = _flags(q, mask, kpm, is_causal, varlen, dropout_p, D)
+    cos, sin, stride_rot = _rotary_args(rotary, D, max(L, S), dummy)
+    flags = _flags(q, mask, kpm, is_causal, varlen, dropout_p, D, window, rotary is not None)
     cu_q = cu_seqlens_q if varlen else dummy
     cu_k = cu_seqlens_k if varlen else dummy
     seed = seed if seed is not None else dummy
-    common = (*mask_args[1:], *kpm_args[1:])
+    common = (*mask_args[1:], *kpm_args[1:], stride_rot)
     tail = (scale, keep_threshold(dropout_p), _drop_scale(dropout_p))
 
-    cfg = config_dq or _config("bwd_dq", q, D, L, mask, flags["DROPOUT"])
+    cfg = config_dq or _config("bwd_dq", q, D, L, mask, flags)
     num_m = triton.cdiv(L, cfg.BLOCK_M)
     _attn_bwd_dq_kernel[_grid(num_m, B * H)](
-        q, k, v, out, dout, dq, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed,
+        q, k, v, out, dout, dq, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed, cos, sin,
         *_head_strides(q, varlen), *_head_strides(k, varlen), *_head_strides(v, varlen),
         *_head_strides(out, varlen), *_head_strides(dout, varlen), *_head_strides(dq, varlen),
         *stride_l, *common, H, L, S, num_m, *tail, **flags, **_knobs(cfg),
     )
-    cfg = config_dkdv or _config("bwd_dkdv", q, D, L, mask, flags["DROPOUT"])
+    cfg = config_dkdv or _config("bwd_dkdv", q, D, L, mask, flags)
     num_n = triton.cdiv(S, cfg.BLOCK_N)
     _attn_bwd_dkdv_kernel[_grid(num_n, B * H)](
-        q, k, v, dout, dk, dv, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed,
+        q, k, v, dout, dk, dv, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed, cos, sin,
         *_head_strides(q, varlen), *_head_strides(k, varlen), *_head_strides(v, varlen),
         *_head_strides(dout, varlen), *_head_strides(dk, varlen),
         *stride_l, *common, H, L, S, num_n, *tail, **flags, **_knobs(cfg),

@@ -34,7 +34,7 @@ class AttentionConfig:
     @classmethod
     def for_launch(cls, kernel: str, head_dim: int, seqlen_q: int, dtype: torch.dtype,
                    arch: Optional[Tuple[int, int]], masked: bool = False, smem_limit: Optional[int] = None,
-                   mask_elt: int = 0, dropout: bool = False) -> AttentionConfig:
+                   mask_elt: int = 0, dropout: bool = False, rotary: bool = False) -> AttentionConfig:
         """The config of one kernel ("fwd", "bwd_dq", "bwd_dkdv") for a call.
 
         arch: (major, minor) compute capability, or None under the Triton interpreter (CPU).
@@ -43,7 +43,8 @@ class AttentionConfig:
         shared memory per block in bytes, which the launchers pass (None: no check); a config over
         it shrinks (``fit_smem``).  mask_elt: bytes per attn_mask element (0 = no attn_mask).
         dropout: the kernel draws a keep mask (its layout-conversion scratch counts in
-        ``smem_bytes``).  fp32 runs IEEE FMA dots on small tiles: exact but slow; fp16/bf16 is the
+        ``smem_bytes``).  rotary: q and k are rotated on load (``_ROTARY_SM90`` replaces the tiles
+        that would spill).  fp32 runs IEEE FMA dots on small tiles: exact but slow; fp16/bf16 is the
         fast path.
         """
         if kernel not in KERNELS:
@@ -54,10 +55,12 @@ class AttentionConfig:
             cfg = cls.fp32(head_dim)
         elif arch[0] >= 9:
             cfg = cls.sm90(kernel, head_dim, seqlen_q, masked)
+            if rotary:
+                cfg = _ROTARY_SM90.get((kernel, _bucket(head_dim), dropout), cfg)
         else:
             cfg = cls.sm80(kernel, head_dim, seqlen_q, masked)
         if smem_limit is not None:
-            cfg = cfg.fit_smem(kernel, head_dim, dtype.itemsize, mask_elt, dropout, smem_limit)
+            cfg = cfg.fit_smem(kernel, head_dim, dtype.itemsize, mask_elt, dropout, smem_limit, rotary)
         return cfg
 
     @classmethod
@@ -80,14 +83,17 @@ class AttentionConfig:
         """fp32 inputs on any GPU: _FP32 (IEEE FMA dots), one tile for every kernel."""
         return _FP32[_bucket(head_dim)]
 
-    def smem_bytes(self, kernel: str, head_dim: int, elt: int, mask_elt: int = 0, dropout: bool = False) -> int:
+    def smem_bytes(self, kernel: str, head_dim: int, elt: int, mask_elt: int = 0, dropout: bool = False,
+                   rotary: bool = False) -> int:
         """Upper bound of this config's shared memory in bytes (what Triton's pipeliner allocates).
 
         The resident tile (q; q and dO; k and v) once, the two streamed tiles and the attn_mask tile
         (mask_elt bytes per element, 0 = none) once per stage, the dK/dV kernel's two fp32 row
         statistics per stage, and with dropout, when the warps outnumber the tile's 16-row blocks (so
         they also split its columns and the keep mask's layout is not the accumulator's), one fp32
-        score tile of layout-conversion scratch.  elt: bytes per q/k/v element.
+        score tile of layout-conversion scratch.  With rotary, the cos/sin tables (two [rows, D/2]
+        tiles in the activations' dtype) of the resident and of each streamed q or k tile.  elt:
+        bytes per q/k/v element.
         """
         d = max(16, triton.next_power_of_2(head_dim))
         bm, bn, stages = self.BLOCK_M, self.BLOCK_N, self.num_stages
@@ -97,19 +103,22 @@ class AttentionConfig:
             resident, streamed, stats = 2 * bm * d, 2 * bn * d, 0
         else:
             resident, streamed, stats = 2 * bn * d, 2 * bm * d, 8 * bm
+        if rotary:
+            rows_resident, rows_streamed = (bn, bm) if kernel == "bwd_dkdv" else (bm, bn)
+            resident, streamed = resident + rows_resident * d, streamed + rows_streamed * d
         split_cols = (bn if kernel == "bwd_dkdv" else bm) // 16 < self.num_warps
         scratch = 4 * bm * bn if dropout and split_cols else 0
         return elt * resident + stages * (elt * streamed + bm * bn * mask_elt + stats) + scratch
 
     def fit_smem(self, kernel: str, head_dim: int, elt: int, mask_elt: int, dropout: bool,
-                 smem_limit: int) -> AttentionConfig:
+                 smem_limit: int, rotary: bool = False) -> AttentionConfig:
         """This config shrunk until ``smem_bytes`` fits in smem_limit (GPUs with ~100 KB per block:
         sm_86/89/120): fewer stages first, then the streamed tile, then the resident one (never
         below 16).  No H200 config shrinks."""
         cfg = self
         stream = "BLOCK_M" if kernel == "bwd_dkdv" else "BLOCK_N"
         resident = "BLOCK_N" if kernel == "bwd_dkdv" else "BLOCK_M"
-        while cfg.smem_bytes(kernel, head_dim, elt, mask_elt, dropout) > smem_limit:
+        while cfg.smem_bytes(kernel, head_dim, elt, mask_elt, dropout, rotary) > smem_limit:
             if cfg.num_stages > 1:
                 cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
             elif getattr(cfg, stream) > 16:
@@ -151,6 +160,13 @@ _SM90 = _table({
     ("fwd_short", 64): (64, 64, 4, 3), ("fwd_short", 128): (64, 64, 4, 3), ("fwd_short", 256): (128, 32, 8, 2),
     ("bwd_dq", 64): (128, 64, 8, 2), ("bwd_dq", 128): (128, 64, 8, 2), ("bwd_dq", 256): (64, 32, 8, 2),
     ("bwd_dkdv", 64): (32, 128, 8, 2), ("bwd_dkdv", 128): (32, 128, 8, 2), ("bwd_dkdv", 256): (16, 64, 8, 2),
+})
+# sm_90 with rotary embeddings, (kernel, head-dim bucket, dropout) -> tile where _SM90's spills: the
+# rotation's fp32 halves and tables need registers (sm_90 figures in benchmarks/README.md).  At head
+# dim 256 no tile tried keeps both HGMMA and zero spills, so rotary there runs _SM90's (spilling) tiles.
+_ROTARY_SM90 = _table({
+    ("bwd_dq", 128, True): (128, 32, 8, 2),
+    ("bwd_dkdv", 128, False): (16, 128, 8, 2), ("bwd_dkdv", 128, True): (16, 128, 8, 2),
 })
 # sm_80 (mma.sync keeps both operands in registers): narrower tiles, fewer stages.
 _SM80 = _table({

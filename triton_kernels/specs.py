@@ -25,6 +25,8 @@ from .padding_config import GatherConfig
 _ATTN_SCALARS = {"sm_scale": "fp32", "drop_thresh": "i32", "drop_scale": "fp32"}
 _ATTN_POINTERS = {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8", "Kpm": "*u8", "KvRange": "*i32", "CuSeqQ": "*i32",
                   "CuSeqK": "*i32", "Seed": "*i64"}
+# ModernBERT's local layers: window 64 on each side (local_attention 128), rotary, packed tokens.
+MODERN_WINDOW = (64, 64)
 _ATTN_TENSORS = ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")
 
 
@@ -37,38 +39,47 @@ def attention_specs(dtype: str = "fp16", arch: Tuple[int, int] = (9, 0)) -> list
     ``tt.divisibility`` in ``attrs`` (without it the loads are not vectorised and the registers
     differ from what runs).
     Hot variant (``hot=True``): boolean key padding mask, no causal, no dropout, at the largest head
-    dim of each config bucket (64, 128, 256).  ``hot=False``: the forward's attn_mask configs (a
-    narrower key tile) with a boolean mask, float (fp32) masks where shared memory peaks, and
-    every kernel with dropout (training) at each head-dim bucket.
+    dim of each config bucket (64, 128, 256), and ModernBERT's local layers (``_varlen_window_rotary``:
+    packed tokens, sliding window ``MODERN_WINDOW``, rotary) at head dim 64 and 128.  ``hot=False``:
+    the forward's attn_mask configs (a narrower key tile) with a boolean mask, float (fp32) masks
+    where shared memory peaks, and every kernel with dropout (training) at each head-dim bucket and
+    in the ModernBERT variant.
     """
     fns = {"fwd": attention._attn_fwd_kernel, "bwd_dq": attention._attn_bwd_dq_kernel,
            "bwd_dkdv": attention._attn_bwd_dkdv_kernel}
-    variants = [(kernel, head_dim, seqlen, None, False) for kernel in KERNELS for head_dim in (64, 128, 256)
+    variants = [(kernel, head_dim, seqlen, None, False, False) for kernel in KERNELS for head_dim in (64, 128, 256)
                 for seqlen in ((64, 512) if kernel == "fwd" else (512,))]
-    variants += [("fwd", head_dim, seqlen, "u8", False) for head_dim in (128, 256) for seqlen in (64, 512)]
-    variants += [("fwd", 64, 512, "fp32", False), ("bwd_dq", 128, 512, "fp32", False)]
-    variants += [(kernel, head_dim, 512, None, True) for kernel in KERNELS for head_dim in (64, 128, 256)]
+    variants += [("fwd", head_dim, seqlen, "u8", False, False) for head_dim in (128, 256) for seqlen in (64, 512)]
+    variants += [("fwd", 64, 512, "fp32", False, False), ("bwd_dq", 128, 512, "fp32", False, False)]
+    variants += [(kernel, head_dim, 512, None, True, False) for kernel in KERNELS for head_dim in (64, 128, 256)]
+    variants += [(kernel, head_dim, 512, None, dropout, True) for kernel in KERNELS for head_dim in (64, 128)
+                 for dropout in (False, True)]
     unit_strides = {"stride_pn", "stride_mn"}
     specs, seen = [], set()
-    for kernel, head_dim, seqlen, mask, dropout in variants:
+    for kernel, head_dim, seqlen, mask, dropout, modern in variants:
         cfg = AttentionConfig.for_launch(kernel, head_dim, seqlen, torch.float16, arch, masked=mask is not None,
-                                         dropout=dropout)
-        key = (kernel, head_dim, mask, dropout, cfg)
+                                         dropout=dropout, rotary=modern)
+        key = (kernel, head_dim, mask, dropout, modern, cfg)
         if key in seen:
             continue
         seen.add(key)
         fn = fns[kernel]
+        window = MODERN_WINDOW if modern else (-1, -1)
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, IS_CAUSAL=False,
-            IS_VARLEN=False, HAS_MASK=mask is not None, MASK_BOOL=mask == "u8", HAS_KPM=mask is None,
-            KPM_BOOL=mask is None, DROPOUT=dropout, DOT_PRECISION="tf32",
+            IS_VARLEN=modern, HAS_MASK=mask is not None, MASK_BOOL=mask == "u8", HAS_KPM=mask is None and not modern,
+            KPM_BOOL=mask is None and not modern, DROPOUT=dropout, DOT_PRECISION="tf32",
+            WIN_LEFT=window[0], WIN_RIGHT=window[1], ROTARY=modern,
         )
-        constexprs.update({"stride_pn" if mask is None else "stride_mn": 1})
+        if not modern:  # packed tokens have no mask, whose strides are then 0, not 1
+            constexprs.update({"stride_pn" if mask is None else "stride_mn": 1})
         signature = {}
         for name in fn.arg_names:
             if name in constexprs:
                 signature[name] = "constexpr"
             elif name in _ATTN_TENSORS:
+                signature[name] = f"*{dtype}"
+            elif name in ("Cos", "Sin"):  # rotary tables in the activations' dtype, as HF rounds them
                 signature[name] = f"*{dtype}"
             elif name == "Mask" and mask is not None:
                 signature[name] = f"*{mask}"
@@ -77,7 +88,8 @@ def attention_specs(dtype: str = "fp16", arch: Tuple[int, int] = (9, 0)) -> list
         # pointers, every stride but the unit ones (multiples of 16 or 0 at L = S = 512), L and S
         aligned = [name for name in fn.arg_names if signature[name].startswith("*") or name in ("L", "S")
                    or (name.startswith("stride_") and name not in unit_strides)]
-        tag = ("" if mask is None else ("_mask" if mask == "u8" else f"_mask{mask}")) + ("_dropout" if dropout else "")
+        tag = (("" if mask is None else ("_mask" if mask == "u8" else f"_mask{mask}"))
+               + ("_varlen_window_rotary" if modern else "") + ("_dropout" if dropout else ""))
         specs.append(dict(
             name=f"attention_{kernel}{tag}_hd{head_dim}_m{cfg.BLOCK_M}_n{cfg.BLOCK_N}",
             fn=fn, signature=signature, constexprs=constexprs,

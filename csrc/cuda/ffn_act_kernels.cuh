@@ -141,6 +141,8 @@ void dispatch_act_cuda(Act act, Fn&& fn) {
     case Act::kReLU: fn(std::integral_constant<Act, Act::kReLU>{}); break;
     case Act::kGelu: fn(std::integral_constant<Act, Act::kGelu>{}); break;
     case Act::kGeluTanh: fn(std::integral_constant<Act, Act::kGeluTanh>{}); break;
+    case Act::kGeGLU:
+    case Act::kSwiGLU: TORCH_CHECK(false, "fastenc ffn: gated activations run the GLU passes (cuda/ffn_glu.cu)");
   }
 }
 

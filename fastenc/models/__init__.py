@@ -1,8 +1,8 @@
 """Encoder models (embeddings + fastenc encoder + pooling), task heads, masking, fine-tuning helpers,
 Hugging Face adapters.
 
-The Hugging Face adapter (``fastenc.models.hf``) imports transformers, so it is loaded
-only on first use of one of its names.
+The Hugging Face adapters (``fastenc.models.hf`` for the BERT family, ``fastenc.models.modernbert``)
+import transformers, so they are loaded only on first use of one of their names.
 """
 import importlib
 import sys
@@ -21,7 +21,8 @@ from .finetuning import encoder_parts, freeze, parameter_groups
 from .heads import IGNORE_INDEX, MaskedLM, MaskedLMOutput, QuestionAnswering, SpanOutput
 from .masking import mask_tokens
 
-_HF_NAMES = ("HFEncoder", "optimize_hf", "to_hf", "unsupported_reason")
+_HF_NAMES = ("HFEncoder", "optimize_hf", "unsupported_reason")
+_MODERNBERT_NAMES = ("FastModernBertModel", "optimize_modernbert")
 
 __all__ = [
     "ClassifierOutput",
@@ -43,13 +44,17 @@ __all__ = [
     "parameter_groups",
     "pool",
     "sinusoidal_positions",
+    "to_hf",
     *_HF_NAMES,
+    *_MODERNBERT_NAMES,
 ]
 
 
 def __getattr__(name):
     if name in _HF_NAMES:
         return getattr(importlib.import_module(".hf", __name__), name)
+    if name in _MODERNBERT_NAMES:
+        return getattr(importlib.import_module(".modernbert", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -58,5 +63,14 @@ def hf_hook(model, backend=None):
     if "transformers" not in sys.modules:  # no transformers import: model cannot hold an HF model
         return model
     from .hf import optimize_hf
+    from .modernbert import optimize_modernbert
 
-    return optimize_hf(model, backend=backend)
+    return optimize_modernbert(optimize_hf(model, backend=backend), backend=backend)
+
+
+def to_hf(model):
+    """Undo ``fastenc.optimize`` on the Hugging Face models inside ``model`` (BERT family, ModernBERT)."""
+    from .hf import to_hf as bert_to_hf
+    from .modernbert import to_hf as modernbert_to_hf
+
+    return modernbert_to_hf(bert_to_hf(model))

@@ -123,14 +123,14 @@ _FAMILIES = {"bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "camembert":
              "distilbert": _DISTILBERT}
 
 # Encoder families whose attention or positions fastenc's layer cannot express: left unchanged with
-# a warning (matched by class name, so that none of their modules is imported).
+# a warning (matched by class name, so that none of their modules is imported).  ModernBERT has its
+# own adapter (fastenc.models.modernbert).
 UNSUPPORTED_FAMILIES = {
     "DebertaModel": "disentangled attention (content-to-position terms) is not supported",
     "DebertaV2Model": "disentangled attention (content-to-position terms) is not supported",
     "MPNetModel": "relative position buckets (an attention bias) are not supported",
     "T5EncoderModel": "relative position buckets (an attention bias) are not supported",
     "RoFormerModel": "rotary position embeddings are not supported",
-    "ModernBertModel": "rotary positions, local attention and GeGLU are not supported",
     "AlbertModel": "layers shared across depth and factorized embeddings are not supported",
     "LongformerModel": "sliding-window attention is not supported",
     "BigBirdModel": "block-sparse attention is not supported",

@@ -12,11 +12,17 @@ custom ops ``fastenc::attention_fwd`` / ``fastenc::attention_bwd`` (fake functio
 functions are called without the dispatcher.  attn_mask and key_padding_mask get no gradient
 there: a mask that requires grad sends ``auto`` to the reference (which differentiates it) and
 makes a forced fast backend raise.  Dropout keys come from ``_common.draw_seed``.
+
+Sliding windows (``window=(left, right)``: query i sees keys i - left .. i + right, -1 = unbounded)
+and rotary embeddings (``rotary=(cos, sin)``, tables [P, D/2] from ``reference.rotary_tables``, q and
+k rotated at their sequence-local row in Hugging Face's rotate_half convention) run inside the
+kernels; the tables get no gradient.
 """
 from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Optional, Tuple
 
 import torch
@@ -36,12 +42,12 @@ def _triton_kernels():
     return kernels
 
 
-# shape class: (head_dim, head_dim_v, a mask requires grad)
+# shape class: (head_dim, head_dim_v, a mask requires grad, windowed, rotary)
 def _triton_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
     reason = triton_check(device, dtype)
     if reason is not None:
         return reason
-    head_dim, head_dim_v, mask_grad = shape
+    head_dim, head_dim_v, mask_grad = shape[:3]  # the kernels run every window and rotary (shape[3:])
     if dtype not in _KERNEL_DTYPES:
         return f"dtype {dtype} is not one of float16, bfloat16, float32"
     lo, hi = _triton_kernels().MIN_HEAD_DIM, _triton_kernels().MAX_HEAD_DIM
@@ -58,11 +64,14 @@ def _cpu_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Op
     reason = cpu_check(device, dtype)
     if reason is None and shape[2]:
         return "a mask requires grad, and the C++ kernel computes no mask gradient"
+    if reason is None and (shape[3] or shape[4]):
+        return "the C++ kernel has no sliding window or rotary embeddings yet"
     return reason
 
 
 register_op("attention", {"triton": _triton_available, "cpu": _cpu_available},
-            auto={"cuda": ("triton",), "cpu": ("cpu",)}, example=lambda head_dim: (head_dim, head_dim, False))
+            auto={"cuda": ("triton",), "cpu": ("cpu",)},
+            example=lambda head_dim: (head_dim, head_dim, False, False, False))
 
 
 # The C++ CPU kernels take packed rows: a dense [B, L, H, D] batch is B sequences of L rows (a view when
@@ -113,8 +122,9 @@ def _cpu_backward(dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_q, cu
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
              cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-             is_causal: bool, scale: float, dropout_p: float, seed: Optional[Tensor], backend: str
-             ) -> Tuple[Tensor, Tensor]:
+             is_causal: bool, scale: float, dropout_p: float, seed: Optional[Tensor], backend: str,
+             window_left: int = -1, window_right: int = -1, cos: Optional[Tensor] = None,
+             sin: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(out, lse) of one backend's forward kernel."""
     if backend == "cpu":
         return _cpu_forward(q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -122,14 +132,21 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_p
     return _triton_kernels().attention_forward(
         q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, is_causal=is_causal,
-        scale=scale, dropout_p=dropout_p, seed=seed,
+        scale=scale, dropout_p=dropout_p, seed=seed, window=_window(window_left, window_right),
+        rotary=None if cos is None else (cos, sin),
     )
+
+
+def _window(left: int, right: int) -> Optional[Tuple[int, int]]:
+    return None if left < 0 and right < 0 else (left, right)
 
 
 def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
               cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, is_causal: bool, scale: float,
-              dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+              dropout_p: float, seed: Optional[Tensor], backend: str, window_left: int = -1,
+              window_right: int = -1, cos: Optional[Tensor] = None, sin: Optional[Tensor] = None
+              ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of one backend's backward kernels."""
     if backend == "cpu":
         return _cpu_backward(dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
@@ -138,6 +155,7 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
         dout, q, k, v, out, lse, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, is_causal=is_causal, scale=scale, dropout_p=dropout_p, seed=seed,
+        window=_window(window_left, window_right), rotary=None if cos is None else (cos, sin),
     )
 
 
@@ -147,7 +165,7 @@ _backward_op = torch.library.custom_op("fastenc::attention_bwd", _backward, muta
 
 @_forward_op.register_fake
 def _forward_fake(q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  is_causal, scale, dropout_p, seed, backend):
+                  is_causal, scale, dropout_p, seed, backend, window_left=-1, window_right=-1, cos=None, sin=None):
     if cu_seqlens_q is not None:
         lse_shape = (q.shape[1], q.shape[0])  # [H, Tq]
     else:
@@ -157,44 +175,47 @@ def _forward_fake(q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens
 
 @_backward_op.register_fake
 def _backward_fake(dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                   max_seqlen_k, is_causal, scale, dropout_p, seed, backend):
+                   max_seqlen_k, is_causal, scale, dropout_p, seed, backend, window_left=-1, window_right=-1,
+                   cos=None, sin=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p,
-                seed, backend):
+                seed, backend, window_left=-1, window_right=-1, cos=None, sin=None):
         fwd = _forward_op if compiling() else _forward
         out, lse = fwd(q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p,
-                       seed, backend)
-        ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, cu_q, cu_k, seed)
-        ctx.params = (max_q, max_k, is_causal, scale, dropout_p, backend)
+                       seed, backend, window_left, window_right, cos, sin)
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, cu_q, cu_k, seed, cos, sin)
+        ctx.params = (max_q, max_k, is_causal, scale, dropout_p, backend, window_left, window_right)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, seed = ctx.saved_tensors
-        max_q, max_k, is_causal, scale, dropout_p, backend = ctx.params
+        q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, seed, cos, sin = ctx.saved_tensors
+        max_q, max_k, is_causal, scale, dropout_p, backend, window_left, window_right = ctx.params
         bwd = _backward_op if compiling() else _backward
         dq, dk, dv = bwd(dout, q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, max_q, max_k, is_causal, scale,
-                         dropout_p, seed, backend)
-        return (dq, dk, dv) + (None,) * 11
+                         dropout_p, seed, backend, window_left, window_right, cos, sin)
+        return (dq, dk, dv) + (None,) * 15
 
 
 def _run(backend: str, q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal, scale,
-         dropout_p) -> Tensor:
+         dropout_p, window=None, rotary=None) -> Tensor:
     """A fast backend's output, through autograd only when a gradient is needed."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
+    left, right = window if window is not None else (-1, -1)
+    cos, sin = rotary if rotary is not None else (None, None)
     args = (q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, bool(is_causal), scale, dropout_p, seed,
-            backend)
+            backend, left, right, cos, sin)
     if needs_grad(q, k, v):
         return _Attention.apply(*args)
     if compiling():
         return _forward_op(*args)[0]
     if backend == "cpu":  # inference: no log-sum-exp to keep
-        return _cpu_forward(*args[:-1], return_lse=False)[0]
+        return _cpu_forward(*args[:13], return_lse=False)[0]
     return _forward(*args)[0]
 
 
@@ -255,6 +276,43 @@ def normalize_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tens
     return attn_mask, key_padding_mask
 
 
+def check_window(window, where: str) -> Optional[Tuple[int, int]]:
+    """window as None or a pair of ints >= -1 (-1 = unbounded side); (-1, -1) is no window."""
+    if window is None:
+        return None
+    try:
+        if not isinstance(window, (tuple, list)) or len(window) != 2 or any(isinstance(w, bool) for w in window):
+            raise TypeError
+        left, right = (operator.index(w) for w in window)  # any integer type, no float or bool
+    except TypeError:
+        raise TypeError(f"{where}: window must be None or a pair of ints (left, right), got {window!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"{where}: window sides must be >= 0, or -1 for unbounded; got {tuple(window)}")
+    return None if left == right == -1 else (left, right)
+
+
+def check_rotary(rotary, head_dim: int, length: int, device: torch.device, where: str
+                 ) -> Optional[Tuple[Tensor, Tensor]]:
+    """rotary as None or (cos, sin): floating tables [P, head_dim/2] on q's device, P >= length."""
+    if rotary is None:
+        return None
+    if not isinstance(rotary, (tuple, list)) or len(rotary) != 2 or not all(isinstance(t, Tensor) for t in rotary):
+        raise TypeError(f"{where}: rotary must be None or a pair of tensors (cos, sin), got {type(rotary).__name__}")
+    cos, sin = rotary
+    if not (cos.is_floating_point() and sin.is_floating_point()):
+        raise TypeError(f"{where}: rotary tables must be floating point, got {cos.dtype} and {sin.dtype}")
+    if head_dim % 2:
+        raise ValueError(f"{where}: rotary embeddings need an even head dim, got {head_dim}")
+    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != head_dim // 2:
+        raise ValueError(f"{where}: rotary tables must both be [positions, head_dim/2] = [P, {head_dim // 2}], got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.shape[0] < length:
+        raise ValueError(f"{where}: rotary tables cover {cos.shape[0]} positions, the sequences need {length}")
+    if cos.device != device or sin.device != device:
+        raise ValueError(f"{where}: rotary tables are on {cos.device}/{sin.device}, q on {device}")
+    return cos, sin
+
+
 def _mask_grad(*masks: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(m is not None and m.requires_grad for m in masks)
 
@@ -272,6 +330,8 @@ def attention(
     is_causal: bool = False,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    window: Optional[Tuple[int, int]] = None,
+    rotary: Optional[Tuple[Tensor, Tensor]] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """softmax(q kᵀ·scale + masks) v for q [B, L, H, D], k/v [B, S, H, D] -> [B, L, H, D].
@@ -279,6 +339,9 @@ def attention(
     attn_mask: bool/float broadcastable to [B, H, L, S]; key_padding_mask: bool/float [B, S].
     is_causal: top-left aligned (key j hidden from query i when j > i), as torch's SDPA.
     dropout_p is applied as given (pass 0.0 in eval).
+    window: (left, right): query i sees keys i - left .. i + right (-1 = unbounded side).
+    rotary: (cos, sin) tables [P, D/2] (``reference.rotary_tables``), P >= max(L, S): q and k are
+    rotated at their row index before the scores.
     """
     _check_qkv(q, k, v, 4, "[batch, seqlen, heads, head_dim]", "attention")
     dropout_p = check_dropout(dropout_p, "attention")
@@ -286,22 +349,27 @@ def attention(
     B, L, H, D = q.shape
     S = k.shape[1]
     attn_mask, key_padding_mask = normalize_masks(attn_mask, key_padding_mask, B, H, L, S, q.device)
-    return attention_unchecked(q, k, v, attn_mask, key_padding_mask, is_causal, scale, dropout_p, backend)
+    window = check_window(window, "attention")
+    rotary = check_rotary(rotary, D, max(L, S), q.device, "attention")
+    return attention_unchecked(q, k, v, attn_mask, key_padding_mask, is_causal, scale, dropout_p, backend,
+                               window, rotary)
 
 
 def attention_unchecked(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                         key_padding_mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
-                        dropout_p: float, backend: Optional[str]) -> Tensor:
+                        dropout_p: float, backend: Optional[str], window: Optional[Tuple[int, int]] = None,
+                        rotary: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """:func:`attention` on arguments already validated (attn_mask a [B, H, L, S] view): for fastenc's modules."""
     b = resolve("attention", backend, q.device, q.dtype, (q.shape[-1], v.shape[-1],
-                                                          _mask_grad(attn_mask, key_padding_mask)))
+                                                          _mask_grad(attn_mask, key_padding_mask),
+                                                          window is not None, rotary is not None))
     if b == "reference":
         return reference.attention(
             q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
-            scale=scale, dropout_p=dropout_p,
+            scale=scale, dropout_p=dropout_p, window=window, rotary=rotary,
         )
     return _run(b, q, k, v, attn_mask, key_padding_mask, None, None, q.shape[1], k.shape[1], is_causal, scale,
-                dropout_p)
+                dropout_p, window, rotary)
 
 
 def attention_varlen(
@@ -316,11 +384,15 @@ def attention_varlen(
     is_causal: bool = False,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    window: Optional[Tuple[int, int]] = None,
+    rotary: Optional[Tuple[Tensor, Tensor]] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Packed attention: q [Tq, H, D], k/v [Tk, H, D], sequences delimited by int32 cu_seqlens [B+1].
 
     max_seqlen_q/k must be at least the longest sequence (the kernel's grid is sized by them).
+    window, rotary: as for :func:`attention`, positions counted from each sequence's first row
+    (rotary tables need P >= max(max_seqlen_q, max_seqlen_k)).
     cu_seqlens must start at 0, never decrease and end at most at the packed length (checked: one host
     sync on a GPU); rows past the last sequence get zeros.
     """
@@ -345,8 +417,10 @@ def attention_varlen(
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     _check_cu_seqlens((("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                        ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)))
+    window = check_window(window, "attention_varlen")
+    rotary = check_rotary(rotary, q.shape[-1], max(max_seqlen_q, max_seqlen_k), q.device, "attention_varlen")
     return attention_varlen_unchecked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
-                                      scale, dropout_p, backend)
+                                      scale, dropout_p, backend, window, rotary)
 
 
 def _check_cu_seqlens(items) -> None:
@@ -371,13 +445,16 @@ def _check_cu_seqlens(items) -> None:
 
 def attention_varlen_unchecked(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                                max_seqlen_q: int, max_seqlen_k: int, is_causal: bool, scale: Optional[float],
-                               dropout_p: float, backend: Optional[str]) -> Tensor:
+                               dropout_p: float, backend: Optional[str], window: Optional[Tuple[int, int]] = None,
+                               rotary: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """:func:`attention_varlen` on arguments already validated (cu_seqlens from ``padding_info``): for fastenc's
     modules."""
-    b = resolve("attention", backend, q.device, q.dtype, (q.shape[-1], v.shape[-1], False))
+    b = resolve("attention", backend, q.device, q.dtype, (q.shape[-1], v.shape[-1], False, window is not None,
+                                                          rotary is not None))
     if b == "reference":
         return reference.attention_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal=is_causal, scale=scale, dropout_p=dropout_p
+            q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+            window=window, rotary=rotary,
         )
     return _run(b, q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
-                dropout_p)
+                dropout_p, window, rotary)

@@ -1,6 +1,8 @@
 """Feed-forward block op: validation, dispatch, autograd.
 
-y = dropout(act(x W1ᵀ + b1)) W2ᵀ + b2 (+ residual), act in relu / gelu (erf) / gelu_tanh.
+y = dropout(act(x W1ᵀ + b1)) W2ᵀ + b2 (+ residual), act in relu / gelu (erf) / gelu_tanh, or a gated
+activation (geglu, swiglu: act(a) · g with [a, g] = (x W1ᵀ + b1).chunk(2, -1), so W1 is [2f, d] and W2
+[d, f]; see ``reference.GATED_ACTIVATIONS``).
 
 Backends: ``reference`` (``fastenc.reference``) and the C++ extension ``fastenc._C`` (``csrc/``):
 ``cuda`` on CUDA tensors, whose GEMM path comes from the per-architecture dispatch table in
@@ -33,11 +35,20 @@ GEMM_PATHS = ("auto", "unfused", "cublaslt", "cutlass")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _gated_missing(ext, activation: str) -> Optional[str]:
+    """Why the extension cannot run a gated activation (None when it can, or for ungated ones)."""
+    if activation in reference.GATED_ACTIVATIONS and activation not in getattr(ext, "FFN_ACTIVATIONS", ()):
+        return f"this fastenc._C has no {activation} FFN kernel"
+    return None
+
+
 # shape class: (activation,)
 def _cuda_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
     ext = extension()
     if ext is None:
         return "the fastenc._C extension is not built (pip install without FASTENC_SKIP_NATIVE)"
+    if _gated_missing(ext, shape[0]):
+        return _gated_missing(ext, shape[0])
     if dtype not in _DTYPES:
         return f"dtype {dtype} is not supported (float32, float16, bfloat16)"
     if device.type != "cuda":
@@ -55,7 +66,7 @@ def _cuda_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> O
 
 
 def _cpu_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
-    return cpu_check(device, dtype)
+    return cpu_check(device, dtype) or _gated_missing(extension(), shape[0])
 
 
 def _describe(device: torch.device, dtype: torch.dtype):
@@ -136,7 +147,8 @@ def _forward(
     gemm_path: str,
     save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(y, h, pre): h = dropout(act(pre)) and pre are kept only when ``save`` (pre not for relu)."""
+    """(y, h, pre): h = dropout(act(pre)) (gated: dropout(act(a) · g), [a, g] = pre) and pre are kept only
+    when ``save`` (pre not for relu)."""
     return extension().ffn_forward(x, w1, b1, w2, b2, residual, activation, dropout_p, int(seed.item()),
                                    gemm_path, save)
 
@@ -167,9 +179,9 @@ _backward_op = torch.library.custom_op("fastenc::ffn_bwd", _backward, mutates_ar
 @_forward_op.register_fake
 def _forward_fake(x, w1, b1, w2, b2, residual, seed, activation, dropout_p, gemm_path, save):
     tokens = x.numel() // x.shape[-1]
-    hidden = (tokens, w1.shape[0])
+    hidden = (tokens, w2.shape[1])  # h; pre is GEMM1's [tokens, w1 rows] (twice h's width when gated)
     h = x.new_empty(hidden if save else (0,))
-    pre = x.new_empty(hidden if save and activation != "relu" else (0,))
+    pre = x.new_empty((tokens, w1.shape[0]) if save and activation != "relu" else (0,))
     return x.new_empty(x.shape), h, pre
 
 
@@ -209,8 +221,9 @@ def _check_args(x, w1, b1, w2, b2, activation, residual) -> None:
             raise TypeError(f"fastenc ffn: {name} must be a Tensor, got None")
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"fastenc ffn: {name} must be a Tensor, got {type(t).__name__}")
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"fastenc ffn: unknown activation {activation!r}; expected one of {reference.ACTIVATIONS}")
+    known = reference.ACTIVATIONS + reference.GATED_ACTIVATIONS
+    if activation not in known:
+        raise ValueError(f"fastenc ffn: unknown activation {activation!r}; expected one of {known}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"fastenc ffn: x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 1 or w1.dim() != 2 or w2.dim() != 2:
@@ -219,7 +232,11 @@ def _check_args(x, w1, b1, w2, b2, activation, residual) -> None:
     f, d = w1.shape
     if f < 1 or d < 1:
         raise ValueError(f"fastenc ffn: w1 must be [f, d] with f, d >= 1, got shape {list(w1.shape)}")
-    expected = {"x": (x, (*x.shape[:-1], d)), "w2": (w2, (d, f)), "b1": (b1, (f,)), "b2": (b2, (d,)),
+    hidden = f // 2 if activation in reference.GATED_ACTIVATIONS else f  # gated: w1 stacks [activated; gate]
+    if activation in reference.GATED_ACTIVATIONS and f % 2:
+        raise ValueError(f"fastenc ffn: a gated activation ({activation}) needs w1 [2f, d] with an even row count, "
+                         f"got {list(w1.shape)}")
+    expected = {"x": (x, (*x.shape[:-1], d)), "w2": (w2, (d, hidden)), "b1": (b1, (f,)), "b2": (b2, (d,)),
                 "residual": (residual, tuple(x.shape))}
     for name, (t, shape) in expected.items():
         if t is None:

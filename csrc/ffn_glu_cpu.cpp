@@ -1,0 +1,142 @@
+// CPU passes of the gated FFN (geglu, swiglu): h = dropout(act(a) · g) after GEMM1, and its
+// backward with the fused b1-gradient reduction.  pre [T, 2f] holds [a, g] per row (a: columns
+// :f, g: f:); the activation formulas are ffn_math.h's on at::vec::Vectorized<float> lanes
+// (fp16/bf16 widened to fp32); dropout is the [T, f] hidden's mask, drawn a row at a time.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ffn.h"
+#include "ffn_math_vec.h"
+
+namespace fastenc {
+
+namespace {
+
+constexpr int kW = Vec::size();
+// Rows per task of the backward reduction: fixed (not per thread count) so db1 is bitwise
+// reproducible on any number of threads.
+constexpr int64_t kRowsPerChunk = 128;
+
+template <typename T>
+Vec load(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p, n);
+  } else {
+    float buf[kW];
+    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(p[j]);
+    return Vec::loadu(buf, n);
+  }
+}
+
+template <typename T>
+void store(Vec v, T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, n);
+  } else {
+    float buf[kW];
+    v.store(buf, n);
+    for (int64_t j = 0; j < n; ++j) p[j] = static_cast<T>(buf[j]);
+  }
+}
+
+// keep · scale of the n hidden elements from flat index i0, into out[0, n).
+void keep_scale_row(const DropoutParams& dp, uint64_t i0, int64_t n, float* out) {
+  uint64_t block = ~uint64_t(0);
+  uint32_t bits = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint64_t i = i0 + j;
+    if ((i >> 2) != block) {
+      block = i >> 2;
+      bits = dropout_keep4(dp.seed, block, dp.threshold24);
+    }
+    out[j] = ((bits >> (i & 3)) & 1u) ? dp.scale : 0.f;
+  }
+}
+
+template <typename T, Act A>
+void glu_impl(const at::Tensor& pre, const at::Tensor& h, const DropoutParams& dp) {
+  const int64_t rows = h.size(0), f = h.size(1);
+  const T* src = pre.const_data_ptr<T>();
+  T* out = h.data_ptr<T>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(f, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> keep(dp.enabled ? f : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (dp.enabled) keep_scale_row(dp, static_cast<uint64_t>(r * f), f, keep.data());
+      const T* a = src + r * 2 * f;
+      for (int64_t c = 0; c < f; c += kW) {
+        const int64_t n = std::min<int64_t>(kW, f - c);
+        Vec y = ActOp<A, Vec>::fwd(load(a + c, n)) * load(a + f + c, n);
+        if (dp.enabled) y = y * Vec::loadu(keep.data() + c, n);
+        store(y, out + r * f + c, n);
+      }
+    }
+  });
+}
+
+template <typename T, Act A>
+void dglu_impl(const at::Tensor& gh, const at::Tensor& pre, const at::Tensor& dpre, const at::Tensor& db1,
+               const DropoutParams& dp) {
+  const int64_t rows = gh.size(0), f = gh.size(1);
+  const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  const T* gp = gh.const_data_ptr<T>();
+  const T* src = pre.const_data_ptr<T>();
+  T* out = dpre.data_ptr<T>();
+  at::Tensor partial;
+  float* part = nullptr;
+  if (db1.defined()) {
+    partial = at::zeros({chunks, 2 * f}, gh.options().dtype(at::kFloat));
+    part = partial.data_ptr<float>();
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<float> keep(dp.enabled ? f : 0);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r1 = std::min(rows, (k + 1) * kRowsPerChunk);
+      for (int64_t r = k * kRowsPerChunk; r < r1; ++r) {
+        if (dp.enabled) keep_scale_row(dp, static_cast<uint64_t>(r * f), f, keep.data());
+        const T* a = src + r * 2 * f;
+        T* d = out + r * 2 * f;
+        for (int64_t c = 0; c < f; c += kW) {
+          const int64_t n = std::min<int64_t>(kW, f - c);
+          Vec dh = load(gp + r * f + c, n);
+          if (dp.enabled) dh = dh * Vec::loadu(keep.data() + c, n);
+          const Vec av = load(a + c, n), gv = load(a + f + c, n);
+          const Vec da = dh * gv * ActOp<A, Vec>::grad(av), dg = dh * ActOp<A, Vec>::fwd(av);
+          store(da, d + c, n);
+          store(dg, d + f + c, n);
+          if (part) {
+            float* pk = part + k * 2 * f;
+            (Vec::loadu(pk + c, n) + da).store(pk + c, n);
+            (Vec::loadu(pk + f + c, n) + dg).store(pk + f + c, n);
+          }
+        }
+      }
+    }
+  });
+  if (db1.defined()) db1.copy_(partial.sum(0));
+}
+
+template <typename Fn>
+void dispatch_glu(Act act, Fn&& fn) {
+  if (act == Act::kGeGLU) return fn(std::integral_constant<Act, Act::kGeGLU>{});
+  TORCH_CHECK(act == Act::kSwiGLU, "fastenc ffn: the GLU passes take geglu or swiglu, got ", activation_name(act));
+  fn(std::integral_constant<Act, Act::kSwiGLU>{});
+}
+
+}  // namespace
+
+void glu_dropout_cpu(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp) {
+  dispatch_dtype(pre.scalar_type(), [&](auto t_) {
+    dispatch_glu(act, [&](auto a) { glu_impl<decltype(t_), decltype(a)::value>(pre, h, dp); });
+  });
+}
+
+void dglu_dropout_bgrad_cpu(const at::Tensor& gh, const at::Tensor& pre, const at::Tensor& dpre, const at::Tensor& db1,
+                            Act act, const DropoutParams& dp) {
+  dispatch_dtype(gh.scalar_type(), [&](auto t_) {
+    dispatch_glu(act, [&](auto a) { dglu_impl<decltype(t_), decltype(a)::value>(gh, pre, dpre, db1, dp); });
+  });
+}
+
+}  // namespace fastenc
