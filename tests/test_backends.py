@@ -127,8 +127,8 @@ def test_auto_fallback_on_a_device_with_a_fast_backend_warns_once():
 
     warn_once.cache_clear()
     with pytest.warns(UserWarning, match="fastenc attention: falling back to the PyTorch reference"):
-        chosen, why = backends.explain("attention", None, CUDA, torch.float16, (300, 300, False))
+        chosen, why = backends.explain("attention", None, CUDA, torch.float16, (300, 300, False, False, False))
     assert chosen == "reference" and "triton" in why
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        backends.explain("attention", None, CUDA, torch.float16, (300, 300, False))
+        backends.explain("attention", None, CUDA, torch.float16, (300, 300, False, False, False))

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEV = torch.device(DEVICE)
 FAST = [b for b in BACKENDS if b not in ("auto", "reference")]
 # A typical shape class per op (what each op's availability checks read).
-EXAMPLE = {"attention": (16, 16, False), "layer_norm": (32,), "ffn": ("gelu",), "padding": (), "encoder": (False,)}
+EXAMPLE = {"attention": (16, 16, False, False, False), "layer_norm": (32,), "ffn": ("gelu",), "padding": (), "encoder": (False,)}
 
 
 def usable(op: str, backend: str, device: torch.device = DEV, dtype: torch.dtype = torch.float32) -> bool:

@@ -131,7 +131,7 @@ def _torch_compile(w: Workload) -> Impl:
 def shape_classes(d_model: int, nhead: int, activation: str) -> Dict[str, tuple]:
     """Each op's shape class in such a layer (what ``fastenc.backends.explain`` passes to its checks)."""
     head_dim = d_model // nhead
-    return {"attention": (head_dim, head_dim, False), "layer_norm": (d_model,), "ffn": (activation,)}
+    return {"attention": (head_dim, head_dim, False, False, False), "layer_norm": (d_model,), "ffn": (activation,)}
 
 
 def _fastenc(backend: str):
