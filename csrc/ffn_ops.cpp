@@ -9,6 +9,11 @@
 // either way.  Dropout saves no mask: backward redraws it from the Philox seed.
 // In inference (save = false) pre is not kept: the fused paths never write it, the unfused
 // path overwrites the GEMM1 result with h in place.
+// CPU path (GemmPath::kCpu): every GEMM is a oneDNN inner product (cpu/linear.h) with b1 (and a
+// dropout-free relu) in GEMM1's epilogue and b2 + residual in GEMM2's.  The GELUs stay in the
+// vectorised pass (in place in inference), so inference and training forwards agree bit for bit
+// (oneDNN's GELU rounds differently; fusing it would save one read and write of the hidden).
+#include "cpu/linear.h"
 #include "ffn.h"
 
 namespace fastenc {
@@ -59,6 +64,23 @@ std::vector<at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& w
   at::Tensor h = keep_pre ? at::empty_like(pre) : pre;
   act_dropout(pre, h, act, dp);
   at::Tensor y = linear2_aten(h, w2, b2, residual);
+  return {y, save ? h : x.new_empty({0}), keep_pre ? pre : x.new_empty({0})};
+}
+
+std::vector<at::Tensor> forward_onednn(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                       const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                                       const std::optional<at::Tensor>& residual, Act act, const DropoutParams& dp,
+                                       bool save) {
+  const bool keep_pre = save && act != Act::kReLU;
+  at::Tensor h, pre;
+  if (act == Act::kReLU && !dp.enabled) {  // exact in any order: oneDNN's relu is ours, bit for bit
+    h = onednn_linear(x, w1, b1, act, at::Tensor());
+  } else {
+    pre = onednn_linear(x, w1, b1, std::nullopt, at::Tensor());
+    h = keep_pre ? at::empty_like(pre) : pre;
+    act_dropout(pre, h, act, dp);
+  }
+  at::Tensor y = onednn_linear(h, w2, b2, std::nullopt, residual ? *residual : at::Tensor());
   return {y, save ? h : x.new_empty({0}), keep_pre ? pre : x.new_empty({0})};
 }
 
@@ -118,6 +140,7 @@ std::vector<at::Tensor> ffn_forward_2d(const at::Tensor& x, const at::Tensor& w1
     }
   }
 #endif
+  if (plan.path == GemmPath::kCpu && x.size(0) > 0) return forward_onednn(x, w1, b1, w2, b2, residual, act, dp, save);
   return forward_unfused(x, w1, b1, w2, b2, residual, act, dp, save);
 }
 
@@ -140,18 +163,23 @@ std::vector<at::Tensor> ffn_backward_2d(const at::Tensor& dy, const at::Tensor& 
     if (lt_declined(lt_wgrad_bgrad(dy, h, dw2, db2), plan, "dy^T h", x, w1.size(0))) dw2 = at::Tensor();
   }
 #endif
+  // CPU path: oneDNN GEMMs, operands transposed as strided views (X Wᵀ with X = dyᵀ etc.).
+  const bool onednn = plan.path == GemmPath::kCpu && x.size(0) > 0;
+  auto mm = [&](const at::Tensor& a, const at::Tensor& b) {  // a · b
+    return onednn ? onednn_linear(a, b.t(), std::nullopt, std::nullopt, at::Tensor()) : at::mm(a, b);
+  };
   if (!dpre.defined()) {
-    dpre = at::mm(dy, w2);
+    dpre = mm(dy, w2);
     at::Tensor db1_f32 = has_b1 ? at::empty({w1.size(0)}, x.options().dtype(at::kFloat)) : at::Tensor();
     dact_dropout_bgrad(dpre, saved, dpre, db1_f32, act, dp);
     db1 = has_b1 ? db1_f32.to(x.scalar_type()) : x.new_empty({0});
   }
   if (!dw2.defined()) {
-    dw2 = at::mm(dy.t(), h);
+    dw2 = mm(dy.t(), h);
     db2 = has_b2 ? at::sum(dy, {0}, false, at::kFloat).to(x.scalar_type()) : x.new_empty({0});
   }
-  at::Tensor dx = at::mm(dpre, w1);
-  at::Tensor dw1 = at::mm(dpre.t(), x);
+  at::Tensor dx = mm(dpre, w1);
+  at::Tensor dw1 = mm(dpre.t(), x);
   return {dx, dw1, db1.defined() ? db1 : x.new_empty({0}), dw2, db2.defined() ? db2 : x.new_empty({0})};
 }
 

@@ -83,6 +83,23 @@ def test_cpu_parity(activation, dtype, case):
     _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cuda"), inputs, activation)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ACTS)
+def test_cpu_paths_agree_with_oracle(activation, dtype, monkeypatch):
+    """The oneDNN path (auto) and ATen GEMMs (FASTENC_FFN_GEMM=unfused), with dropout and a residual."""
+    for path in ("auto", "unfused"):
+        monkeypatch.setenv(ffn_mod.GEMM_PATH_ENV, path)
+        for p in (0.0, 0.2):
+            inputs = _make((129,), 384, 776, dtype, "cpu", residual=True)
+            x, w1, b1, w2, b2, r = inputs
+            torch.manual_seed(77)
+            seed = ffn_mod.draw_dropout_seed()
+            keep = ffn_mod.dropout_keep_mask(seed, 129, 776, p) if p else None
+            torch.manual_seed(77)  # ffn draws the same seed
+            _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, dropout_p=p, residual=r, backend="cuda"),
+                   inputs, activation, dropout_p=p, dropout_mask=keep)
+
+
 def test_cpu_non_contiguous_inputs():
     d, f = 384, 1000
     x_t = torch.randn(d, 2, 7).requires_grad_()  # x = x_t.permute(1, 2, 0): [2, 7, d], strided
@@ -231,9 +248,15 @@ def test_cpu_torch_compile_fullgraph():
 # ----------------------------------------------------------------------------- dispatch table
 
 
-def test_cpu_gemm_path_report():
+def test_cpu_gemm_path_report(monkeypatch):
     path, why = ffn_mod.gemm_path("cpu", torch.float32)
-    assert path == "cpu" and "ATen" in why
+    assert path == "cpu" and "oneDNN" in why
+    path, why = ffn_mod.gemm_path("cpu", torch.float16)
+    if not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        assert path == "unfused" and "no oneDNN kernels for Half" in why
+    monkeypatch.setenv(ffn_mod.GEMM_PATH_ENV, "unfused")
+    path, why = ffn_mod.gemm_path("cpu", torch.float32)
+    assert path == "unfused" and "ATen" in why
     table = ffn_mod.dispatch_table()
     assert "sm_9x gelu:" in table and "sm_8x gelu_tanh:" in table
 
