@@ -3,9 +3,10 @@
     python scripts/cpu_ffn_bench.py [--rounds 5] [--tokens 1,32,128,512,2048,4096] [--dtype fp32,bf16]
 
 y = gelu(x W1ᵀ + b1) W2ᵀ + b2 + residual at MiniLM (384→1536) and BERT-base (768→3072) widths.
-Modes: fwd (inference, no grad) and train (forward saving the hidden tensors + backward).  The two
-providers run interleaved in one process (each round times both, in turn); prints medians and
-the ratio oracle / extension (> 1: the extension is faster).  On a shared machine, repeat and
+Modes: fwd (inference, no grad) and train (forward saving the hidden tensors + backward).  Providers:
+oracle, ext (the CPU path `auto` picks: oneDNN GEMMs where the dtype has them) and ext-aten (ATen
+GEMMs, FASTENC_FFN_GEMM=unfused), interleaved in one process (each round times each in turn);
+prints medians and the speed-up over the oracle (> 1: faster).  On a shared machine, repeat and
 quote ranges.
 """
 from __future__ import annotations
@@ -43,8 +44,8 @@ def cases(t: int, d: int, f: int, dt: torch.dtype, act: str):
         with torch.no_grad():
             return reference.ffn(x, w1, b1, w2, b2, activation=act, residual=r)
 
-    def ext_fwd():
-        return C.ffn_forward(x, w1, b1, w2, b2, r, act, 0.0, 0, "auto", False)[0]
+    def ext_fwd(path="auto"):
+        return C.ffn_forward(x, w1, b1, w2, b2, r, act, 0.0, 0, path, False)[0]
 
     leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2, r)]
 
@@ -52,11 +53,14 @@ def cases(t: int, d: int, f: int, dt: torch.dtype, act: str):
         y = reference.ffn(*leaves[:5], activation=act, residual=leaves[5])
         return torch.autograd.grad(y, leaves, dy)
 
-    def ext_train():
-        y, h, pre = C.ffn_forward(x, w1, b1, w2, b2, r, act, 0.0, 0, "auto", True)
-        return C.ffn_backward(dy, x, w1, w2, h, pre, act, 0.0, 0, True, True, "auto")
+    def ext_train(path="auto"):
+        y, h, pre = C.ffn_forward(x, w1, b1, w2, b2, r, act, 0.0, 0, path, True)
+        return C.ffn_backward(dy, x, w1, w2, h, pre, act, 0.0, 0, True, True, path)
 
-    return {"fwd": (oracle_fwd, ext_fwd), "train": (oracle_train, ext_train)}
+    return {
+        "fwd": {"oracle": oracle_fwd, "ext": ext_fwd, "ext-aten": lambda: ext_fwd("unfused")},
+        "train": {"oracle": oracle_train, "ext": ext_train, "ext-aten": lambda: ext_train("unfused")},
+    }
 
 
 def main() -> None:
@@ -79,17 +83,17 @@ def main() -> None:
             for t in map(int, args.tokens.split(",")):
                 provs = cases(t, d, f, dtypes[dname], args.act)
                 for mode in args.modes.split(","):
-                    oracle, ext = provs[mode]
-                    for fn in (oracle, ext):
+                    fns = provs[mode]
+                    for fn in fns.values():
                         time_once(fn, args.min_time / 4)
-                    to, te = [], []
+                    times = {name: [] for name in fns}
                     for _ in range(args.rounds):
-                        to.append(time_once(oracle, args.min_time))
-                        te.append(time_once(ext, args.min_time))
-                    mo, me = statistics.median(to), statistics.median(te)
-                    print(f"{dname} {d}->{f} T={t:5d} {mode:5s} oracle {mo * 1e3:9.3f} ms  ext {me * 1e3:9.3f} ms  "
-                          f"oracle/ext {mo / me:5.2f}  (ext range {min(te) * 1e3:.3f}-{max(te) * 1e3:.3f})", flush=True)
-
+                        for name, fn in fns.items():
+                            times[name].append(time_once(fn, args.min_time))
+                    med = {name: statistics.median(t) for name, t in times.items()}
+                    cells = "  ".join(f"{name} {med[name] * 1e3:9.3f} ms ({med['oracle'] / med[name]:4.2f}x)"
+                                      for name in fns)
+                    print(f"{dname} {d}->{f} T={t:5d} {mode:5s} {cells}", flush=True)
 
 if __name__ == "__main__":
     main()
