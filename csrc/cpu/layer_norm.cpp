@@ -198,13 +198,13 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& dresid, const at::Tensor& 
         for (int64_t c = 0; c < N; c += kW) {
           const int64_t n = std::min(kW, N - c);
           const Vec xhat = Vec::loadu(xh.data() + c);
+          const Vec d = part ? load_f32(dyr + c, n) : Vec(0.f);  // read before dx is stored: dx may alias dy
           Vec ds = (Vec::loadu(g.data() + c) - xhat * a - bsum) * rs;
           if (drr) ds = ds + load_f32(drr + c, n);
           store_f32(ds, dxr + c, n);
           const Vec dh = drop ? ds * Vec::loadu(keep.data() + c, n) : ds;
           if (dbr) store_f32(dh, dbr + c, n);
           if (part) {
-            const Vec d = load_f32(dyr + c, n);
             if (want_dw) at::vec::fmadd(d, xhat, Vec::loadu(pw + c, n)).store(pw + c, n);
             if (want_db) (Vec::loadu(pb + c, n) + d).store(pb + c, n);
             if (want_dbb) (Vec::loadu(pbb + c, n) + dh).store(pbb + c, n);
