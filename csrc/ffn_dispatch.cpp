@@ -119,7 +119,7 @@ Plan plan_gemm_path(const PlanQuery& q) {
     if (onednn_linear_supported(q.dtype)) {
       return {GemmPath::kCpu,
               "CPU tensors: oneDNN GEMMs (torch's mkldnn linear ops) with b1 (+ relu) and b2 + residual in their "
-              "epilogues, + the fused vectorised activation pass"};
+              "epilogues, + the fused vectorised activation pass (ATen GEMMs below 2^21 multiply-adds)"};
     }
     return {GemmPath::kUnfused, std::string("CPU tensors: ATen GEMMs + the fused vectorised bias-activation pass "
                                             "(no oneDNN kernels for ") +
