@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-command GPU suite: build the extension for this GPU, run the tests on CUDA, measure the
-# device ceilings, then the full benchmark; logs, JSON, CSV and plots under OUTDIR.
+# One-command GPU suite: build the extension for this GPU, run the tests on CUDA (with the bad-input
+# matrix of tests/test_hostile.py), memcheck its crash-prone cases when compute-sanitizer is installed,
+# measure the device ceilings, then the full benchmark; logs, JSON, CSV and plots under OUTDIR.
 #
 #   bash benchmarks/gpu_suite.sh OUTDIR            # on a GPU machine: under 8 minutes on one H200
 #   bash benchmarks/gpu_suite.sh --dry-run OUTDIR  # on a CPU: every step on tiny sizes (CI runs this)
@@ -17,8 +18,8 @@
 # Environment:
 #   FASTENC_SUITE_DRY_RUN=1     same as --dry-run
 #   FASTENC_SUITE_TOTAL_S       wall-clock budget for all stages (default 450)
-#   FASTENC_SUITE_BUILD_S / _TESTS_S / _CEILINGS_S   per-stage timeouts (default 150 / 150 / 30;
-#                               build 360 when CUTLASS compiles from source)
+#   FASTENC_SUITE_BUILD_S / _TESTS_S / _MEMCHECK_S / _CEILINGS_S   per-stage timeouts (default 150 / 150 /
+#                               120 / 30; build 360 when CUTLASS compiles from source)
 #   FASTENC_SUITE_BENCH_MAX_S   longest benchmark (default 300)
 #   FASTENC_SUITE_TESTS         pytest arguments (default: tests/; dry run: a few quick tests)
 #   FASTENC_SUITE_WORKERS       pytest-xdist workers when xdist is installed (default 8; dry run 2; 0: none)
@@ -109,8 +110,8 @@ if [ "$DEVICE" = cuda ]; then
 else
     ARCH=90a  # what an H100/H200 build uses; the dry run only shows the command
 fi
-# CUTLASS: prebuilt objects (setup.py checks their stamps and recompiles stale ones), else headers
-# to compile from, else none.
+# CUTLASS: prebuilt objects (setup.py checks their stamps, build_tools/cutlass_objects.py, and recompiles
+# stale ones), else headers to compile from, else none.
 PREBUILT="${FASTENC_SUITE_PREBUILT:-$ROOT/.prebuilt/cutlass}"
 CUTLASS_ENV=()
 BUILD_S_DEFAULT=150
@@ -159,6 +160,17 @@ fi
 # shellcheck disable=SC2086  # TESTS holds several pytest arguments
 stage tests "${STAGE_S:-${FASTENC_SUITE_TESTS_S:-150}}" "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
     --junitxml="$OUT/tests.xml" $TESTS
+
+# ---------------------------------------------------------------- 2b. memcheck of the kernels that read caller-chosen rows
+# The crash-prone cases of tests/test_hostile.py (packed attention's cu_seqlens, padding maps, empty and
+# padding-only batches) under compute-sanitizer: an out-of-bounds access fails the stage even when the
+# values come out right.  No caching allocator, so that each tensor is its own allocation.
+if command -v compute-sanitizer > /dev/null 2>&1; then
+    stage memcheck "${STAGE_S:-${FASTENC_SUITE_MEMCHECK_S:-120}}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -m tests.test_hostile
+else
+    echo "memcheck   skipped (compute-sanitizer is not on PATH)" | tee -a "$OUT/summary.txt"
+fi
 
 # ---------------------------------------------------------------- 3. device ceilings
 stage ceilings "${STAGE_S:-${FASTENC_SUITE_CEILINGS_S:-30}}" "$PY" -m fastenc ceilings --device "$DEVICE" --out "$OUT"

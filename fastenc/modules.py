@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import copy
 import functools
-import warnings
-from typing import Callable, Dict, Optional, Union
+import operator
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .backends import BACKENDS
+from ._util import warn_once
+from .backends import BackendSpec, check_spec, op_backends
+from .ops._common import FLOAT_DTYPES, check_dropout
+from .ops.attention import attention_unchecked, attention_varlen_unchecked
+from .ops.ffn import ffn_unchecked
+from .ops.layer_norm import residual_layer_norm_unchecked
 
 Tensor = torch.Tensor
-BackendSpec = Union[None, str, Dict[str, str]]
 
 _ACT_FROM_STR = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
 
@@ -55,37 +59,50 @@ def _torch_activation(name: str) -> Union[str, Callable]:
     return functools.partial(F.gelu, approximate="tanh") if name == "gelu_tanh" else name
 
 
-def _check_backend(backend: BackendSpec) -> BackendSpec:
-    names = backend.values() if isinstance(backend, dict) else ([] if backend is None else [backend])
-    for b in names:
-        if b not in BACKENDS:
-            raise ValueError(f"unknown backend {b!r}; expected one of {BACKENDS}")
-    return dict(backend) if isinstance(backend, dict) else backend
+class BackendSetting:
+    """The ``backend`` attribute of fastenc modules: None (follow ``use_backend`` / ``FASTENC_BACKEND``),
+    a backend name for every op, or ``{op: backend}``; validated when set and resolved per op once."""
 
+    @property
+    def backend(self) -> BackendSpec:
+        return self.__dict__.get("_backend_spec")
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(msg: str) -> None:
-    warnings.warn(msg, stacklevel=3)
+    @backend.setter
+    def backend(self, spec: BackendSpec) -> None:
+        spec = check_spec(spec)
+        self.__dict__["_backend_spec"] = spec
+        self.__dict__["_op_backend"] = op_backends(spec)
+
+    def _backend(self, op: str) -> Optional[str]:
+        """The ``backend=`` argument this module passes to ``op``."""
+        table = self.__dict__.get("_op_backend")
+        return None if table is None else table[op]
 
 
 def merge_masks(
-    src_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], batch: int, nhead: int, L: int, S: int
+    src_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], batch: int, nhead: int, L: int, S: int,
+    device: torch.device,
 ):
-    """Validate torch-style masks; src_mask [L,S] or [B*nhead,L,S] → broadcastable to [B,H,L,S].
+    """Validate torch-style masks; src_mask [L,S] or [B*nhead,L,S] → a [B,H,L,S] view (no copy).
 
     The key padding mask stays [B, S] (the attention op skips padded key blocks).
     """
-    if key_padding_mask is not None:
-        if key_padding_mask.shape != (batch, S):
-            raise ValueError(f"src_key_padding_mask should have shape {(batch, S)}, got {tuple(key_padding_mask.shape)}")
-        if not (key_padding_mask.dtype == torch.bool or key_padding_mask.is_floating_point()):
-            raise TypeError(f"src_key_padding_mask should be bool or float, got {key_padding_mask.dtype}")
+    for name, m in (("src_key_padding_mask", key_padding_mask), ("src_mask", src_mask)):
+        if m is None:
+            continue
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{name} should be a tensor or None, got {type(m).__name__}")
+        if not (m.dtype == torch.bool or m.dtype in FLOAT_DTYPES):
+            raise TypeError(f"{name} should be bool or float, got {m.dtype}")
+        if m.device != device:
+            raise ValueError(f"{name} is on {m.device} but src is on {device}")
+    if key_padding_mask is not None and key_padding_mask.shape != (batch, S):
+        raise ValueError(f"src_key_padding_mask should have shape {(batch, S)}, got {tuple(key_padding_mask.shape)}")
     if src_mask is not None:
-        if not (src_mask.dtype == torch.bool or src_mask.is_floating_point()):
-            raise TypeError(f"src_mask should be bool or float, got {src_mask.dtype}")
         if src_mask.dim() == 2:
             if src_mask.shape != (L, S):
                 raise ValueError(f"2D src_mask should have shape {(L, S)}, got {tuple(src_mask.shape)}")
+            src_mask = src_mask.expand(batch, nhead, L, S)
         elif src_mask.dim() == 3:
             if src_mask.shape != (batch * nhead, L, S):
                 raise ValueError(
@@ -97,7 +114,7 @@ def merge_masks(
     return src_mask, key_padding_mask
 
 
-class TransformerEncoderLayer(nn.TransformerEncoderLayer):
+class TransformerEncoderLayer(BackendSetting, nn.TransformerEncoderLayer):
     """``torch.nn.TransformerEncoderLayer`` computed by fastenc's ops.
 
     Extra keywords: ``backend`` — None (follow ``fastenc.use_backend`` / ``FASTENC_BACKEND``),
@@ -125,21 +142,21 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         backend: BackendSpec = None,
         unpad: Optional[bool] = None,
     ) -> None:
+        for name, value in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
+            if not (hasattr(value, "__index__") and not isinstance(value, bool) and operator.index(value) >= 1):
+                raise ValueError(f"TransformerEncoderLayer: {name} must be a positive integer, got {value!r}")
         if d_model % nhead != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
+        check_dropout(dropout, "TransformerEncoderLayer", "dropout")  # torch lets NaN through
         name = activation_name(activation)
         torch_act = _torch_activation(activation) if isinstance(activation, str) else activation
         super().__init__(d_model, nhead, dim_feedforward, dropout, torch_act, layer_norm_eps, batch_first,
                          norm_first, bias, device, dtype)
         self.activation_name = name
-        self.backend = _check_backend(backend)
+        self.backend = backend
         self.unpad = unpad
 
     # ----------------------------------------------------------------- helpers
-
-    def _backend(self, op: str) -> Optional[str]:
-        b = getattr(self, "backend", None)
-        return b.get(op) if isinstance(b, dict) else b
 
     def _p(self, p: float) -> float:
         return p if self.training else 0.0
@@ -157,30 +174,24 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         p = self._p(self.self_attn.dropout)
         if packed is not None:
             cu, mx = packed.cu_seqlens, packed.max_seqlen
-            o = ops.attention_varlen(q, k, v, cu, cu, mx, mx, is_causal=is_causal, dropout_p=p,
-                                     backend=self._backend("attention"))
+            o = attention_varlen_unchecked(q, k, v, cu, cu, mx, mx, is_causal, None, p, self._backend("attention"))
         else:
-            o = ops.attention(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
-                              dropout_p=p, backend=self._backend("attention"))
+            o = attention_unchecked(q, k, v, attn_mask, key_padding_mask, is_causal, None, p,
+                                    self._backend("attention"))
         return F.linear(o.reshape(x.shape), self.self_attn.out_proj.weight)
 
     def _feed_forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.activation_name is None:
-            _warn_once(f"fastenc: activation {self.activation!r} has no fused FFN kernel; running it in PyTorch")
+            warn_once(f"fastenc: activation {self.activation!r} has no fused FFN kernel; running it in PyTorch")
             y = self.linear2(self.dropout(self.activation(self.linear1(x))))
             return y if residual is None else residual + y
-        return ops.ffn(
-            x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-            activation=self.activation_name, dropout_p=self._p(self.dropout.p), residual=residual,
-            backend=self._backend("ffn"),
-        )
+        return ffn_unchecked(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                             self.activation_name, self._p(self.dropout.p), residual, self._backend("ffn"))
 
     def _norm(self, norm: nn.LayerNorm, x: Tensor, branch: Optional[Tensor], branch_bias: Optional[Tensor],
               dropout_p: float, prenorm: bool = False):
-        return ops.residual_layer_norm(
-            x, branch, norm.weight, norm.bias, branch_bias=branch_bias, eps=norm.eps,
-            dropout_p=self._p(dropout_p), prenorm=prenorm, backend=self._backend("layer_norm"),
-        )
+        return residual_layer_norm_unchecked(x, branch, norm.weight, norm.bias, branch_bias, norm.eps,
+                                             self._p(dropout_p), prenorm, self._backend("layer_norm"))
 
     def _layer(self, x: Tensor, attn_mask, key_padding_mask, is_causal: bool,
                packed: Optional[ops.Padding] = None) -> Tensor:
@@ -201,13 +212,19 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
 
     def _batch_first(self, src: Tensor, src_mask, src_key_padding_mask, is_causal: bool):
         """Validate; return (x [B, L, d], attn_mask, key_padding_mask, is_causal, restore(out))."""
-        if not src.is_floating_point():
-            raise TypeError(f"src should be a floating-point tensor, got {src.dtype}")
+        if not isinstance(src, torch.Tensor) or src.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"src should be a floating-point tensor, got {getattr(src, 'dtype', type(src).__name__)}")
         if src.dim() not in (2, 3) or src.shape[-1] != self.self_attn.embed_dim:
             raise ValueError(
                 f"src should be [L, d_model], [B, L, d_model] or [L, B, d_model] with d_model="
                 f"{self.self_attn.embed_dim}, got {tuple(src.shape)}"
             )
+        w = self.self_attn.in_proj_weight
+        if src.device != w.device:
+            raise ValueError(f"src is on {src.device} but the layer's parameters are on {w.device}")
+        if src.dtype != w.dtype and not torch.is_autocast_enabled(src.device.type):
+            raise TypeError(f"src has dtype {src.dtype} but the layer's parameters have {w.dtype} (cast one, or "
+                            "run under torch.autocast)")
         kpm = src_key_padding_mask
         if src.dim() == 2:
             x = src.unsqueeze(0)
@@ -218,7 +235,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         else:
             x, restore = src.transpose(0, 1), (lambda out: out.transpose(0, 1))
         B, L, _ = x.shape
-        attn_mask, kpm = merge_masks(src_mask, kpm, B, self.self_attn.num_heads, L, L)
+        attn_mask, kpm = merge_masks(src_mask, kpm, B, self.self_attn.num_heads, L, L, src.device)
         if is_causal and attn_mask is not None:
             attn_mask = None  # the hint says the mask is causal: the kernel generates it
         return x, attn_mask, kpm, bool(is_causal), restore
@@ -260,8 +277,8 @@ def padding_plan(unpad: Optional[bool], attn_mask: Optional[Tensor], key_padding
     """
     if unpad is False or key_padding_mask is None:
         return None
-    if unpad is None and torch.compiler.is_compiling():
-        return None  # auto decides from the data (a host sync): keep the padded path inside torch.compile
+    if unpad is None and (torch.compiler.is_compiling() or key_padding_mask.device.type == "meta"):
+        return None  # auto decides from the data (a host sync): keep the padded path inside torch.compile / on meta
     possible = key_padding_mask.dtype == torch.bool and attn_mask is None
     if not possible:
         if unpad:
@@ -286,7 +303,7 @@ def _is_causal_mask(mask: Optional[Tensor], L: int) -> bool:
     return bool(torch.all(torch.where(upper, mask == float("-inf"), mask == 0)))
 
 
-class TransformerEncoder(nn.TransformerEncoder):
+class TransformerEncoder(BackendSetting, nn.TransformerEncoder):
     """``torch.nn.TransformerEncoder`` whose layers are fastenc layers.
 
     Given a torch ``nn.TransformerEncoderLayer``, the clones are converted (same tensors).
@@ -308,7 +325,7 @@ class TransformerEncoder(nn.TransformerEncoder):
     ) -> None:
         super().__init__(encoder_layer, num_layers, norm, enable_nested_tensor=False, mask_check=mask_check)
         self.enable_nested_tensor = enable_nested_tensor  # accepted for compatibility; fastenc does not use it
-        self.backend = _check_backend(backend)
+        self.backend = backend
         self.unpad = unpad
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, TransformerEncoderLayer):
@@ -320,8 +337,8 @@ class TransformerEncoder(nn.TransformerEncoder):
         if self.norm is None:
             return x
         if isinstance(self.norm, nn.LayerNorm) and len(self.norm.normalized_shape) == 1:
-            b = self.backend.get("layer_norm") if isinstance(self.backend, dict) else self.backend
-            return ops.residual_layer_norm(x, None, self.norm.weight, self.norm.bias, eps=self.norm.eps, backend=b)
+            return residual_layer_norm_unchecked(x, None, self.norm.weight, self.norm.bias, None, self.norm.eps, 0.0,
+                                                 False, self._backend("layer_norm"))
         return self.norm(x)
 
     def forward(
@@ -364,6 +381,9 @@ class TransformerEncoder(nn.TransformerEncoder):
 
         ``Padding.cu_seqlens`` delimits the sequences; ``fastenc.ops.pad(hidden, info)`` restores [B, L, d].
         """
+        if not isinstance(src_key_padding_mask, torch.Tensor) or src_key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"forward_unpadded needs a bool src_key_padding_mask [B, L] (True = padding), got "
+                            f"{getattr(src_key_padding_mask, 'dtype', type(src_key_padding_mask).__name__)}")
         first = self.layers[0]
         x, attn_mask, kpm, is_causal, _ = first._batch_first(src, None, src_key_padding_mask, is_causal)
         info = padding_plan(True, attn_mask, kpm)
@@ -385,13 +405,13 @@ def layer_from_torch(layer: nn.TransformerEncoderLayer, backend: BackendSpec = N
     """fastenc twin of a torch encoder layer, sharing its tensors."""
     new = _retype(layer, TransformerEncoderLayer)
     new.activation_name = activation_name(layer.activation)
-    new.backend = _check_backend(backend)
+    new.backend = backend
     return new
 
 
 def layer_to_torch(layer: TransformerEncoderLayer) -> nn.TransformerEncoderLayer:
     new = _retype(layer, nn.TransformerEncoderLayer)
-    for attr in ("activation_name", "backend"):
+    for attr in ("activation_name", "_backend_spec", "_op_backend"):
         new.__dict__.pop(attr, None)
     return new
 
@@ -399,12 +419,13 @@ def layer_to_torch(layer: TransformerEncoderLayer) -> nn.TransformerEncoderLayer
 def encoder_from_torch(encoder: nn.TransformerEncoder, backend: BackendSpec = None) -> TransformerEncoder:
     new = _retype(encoder, TransformerEncoder)
     new.layers = nn.ModuleList([layer_from_torch(layer, backend) for layer in encoder.layers])
-    new.backend = _check_backend(backend)
+    new.backend = backend
     return new
 
 
 def encoder_to_torch(encoder: TransformerEncoder) -> nn.TransformerEncoder:
     new = _retype(encoder, nn.TransformerEncoder)
-    new.__dict__.pop("backend", None)
+    for attr in ("_backend_spec", "_op_backend"):
+        new.__dict__.pop(attr, None)
     new.layers = nn.ModuleList([layer_to_torch(layer) for layer in encoder.layers])
     return new

@@ -82,8 +82,6 @@ def attention(
     B, L, H, D = q.shape
     S = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if L == 0 or S == 0:  # nothing to attend to (or nobody asking): zeros
-        return q.new_zeros(B, L, H, v.shape[-1], dtype=out_dtype)
     scores = torch.einsum("blhd,bshd->bhls", q, k) * scale
     if attn_mask is not None:
         scores = scores + mask_to_bias(attn_mask, scores.dtype)
@@ -92,13 +90,15 @@ def attention(
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(causal, float("-inf"))
-    # Softmax that returns 0 (not NaN) on rows that are entirely -inf.
-    row_max = scores.detach().amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(scores - row_max)
-    denom = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    p = _dropout(p, dropout_p, dropout_mask)
+    if S == 0:  # no key: zero rows, computed through the graph so that gradients are zeros too
+        p = scores
+    else:  # softmax that returns 0 (not NaN) on rows that are entirely -inf
+        row_max = scores.detach().amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = torch.exp(scores - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+        p = _dropout(p, dropout_p, dropout_mask)
     out = torch.einsum("bhls,bshd->blhd", p.to(v.dtype), v)
     return out.to(out_dtype)
 
@@ -120,6 +120,7 @@ def attention_varlen(
 
     Computed as ``attention`` on the sequences padded to a batch (keys past each
     sequence's end masked), so it costs one batched call, not one per sequence.
+    Rows past ``cu_seqlens_q[-1]`` belong to no sequence: their output is zero.
     dropout_masks: optional list of per-sequence keep-masks [1, H, Lb, Sb].
     """
     n = cu_seqlens_q.numel() - 1
@@ -133,19 +134,21 @@ def attention_varlen(
             keep[b, :, : m.shape[-2], : m.shape[-1]] = m[0]
     out = attention(qp, kp, vp, key_padding_mask=k_pad, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
                     dropout_mask=keep, upcast=upcast)
-    return out.reshape(-1, *out.shape[2:]).index_select(0, q_rows)
+    packed = out.reshape(-1, *out.shape[2:]).index_select(0, q_rows)
+    return F.pad(packed, (0, 0) * (packed.dim() - 1) + (0, q.shape[0] - packed.shape[0]))
 
 
 def _pad_packed(x: Tensor, cu_seqlens: Tensor, n: int):
     """Packed [T, ...] -> ([n, Lmax, ...] zero-padded, row of each token in the flat padded layout,
-    key padding mask [n, Lmax])."""
+    key padding mask [n, Lmax]); rows past cu_seqlens[-1] are left out."""
     lengths = cu_seqlens.diff().long()
     lmax = int(lengths.max()) if n else 0
-    seq = torch.repeat_interleave(torch.arange(n, device=x.device), lengths, output_size=x.shape[0])
-    pos = torch.arange(x.shape[0], device=x.device) - cu_seqlens.long()[seq]
+    used = int(cu_seqlens[-1])
+    seq = torch.repeat_interleave(torch.arange(n, device=x.device), lengths, output_size=used)
+    pos = torch.arange(used, device=x.device) - cu_seqlens.long()[seq]
     rows = seq * lmax + pos
     padding = torch.arange(lmax, device=x.device)[None, :] >= lengths[:, None]
-    return pad(x, rows, n, lmax), rows, padding
+    return pad(x[:used], rows, n, lmax), rows, padding
 
 
 # --------------------------------------------------------------------------- padding
@@ -200,10 +203,17 @@ def residual_layer_norm(
     if branch is not None:
         h = branch if branch_bias is None else branch + branch_bias
         s = x + _dropout(h, dropout_p, dropout_mask)
-    y = F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+    y = F.layer_norm(s, s.shape[-1:], _ln_param(weight, s.dtype), _ln_param(bias, s.dtype), eps)
     if prenorm:
         return y.to(out_dtype), s.to(out_dtype)
     return y.to(out_dtype)
+
+
+def _ln_param(p: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """F.layer_norm takes parameters in its input's dtype, or float32 for a float16/bfloat16 input."""
+    if p is None or p.dtype == dtype or (p.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
+        return p
+    return p.to(dtype)
 
 
 # --------------------------------------------------------------------------- feed-forward
@@ -300,3 +310,48 @@ def encoder_layer(
 
 def _up(t: Optional[Tensor], upcast: bool) -> Optional[Tensor]:
     return t.float() if (upcast and t is not None) else t
+
+
+def encoder_stack(
+    x: Tensor,
+    cu_seqlens: Tensor,
+    layers: list,
+    *,
+    nhead: int,
+    norm_first: bool = False,
+    activation: str = "relu",
+    eps: float = 1e-5,
+    final_norm: Optional[tuple] = None,
+    is_causal: bool = False,
+    upcast: bool = False,
+) -> Tensor:
+    """A stack of nn.TransformerEncoderLayer forwards (no dropout) on packed tokens x [T, d].
+
+    Sequence b is rows cu_seqlens[b]:cu_seqlens[b+1].  layers: per layer the tuple
+    (in_proj_weight, in_proj_bias, out_proj.weight, out_proj.bias, linear1.weight, linear1.bias,
+    linear2.weight, linear2.bias, norm1.weight, norm1.bias, norm2.weight, norm2.bias), biases optional.
+    final_norm: (weight, bias, eps) of the encoder's final LayerNorm, or None.
+    """
+    out_dtype = torch.float32 if upcast else x.dtype
+    x = x.float() if upcast else x
+    T, d = x.shape
+    hd = d // nhead
+    for weights in layers:
+        w_in, b_in, w_out, b_out, w1, b1, w2, b2, n1w, n1b, n2w, n2b = (_up(t, upcast) for t in weights)
+
+        def self_attn(h):  # called in this iteration only (hence the noqa: B023 below)
+            q, k, v = F.linear(h, w_in, b_in).view(T, 3, nhead, hd).unbind(1)  # noqa: B023
+            o = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, is_causal=is_causal)
+            return F.linear(o.reshape(T, d), w_out)  # noqa: B023
+
+        if norm_first:
+            h = residual_layer_norm(x, None, n1w, n1b, eps=eps)
+            h, x = residual_layer_norm(x, self_attn(h), n2w, n2b, branch_bias=b_out, eps=eps, prenorm=True)
+            x = x + ffn(h, w1, b1, w2, b2, activation=activation)
+        else:
+            x = residual_layer_norm(x, self_attn(x), n1w, n1b, branch_bias=b_out, eps=eps)
+            x = residual_layer_norm(x, ffn(x, w1, b1, w2, b2, activation=activation), n2w, n2b, eps=eps)
+    if final_norm is not None:
+        w, b, norm_eps = final_norm
+        x = residual_layer_norm(x, None, _up(w, upcast), _up(b, upcast), eps=norm_eps)
+    return x.to(out_dtype)

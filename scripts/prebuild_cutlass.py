@@ -6,25 +6,20 @@
 
 No GPU and no torch needed: nvcc (the GPU machine's CUDA release, e.g. 13.0) and the CUTLASS
 headers (the nvidia-cutlass wheel or FASTENC_CUTLASS_DIR).  Flags, stamps and the compile
-itself come from setup.py (cutlass_nvcc_flags, build_cutlass_objects), so an object built here
-is what `pip install -e .` would build.  Up-to-date objects are kept.  Then build the extension
+itself come from build_tools/cutlass_objects.py (cutlass_nvcc_flags, build_cutlass_objects), as in
+setup.py, so an object built here is what `pip install -e .` would build.  Up-to-date objects are kept.  Then build the extension
 with FASTENC_CUTLASS_PREBUILT=DIR (benchmarks/gpu_suite.sh does when .prebuilt/cutlass exists).
 """
 import argparse
-import importlib.util
 import os
 import shutil
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # build_tools/ (not installed) from any working directory
 
-
-def _load_setup():
-    spec = importlib.util.spec_from_file_location("fastenc_setup", os.path.join(ROOT, "setup.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # __name__ != "__main__": defines the helpers, builds nothing
-    return module
+from build_tools import cutlass_objects  # noqa: E402
 
 
 def _nvcc() -> str:
@@ -44,16 +39,15 @@ def main(argv=None) -> int:
     parser.add_argument("--nvcc", default=None, help="nvcc to use (default: $CUDA_HOME/bin/nvcc, then PATH)")
     args = parser.parse_args(argv)
 
-    setup_py = _load_setup()
-    includes = setup_py._cutlass_includes()
+    includes = cutlass_objects.cutlass_includes()
     if includes is None:
         sys.exit("prebuild_cutlass: no CUTLASS headers (pip install nvidia-cutlass, or set FASTENC_CUTLASS_DIR)")
     nvcc = args.nvcc or _nvcc()
-    rel, version = setup_py.nvcc_release(nvcc)
+    rel, version = cutlass_objects.nvcc_release(nvcc)
     print(f"prebuild_cutlass: nvcc {version} (release {rel}) at {nvcc}; CUTLASS headers {includes[0]}")
     t0 = time.time()
-    objs = setup_py.build_cutlass_objects(os.path.abspath(args.out), setup_py.cutlass_sources(), includes, nvcc,
-                                          args.jobs)
+    objs = cutlass_objects.build_cutlass_objects(os.path.abspath(args.out), cutlass_objects.cutlass_sources(),
+                                                 includes, nvcc, args.jobs)
     print(f"prebuild_cutlass: {len(objs)} objects in {os.path.abspath(args.out)} ({time.time() - t0:.0f} s)")
     return 0
 

@@ -7,7 +7,7 @@
 #
 # VENV (default .venv) and PYTHON (default python3) pick the environment; the setup is
 # idempotent and installs the pinned torch, so the CUDA extension compiles and links
-# even on a machine without a GPU.
+# even on a machine without a GPU.  A rerun with unchanged sources skips the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 job="${1:-test}"
@@ -19,16 +19,23 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-stamp="$VENV/.fastenc-deps-$(cat requirements/dev.txt setup.py | sha1sum | cut -c1-12)"
+stamp="$VENV/.fastenc-deps-$(cat requirements/dev.txt pyproject.toml | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q -r requirements/dev.txt
   touch "$stamp"
 fi
-# --no-build-isolation: build against the torch installed above, never a second one.
-start=$(date +%s)
-"$PY" -m pip install -q --no-build-isolation --no-deps -e .
-echo "fastenc build + install: $(( $(date +%s) - start )) s"
+# Rebuild only when an input of the build changed (build_tools/build_stamp.py says which); then ninja
+# recompiles only the changed objects in build/.  --no-build-isolation: against the torch installed above.
+build_stamp="$VENV/.fastenc-build.json"
+if "$PY" -m build_tools.build_stamp check "$build_stamp"; then
+  echo "fastenc: extension up to date (same sources, flags and toolchain as the last build): not rebuilt"
+else
+  start=$(date +%s)
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+  "$PY" -m build_tools.build_stamp commit "$build_stamp"
+  echo "fastenc build + install: $(( $(date +%s) - start )) s"
+fi
 
 has_gpu=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "$has_gpu" = "0" ]; then

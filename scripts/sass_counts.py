@@ -5,6 +5,8 @@
 CHECKOUT is the root of any fastenc checkout (e.g. a `git worktree` of an older commit), so two
 commits compare without a GPU: its triton_kernels/ are loaded from there and compiled with this
 environment's Triton, counted as `python -m fastenc inspect` counts (alignment NOPs excluded).
+The compile specs come from its triton_kernels/specs.py, or from each kernel file's
+compile_specs() in checkouts older than specs.py.
 Attention: the hot specs at head dims 64 and 128, each with DROPOUT False and True.  LayerNorm:
 its heaviest specs (branch, bias, dropout) at hidden 1024 and 4096, bf16, aligned.
 Run without TRITON_INTERPRET (the interpreter replaces triton.jit).
@@ -20,7 +22,7 @@ import types
 import triton
 from triton.backends.compiler import GPUTarget
 
-from fastenc import inspect as fi
+from fastenc.apps import inspector as fi
 
 SM90 = fi.get_arch("sm_90")
 
@@ -38,6 +40,13 @@ def load(root: str, name: str):
     return module
 
 
+def op_specs(root: str, op: str, **kwargs) -> list:
+    """The compile specs of one op ("attention", "layer_norm") in a checkout."""
+    if os.path.exists(os.path.join(root, "triton_kernels", "specs.py")):
+        return getattr(load(root, "specs"), f"{op}_specs")(**kwargs)
+    return load(root, op).compile_specs(**kwargs)
+
+
 def count(spec: dict) -> tuple:
     """(static instructions, registers) of one compile spec on sm_90."""
     src = fi._ast_source(spec["fn"], spec["signature"], spec["constexprs"], spec.get("attrs"))
@@ -53,9 +62,8 @@ def count(spec: dict) -> tuple:
 
 
 def main(root: str) -> None:
-    attention = load(root, "attention")
     print(f"{'attention spec':42} {'no dropout':>16} {'dropout':>16}   (instructions, registers)")
-    for spec in attention.compile_specs():
+    for spec in op_specs(root, "attention"):
         if not spec["hot"] or not any(f"_hd{d}_" in spec["name"] for d in (64, 128)):
             continue
         cells = []
@@ -63,9 +71,8 @@ def main(root: str) -> None:
             s = dict(spec, constexprs=dict(spec["constexprs"], DROPOUT=dropout))
             cells.append(str(count(s)))
         print(f"{spec['name']:42} {cells[0]:>16} {cells[1]:>16}")
-    layer_norm = load(root, "layer_norm")
     print(f"\n{'layer_norm spec (dropout on)':54} (instructions, registers)")
-    for spec in layer_norm.compile_specs(dtypes=("bf16",), aligned=(True,), blocks=(1024, 4096)):
+    for spec in op_specs(root, "layer_norm", dtypes=("bf16",), aligned=(True,), blocks=(1024, 4096)):
         print(f"{spec['name']:54} {count(spec)}")
 
 

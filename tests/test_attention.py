@@ -22,6 +22,8 @@ from fastenc.backends import BackendUnavailableError
 from fastenc.ops import attention, attention_varlen
 from fastenc.testing import assert_parity
 from fastenc.triton_kernels import attention as kernels
+from fastenc.triton_kernels import specs
+from fastenc.triton_kernels.attention_config import KERNELS, AttentionConfig
 
 attn_mod = sys.modules["fastenc.ops.attention"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +155,7 @@ def test_lse_matches_logsumexp():
     q, k, v = _rand(B, L, H, D), _rand(B, S, H, D), _rand(B, S, H, D)
     kpm = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
     kpm[1] = True
-    out, lse = torch.ops.fastenc.attention_fwd(q, k, v, None, kpm, None, None, L, S, False, 0.25, 0.0, None)
+    out, lse = torch.ops.fastenc.attention_fwd(q, k, v, None, kpm, None, None, L, S, False, 0.25, 0.0, None, "triton")
     scores = torch.einsum("blhd,bshd->bhls", q.float(), k.float()) * 0.25
     expected = torch.logsumexp(scores.masked_fill(kpm[:, None, None, :], float("-inf")), -1)
     torch.testing.assert_close(lse[0], expected[0], atol=1e-4, rtol=1e-4)
@@ -308,11 +310,11 @@ def test_dropout_scaling():
     q, k = _rand(B, L, H, D), _rand(B, S, H, D)
     v = torch.ones(B, S, H, D, device=DEVICE, dtype=torch.float16)
     seed = _seed(7)
-    out, _ = torch.ops.fastenc.attention_fwd(q, k, v, None, None, None, None, L, S, False, 0.0, p, seed)
+    out, _ = torch.ops.fastenc.attention_fwd(q, k, v, None, None, None, None, L, S, False, 0.0, p, seed, "triton")
     keep = kernels.dropout_keep_mask(seed, B, H, L, S, p)
     expected = keep.float().mean(-1).transpose(1, 2)[..., None].expand(B, L, H, D) / (1 - p)
     torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
-    out1, _ = torch.ops.fastenc.attention_fwd(q, k, v, None, None, None, None, L, S, False, 0.3, 1.0, seed)
+    out1, _ = torch.ops.fastenc.attention_fwd(q, k, v, None, None, None, None, L, S, False, 0.3, 1.0, seed, "triton")
     assert torch.all(out1 == 0), "p = 1 drops everything"
 
 
@@ -328,8 +330,8 @@ def test_dropout_matches_reference_mask(causal, masked):
         kpm = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
         kpm[1, 20:] = True
     _check_parity(
-        lambda q, k, v: torch.ops.fastenc.attention_fwd(q, k, v, None, kpm, None, None, L, S, causal,
-                                                        1 / math.sqrt(D), p, seed)[0],
+        lambda q, k, v: attn_mod._Attention.apply(q, k, v, None, kpm, None, None, L, S, causal, 1 / math.sqrt(D), p,
+                                                  seed, "triton"),
         lambda q, k, v, upcast: reference.attention(q, k, v, key_padding_mask=kpm, is_causal=causal, dropout_p=p,
                                                     dropout_mask=keep, upcast=upcast),
         [_rand(B, L, H, D), _rand(B, S, H, D), _rand(B, S, H, D)], name="dropout",
@@ -366,8 +368,8 @@ def test_dropout_varlen_matches_reference_mask():
     masks = [keep[b:b + 1, :, :lens_q[b], :lens_k[b]] for b in range(2)]
     inputs = [_rand(20, H, D), _rand(10, H, D), _rand(10, H, D)]
     fast_in, ref_in, base_in = _leaves(inputs), _leaves(inputs, torch.float32), _leaves(inputs)
-    out = torch.ops.fastenc.attention_fwd(*fast_in, None, None, cu_q, cu_k, 17, 9, False, 1 / math.sqrt(D), p,
-                                          seed)[0]
+    out = attn_mod._Attention.apply(*fast_in, None, None, cu_q, cu_k, 17, 9, False, 1 / math.sqrt(D), p, seed,
+                                    "triton")
     ref, base = (reference.attention_varlen(*t, cu_q, cu_k, dropout_p=p, dropout_masks=masks, upcast=upcast)
                  for t, upcast in ((ref_in, True), (base_in, False)))
     assert_parity(out, ref, base, name="varlen dropout out")
@@ -439,13 +441,15 @@ def test_bad_inputs():
 
 def test_check_reasons():
     check = attn_mod._triton_available
-    assert check(DEVICE, torch.float16, head_dim=64) is None
-    assert check(DEVICE, torch.float16, head_dim=72) is None
-    assert "head dim 264" in check(DEVICE, torch.float16, head_dim=264)
-    assert "head dim 12" in check(DEVICE, torch.float16, head_dim=12)
-    assert check(DEVICE, torch.float16, head_dim=8) is None
-    assert "float64" in check(DEVICE, torch.float64, head_dim=64)
-    assert "mask" in check(DEVICE, torch.float16, head_dim=64, mask_requires_grad=True)
+    dev = torch.device(DEVICE)
+    assert check(dev, torch.float16, (64, 64, False)) is None
+    assert check(dev, torch.float16, (72, 72, False)) is None
+    assert "head dim 264" in check(dev, torch.float16, (264, 264, False))
+    assert "head dim 12" in check(dev, torch.float16, (12, 12, False))
+    assert check(dev, torch.float16, (8, 8, False)) is None
+    assert "float64" in check(dev, torch.float64, (64, 64, False))
+    assert "mask" in check(dev, torch.float16, (64, 64, True))
+    assert "v head dim 32" in check(dev, torch.float16, (64, 32, False))
 
 
 def test_mask_needing_grad_goes_to_reference():
@@ -471,12 +475,16 @@ def test_empty_inputs():
 
 
 def test_custom_op_opcheck():
-    q, k, v = (_rand(1, 6, 2, 32).requires_grad_() for _ in range(3))
+    """The raw custom ops (autograd is the autograd.Function above them, as flash-attention does)."""
+    q, k, v = (_rand(1, 6, 2, 32) for _ in range(3))
     kpm = torch.zeros(1, 6, dtype=torch.bool, device=DEVICE)
     kpm[0, 4:] = True
-    torch.library.opcheck(torch.ops.fastenc.attention_fwd.default,
-                          (q, k, v, None, kpm, None, None, 6, 6, False, 0.2, 0.0, None),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    args = (None, kpm, None, None, 6, 6, False, 0.2, 0.0, None, "triton")
+    torch.library.opcheck(torch.ops.fastenc.attention_fwd.default, (q, k, v, *args),
+                          test_utils=("test_schema", "test_faketensor"))
+    out, lse = torch.ops.fastenc.attention_fwd(q, k, v, *args)
+    torch.library.opcheck(torch.ops.fastenc.attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, *args),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph():
@@ -503,10 +511,11 @@ import os, subprocess, tempfile
 import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
-from fastenc.triton_kernels import attention as kernels
+from fastenc.triton_kernels.attention_config import AttentionConfig
+from fastenc.triton_kernels.specs import attention_specs
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 kernel_of = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dq_kernel": "bwd_dq", "_attn_bwd_dkdv_kernel": "bwd_dkdv"}
-for spec in kernels.compile_specs():
+for spec in attention_specs():
     src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"],
                                     attrs=spec["attrs"])
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -523,8 +532,8 @@ for spec in kernels.compile_specs():
     usage = dict(kv.split(":", 1) for kv in res.split("Function", 1)[1].split("\\n", 1)[1].split())
     ce = spec["constexprs"]
     mask_elt = {"*u8": 1, "*fp32": 4}[spec["signature"]["Mask"]] if ce["HAS_MASK"] else 0
-    cfg = dict(BLOCK_M=ce["BLOCK_M"], BLOCK_N=ce["BLOCK_N"], num_warps=spec["num_warps"], num_stages=spec["num_stages"])
-    est = kernels.smem_estimate(kernel_of[spec["fn"].__name__], cfg, ce["HEAD_DIM"], 2, mask_elt, ce["DROPOUT"])
+    cfg = AttentionConfig(ce["BLOCK_M"], ce["BLOCK_N"], spec["num_warps"], spec["num_stages"])
+    est = cfg.smem_bytes(kernel_of[spec["fn"].__name__], ce["HEAD_DIM"], 2, mask_elt, ce["DROPOUT"])
     print(spec["name"], "HGMMA", sass.count("HGMMA"), "REG", usage["REG"], "STACK", usage["STACK"],
           "LOCAL", usage["LOCAL"], "SHARED", k.metadata.shared, "EST", est,
           "SERIALIZED", log.count("wgmma.mma_async instructions are serialized"), flush=True)
@@ -541,49 +550,49 @@ def test_sm90_codegen_hgmma_no_spills():
                          timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    specs = kernels.compile_specs()
-    assert len(lines) == len(specs) and {s["name"] for s in specs} == {ln.split()[0] for ln in lines}
-    assert {s["fn"].__name__ for s in specs} >= {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}
+    shipped = specs.attention_specs()
+    assert len(lines) == len(shipped) and {s["name"] for s in shipped} == {ln.split()[0] for ln in lines}
+    assert {s["fn"].__name__ for s in shipped} >= {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}
     for line in lines:
         f = line.split()
         stats = dict(zip(f[1::2], f[2::2]))
         assert int(stats["HGMMA"]) > 0, f"{line}: no Hopper tensor-core instruction"
         # hd256 dK/dV with dropout sits at the register limit: C7515 (Triton 3.8) or an 8-byte spill
-        # (3.6), and no tile avoids both without losing wgmma (the comment above KERNELS)
+        # (3.6), and no tile avoids both without losing wgmma (the comment above attention_config._SM90)
         at_limit = f[0].startswith("attention_bwd_dkdv_dropout_hd256_")
         assert int(stats["STACK"]) + int(stats["LOCAL"]) <= (8 if at_limit else 0), f"{line}: registers spill"
         if not at_limit:
             assert int(stats["SERIALIZED"]) == 0, f"{line}: ptxas serializes the wgmma pipeline (C7515)"
         assert int(stats["SHARED"]) <= 227 * 1024, f"{line}: shared memory over the sm_90 limit"
-        assert int(stats["SHARED"]) <= int(stats["EST"]), f"{line}: smem_estimate is not an upper bound"
+        assert int(stats["SHARED"]) <= int(stats["EST"]), f"{line}: AttentionConfig.smem_bytes is not an upper bound"
 
 
-def test_compile_specs_mirror_jit_specialization():
+def test_attention_specs_mirror_jit_specialization():
     # Triton's JIT turns an int argument equal to 1 into a constexpr: the unit last stride of a
     # contiguous key padding mask / attn_mask.  The specs must compile that kernel, not a generic one.
-    for spec in kernels.compile_specs():
+    for spec in specs.attention_specs():
         ce = spec["constexprs"]
         unit = "stride_mn" if ce["HAS_MASK"] else "stride_pn"
         assert ce.get(unit) == 1 and spec["signature"][unit] == "constexpr", spec["name"]
 
 
 @pytest.mark.parametrize("smem_limit", [99 * 1024, 163 * 1024, 227 * 1024])
-def test_launch_config_fits_shared_memory(smem_limit):
+def test_attention_config_fits_shared_memory(smem_limit):
     # sm_86/89/120 allow ~99 KB per block, A100 163 KB, H100/H200 227 KB: shipped tiles must shrink to fit.
     for arch in ((8, 0), (8, 6), (9, 0), (12, 0)):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            for kernel in kernels.KERNELS:
+            for kernel in KERNELS:
                 for head_dim in (8, 64, 80, 96, 128, 256):
                     for mask_elt, dropout in itertools.product((0, 1, 2, 4), (False, True)):
-                        cfg = kernels.launch_config(kernel, head_dim, 512, dtype, arch, masked=mask_elt > 0,
+                        cfg = AttentionConfig.for_launch(kernel, head_dim, 512, dtype, arch, masked=mask_elt > 0,
                                                     smem_limit=smem_limit, mask_elt=mask_elt, dropout=dropout)
                         elt = torch.empty((), dtype=dtype).element_size()
-                        assert kernels.smem_estimate(kernel, cfg, head_dim, elt, mask_elt, dropout) <= smem_limit
-                        assert min(cfg["BLOCK_M"], cfg["BLOCK_N"]) >= 16 and cfg["num_stages"] >= 1
-    h200 = kernels.launch_config("fwd", 128, 512, torch.float16, (9, 0), smem_limit=227 * 1024, mask_elt=0)
-    assert h200 == kernels.launch_config("fwd", 128, 512, torch.float16, (9, 0)), "H200 keeps the table's tile"
+                        assert cfg.smem_bytes(kernel, head_dim, elt, mask_elt, dropout) <= smem_limit
+                        assert min(cfg.BLOCK_M, cfg.BLOCK_N) >= 16 and cfg.num_stages >= 1
+    h200 = AttentionConfig.for_launch("fwd", 128, 512, torch.float16, (9, 0), smem_limit=227 * 1024, mask_elt=0)
+    assert h200 == AttentionConfig.for_launch("fwd", 128, 512, torch.float16, (9, 0)), "H200 keeps the table's tile"
     with pytest.raises(ValueError, match="fits in"):
-        kernels.launch_config("fwd", 256, 512, torch.float32, (9, 0), smem_limit=8 * 1024)
+        AttentionConfig.for_launch("fwd", 256, 512, torch.float32, (9, 0), smem_limit=8 * 1024)
 
 
 class _ShrunkAttention(torch.autograd.Function):
@@ -604,10 +613,10 @@ class _ShrunkAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-@pytest.mark.parametrize("config", [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
-                                    dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1)])
+@pytest.mark.parametrize("config", [AttentionConfig(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+                                    AttentionConfig(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1)])
 def test_shrunk_tiles_parity(config):
-    # The smallest tiles _fit_smem can pick still give the same attention (forward and backward).
+    # The smallest tiles AttentionConfig.fit_smem can pick still give the same attention (forward and backward).
     B, L, S, H, D = 1, 37, 29, 2, 96
     q, k, v = _rand(B, L, H, D), _rand(B, S, H, D), _rand(B, S, H, D)
     kpm = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)

@@ -1,22 +1,27 @@
 """Build health of fastenc._C: CUDA code for every requested arch, no register spills in the
-handwritten kernels.  Reads the built .so with cuobjdump (no GPU needed).  Also the stamps that
-keep a stale prebuilt CUTLASS object from being linked (setup.py's helpers, no nvcc run).
+handwritten kernels (the built .so read with cuobjdump, no GPU needed), one OpenMP runtime.  Also the
+stamps that keep a stale prebuilt CUTLASS object from being linked (build_tools/cutlass_objects.py, no
+nvcc run), the rebuild stamp of scripts/run.sh, the wheel's contents and the linter.
 
 The .so tests skip only when the extension was deliberately built without CUDA
 (FASTENC_SKIP_NATIVE=1 or FASTENC_FORCE_CPU=1 in the environment); CI builds with CUDA.
 """
-import importlib.util
+import glob
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 from fastenc.backends import extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # build_tools/ is not installed
+from build_tools import build_stamp, toolchain  # noqa: E402
+from build_tools import cutlass_objects as co  # noqa: E402
 _FLAGS = [v for v in ("FASTENC_SKIP_NATIVE", "FASTENC_FORCE_CPU")
           if os.environ.get(v, "0").lower() in ("1", "true", "yes", "on")]
 needs_cuda_build = pytest.mark.skipif(bool(_FLAGS),
@@ -112,17 +117,7 @@ def test_cutlass_sm90_kernels_built_when_requested():
     assert len(cutlass) >= 2, f"expected the CUTLASS sm90 GEMMs (plain + aux) in the sm_90a cubin, got {cutlass}"
 
 
-
 # ---------------------------------------------------------------- prebuilt CUTLASS objects
-@pytest.fixture(scope="module")
-def setup_py():
-    """setup.py's helpers (imported, not run: its setup() call is under __main__)."""
-    spec = importlib.util.spec_from_file_location("fastenc_setup_under_test", os.path.join(ROOT, "setup.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def tree(tmp_path):
     """A tiny source tree shaped like csrc/: a .cu including a header that includes another."""
@@ -135,27 +130,27 @@ def tree(tmp_path):
     return tmp_path
 
 
-def _prebuild(setup_py, tree, out, nvcc_rel="13.0"):
+def _prebuild(tree, out, nvcc_rel="13.0"):
     """Stand-in for build_cutlass_objects' output: an object and its stamp, no nvcc."""
     src = str(tree / "csrc" / "cuda" / "cutlass" / "k.cu")
-    obj = setup_py.object_path(str(out), src)
+    obj = co.object_path(str(out), src)
     os.makedirs(out, exist_ok=True)
     with open(obj, "wb") as f:
         f.write(os.urandom(256))
-    setup_py._write_stamp(obj, setup_py.cutlass_stamp(src, nvcc_rel, root=str(tree)), {"nvcc_version": "V" + nvcc_rel})
+    co.write_stamp(obj, co.cutlass_stamp(src, nvcc_rel, root=str(tree)), {"nvcc_version": "V" + nvcc_rel})
     return src, obj
 
 
-def test_dependencies_follow_quoted_includes(setup_py, tree):
-    deps = setup_py.source_dependencies(str(tree / "csrc/cuda/cutlass/k.cu"), root=str(tree))
+def test_dependencies_follow_quoted_includes(tree):
+    deps = co.source_dependencies(str(tree / "csrc/cuda/cutlass/k.cu"), root=str(tree))
     assert deps == ["csrc/common.h", "csrc/cuda/cutlass/k.cu", "csrc/cuda/cutlass/k.cuh"]
 
 
-def test_fresh_stamp_matches(setup_py, tree, tmp_path):
-    src, obj = _prebuild(setup_py, tree, tmp_path / "pre")
-    assert setup_py.stamp_mismatch(obj, setup_py.cutlass_stamp(src, "13.0", root=str(tree))) is None
+def test_fresh_stamp_matches(tree, tmp_path):
+    src, obj = _prebuild(tree, tmp_path / "pre")
+    assert co.stamp_mismatch(obj, co.cutlass_stamp(src, "13.0", root=str(tree))) is None
     stamp = json.loads(open(obj + ".stamp.json").read())
-    assert stamp["flags"] == setup_py.cutlass_nvcc_flags() and stamp["nvcc_release"] == "13.0"
+    assert stamp["flags"] == co.cutlass_nvcc_flags() and stamp["nvcc_release"] == "13.0"
 
 
 @pytest.mark.parametrize("change, why", [
@@ -168,8 +163,8 @@ def test_fresh_stamp_matches(setup_py, tree, tmp_path):
     ("no_object", r"no object"),
     ("bad_stamp", r"unreadable stamp"),
 ])
-def test_stale_object_is_detected(setup_py, tree, tmp_path, change, why):
-    src, obj = _prebuild(setup_py, tree, tmp_path / "pre")
+def test_stale_object_is_detected(tree, tmp_path, change, why):
+    src, obj = _prebuild(tree, tmp_path / "pre")
     nvcc_rel, flags = "13.0", None
     if change == "header":
         (tree / "csrc" / "common.h").write_text("#pragma once\n#define CHANGED 1\n")
@@ -178,7 +173,7 @@ def test_stale_object_is_detected(setup_py, tree, tmp_path, change, why):
     elif change == "nvcc":
         nvcc_rel = "12.8"
     elif change == "flags":
-        flags = setup_py.cutlass_nvcc_flags() + ["-G"]
+        flags = co.cutlass_nvcc_flags() + ["-G"]
     elif change == "object":
         with open(obj, "ab") as f:
             f.write(b"\0")
@@ -189,55 +184,55 @@ def test_stale_object_is_detected(setup_py, tree, tmp_path, change, why):
     elif change == "bad_stamp":
         with open(obj + ".stamp.json", "w") as f:
             f.write("{truncated")
-    expected = setup_py.cutlass_stamp(src, nvcc_rel, root=str(tree), flags=flags)
-    reason = setup_py.stamp_mismatch(obj, expected)
+    expected = co.cutlass_stamp(src, nvcc_rel, root=str(tree), flags=flags)
+    reason = co.stamp_mismatch(obj, expected)
     assert reason is not None and re.search(why, reason), reason
 
 
-def test_unrelated_header_does_not_invalidate(setup_py, tree, tmp_path):
-    src, obj = _prebuild(setup_py, tree, tmp_path / "pre")
+def test_unrelated_header_does_not_invalidate(tree, tmp_path):
+    src, obj = _prebuild(tree, tmp_path / "pre")
     (tree / "csrc/cuda/cutlass/other.cuh").write_text("// edited\n")
-    assert setup_py.stamp_mismatch(obj, setup_py.cutlass_stamp(src, "13.0", root=str(tree))) is None
+    assert co.stamp_mismatch(obj, co.cutlass_stamp(src, "13.0", root=str(tree))) is None
 
 
-def test_plan_links_fresh_and_rebuilds_stale(setup_py, tree, tmp_path):
-    src, obj = _prebuild(setup_py, tree, tmp_path / "pre")
-    prebuilt, todo, _ = setup_py.plan_cutlass([src], str(tmp_path / "pre"), "13.0", None, root=str(tree))
+def test_plan_links_fresh_and_rebuilds_stale(tree, tmp_path):
+    src, obj = _prebuild(tree, tmp_path / "pre")
+    prebuilt, todo, _ = co.plan_cutlass([src], str(tmp_path / "pre"), "13.0", None, root=str(tree))
     assert prebuilt == {src: obj} and todo == []
     (tree / "csrc" / "common.h").write_text("#pragma once\n// edited\n")
-    prebuilt, todo, reasons = setup_py.plan_cutlass([src], str(tmp_path / "pre"), "13.0", [], root=str(tree))
+    prebuilt, todo, reasons = co.plan_cutlass([src], str(tmp_path / "pre"), "13.0", [], root=str(tree))
     assert prebuilt == {} and todo == [src] and "sources changed" in reasons[0]
     # Stale and no headers to compile from: the build must go on without CUTLASS, saying why.
     with pytest.raises(RuntimeError, match=r"sources changed.*no CUTLASS headers"):
-        setup_py.plan_cutlass([src], str(tmp_path / "pre"), "13.0", None, root=str(tree))
-    _, todo, reasons = setup_py.plan_cutlass([src], None, "13.0", [], root=str(tree))
+        co.plan_cutlass([src], str(tmp_path / "pre"), "13.0", None, root=str(tree))
+    _, todo, reasons = co.plan_cutlass([src], None, "13.0", [], root=str(tree))
     assert todo == [src] and "FASTENC_CUTLASS_PREBUILT is not set" in reasons[0]
 
 
-def test_cutlass_version_is_compared_only_where_headers_exist(setup_py, tree, tmp_path):
-    src, obj = _prebuild(setup_py, tree, tmp_path / "pre")  # stamped without a CUTLASS version
+def test_cutlass_version_is_compared_only_where_headers_exist(tree, tmp_path):
+    src, obj = _prebuild(tree, tmp_path / "pre")  # stamped without a CUTLASS version
     inc = tmp_path / "cutlass_inc"
     (inc / "cutlass").mkdir(parents=True)
     (inc / "cutlass" / "version.h").write_text("#define CUTLASS_MAJOR 4\n#define CUTLASS_MINOR 3\n#define CUTLASS_PATCH 1\n")
-    assert setup_py.cutlass_version([str(tmp_path), str(inc)]) == "4.3.1"
-    prebuilt, _, _ = setup_py.plan_cutlass([src], str(tmp_path / "pre"), "13.0", None, root=str(tree))
+    assert co.cutlass_version([str(tmp_path), str(inc)]) == "4.3.1"
+    prebuilt, _, _ = co.plan_cutlass([src], str(tmp_path / "pre"), "13.0", None, root=str(tree))
     assert prebuilt == {src: obj}  # a GPU image without headers cannot compare: links
-    _, todo, reasons = setup_py.plan_cutlass([src], str(tmp_path / "pre"), "13.0", [str(inc)], root=str(tree))
+    _, todo, reasons = co.plan_cutlass([src], str(tmp_path / "pre"), "13.0", [str(inc)], root=str(tree))
     assert todo == [src] and re.search(r"CUTLASS headers changed: None -> '4\.3\.1'", reasons[0]), reasons
 
 
-def test_cutlass_units_are_torch_free(setup_py):
+def test_cutlass_units_are_torch_free():
     """The prebuilt objects must not depend on torch's ABI: no ATen/c10/torch header anywhere in
     the CUTLASS translation units' own include closure, and the flags carry no torch defines."""
-    sources = setup_py.cutlass_sources()
+    sources = co.cutlass_sources()
     assert len(sources) >= 2, sources
     for src in sources:
-        for rel in setup_py.source_dependencies(src):
+        for rel in co.source_dependencies(src):
             text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
             bad = re.findall(r"#\s*include\s*[<\"]((?:ATen|c10|torch)/[^>\"]+)", text)
             assert not bad, f"{rel} (a dependency of {src}) includes {bad}"
-    assert not [f for f in setup_py.cutlass_nvcc_flags() if "TORCH" in f or "FASTENC_CUDA_ARCHS" in f]
-    assert "arch=compute_90a,code=sm_90a" in setup_py.cutlass_nvcc_flags()
+    assert not [f for f in co.cutlass_nvcc_flags() if "TORCH" in f or "FASTENC_CUDA_ARCHS" in f]
+    assert "arch=compute_90a,code=sm_90a" in co.cutlass_nvcc_flags()
 
 
 def _fake_nvcc(tmp_path, fail_on=None):
@@ -259,29 +254,208 @@ def _quiet(msg):
     pass
 
 
-def test_build_objects_compiles_only_stale_ones(setup_py, tree, tmp_path):
+def test_build_objects_compiles_only_stale_ones(tree, tmp_path):
     nvcc, log = _fake_nvcc(tmp_path)
     src = str(tree / "csrc/cuda/cutlass/k.cu")
     out = str(tmp_path / "objs")
-    objs = setup_py.build_cutlass_objects(out, [src], ["/cutlass/include"], nvcc, jobs=2, root=str(tree), log=_quiet)
+    objs = co.build_cutlass_objects(out, [src], ["/cutlass/include"], nvcc, jobs=2, root=str(tree), log=_quiet)
     assert objs == [os.path.join(out, "k.o")] and log.read_text().count("k.cu") == 1
     stamp = json.loads(open(objs[0] + ".stamp.json").read())
-    assert stamp["nvcc_version"] == "V13.0.88" and stamp["inputs"] == setup_py.source_dependencies(src, str(tree))
-    setup_py.build_cutlass_objects(out, [src], ["/cutlass/include"], nvcc, root=str(tree), log=_quiet)
+    assert stamp["nvcc_version"] == "V13.0.88" and stamp["inputs"] == co.source_dependencies(src, str(tree))
+    co.build_cutlass_objects(out, [src], ["/cutlass/include"], nvcc, root=str(tree), log=_quiet)
     assert log.read_text().count("k.cu") == 1, "an up-to-date object was recompiled"
     (tree / "csrc/cuda/cutlass/k.cuh").write_text('#pragma once\n#include "common.h"\n// edited\n')
-    setup_py.build_cutlass_objects(out, [src], ["/cutlass/include"], nvcc, root=str(tree), log=_quiet)
+    co.build_cutlass_objects(out, [src], ["/cutlass/include"], nvcc, root=str(tree), log=_quiet)
     assert log.read_text().count("k.cu") == 2, "a stale object was not recompiled"
-    assert setup_py.stamp_mismatch(objs[0], setup_py.cutlass_stamp(src, "13.0", root=str(tree))) is None
+    assert co.stamp_mismatch(objs[0], co.cutlass_stamp(src, "13.0", root=str(tree))) is None
 
 
-def test_failed_compile_leaves_no_stamp(setup_py, tree, tmp_path):
+def test_failed_compile_leaves_no_stamp(tree, tmp_path):
     nvcc, _ = _fake_nvcc(tmp_path, fail_on="k.cu")
     src = str(tree / "csrc/cuda/cutlass/k.cu")
     out = tmp_path / "objs"
-    _prebuild(setup_py, tree, out)
+    _prebuild(tree, out)
     (tree / "csrc" / "common.h").write_text("#pragma once\n// edited\n")
     with pytest.raises(RuntimeError, match=r"nvcc failed on .*k\.cu"):
-        setup_py.build_cutlass_objects(str(out), [src], [], nvcc, root=str(tree), log=_quiet)
+        co.build_cutlass_objects(str(out), [src], [], nvcc, root=str(tree), log=_quiet)
     assert not (out / "k.o.stamp.json").exists()
-    assert "no stamp" in setup_py.stamp_mismatch(str(out / "k.o"), setup_py.cutlass_stamp(src, "13.0", root=str(tree)))
+    assert "no stamp" in co.stamp_mismatch(str(out / "k.o"), co.cutlass_stamp(src, "13.0", root=str(tree)))
+
+
+# ---------------------------------------------------------------- one OpenMP runtime
+_OMP_PROBE = """import json, os, re
+def omp():  # the OpenMP runtimes mapped in this process
+    return sorted({l.split()[-1] for l in open("/proc/self/maps") if re.search(r"lib[gi]omp|libomp", l)})
+def ticks():  # user CPU time of each thread of this process, in clock ticks
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            out[tid] = int(f.read().rsplit(")", 1)[1].split()[11])
+    return out
+import torch
+with_torch = omp()
+import fastenc._C as C
+with_fastenc = omp()
+torch.set_num_threads(2)
+C.ffn_dropout_mask(64, 64, 0.1, 0, torch.device("cpu"))  # starts the OpenMP workers
+before = ticks()
+for _ in range(2):
+    C.ffn_dropout_mask(8192, 8192, 0.1, 0, torch.device("cpu"))  # one at::parallel_for, nothing else
+after = ticks()
+busy = sorted((after[t] - before.get(t, 0) for t in after), reverse=True)
+print(json.dumps({"with_torch": with_torch, "with_fastenc": with_fastenc, "busy": busy}))
+"""
+
+
+@pytest.fixture(scope="module")
+def omp_probe():
+    """What a fresh process importing torch, then fastenc._C, sees (one subprocess for the tests below)."""
+    if os.environ.get("FASTENC_SKIP_NATIVE", "0").lower() in ("1", "true", "yes", "on"):
+        pytest.skip("extension deliberately not built (FASTENC_SKIP_NATIVE)")
+    assert extension() is not None, "fastenc._C is not built: pip install --no-build-isolation -e ."
+    out = subprocess.run([sys.executable, "-c", _OMP_PROBE], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def test_extension_uses_torchs_openmp(omp_probe):
+    """at::parallel_for runs in parallel only when compiled with OpenMP (a GOMP_parallel call in _C), and the
+    process must keep ONE OpenMP runtime: _C's libgomp.so.1 resolves to the one torch loaded."""
+    so = extension().__file__
+    needed = subprocess.run(["readelf", "-d", so], check=True, capture_output=True, text=True).stdout
+    assert "[libgomp.so.1]" in needed, f"{so} does not link libgomp.so.1 (built without -fopenmp?)"
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", so], check=True, capture_output=True, text=True).stdout
+    assert re.search(r"\bGOMP_parallel\b", undefined), f"{so} has no OpenMP parallel region: parallel_for is serial"
+    with_torch, with_fastenc = omp_probe["with_torch"], omp_probe["with_fastenc"]
+    assert len(with_torch) == 1 and with_fastenc == with_torch, (
+        f"OpenMP runtimes: torch alone {with_torch}, with fastenc._C {with_fastenc}")
+
+
+def test_parallel_for_splits_work_across_threads(omp_probe):
+    """With 2 threads, the CPU dropout-mask kernel (an at::parallel_for) runs on 2 threads: each of the two busiest
+    threads does at least a quarter of the work (CPU time per thread, so a busy machine does not matter)."""
+    busy = omp_probe["busy"]
+    assert sum(busy) >= 5, f"too little work to measure: {busy}"
+    assert busy[1] >= 0.25 * sum(busy), f"per-thread CPU ticks {busy}: at::parallel_for ran on one thread"
+
+
+# ---------------------------------------------------------------- rebuild stamp (scripts/run.sh)
+@pytest.fixture
+def build_tree(tmp_path):
+    """A copy of the files the build reads, with a stand-in extension."""
+    for d in build_stamp.INPUT_DIRS:
+        shutil.copytree(os.path.join(ROOT, d), tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in build_stamp.INPUT_FILES:
+        shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+    (tmp_path / "fastenc").mkdir()
+    (tmp_path / "fastenc" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"built")
+    return tmp_path
+
+
+@pytest.mark.parametrize("change, why", [
+    ("header", r"changed: csrc/ffn\.h$"),
+    ("new_source", r"changed: csrc/cpu/new_kernel\.cpp$"),
+    ("build_tools", r"changed: build_tools/toolchain\.py$"),
+    ("env", r"env changed: .*'FASTENC_FORCE_CPU': '1'"),
+    ("isa", r"env changed: .*'FASTENC_CPU_ISA': 'default'"),
+    ("extension", r"extension changed"),
+    ("no_extension", r"extension changed: .* -> \{\}"),
+    ("bad_stamp", r"no usable stamp"),
+])
+def test_rebuild_stamp_sees_every_change(build_tree, monkeypatch, change, why):
+    root, stamp = str(build_tree), str(build_tree / "stamp.json")
+    monkeypatch.delenv("FASTENC_FORCE_CPU", raising=False)
+    monkeypatch.delenv("FASTENC_CPU_ISA", raising=False)
+    assert re.search(r"no usable stamp", build_stamp.check(stamp, root))  # first build
+    build_stamp.commit(stamp, root)
+    assert build_stamp.check(stamp, root) is None, "an unchanged tree must not rebuild"
+    so = build_tree / "fastenc" / "_C.cpython-311-x86_64-linux-gnu.so"
+    if change == "header":
+        (build_tree / "csrc" / "ffn.h").write_text((build_tree / "csrc" / "ffn.h").read_text() + "// edited\n")
+    elif change == "new_source":
+        (build_tree / "csrc" / "cpu").mkdir(exist_ok=True)
+        (build_tree / "csrc" / "cpu" / "new_kernel.cpp").write_text("// new\n")
+    elif change == "build_tools":
+        (build_tree / "build_tools" / "toolchain.py").write_text("# edited\n")
+    elif change == "env":
+        monkeypatch.setenv("FASTENC_FORCE_CPU", "1")
+    elif change == "isa":
+        monkeypatch.setenv("FASTENC_CPU_ISA", "default")
+    elif change == "extension":  # e.g. rebuilt by hand with other flags
+        so.write_bytes(b"rebuilt")
+    elif change == "no_extension":
+        so.unlink()
+    elif change == "bad_stamp":
+        (build_tree / "stamp.json").write_text("{truncated")
+    reason = build_stamp.check(stamp, root)
+    assert reason is not None and re.search(why, reason), reason
+    assert not os.path.exists(stamp), "a stale stamp must be gone before the rebuild starts"
+    build_stamp.commit(stamp, root)
+    assert build_stamp.check(stamp, root) is None
+
+
+def test_rebuild_stamp_lists_every_build_variable():
+    """Every environment variable setup.py and build_tools/ read is in the stamp, but MAX_JOBS (speed only) and
+    PATH (the stamp records the compilers found on it)."""
+    paths = [os.path.join(ROOT, "setup.py")] + glob.glob(os.path.join(ROOT, "build_tools", "*.py"))
+    text = "".join(open(p, encoding="utf-8").read() for p in paths)
+    read = set(re.findall(r'(?:environ\.get\(|environ\[|environ\.setdefault\(|env_flag\()\s*"(\w+)"', text))
+    assert {"FASTENC_SKIP_NATIVE", "FASTENC_CPU_ISA", "CUDA_HOME"} <= read, read  # the regex still finds them
+    assert read - {"MAX_JOBS", "PATH"} <= set(toolchain.BUILD_ENV), read - set(toolchain.BUILD_ENV)
+
+
+# ---------------------------------------------------------------- packaging
+_BACKEND = """import sys, setuptools.build_meta as backend
+print("BUILT=" + getattr(backend, sys.argv[1])(sys.argv[2]))
+"""
+
+
+def test_sdist_and_wheel_contents(tmp_path):
+    """The wheel installs fastenc with its Triton kernels as fastenc.triton_kernels, every subpackage, its data
+    and licence; the sdist has what setup.py needs to build the extension.  Built from a copy of the tree by
+    setuptools' PEP 517 backend with no working directory on sys.path (`python -I`), as pip runs it."""
+    import tarfile
+    import zipfile
+
+    import fastenc
+
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.o")
+    for d in ("fastenc", "triton_kernels", "build_tools", "csrc"):
+        shutil.copytree(os.path.join(ROOT, d), src / d, ignore=ignore)
+    for f in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(ROOT, f), src / f)
+    built = {}
+    for hook in ("build_sdist", "build_wheel"):  # one process per hook, as pip does
+        out = subprocess.run([sys.executable, "-I", "-c", _BACKEND, hook, str(tmp_path / "dist")], cwd=src,
+                             env={**os.environ, "FASTENC_SKIP_NATIVE": "1"}, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        built[hook] = [line[6:] for line in out.stdout.splitlines() if line.startswith("BUILT=")][-1]
+    wheel = zipfile.ZipFile(tmp_path / "dist" / built["build_wheel"]).namelist()
+
+    def tree(folder, prefix, ext=None):
+        return {prefix + os.path.relpath(os.path.join(d, f), os.path.join(ROOT, folder))
+                for d, dirs, files in os.walk(os.path.join(ROOT, folder)) if "__pycache__" not in d
+                for f in files if not f.endswith((".so", ".pyc")) and (ext is None or f.endswith(ext))}
+
+    expected = tree("fastenc", "fastenc/", ".py") | tree("fastenc/data", "fastenc/data/")
+    missing = (expected | tree("triton_kernels", "fastenc/triton_kernels/", ".py")) - set(wheel)
+    assert not missing, f"not in the wheel: {sorted(missing)}"
+    assert not [n for n in wheel if n.split("/")[0] in ("triton_kernels", "build_tools", "csrc", "tests")], wheel
+    dist_info = f"fastenc-{fastenc.__version__}.dist-info/"
+    assert dist_info + "licenses/LICENSE" in wheel
+    with zipfile.ZipFile(tmp_path / "dist" / built["build_wheel"]) as z:
+        meta = z.read(dist_info + "METADATA").decode()
+        entry_points = z.read(dist_info + "entry_points.txt").decode()
+    assert "License-Expression: BSD-3-Clause" in meta and "Requires-Dist: torch>=2.11" in meta, meta[:2000]
+    assert re.search(r"fastenc\s*=\s*fastenc\.__main__:main", entry_points), entry_points
+    with tarfile.open(tmp_path / "dist" / built["build_sdist"]) as t:
+        sdist = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
+    missing = (tree("csrc", "csrc/") | tree("build_tools", "build_tools/") | {"LICENSE", "setup.py"}) - sdist
+    assert not missing, f"not in the sdist: {sorted(missing)}"
+
+
+def test_ruff_passes():
+    pytest.importorskip("ruff", reason="ruff is a dev requirement (requirements/dev.txt)")
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

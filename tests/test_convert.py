@@ -78,3 +78,39 @@ def test_original_module_is_not_mutated():
     fastenc.optimize(holder)
     assert type(enc) is nn.TransformerEncoder and type(enc.layers[0]) is nn.TransformerEncoderLayer
     assert holder[0].layers[0].linear1 is enc.layers[0].linear1
+
+
+@pytest.mark.parametrize("unpad", [False, True], ids=["padded", "padding-free"])
+def test_optimize_torch_seq2seq_transformer(unpad):
+    """fastenc.optimize(nn.Transformer(...)) converts its encoder (final LayerNorm included) and leaves the
+    decoder to torch; with ragged source padding (memory_key_padding_mask) and a causal target mask, the
+    output and every parameter gradient match the torch model (fp64 reference, fp32 baseline)."""
+    from fastenc.testing import assert_parity
+
+    torch.manual_seed(0)
+    model = nn.Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=48,
+                           dropout=0.0, activation="gelu", batch_first=True)
+    ref, base = copy_of(model).double(), copy_of(model)
+    fast = fastenc.optimize(copy_of(model))
+    assert type(fast.encoder) is fastenc.TransformerEncoder and type(fast.decoder) is nn.TransformerDecoder
+    assert list(fast.state_dict()) == list(model.state_dict())
+    fast.encoder.unpad = unpad
+    src, tgt = torch.randn(4, 9, 32), torch.randn(4, 6, 32)
+    src_pad = torch.arange(9)[None, :] >= torch.tensor([9, 1, 5, 3])[:, None]
+    causal = nn.Transformer.generate_square_subsequent_mask(6).isinf()
+    outs = [m.train()(x.to(dtype), tgt.to(dtype), tgt_mask=causal, tgt_is_causal=True, src_key_padding_mask=src_pad,
+                      memory_key_padding_mask=src_pad)
+            for m, x, dtype in ((ref, src, torch.float64), (base, src, torch.float32), (fast, src, torch.float32))]
+    assert_parity(outs[2], outs[0], outs[1], name="decoder output")
+    weight = torch.randn(4, 6, 32)
+    for o in outs:
+        (o * weight.to(o.dtype)).sum().backward()
+    grads = [dict(m.named_parameters()) for m in (ref, base, fast)]
+    for name in grads[0]:
+        assert_parity(grads[2][name].grad, grads[0][name].grad, grads[1][name].grad, name=f"grad {name}")
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)

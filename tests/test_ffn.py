@@ -1,4 +1,4 @@
-"""Tests of fastenc.ops.ffn's "cuda" backend (fastenc._C): CPU path everywhere, CUDA paths on a GPU.
+"""Tests of fastenc.ops.ffn's extension backends (fastenc._C): "cpu" everywhere, "cuda" on a GPU.
 
 Parity rule: the extension's error against the fp32 reference must stay within 2x the error
 of the reference run in the same dtype (+ atol), for y and every gradient.
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fastenc import reference
-from fastenc.backends import BackendUnavailableError, extension
+from fastenc.backends import extension
+from fastenc.ops._common import draw_seed
 from fastenc.testing import assert_parity
 from tests.conftest import ON_GPU
 
@@ -80,7 +81,7 @@ def test_cpu_parity(activation, dtype, case):
     shape, d, f, bias, residual = case
     inputs = _make(shape, d, f, dtype, "cpu", bias=bias, residual=residual)
     x, w1, b1, w2, b2, r = inputs
-    _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cuda"), inputs, activation)
+    _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cpu"), inputs, activation)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -110,7 +111,7 @@ def test_cpu_non_contiguous_inputs():
     x, w1 = x_t.permute(1, 2, 0), w1_t.t()
     assert not (x.is_contiguous() or w1.is_contiguous() or w2.is_contiguous() or b2.is_contiguous())
     inputs = (x, w1, b1, w2, b2, None)
-    _check(lambda: ffn(x, w1, b1, w2, b2, activation="gelu", backend="cuda"), inputs, "gelu")
+    _check(lambda: ffn(x, w1, b1, w2, b2, activation="gelu", backend="cpu"), inputs, "gelu")
 
 
 @pytest.mark.parametrize("activation", ACTS)
@@ -118,9 +119,9 @@ def test_cpu_inference_keeps_no_hidden(activation):
     """Without grad nothing is saved; in training relu keeps only h (its compact backward state)."""
     x, w1, b1, w2, b2, _ = (t.detach() if t is not None else None for t in _make((7,), 384, 1000, torch.float32, "cpu"))
     seed = torch.zeros(1, dtype=torch.int64)
-    y, h, pre = ffn_mod._ffn_fwd(x, w1, b1, w2, b2, None, seed, activation, 0.0, "auto", False)
+    y, h, pre = ffn_mod._forward(x, w1, b1, w2, b2, None, seed, activation, 0.0, "auto", False)
     assert h.numel() == 0 and pre.numel() == 0 and y.shape == x.shape
-    y2, h, pre = ffn_mod._ffn_fwd(x, w1, b1, w2, b2, None, seed, activation, 0.0, "auto", True)
+    y2, h, pre = ffn_mod._forward(x, w1, b1, w2, b2, None, seed, activation, 0.0, "auto", True)
     assert h.shape == (7, 1000)
     assert pre.numel() == (0 if activation == "relu" else 7 * 1000)
     torch.testing.assert_close(y, y2, rtol=0, atol=0)
@@ -131,7 +132,7 @@ def test_cpu_inference_keeps_no_hidden(activation):
 
 def test_dropout_keep_rate_and_seeds():
     p = 0.3
-    seed = ffn_mod.draw_dropout_seed()
+    seed = draw_seed(torch.device("cpu"))
     keep = ffn_mod.dropout_keep_mask(seed, 127, 1000, p)
     assert keep.dtype == torch.bool and keep.shape == (127, 1000)
     rate = keep.float().mean().item()
@@ -152,16 +153,16 @@ def test_cpu_dropout_same_mask_forward_and_backward(activation, dtype):
     inputs = _make((127,), 384, 1000, dtype, "cpu", residual=True)
     x, w1, b1, w2, b2, r = inputs
     torch.manual_seed(1234)
-    seed = ffn_mod.draw_dropout_seed()
+    seed = draw_seed(torch.device("cpu"))
     keep = ffn_mod.dropout_keep_mask(seed, 127, 1000, p)
     torch.manual_seed(1234)  # ffn draws the same seed
-    _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, dropout_p=p, residual=r, backend="cuda"),
+    _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, dropout_p=p, residual=r, backend="cpu"),
            inputs, activation, dropout_p=p, dropout_mask=keep)
 
 
 def test_cpu_dropout_p_one_drops_everything():
     x, w1, b1, w2, b2, _ = _make((7,), 384, 1000, torch.float32, "cpu")
-    y = ffn(x, w1, b1, w2, b2, dropout_p=1.0, backend="cuda")
+    y = ffn(x, w1, b1, w2, b2, dropout_p=1.0, backend="cpu")
     torch.testing.assert_close(y, b2.expand_as(y), rtol=0, atol=0)
 
 
@@ -171,27 +172,27 @@ def test_cpu_dropout_p_one_drops_everything():
 def test_bad_inputs_raise():
     x, w1, b1, w2, b2, _ = (t.detach() if t is not None else None for t in _make((7,), 384, 1000, torch.float32, "cpu"))
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
-        ffn(x, w1, b1, w2, b2, activation="swish", backend="cuda")
+        ffn(x, w1, b1, w2, b2, activation="swish", backend="cpu")
     with pytest.raises(ValueError, match="dropout_p must be in"):
-        ffn(x, w1, b1, w2, b2, dropout_p=1.5, backend="cuda")
-    with pytest.raises(ValueError, match="x has last dim 384 but w1"):
-        ffn(x, w1[:, :100], b1, w2, b2, backend="cuda")
-    with pytest.raises(ValueError, match="w2 must be"):
-        ffn(x, w1, b1, w2.t(), b2, backend="cuda")
-    with pytest.raises(ValueError, match="b1 must be"):
-        ffn(x, w1, b1[:-1], w2, b2, backend="cuda")
-    with pytest.raises(ValueError, match="residual must have x's shape"):
-        ffn(x, w1, b1, w2, b2, residual=x[:3], backend="cuda")
-    with pytest.raises(TypeError, match="w1 has dtype"):
-        ffn(x, w1.double(), b1, w2, b2, backend="cuda")
-    with pytest.raises(BackendUnavailableError, match="float64 is not supported"):
-        ffn(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), backend="cuda")
+        ffn(x, w1, b1, w2, b2, dropout_p=1.5, backend="cpu")
+    with pytest.raises(ValueError, match=r"x must have shape \[7, 100\]"):
+        ffn(x, w1[:, :100], b1, w2, b2, backend="cpu")
+    with pytest.raises(ValueError, match=r"w2 must have shape \[384, 1000\]"):
+        ffn(x, w1, b1, w2.t(), b2, backend="cpu")
+    with pytest.raises(ValueError, match=r"b1 must have shape \[1000\]"):
+        ffn(x, w1, b1[:-1], w2, b2, backend="cpu")
+    with pytest.raises(ValueError, match=r"residual must have shape \[7, 384\]"):
+        ffn(x, w1, b1, w2, b2, residual=x[:3], backend="cpu")
+    with pytest.raises(TypeError, match="w1 .torch.float64, cpu. must match x"):
+        ffn(x, w1.double(), b1, w2, b2, backend="cpu")
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16, got torch.float64"):
+        ffn(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), backend="cpu")
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
         extension().ffn_forward(x.double(), w1.double(), None, w2.double(), None, None, "gelu", 0.0, 0, "auto", False)
     with pytest.raises(TypeError, match="b2 must be a Tensor"):
-        ffn(x, w1, b1, w2, 3.0, backend="cuda")
+        ffn(x, w1, b1, w2, 3.0, backend="cpu")
     with pytest.raises(ValueError, match=r"f, d >= 1"):
-        ffn(x[:, :0], w1[:, :0], b1, w2[:0], b2[:0], backend="cuda")
+        ffn(x[:, :0], w1[:, :0], b1, w2[:0], b2[:0], backend="cpu")
     bwd = extension().ffn_backward
     h, pre = torch.randn(7, 1000), torch.randn(7, 1000)
     with pytest.raises(TypeError, match="h has dtype"):
@@ -206,7 +207,7 @@ def test_bad_inputs_raise():
 def test_cpu_no_tokens(activation):
     """x [0, d]: y is empty, weight gradients are zero (every GEMM path routes this to ATen)."""
     x, w1, b1, w2, b2, r = _make((0,), 384, 1000, torch.float32, "cpu", residual=True)
-    y = ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cuda")
+    y = ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cpu")
     assert y.shape == (0, 384)
     grads = torch.autograd.grad(y, (x, w1, b1, w2, b2, r), torch.randn_like(y))
     for g, t in zip(grads, (x, w1, b1, w2, b2, r)):
@@ -217,7 +218,7 @@ def test_bad_gemm_path_env(monkeypatch):
     x, w1, b1, w2, b2, _ = _make((7,), 384, 1000, torch.float32, "cpu")
     monkeypatch.setenv(ffn_mod.GEMM_PATH_ENV, "cublas-fast")
     with pytest.raises(ValueError, match="is not a GEMM path"):
-        ffn(x, w1, b1, w2, b2, backend="cuda")
+        ffn(x, w1, b1, w2, b2, backend="cpu")
     monkeypatch.setenv(ffn_mod.GEMM_PATH_ENV, "cublaslt")  # cannot run erf-GELU: reported, not raised
     path, why = ffn_mod.gemm_path("cuda", torch.bfloat16, activation="gelu")
     assert path == "error" and "'cublaslt' (FASTENC_FFN_GEMM) cannot run this call" in why
@@ -230,7 +231,7 @@ def test_cpu_torch_compile_fullgraph():
     x, w1, b1, w2, b2, r = _make((7,), 384, 520, torch.float32, "cpu", residual=True)
 
     def fn(x, w1, b1, w2, b2, r):
-        return ffn(x, w1, b1, w2, b2, activation="gelu", residual=r, backend="cuda") * 2.0
+        return ffn(x, w1, b1, w2, b2, activation="gelu", residual=r, backend="cpu") * 2.0
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     y = compiled(x, w1, b1, w2, b2, r)
@@ -426,7 +427,7 @@ def test_cuda_parity(activation, dtype, shape_d, monkeypatch):
                 continue
             inputs = _make(shape, d, 4 * d, dtype, "cuda", bias=bias, residual=residual)
             x, w1, b1, w2, b2, r = inputs
-            _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cuda"),
+            _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cuda"),  # noqa: B023
                    inputs, activation)
 
 
@@ -450,7 +451,7 @@ def test_cuda_odd_width_falls_back(activation):
 def test_cuda_dropout_matches_cpu_mask(activation):
     p = 0.1
     torch.manual_seed(7)
-    seed = ffn_mod.draw_dropout_seed()
+    seed = draw_seed(torch.device("cpu"))
     keep = ffn_mod.dropout_keep_mask(seed, 127, 3072, p, device="cuda")
     torch.testing.assert_close(keep.cpu(), ffn_mod.dropout_keep_mask(seed, 127, 3072, p))  # same Philox stream
     inputs = _make((127,), 768, 3072, torch.bfloat16, "cuda", residual=True)
@@ -525,7 +526,7 @@ def test_cuda_int64_indexing_and_dropout_offsets(monkeypatch):
     assert T * f > 2**31
     x, w1, b1, w2, b2, _ = _make((T,), d, f, torch.bfloat16, "cuda")
     torch.manual_seed(11)
-    seed = ffn_mod.draw_dropout_seed()
+    seed = draw_seed(torch.device("cpu"))
     keep_tail = ffn_mod.dropout_keep_mask(seed, T, f, p, device="cuda")[-tail:]
     torch.manual_seed(11)
     y = ffn(x, w1, b1, w2, b2, activation="gelu", dropout_p=p, backend="cuda")

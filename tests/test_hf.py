@@ -1,4 +1,5 @@
-"""fastenc.optimize on Hugging Face BERT / RoBERTa / DistilBERT (and models built on them) vs the originals.
+"""fastenc.optimize on Hugging Face BERT / RoBERTa / XLM-RoBERTa / CamemBERT / ELECTRA / DistilBERT (and models
+built on them: task heads, sentence-transformers) vs the originals.
 
 Small randomly initialised models built from transformers configs (never downloaded):
 hidden 384 and 768 with 12 heads (head dims 32 and 64), 2 layers, ragged padding with a
@@ -18,37 +19,45 @@ from fastenc.testing import assert_close, assert_parity
 from tests.conftest import DEVICE, ON_GPU
 
 transformers = pytest.importorskip("transformers", reason="the HF adapter needs transformers (requirements/dev.txt)")
+tf = transformers
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    CamembertConfig,
     DistilBertConfig,
     DistilBertForSequenceClassification,
-    DistilBertModel,
+    ElectraConfig,
     RobertaConfig,
     RobertaForSequenceClassification,
-    RobertaModel,
+    XLMRobertaConfig,
 )
 
 from fastenc.models import hf  # noqa: E402
 
 VOCAB, B, S = 97, 3, 13
-BASE = {"bert": BertModel, "roberta": RobertaModel, "distilbert": DistilBertModel}
+# HF class-name prefix of each family; RoBERTa-style families pad with id 1 (their positions count from it).
+PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
+          "electra": "Electra", "distilbert": "DistilBert"}
+PAD = {"roberta": 1, "xlm-roberta": 1, "camembert": 1}
+BASE = {f: getattr(tf, f"{p}Model") for f, p in PREFIX.items()}
 TASK = {"bert": BertForSequenceClassification, "roberta": RobertaForSequenceClassification,
         "distilbert": DistilBertForSequenceClassification}
 
 
-def make_config(family, hidden=384, *, layers=2, dropout=0.0, act="gelu", eps=1e-12, **extra):
+def make_config(family, hidden=384, *, layers=2, heads=12, dropout=0.0, act="gelu", eps=1e-12, **extra):
     if family == "distilbert":
-        return DistilBertConfig(vocab_size=VOCAB, dim=hidden, n_layers=layers, n_heads=12, hidden_dim=520,
+        return DistilBertConfig(vocab_size=VOCAB, dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=520,
                                 dropout=dropout, attention_dropout=dropout, activation=act,
                                 max_position_embeddings=40, num_labels=3, **extra)
-    cls = BertConfig if family == "bert" else RobertaConfig
-    pad = 0 if family == "bert" else 1
-    return cls(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=12,
+    cls = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig,
+           "camembert": CamembertConfig, "electra": ElectraConfig}[family]
+    if family == "electra":  # ELECTRA's embeddings are narrower than its layers (embeddings_project)
+        extra.setdefault("embedding_size", hidden // 2)
+    return cls(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                intermediate_size=520, hidden_act=act, hidden_dropout_prob=dropout,
                attention_probs_dropout_prob=dropout, layer_norm_eps=eps, max_position_embeddings=40,
-               type_vocab_size=2, pad_token_id=pad, num_labels=3, **extra)
+               type_vocab_size=2, pad_token_id=PAD.get(family, 0), num_labels=3, **extra)
 
 
 def build(cls, config):
@@ -67,8 +76,7 @@ def inputs(family, seqlen=S):
     mask = torch.ones(B, seqlen, dtype=torch.long, device=DEVICE)
     mask[0, min(9, seqlen):] = 0
     mask[1, 1:] = 0
-    pad = 1 if family == "roberta" else 0
-    ids = ids.masked_fill(mask == 0, pad)
+    ids = ids.masked_fill(mask == 0, PAD.get(family, 0))
     kw = dict(input_ids=ids, attention_mask=mask)
     if family != "distilbert":
         kw["token_type_ids"] = (torch.arange(seqlen, device=DEVICE) >= seqlen // 2).long().expand(B, seqlen)
@@ -108,7 +116,9 @@ CASES = [("bert", 384, torch.float32, "eval"), ("bert", 384, torch.float32, "tra
          ("bert", 768, torch.float32, "eval"), ("bert", 768, torch.float16, "train"),
          ("roberta", 384, torch.float32, "train"), ("roberta", 384, torch.bfloat16, "eval"),
          ("roberta", 768, torch.float32, "eval"), ("distilbert", 384, torch.float32, "train"),
-         ("distilbert", 384, torch.float16, "eval"), ("distilbert", 768, torch.float32, "eval")]
+         ("distilbert", 384, torch.float16, "eval"), ("distilbert", 768, torch.float32, "eval"),
+         ("xlm-roberta", 384, torch.float32, "train"), ("camembert", 384, torch.float32, "train"),
+         ("electra", 384, torch.float32, "train"), ("electra", 384, torch.float16, "eval")]
 
 
 @pytest.mark.parametrize("family,hidden,dtype,mode", CASES,
@@ -130,9 +140,9 @@ def test_base_model_parity(family, hidden, dtype, mode):
     r, b, f = outs
     assert f.last_hidden_state.dtype == dtype
     assert_parity(f.last_hidden_state[keep], r.last_hidden_state[keep], b.last_hidden_state[keep], name="hidden")
-    if family != "distilbert":
+    if getattr(r, "pooler_output", None) is not None:
         assert_parity(f.pooler_output, r.pooler_output, b.pooler_output, name="pooler_output")
-    for m, o in zip((ref, base, fast), outs):
+    for o in outs:
         _loss(o, kw["attention_mask"], weight).backward()
     gr, gb, gf = hf_grads(ref), hf_grads(base), hf_grads(fast)
     assert set(gf) == set(gr)
@@ -162,6 +172,79 @@ def test_sequence_classification_parity(family):
     gr, gb, gf = hf_grads(ref), hf_grads(base), hf_grads(fast)
     for name in gr:
         assert_parity(gf[name], gr[name], gb[name], name=f"grad {name}")
+
+
+HEADS = ("ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering")
+
+
+def _head_targets(head, kw):
+    """Labels for a head: random targets on real tokens (-100 at padding), or answer spans."""
+    keep = kw["attention_mask"].bool()
+    if head == "ForQuestionAnswering":
+        return dict(start_positions=torch.tensor([2, 0, 5], device=DEVICE),
+                    end_positions=torch.tensor([4, 0, 9], device=DEVICE))
+    high = VOCAB if head == "ForMaskedLM" else 3
+    labels = torch.randint(0, high, keep.shape, device=DEVICE).masked_fill(~keep, -100)
+    return dict(labels=labels)
+
+
+def _head_scores(head, out):
+    if head == "ForQuestionAnswering":
+        return torch.stack([out.start_logits, out.end_logits], dim=-1)
+    return out.logits
+
+
+@pytest.mark.parametrize("unpad", [False, True], ids=["padded", "padding-free"])
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", list(PREFIX))
+def test_task_heads_parity(family, head, unpad):
+    """HF's masked-LM, token-classification and QA heads on every supported family, padding removal forced
+    on and off: scores on real tokens, the loss, and every parameter gradient (small models: hidden 64,
+    4 heads; train mode, dropout 0).  With padding removed, hidden states at padding positions are zeros
+    where HF has other values; HF's QA loss takes its softmax over padding positions too, so there the
+    QA loss is compared in the padded layout only."""
+    cls = getattr(tf, PREFIX[family] + head)
+    config = make_config(family, 64, heads=4)
+    config.num_labels = 2 if head == "ForQuestionAnswering" else 3  # start and end logits
+    config.qa_dropout = 0.0  # DistilBERT's QA head has a dropout of its own (train mode here)
+    ref, base, fast = triple(build(cls, config), torch.float32)
+    (enc,) = [m for m in fast.modules() if isinstance(m, hf.HFEncoder)]
+    enc.unpad = unpad
+    kw = inputs(family)
+    keep = kw["attention_mask"].bool()
+    targets = _head_targets(head, kw)
+    for m in (ref, base, fast):
+        m.train()
+    outs = [m(**kw, **targets) for m in (ref, base, fast)]
+    r, b, f = (_head_scores(head, o)[keep] for o in outs)
+    assert_parity(f, r, b, name=f"{head} scores on real tokens")
+    if not (unpad and head == "ForQuestionAnswering"):
+        assert_parity(outs[2].loss, outs[0].loss, outs[1].loss, name="loss")
+    weight = torch.randn_like(r, dtype=torch.float32)
+    for o in outs:
+        (_head_scores(head, o)[keep].float() * weight).sum().backward()
+    gr, gb, gf = hf_grads(ref), hf_grads(base), hf_grads(fast)
+    assert set(gf) == set(gr)
+    for name in gr:
+        if name.endswith("position_ids") or name.endswith("token_type_ids"):
+            continue
+        assert_parity(gf[name], gr[name], gb[name], name=f"grad {name}")
+
+
+def test_unsupported_families_warn_and_stay_unchanged():
+    """DeBERTa (disentangled attention) and MPNet (relative position buckets) are not converted."""
+    cases = [(tf.DebertaV2Model, tf.DebertaV2Config, "disentangled"), (tf.MPNetModel, tf.MPNetConfig, "buckets")]
+    for model_cls, config_cls, reason in cases:
+        model = model_cls(config_cls(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=96))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.warns(UserWarning, match=reason):
+            fastenc.optimize(model)
+        assert type(model) is model_cls
+        assert not any(isinstance(m, fastenc.TransformerEncoder) for m in model.modules())
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        with pytest.raises(ValueError, match=reason):
+            hf.optimize_hf(model, strict=True)
 
 
 @pytest.mark.parametrize("act,eps", [("gelu_new", 1e-12), ("gelu_pytorch_tanh", 1e-5), ("relu", 1e-6)])
@@ -323,8 +406,7 @@ def _write_tiny_bert(path):
 
     words = ["the", "movie", "was", "great", "awful", "not", "very", "a", "film", "plot", "good", "bad", "is"]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + [f"w{i}" for i in range(VOCAB - 5 - len(words))]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
     build(BertModel, make_config("bert", 384)).cpu().save_pretrained(path)
 
 
@@ -349,6 +431,44 @@ def test_sentence_transformers_mean_pooled_normalized(tmp_path, monkeypatch):
     fast = model.encode(sentences, convert_to_tensor=True, batch_size=4)
     assert_close(fast.norm(dim=-1), torch.ones(len(sentences), device=fast.device), atol=1e-5, name="unit norm")
     assert_parity(fast, ref, ref, name="sentence embeddings")
+
+
+def test_cross_encoder_parity(tmp_path, monkeypatch):
+    """A sentence-transformers CrossEncoder (BertForSequenceClassification inside): its scores, and the
+    logits and every gradient of the model it wraps, match the unconverted one."""
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers (requirements/dev.txt)")
+    from sentence_transformers import CrossEncoder
+    from transformers import BertTokenizerFast
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    words = ["the", "movie", "was", "great", "awful", "not", "very", "a", "film", "plot", "good", "bad", "is"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + [f"w{i}" for i in range(VOCAB - 5 - len(words))]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(tmp_path)
+    config = make_config("bert", 64, heads=4)
+    config.num_labels = 1
+    build(BertForSequenceClassification, config).cpu().save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_ce, fast_ce = (CrossEncoder(str(tmp_path), device=DEVICE) for _ in range(2))
+    fastenc.optimize(fast_ce)
+    assert sum(isinstance(m, hf.HFEncoder) for m in fast_ce.modules()) == 1
+    pairs = [("the movie was great", "a very good film"), ("not good", "the plot is awful , a bad film ! w1 w2"),
+             ("good", "bad")]
+    ref, fast = (ce.predict(pairs, convert_to_tensor=True) for ce in (ref_ce, fast_ce))
+    assert_parity(fast, ref, ref, name="cross-encoder scores")
+    (ref_model,), (fast_model,) = ([m for m in ce.modules() if isinstance(m, BertForSequenceClassification)]
+                                   for ce in (ref_ce, fast_ce))
+    enc = BertTokenizerFast.from_pretrained(tmp_path)([a for a, _ in pairs], [b for _, b in pairs], padding=True,
+                                                     return_tensors="pt").to(DEVICE)
+    assert not enc["attention_mask"].all() and (enc["input_ids"] > 4).sum() > 10  # padded, real words (not [UNK])
+    outs = [m.train()(**enc).logits for m in (ref_model, fast_model)]
+    assert_parity(outs[1], outs[0], outs[0], name="logits")
+    for o in outs:
+        o.sum().backward()
+    g_ref, g_fast = hf_grads(ref_model), hf_grads(fast_model)
+    assert set(g_ref) == set(g_fast)
+    for name in g_ref:
+        assert_close(g_fast[name], g_ref[name], atol=1e-6, rtol=1e-4, name=f"grad {name}")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="low-precision GPU parity needs CUDA")
@@ -406,7 +526,7 @@ def test_padding_free_equals_padded(backend):
 
         def keep_grad(module, args, out):
             out.retain_grad()
-            seen["embeddings"] = out
+            seen["embeddings"] = out  # noqa: B023 (the hook is removed in this iteration)
 
         hook = fast.embeddings.register_forward_hook(keep_grad)
         try:

@@ -16,9 +16,10 @@ from tests.conftest import DEVICE, ON_GPU, TRITON_DTYPES
 from fastenc import reference
 from fastenc.backends import BackendUnavailableError
 from fastenc.ops import residual_layer_norm
-from fastenc.ops.layer_norm import draw_dropout_seed
+from fastenc.ops._common import draw_seed as draw_dropout_seed
 from fastenc.testing import assert_close, assert_parity
 from fastenc.triton_kernels import layer_norm as kernels
+from fastenc.triton_kernels import layer_norm_config
 
 NAMES = ("x", "branch", "weight", "bias", "branch_bias")
 
@@ -170,19 +171,19 @@ def test_parity_wide_rows_with_dropout(n, prenorm, monkeypatch):
 
 
 def test_backward_path_by_hidden_size_and_dropout():
-    cfg = kernels.layer_norm_config
+    cfg = layer_norm_config.LayerNormBwdConfig.for_hidden
     for n in (1, 384, 1000, 4096):
         for dropout in (False, True):
-            b = cfg(n, dropout)["bwd"]
-            assert not b["wide"] and not b["dbb_pass"], (n, dropout, b)
+            b = cfg(n, dropout)
+            assert not b.wide and not b.dbb_pass, (n, dropout, b)
     for n in (4097, 6000, 8192):
-        b = cfg(n)["bwd"]
-        assert not b["wide"] and b["dbb_pass"] and b["ROWS"] == 1 and b["num_warps"] == 32, (n, b)
-        assert cfg(n, dropout=True)["bwd"]["wide"] and cfg(n, element_size=4)["bwd"]["wide"]
-    assert not cfg(4096, element_size=4)["bwd"]["wide"]
+        b = cfg(n)
+        assert not b.wide and b.dbb_pass and b.ROWS == 1 and b.num_warps == 32, (n, b)
+        assert cfg(n, dropout=True).wide and cfg(n, element_size=4).wide
+    assert not cfg(4096, element_size=4).wide
     for n in (8193, 16384):
-        assert cfg(n)["bwd"]["wide"] and cfg(n, dropout=True)["bwd"]["wide"]
-    assert kernels.WIDE_HIDDEN == 8192
+        assert cfg(n).wide and cfg(n, dropout=True).wide
+    assert layer_norm_config.WIDE_HIDDEN == 8192
 
 
 def test_parity_leading_dims_and_odd_rows():
@@ -386,11 +387,12 @@ def test_bad_inputs_raise():
 
 
 def test_unsupported_hidden_size_is_explained():
-    x = torch.randn(1, kernels.MAX_HIDDEN + 1, device=DEVICE)
+    x = torch.randn(1, layer_norm_config.MAX_HIDDEN + 1, device=DEVICE)
     with pytest.raises(BackendUnavailableError, match="outside the Triton kernel's range"):
         residual_layer_norm(x, None, None, None, backend="triton")
-    with pytest.raises(ValueError, match="outside the supported range"):
-        kernels.layer_norm_config(kernels.MAX_HIDDEN + 1)
+    for config in (layer_norm_config.LayerNormFwdConfig, layer_norm_config.LayerNormBwdConfig):
+        with pytest.raises(ValueError, match="outside the supported range"):
+            config.for_hidden(layer_norm_config.MAX_HIDDEN + 1)
 
 
 def test_torch_compile_fullgraph():
@@ -417,20 +419,19 @@ def test_torch_compile_fullgraph():
 
 # --------------------------------------------------------------------------- sm_90 compile check
 
-# tests/test_inspect.py compiles every shipped config in its default variant (fp16, sizes
+# tests/test_inspector.py compiles every shipped config in its default variant (fp16, sizes
 # without divisibility hints); this adds bf16, fp32 and the JIT's 16-divisibility hints (N % 16
 # == 0, aligned rows: vectorised loads, a different register allocation) for the kernels that
 # run at the register limit: the whole-row backward at 4096 and 8192 columns (64 registers at
 # 32 warps), its dbranch_bias pass, and the forward at 8192 and 16384.
 _SPILL_PROBE = r"""
-import json, os, types
-from fastenc import inspect as ins
-from fastenc.triton_kernels import layer_norm as K
+import json, os
+from fastenc.apps import inspector as ins
+from fastenc.triton_kernels.specs import layer_norm_specs
 hot = ("_ln_bwd_kernel", "_ln_fwd_kernel[BLOCK_N=8192,", "_ln_fwd_kernel[BLOCK_N=16384,")
-specs = [s for s in K.compile_specs(dtypes=("fp16", "bf16", "fp32"), aligned=(False, True), blocks=(4096, 8192, 16384))
+specs = [s for s in layer_norm_specs(dtypes=("fp16", "bf16", "fp32"), aligned=(False, True), blocks=(4096, 8192, 16384))
          if s["name"].endswith(("bf16]", "fp32]", "aligned]")) and (s["name"].startswith(hot) or ",dbb," in s["name"])]
-mod = types.SimpleNamespace(compile_specs=lambda: specs)
-reports = ins.inspect_triton(ins.get_arch("sm_90"), [("layer_norm", mod)], jobs=os.cpu_count())
+reports = ins.inspect_triton(ins.get_arch("sm_90"), [("layer_norm", lambda: specs)], jobs=os.cpu_count())
 print(json.dumps([dict(name=r.name, regs=r.regs, spill=r.spill_bytes, warps=r.num_warps) for r in reports]))
 """
 

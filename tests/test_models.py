@@ -1,13 +1,11 @@
-"""fastenc.models: Embeddings, EncoderModel, SequenceClassifier, pooling, freezing, parameter groups, fine-tuning.
+"""fastenc.models: Embeddings, EncoderModel, SequenceClassifier, pooling, freezing, parameter groups.
 
 EncoderModel parity: against a plain-PyTorch twin holding the same weights (torch's own
 nn.TransformerEncoder via fastenc.to_torch, embeddings written out with F.embedding /
 F.layer_norm) in fp64 as the reference and in the tested dtype as the baseline.
 """
 import copy
-import json
 import math
-from importlib import resources
 
 import pytest
 import torch
@@ -25,7 +23,6 @@ from fastenc.models import (
     pool,
     sinusoidal_positions,
 )
-from fastenc.models import finetune
 from fastenc.testing import assert_close, assert_parity
 from tests.conftest import DEVICE
 
@@ -98,7 +95,7 @@ def test_encoder_model_parity(case):
     assert_parity(out.last_hidden_state[keep], ref_h[keep], base_h[keep], name="hidden")
     assert_parity(out.pooled, ref_p, base_p, name="pooled")
     w = torch.randn_like(ref_p)
-    for m, p in ((fast_model, out.pooled), (ref_model, ref_p), (base_model, base_p)):
+    for p in (out.pooled, ref_p, base_p):
         (p.double() * w).sum().backward()
     ref_g = {n: p.grad for n, p in ref_model.named_parameters()}
     base_g = {n: p.grad for n, p in base_model.named_parameters()}
@@ -240,91 +237,3 @@ def test_freeze_and_groups_on_hf_models():
         groups = parameter_groups(model, 1e-3, layer_decay=0.8)
         lrs = sorted({g["lr"] for g in groups})
         assert lrs == pytest.approx([1e-3 * 0.8 ** k for k in (2, 1, 0)])  # layers 1, 2 and the head
-
-
-def test_reviews_dataset_and_split():
-    """The shipped set: loads from the package, distinct balanced reviews with hard cases, fixed split."""
-    data = finetune.reviews_dataset()
-    texts = [t for t, _ in data]
-    assert len(data) >= 480 and len(set(texts)) == len(texts)
-    assert 2 * sum(y for _, y in data) == len(data)
-    assert all(5 <= len(t.split()) <= 40 for t in texts)
-    words = [set(finetune.WordTokenizer.split(t)) for t in texts]
-    assert any("not" in w and y == 1 for w, (_, y) in zip(words, data))  # "not bad at all"
-    assert any("but" in w and y == 0 for w, (_, y) in zip(words, data))  # "great cast but ..."
-    with resources.as_file(resources.files("fastenc.data").joinpath(finetune.REVIEWS)) as path:
-        assert finetune.read_tsv(str(path)) == data  # the header line is skipped
-    train, test = finetune.train_test_split(data)
-    assert test == data[4::5] and len(train) + len(test) == len(data)
-    assert set(train).isdisjoint(test)
-    assert abs(2 * sum(y for _, y in test) - len(test)) <= 0.1 * len(test)
-    assert finetune.train_test_split(data) == (train, test)
-    with pytest.raises(ValueError, match="test_every"):
-        finetune.train_test_split(data, test_every=1)
-
-
-def test_word_tokenizer():
-    assert finetune.WordTokenizer.split("The movie WASN'T great, was it?") == [
-        "the", "movie", "wasn't", "great", ",", "was", "it", "?"]
-    tok = finetune.WordTokenizer(["the movie was great.", "great fun!"])
-    enc = tok(["The movie was GREAT", "zzz unknown"])
-    assert enc["input_ids"][0, 0] == tok.CLS and enc["input_ids"][1, 1] == tok.UNK
-    assert enc["input_ids"][0, 4] == tok.vocab["great"]
-    assert enc["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
-    rare = finetune.WordTokenizer(["the movie was great.", "great fun!"], min_count=2)
-    assert set(rare.vocab) == {"[PAD]", "[CLS]", "[UNK]", "great"}
-    short = finetune.WordTokenizer(["a b c d e f"], max_length=4)
-    assert short(["a b c d e f"])["input_ids"].shape == (1, 4)
-
-
-def test_read_tsv(tmp_path):
-    path = tmp_path / "d.tsv"
-    path.write_text("1\tgood film\n\n0\tbad film\n")
-    assert finetune.read_tsv(str(path)) == [("good film", 1), ("bad film", 0)]
-    path.write_bytes(b"label\ttext\r\n1\tgood film\r\n")
-    assert finetune.read_tsv(str(path)) == [("good film", 1)]
-    path.write_text("good film\n")
-    with pytest.raises(ValueError, match="label<TAB>text"):
-        finetune.read_tsv(str(path))
-    path.write_text("1\tgood\nlabel\ttext\n")
-    with pytest.raises(ValueError, match="d.tsv:2"):
-        finetune.read_tsv(str(path))
-
-
-def test_finetune_cli_smoke(tmp_path, capsys):
-    """The example end to end on a tiny slice: it trains, evaluates and writes the rows."""
-    out = tmp_path / "rows.json"
-    rows = finetune.main(["--train-size", "160", "--eval-size", "48", "--epochs", "1", "--batch-size", "32",
-                          "--d-model", "32", "--heads", "4", "--layers", "1", "--backends", "auto,reference",
-                          "--device", DEVICE, "--no-progress", "--out", str(out)])
-    assert [r["backend"] for r in rows] == ["auto", "reference"]
-    for r in rows:
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["train_tokens_per_s"] > 0 and math.isfinite(r["final_loss"])
-    assert json.loads(out.read_text()) == rows
-    assert "accuracy=" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="model should be"):
-        finetune.build_model("gpt", 10, 2, d_model=8, nhead=2, num_layers=1, max_position=8, dropout=0.0)
-
-
-def test_bert_init_of_the_fastenc_classifier():
-    net = finetune.build_model("fastenc", 500, 2, d_model=32, nhead=4, num_layers=1, max_position=16, dropout=0.0)
-    for name, p in net.named_parameters():
-        if ".norm" in name:
-            assert torch.equal(p, torch.full_like(p, 1.0 if name.endswith("weight") else 0.0)), name
-        elif name.endswith("bias"):
-            assert not p.any(), name
-        else:
-            assert abs(p.std().item() - 0.02) < 0.005 and abs(p.mean().item()) < 0.01, name
-
-
-def test_finetune_learns(tmp_path):
-    """A short run on a TSV task that a bag of words solves (label = the review contains the word
-    "and", about half of them): held-out loss drops and accuracy is high.  Exercises --data."""
-    rows = [(t, int("and" in finetune.WordTokenizer.split(t))) for t, _ in finetune.reviews_dataset()]
-    path = tmp_path / "task.tsv"
-    path.write_text("label\ttext\n" + "".join(f"{y}\t{t}\n" for t, y in rows))
-    (row,) = finetune.run(data=str(path), train_size=480, eval_size=160, epochs=4, batch_size=32, d_model=32,
-                          nhead=4, num_layers=1, lr=5e-3, device=DEVICE, progress=False)
-    assert row["train_examples"] == 480 and row["eval_examples"] == 160
-    assert row["eval_loss"] < 0.8 * row["eval_loss_initial"], row
-    assert row["accuracy"] > 0.75, row

@@ -145,16 +145,19 @@ def test_layer_matches_torch_reference_backend(batch_first, norm_first, activati
     check_layer("reference", batch_first, norm_first, activation, bias, mask_kind, train=True)
 
 
-def _require_native(backend):
-    if backend == "cuda" and fastenc.backends.extension() is None and os.environ.get("FASTENC_SKIP_NATIVE") == "1":
+EXTENSION = "cuda" if DEVICE == "cuda" else "cpu"  # the extension's backend for this device's tensors
+
+
+def _require_native():
+    if fastenc.backends.extension() is None and os.environ.get("FASTENC_SKIP_NATIVE") == "1":
         pytest.skip("fastenc._C deliberately not built (FASTENC_SKIP_NATIVE=1)")
 
 
 @pytest.mark.parametrize("batch_first,norm_first,activation,bias,mask_kind", GRID)
-def test_layer_matches_torch_cuda_backend(batch_first, norm_first, activation, bias, mask_kind):
-    """Global 'cuda': the FFN runs in the extension (its C++ path on CPU), the rest on auto."""
-    _require_native("cuda")
-    check_layer("cuda", batch_first, norm_first, activation, bias, mask_kind, train=True)
+def test_layer_matches_torch_extension_backend(batch_first, norm_first, activation, bias, mask_kind):
+    """Global 'cpu' (or 'cuda' on a GPU): the ops the extension implements run there, the rest on auto."""
+    _require_native()
+    check_layer(EXTENSION, batch_first, norm_first, activation, bias, mask_kind, train=True)
 
 
 # Under the Triton interpreter every launch costs ~0.1 s, so the Triton grid crosses every

@@ -23,9 +23,8 @@ mask for tests.
 Limits: head dim 8..256 in steps of 8, padded to the next power of two inside the kernel (hd 80/96
 pay for 128; the padded columns load as 0).  fp32 inputs use IEEE fp32 dots (exact parity with torch
 fp32, no TF32 speed) on small tiles; fp16/bf16 multiply on tensor cores with fp32 accumulation.
-Tiles come from fixed per-arch tables (no autotuning), shrunk to the device's shared memory per block.
-On sm_90 every shipped config compiles to async wgmma (HGMMA) with no spills and no ptxas C7515
-"wgmma serialized" warning (Triton 3.6 and 3.8); tests/test_attention.py checks all three.
+Tiles, warps and stages come from attention_config.py (fixed per-architecture tables, shrunk to the
+device's shared memory per block); the launchers read them.
 Offsets that can pass 2^31 elements (batch, head, sequence start) are computed in int64.  One
 program per (query or key block, b·h) on grid axis 0.
 """
@@ -38,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_config import AttentionConfig
 from .dropout_rng import keep_threshold, kept_signed
 
 Tensor = torch.Tensor
@@ -47,122 +47,6 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
 _MAX_GRID_X = 2**31 - 1
-
-
-# --------------------------------------------------------------------------- launch heuristics
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kernel, head-dim bucket); "fwd_short": <= 64 queries.
-# Picked so the fp32 accumulators stay in registers: every entry compiles with zero spills and
-# <= 255 registers (sm_90: HGMMA, checked by tests/test_attention.py through compile_specs).
-_SM90_CONFIGS = {
-    ("fwd", 64): (128, 64, 8, 3), ("fwd", 128): (128, 64, 8, 3), ("fwd", 256): (128, 32, 8, 2),
-    ("fwd_short", 64): (64, 64, 4, 3), ("fwd_short", 128): (64, 64, 4, 3), ("fwd_short", 256): (128, 32, 8, 2),
-    ("bwd_dq", 64): (128, 64, 8, 2), ("bwd_dq", 128): (128, 64, 8, 2), ("bwd_dq", 256): (64, 32, 8, 2),
-    ("bwd_dkdv", 64): (32, 128, 8, 2), ("bwd_dkdv", 128): (32, 128, 8, 2), ("bwd_dkdv", 256): (16, 64, 8, 2),
-}
-# sm_80 (mma.sync keeps both operands in registers): narrower tiles, fewer stages.
-_SM80_CONFIGS = {
-    ("fwd", 64): (128, 64, 8, 2), ("fwd", 128): (128, 32, 8, 2), ("fwd", 256): (64, 32, 8, 1),
-    ("fwd_short", 64): (64, 64, 8, 2), ("fwd_short", 128): (64, 64, 8, 2), ("fwd_short", 256): (64, 32, 8, 1),
-    ("bwd_dq", 64): (128, 64, 8, 1), ("bwd_dq", 128): (64, 32, 4, 2), ("bwd_dq", 256): (64, 32, 8, 1),
-    ("bwd_dkdv", 64): (32, 128, 8, 1), ("bwd_dkdv", 128): (64, 64, 8, 1), ("bwd_dkdv", 256): (16, 64, 8, 1),
-}
-# With dropout (sm_90) the dK/dV kernel at head dim 256 sits at 255 registers: Triton 3.8's ptxas
-# serialises its wgmma pipeline (C7515), Triton 3.6's spills 8 B/thread instead (40 B with the
-# one-draw-per-element dropout before).  Every other tile tried spills more (16x64 on 4 warps or
-# 1 stage, 32x64, 16x128) or drops to mma.sync (32 keys), so it keeps the table's tile;
-# tests/test_attention.py allows exactly that.
-KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
-# fp32 (IEEE FMA dots, both operands in registers): 64x32 tiles on 4 warps spilled on sm_90 at every
-# head dim (up to 6 KB of stack per thread at 128); these compile with no spills on sm_90.
-_FP32_CONFIGS = {64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 2)}
-
-
-def _bucket(head_dim: int) -> int:
-    return max(64, triton.next_power_of_2(head_dim))
-
-
-def smem_estimate(kernel: str, cfg: dict, head_dim: int, elt: int, mask_elt: int = 0, dropout: bool = False) -> int:
-    """Upper bound of a config's shared memory in bytes (what Triton's pipeliner allocates).
-
-    The resident tile (q; q and dO; k and v) once, the two streamed tiles and the attn_mask tile
-    (mask_elt bytes per element, 0 = none) once per stage, the dK/dV kernel's two fp32 row
-    statistics per stage, and with dropout, when the warps outnumber the tile's 16-row blocks (so
-    they also split its columns and the keep mask's layout is not the accumulator's), one fp32
-    score tile of layout-conversion scratch.  tests/test_attention.py checks it against the
-    compiled sm_90 kernels.
-    """
-    d = max(16, triton.next_power_of_2(head_dim))
-    bm, bn, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"]
-    if kernel == "fwd":
-        resident, streamed, stats = bm * d, 2 * bn * d, 0
-    elif kernel == "bwd_dq":
-        resident, streamed, stats = 2 * bm * d, 2 * bn * d, 0
-    else:
-        resident, streamed, stats = 2 * bn * d, 2 * bm * d, 8 * bm
-    split_cols = (bn if kernel == "bwd_dkdv" else bm) // 16 < cfg["num_warps"]
-    scratch = 4 * bm * bn if dropout and split_cols else 0
-    return elt * resident + stages * (elt * streamed + bm * bn * mask_elt + stats) + scratch
-
-
-def _fit_smem(kernel: str, cfg: dict, head_dim: int, elt: int, mask_elt: int, dropout: bool, smem_limit: int) -> dict:
-    """Shrink a config until smem_estimate fits (GPUs with ~100 KB per block: sm_86/89/120):
-    fewer stages first, then the streamed tile, then the resident one (never below 16)."""
-    cfg = dict(cfg)
-    stream = "BLOCK_M" if kernel == "bwd_dkdv" else "BLOCK_N"
-    resident = "BLOCK_N" if kernel == "bwd_dkdv" else "BLOCK_M"
-    while smem_estimate(kernel, cfg, head_dim, elt, mask_elt, dropout) > smem_limit:
-        if cfg["num_stages"] > 1:
-            cfg["num_stages"] -= 1
-        elif cfg[stream] > 16:
-            cfg[stream] //= 2
-        elif cfg[resident] > 16:
-            cfg[resident] //= 2
-        else:
-            raise ValueError(f"attention kernel {kernel}: no tile for head dim {head_dim} fits in "
-                             f"{smem_limit} bytes of shared memory")
-    return cfg
-
-
-def launch_config(kernel: str, head_dim: int, seqlen_q: int, dtype: torch.dtype, arch: Optional[Tuple[int, int]],
-                  masked: bool = False, smem_limit: Optional[int] = None, mask_elt: int = 0, dropout: bool = False):
-    """Block sizes, warps and stages of one kernel ("fwd", "bwd_dq", "bwd_dkdv") for a call.
-
-    arch: (major, minor) compute capability, or None under the Triton interpreter (CPU), where
-    small tiles make the tests cross many block boundaries.  masked: an attn_mask is streamed;
-    the forward then halves its key tile at head dim > 64 (the mask tile's registers would spill).
-    smem_limit: the device's opt-in shared memory per block in bytes, which the launchers pass
-    (None: no check); a config over it shrinks (_fit_smem).  No H200 config shrinks (largest
-    estimate 192 KB of 227 KB); mask_elt: bytes per attn_mask element (0 = no attn_mask).
-    dropout: the kernel draws a keep mask (its layout-conversion scratch counts in smem_estimate).
-    fp32 runs IEEE FMA dots on small tiles: exact but slow; fp16/bf16 is the fast path.
-    """
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
-    if arch is None:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        bm, bn, warps, stages = _FP32_CONFIGS[_bucket(head_dim)]
-    else:
-        table = _SM90_CONFIGS if arch[0] >= 9 else _SM80_CONFIGS
-        name = "fwd_short" if kernel == "fwd" and seqlen_q <= 64 else kernel
-        bm, bn, warps, stages = table[(name, _bucket(head_dim))]
-        if masked and kernel == "fwd" and _bucket(head_dim) > 64:
-            bn //= 2
-    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    if smem_limit is not None:
-        cfg = _fit_smem(kernel, cfg, head_dim, torch.empty((), dtype=dtype).element_size(), mask_elt, dropout,
-                        smem_limit)
-    return cfg
-
-
-def _grid(num_blocks: int, batch_heads: int) -> Tuple[int]:
-    """All (block, b·h) programs on grid axis 0 (limit 2^31-1): no 65535 cap on batch × heads."""
-    n = num_blocks * batch_heads
-    if n > _MAX_GRID_X:
-        raise ValueError(f"attention grid of {n} programs exceeds CUDA's 2^31-1 limit on grid axis 0")
-    return (n,)
 
 
 # --------------------------------------------------------------------------- shared device helpers
@@ -572,10 +456,23 @@ def _smem_limit(t: Tensor) -> Optional[int]:
     return getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_block_optin", None)
 
 
-def _config(kernel: str, t: Tensor, head_dim: int, seqlen_q: int, mask: Optional[Tensor], dropout: bool) -> dict:
-    return launch_config(kernel, head_dim, seqlen_q, t.dtype, _arch(t), masked=mask is not None,
-                         smem_limit=_smem_limit(t), mask_elt=0 if mask is None else mask.element_size(),
-                         dropout=dropout)
+def _config(kernel: str, t: Tensor, head_dim: int, seqlen_q: int, mask: Optional[Tensor],
+            dropout: bool) -> AttentionConfig:
+    return AttentionConfig.for_launch(kernel, head_dim, seqlen_q, t.dtype, _arch(t), masked=mask is not None,
+                                      smem_limit=_smem_limit(t),
+                                      mask_elt=0 if mask is None else mask.element_size(), dropout=dropout)
+
+
+def _grid(num_blocks: int, batch_heads: int) -> Tuple[int]:
+    """All (block, b·h) programs on grid axis 0 (limit 2^31-1): no 65535 cap on batch × heads."""
+    n = num_blocks * batch_heads
+    if n > _MAX_GRID_X:
+        raise ValueError(f"attention grid of {n} programs exceeds CUDA's 2^31-1 limit on grid axis 0")
+    return (n,)
+
+
+def _knobs(cfg: AttentionConfig) -> dict:
+    return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -648,13 +545,13 @@ def attention_forward(
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0,
     is_causal: bool = False, scale: Optional[float] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
-    config: Optional[dict] = None,
+    config: Optional[AttentionConfig] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Run the forward kernel; returns (out like q, contiguous; lse fp32 [B, H, L] or [H, Tq]).
 
     attn_mask: [B, H, L, S] (broadcast dims with stride 0), bool or float; key_padding_mask: [B, S].
     Packed mode when cu_seqlens_q/k (int32 [B+1]) are given: q [Tq, H, D], k/v [Tk, H, D], no masks.
-    seed: int64 [1] tensor, required when dropout_p > 0.  config overrides launch_config's choice.
+    seed: int64 [1] tensor, required when dropout_p > 0.  config overrides AttentionConfig.for_launch's choice.
     """
     varlen = cu_seqlens_q is not None
     _check_inputs(q, k, v, varlen)
@@ -684,15 +581,15 @@ def attention_forward(
         raise ValueError("attention kernel: dropout_p > 0 needs a seed tensor")
     mask, kpm, mask_args, kpm_args, kv_range = _prepare_masks(attn_mask, key_padding_mask, dummy)
     flags = _flags(q, mask, kpm, is_causal, varlen, dropout_p, D)
-    cfg = dict(config or _config("fwd", q, D, L, mask, flags["DROPOUT"]))
-    num_m = triton.cdiv(L, cfg["BLOCK_M"])
+    cfg = config or _config("fwd", q, D, L, mask, flags["DROPOUT"])
+    num_m = triton.cdiv(L, cfg.BLOCK_M)
     _attn_fwd_kernel[_grid(num_m, B * H)](
         q, k, v, out, lse, mask_args[0], kpm_args[0], kv_range,
         cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy, seed if seed is not None else dummy,
         *_head_strides(q, varlen), *_head_strides(k, varlen), *_head_strides(v, varlen), *_head_strides(out, varlen),
         *stride_l, *mask_args[1:], *kpm_args[1:],
         H, L, S, num_m, scale, keep_threshold(dropout_p), _drop_scale(dropout_p),
-        **flags, **cfg,
+        **flags, **_knobs(cfg),
     )
     return out, lse
 
@@ -707,7 +604,7 @@ def attention_backward(
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0,
     is_causal: bool = False, scale: Optional[float] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
-    config_dq: Optional[dict] = None, config_dkdv: Optional[dict] = None,
+    config_dq: Optional[AttentionConfig] = None, config_dkdv: Optional[AttentionConfig] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv), contiguous, for the forward's arguments and its (out, lse)."""
     varlen = cu_seqlens_q is not None
@@ -739,21 +636,21 @@ def attention_backward(
     common = (*mask_args[1:], *kpm_args[1:])
     tail = (scale, keep_threshold(dropout_p), _drop_scale(dropout_p))
 
-    cfg = dict(config_dq or _config("bwd_dq", q, D, L, mask, flags["DROPOUT"]))
-    num_m = triton.cdiv(L, cfg["BLOCK_M"])
+    cfg = config_dq or _config("bwd_dq", q, D, L, mask, flags["DROPOUT"])
+    num_m = triton.cdiv(L, cfg.BLOCK_M)
     _attn_bwd_dq_kernel[_grid(num_m, B * H)](
         q, k, v, out, dout, dq, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed,
         *_head_strides(q, varlen), *_head_strides(k, varlen), *_head_strides(v, varlen),
         *_head_strides(out, varlen), *_head_strides(dout, varlen), *_head_strides(dq, varlen),
-        *stride_l, *common, H, L, S, num_m, *tail, **flags, **cfg,
+        *stride_l, *common, H, L, S, num_m, *tail, **flags, **_knobs(cfg),
     )
-    cfg = dict(config_dkdv or _config("bwd_dkdv", q, D, L, mask, flags["DROPOUT"]))
-    num_n = triton.cdiv(S, cfg["BLOCK_N"])
+    cfg = config_dkdv or _config("bwd_dkdv", q, D, L, mask, flags["DROPOUT"])
+    num_n = triton.cdiv(S, cfg.BLOCK_N)
     _attn_bwd_dkdv_kernel[_grid(num_n, B * H)](
         q, k, v, dout, dk, dv, lse, delta, mask_args[0], kpm_args[0], kv_range, cu_q, cu_k, seed,
         *_head_strides(q, varlen), *_head_strides(k, varlen), *_head_strides(v, varlen),
         *_head_strides(dout, varlen), *_head_strides(dk, varlen),
-        *stride_l, *common, H, L, S, num_n, *tail, **flags, **cfg,
+        *stride_l, *common, H, L, S, num_n, *tail, **flags, **_knobs(cfg),
     )
     return dq, dk, dv
 
@@ -774,69 +671,3 @@ def dropout_keep_mask(seed: Tensor, batch: int, heads: int, seqlen_q: int, seqle
     _dropout_mask_kernel[grid](keep, seed, heads, seqlen_q, seqlen_k, keep_threshold(dropout_p), BLOCK_M=block,
                                BLOCK_N=block)
     return keep.bool()
-
-
-# --------------------------------------------------------------------------- compile specs
-
-
-_SCALAR_TYPES = {"sm_scale": "fp32", "drop_thresh": "i32", "drop_scale": "fp32"}
-_POINTER_TYPES = {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8", "Kpm": "*u8", "KvRange": "*i32", "CuSeqQ": "*i32",
-                  "CuSeqK": "*i32", "Seed": "*i64"}
-_TENSOR_ARGS = ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")
-
-
-def compile_specs(dtype: str = "fp16", arch: Tuple[int, int] = (9, 0)):
-    """One entry per shipped config of each kernel, for ``triton.compile(ASTSource(...))``.
-
-    Each spec is the kernel Triton's JIT builds for a BERT-style launch (B=2, L=S=512, H=12,
-    contiguous masks): integer arguments equal to 1 (the unit last stride of a key padding mask or
-    an attn_mask) become constexprs, and pointers, strides and L/S that are multiples of 16 carry
-    ``tt.divisibility`` in ``attrs`` (pass ``ASTSource(..., attrs=spec["attrs"])``; without it the
-    loads are not vectorised and the registers differ from what runs).
-    Hot variant (``hot=True``): boolean key padding mask, no causal, no dropout, at the largest head
-    dim of each config bucket (64, 128, 256).  ``hot=False``: the forward's attn_mask configs (a
-    narrower key tile) with a boolean mask, float (fp32) masks where shared memory peaks, and
-    every kernel with dropout (training) at each head-dim bucket.
-    """
-    fns = {"fwd": _attn_fwd_kernel, "bwd_dq": _attn_bwd_dq_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel}
-    variants = [(kernel, head_dim, seqlen, None, False) for kernel in KERNELS for head_dim in (64, 128, 256)
-                for seqlen in ((64, 512) if kernel == "fwd" else (512,))]
-    variants += [("fwd", head_dim, seqlen, "u8", False) for head_dim in (128, 256) for seqlen in (64, 512)]
-    variants += [("fwd", 64, 512, "fp32", False), ("bwd_dq", 128, 512, "fp32", False)]
-    variants += [(kernel, head_dim, 512, None, True) for kernel in KERNELS for head_dim in (64, 128, 256)]
-    unit_strides = {"stride_pn", "stride_mn"}
-    specs, seen = [], set()
-    for kernel, head_dim, seqlen, mask, dropout in variants:
-        cfg = launch_config(kernel, head_dim, seqlen, torch.float16, arch, masked=mask is not None, dropout=dropout)
-        key = (kernel, head_dim, mask, dropout, tuple(cfg.values()))
-        if key in seen:
-            continue
-        seen.add(key)
-        fn = fns[kernel]
-        constexprs = dict(
-            HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], IS_CAUSAL=False,
-            IS_VARLEN=False, HAS_MASK=mask is not None, MASK_BOOL=mask == "u8", HAS_KPM=mask is None,
-            KPM_BOOL=mask is None, DROPOUT=dropout, DOT_PRECISION="tf32",
-        )
-        constexprs.update({"stride_pn" if mask is None else "stride_mn": 1})
-        signature = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name in _TENSOR_ARGS:
-                signature[name] = f"*{dtype}"
-            elif name == "Mask" and mask is not None:
-                signature[name] = f"*{mask}"
-            else:
-                signature[name] = _POINTER_TYPES.get(name) or _SCALAR_TYPES.get(name, "i32")
-        # pointers, every stride but the unit ones (multiples of 16 or 0 at L = S = 512), L and S
-        aligned = [name for name in fn.arg_names if signature[name].startswith("*") or name in ("L", "S")
-                   or (name.startswith("stride_") and name not in unit_strides)]
-        tag = ("" if mask is None else ("_mask" if mask == "u8" else f"_mask{mask}")) + ("_dropout" if dropout else "")
-        specs.append(dict(
-            name=f"attention_{kernel}{tag}_hd{head_dim}_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}",
-            fn=fn, signature=signature, constexprs=constexprs,
-            attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned},
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], hot=mask is None and not dropout,
-        ))
-    return specs

@@ -30,6 +30,6 @@ def kept(word, threshold):
 @triton.jit
 def kept_signed(word, threshold):
     """``kept`` as a signed compare of word - 2^31 with t - 2^31: the same flags.  At the register
-    limit Triton 3.6's ptxas spills less with one or the other form (attention dK/dV at head dim
-    256: 8 B signed, 24 B unsigned; LayerNorm backward at 64 columns: 0 B unsigned, 8 B signed)."""
+    limit Triton 3.6's ptxas spills less with one or the other form: attention takes this one, the
+    LayerNorm kernels ``kept`` (spill figures: benchmarks/README.md, "Kernel resource figures")."""
     return (word.to(tl.int32, bitcast=True) ^ -2147483648) >= threshold

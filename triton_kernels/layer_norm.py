@@ -23,51 +23,27 @@ ops/triton/layer_norm.py; neither code is copied):
     regenerated in the backward and by `dropout_keep_mask`; nothing is stored.
   * Post-norm keeps no copy of s: the backward recomputes it from x, branch and
     the seed.  With prenorm s is an output anyway and the backward reads it.
-  * Backward for N <= 4096: a persistent grid; each program takes whole rows,
-    accumulates dweight, dbias and dbranch_bias over them in fp32 registers and
-    writes one row of partial sums, reduced afterwards by one torch sum
-    (deterministic, no atomics).
-  * Backward for 4096 < N <= WIDE_HIDDEN (8192), 16-bit rows, no dropout: the same kernel, one
-    row per program at 32 warps (8 values per thread; 64 registers, the whole register
-    file), with dweight and dbias in registers; a third accumulator spills there, so
-    dbranch_bias (when asked for) is a column sum over the dbranch (or dx) just written,
-    by _ln_bwd_params_kernel.  With dropout the post-norm keep mask is live across the
-    row sums too and spills, as do fp32 rows: both take the two-kernel path below.
-  * Backward for WIDE_HIDDEN < N <= MAX_HIDDEN (16384), and 4096 < N <= 8192 with
-    dropout or fp32 rows: a row plus its accumulators no longer fits in registers (at 16384 even two
-    rows' worth of state, xhat and g, fill a 32-warp program's 64 registers), so two
-    kernels run: _ln_bwd_wide_kernel (one row per program, a first pass over 2048-column
-    chunks for the two row sums, a second that re-reads the row, mostly from L2, for dx
-    and dbranch) and _ln_bwd_params_kernel (column tiles over all rows, re-reading s or x
-    and branch, dy and dbranch for the parameter sums).
+  * Backward, whole rows (N <= 4096; N <= 8192 for 16-bit rows without dropout): a
+    persistent grid; each program takes whole rows, accumulates dweight, dbias and
+    dbranch_bias over them in fp32 registers and writes one row of partial sums, reduced
+    afterwards by one torch sum (deterministic, no atomics).  Above 4096 columns each
+    program takes one row and dbranch_bias (when asked for) is a column sum over the
+    dbranch (or dx) just written, by _ln_bwd_params_kernel.
+  * Backward, two kernels (N > 8192; N > 4096 with dropout or fp32 rows): a row plus its
+    accumulators no longer fits in registers, so _ln_bwd_wide_kernel takes one row per
+    program, a first pass over column chunks for the two row sums and a second that
+    re-reads the row, mostly from L2, for dx and dbranch; _ln_bwd_params_kernel (column
+    tiles over all rows, re-reading s or x and branch, dy and dbranch) makes the parameter
+    sums.  Which sizes take which path, and why: layer_norm_config.py.
   * Row offsets are int64 (more than 2^31 elements); row indices are int32.
     Inputs may have arbitrary strides over two leading dims ([outer, inner, N]);
     the last dim must be unit-stride (else copied).  Outputs are contiguous.
-
-Bytes moved per element of the [M, N] problem (e = element size; the [N] vectors
-and the 8 bytes/row of statistics are negligible):
-  forward:  read x (+ branch), write y (+ s with prenorm):
-            plain LayerNorm 2e, post-norm with branch 3e, prenorm 4e.
-  backward, whole rows (N <= 4096; N <= 8192, 16-bit, no dropout): read dy, and s
-            (prenorm) or x (+ branch) (post-norm), (+ d_residual with prenorm); write dx,
-            plus dbranch only with dropout or a branch dtype unlike x's (otherwise dbranch
-            *is* dx): plain 3e, post-norm with branch 4e (5e with dropout), prenorm 4e
-            (5e with dropout), plus 2 or 3 * programs * N * 4 bytes of partial sums;
-            for 4096 < N <= 8192 the dbranch_bias pass reads dbranch once more: + e.
-  backward, two kernels (N > 8192; N > 4096 with dropout or fp32): the above, plus the parameter
-            kernel's re-reads of s (or x and branch), dy and dbranch: 2e to 4e more
-            (plain 5e; post-norm with branch 7e, 8e with branch bias, 9e with dropout
-            too; prenorm 6e to 8e).  So at 4096 < N <= 8192 without dropout the whole-row
-            path moves 3e/5e (plain), 5e/8e (post-norm with branch bias), 5e/7e (prenorm
-            with branch bias) of what the two kernels did.
 Compute: with dropout, a quarter of a Philox-4x32-10 call per element (N a multiple of 16;
-a whole call otherwise) in the forward and again in the backward.  On sm_90 that took the
-hidden-1024 forward (bf16, post-norm with branch bias and dropout) from 825 to 490 static SASS
-instructions (scripts/sass_counts.py); not yet timed against the bandwidth goal.
+a whole call otherwise) in the forward and again in the backward.  Bytes moved per path and
+static SASS counts: benchmarks/README.md ("Kernel resource figures").
 """
 from __future__ import annotations
 
-import itertools
 from typing import Optional, Tuple
 
 import torch
@@ -75,50 +51,11 @@ import triton
 import triton.language as tl
 
 from .dropout_rng import keep_threshold, kept
+from .layer_norm_config import LayerNormBwdConfig, LayerNormFwdConfig
 
 Tensor = torch.Tensor
 
-MAX_HIDDEN = 16384
-WIDE_HIDDEN = 8192  # wider rows (and 4096 < N <= 8192 with dropout or fp32) take the two-kernel backward
 _MAX_ROWS = 2**31 - 2**16  # row indices are int32 inside the kernels (offsets are int64)
-_PARAMS = dict(BLOCK_C=512, ROWS=2, num_warps=4, num_stages=1, programs_per_sm=4)  # _ln_bwd_params_kernel
-
-
-def layer_norm_config(n: int, dropout: bool = False, element_size: int = 2) -> dict:
-    """The one launch rule, by hidden size (and, for the backward, dropout and the widest
-    activation element in bytes): tiles and warps.
-
-    Forward: whole rows, at least 1K elements per tile, <= 16 values per thread up to
-    8192 columns; 32 (16 warps, 128 registers) at 16384, where 32 warps spill in bf16.
-    Backward, N <= 4096: whole rows with three register accumulators (<= 8 values per
-    thread).  4096 < N <= 8192: whole rows, one per program, 32 warps (8 values per
-    thread, 64 registers, the whole register file of an SM): dweight and dbias stay
-    in registers, dbranch_bias is summed by a second pass over dbranch (dbb_pass),
-    which spills nothing where a third accumulator did.  With dropout the keep mask
-    must also stay live across the row sums (post-norm) and that spills, and so do fp32
-    rows (post-norm without divisibility hints, Triton 3.6), so dropout, fp32 activations
-    there and all N > 8192 take the two-kernel path (column chunks, then the
-    column-tiled parameter-gradient kernel).  No config spills on sm_90 (Triton 3.6 and
-    3.8): tests/test_inspect.py compiles every bucket, and
-    tests/test_layer_norm.py::test_no_register_spills_sm90_bf16_fp32_aligned the
-    configs at the register limit in bf16, fp32 and with divisibility hints.
-    """
-    if not 1 <= n <= MAX_HIDDEN:
-        raise ValueError(f"hidden size {n} is outside the supported range 1..{MAX_HIDDEN}")
-    block_n = max(16, triton.next_power_of_2(n))
-    fwd_rows = max(1, 1024 // block_n)
-    cfg = dict(BLOCK_N=block_n, fwd=dict(ROWS=fwd_rows, num_warps=min(16, max(4, fwd_rows * block_n // 512)),
-                                         num_stages=1))
-    if block_n <= 4096:
-        bwd_rows = max(1, 512 // block_n)
-        cfg["bwd"] = dict(wide=False, ROWS=bwd_rows, num_warps=min(32, max(4, bwd_rows * block_n // 128)),
-                          num_stages=1, programs_per_sm=2, dbb_pass=False)
-    elif block_n <= WIDE_HIDDEN and not dropout and element_size <= 2:
-        cfg["bwd"] = dict(wide=False, ROWS=1, num_warps=32, num_stages=1, programs_per_sm=1, dbb_pass=True,
-                          params=_PARAMS)
-    else:
-        cfg["bwd"] = dict(wide=True, BLOCK_C=2048, num_warps=8, num_stages=1, params=_PARAMS)
-    return cfg
 
 
 # --------------------------------------------------------------------------- kernels
@@ -604,6 +541,11 @@ def _check_vector(name: str, t: Optional[Tensor], x: Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernels read [N] vectors densely: a strided or expanded (stride 0) one is copied first."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def _dropout_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
@@ -632,11 +574,12 @@ def residual_layer_norm_fwd(
     Returns (y, s or None, mean, rstd): y and s contiguous in x's dtype, mean/rstd fp32 [M].
     """
     n = x.shape[-1]
-    cfg = layer_norm_config(n)
+    f = LayerNormFwdConfig.for_hidden(n)
     if branch is not None:
         _check_row_input("branch", branch, x)
     for name, t in (("weight", weight), ("bias", bias), ("branch_bias", branch_bias)):
         _check_vector(name, t, x)
+    weight, bias, branch_bias = (_unit_stride(t) for t in (weight, bias, branch_bias))
     has_dropout = branch is not None and dropout_p > 0.0
     if has_dropout and (seed is None or seed.dtype != torch.int64 or seed.device != x.device):
         raise ValueError("dropout needs a seed: an int64 tensor of shape [1] on x's device")
@@ -651,8 +594,7 @@ def residual_layer_norm_fwd(
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if m == 0:
         return y, resid, mean, rstd
-    f = cfg["fwd"]
-    grid = (triton.cdiv(m, f["ROWS"]),)
+    grid = (triton.cdiv(m, f.ROWS),)
     _ln_fwd_kernel[grid](
         x3, br3, branch_bias if branch_bias is not None else x3,
         weight if weight is not None else x3, bias if bias is not None else x3,
@@ -662,8 +604,8 @@ def residual_layer_norm_fwd(
         eps, dropout_p, keep_threshold(dropout_p), _dropout_scale(dropout_p),
         HAS_BRANCH=branch is not None, HAS_BRANCH_BIAS=branch is not None and branch_bias is not None,
         HAS_DROPOUT=has_dropout, HAS_W=weight is not None, HAS_B=bias is not None,
-        STORE_RESID=store_residual, BLOCK_N=cfg["BLOCK_N"], ROWS=f["ROWS"], GROUP_RNG=_group_rng(n),
-        num_warps=f["num_warps"], num_stages=f["num_stages"],
+        STORE_RESID=store_residual, BLOCK_N=f.BLOCK_N, ROWS=f.ROWS, GROUP_RNG=_group_rng(n),
+        num_warps=f.num_warps, num_stages=f.num_stages,
     )
     return y, resid, mean, rstd
 
@@ -698,13 +640,15 @@ def residual_layer_norm_bwd(
     parameter gradients are None.
     """
     n = dy.shape[-1]
+    weight, branch_bias = _unit_stride(weight), _unit_stride(branch_bias)
     has_dropout = has_branch and dropout_p > 0.0
     recompute = resid is None
     ref = resid if resid is not None else x
     if ref is None:
         raise ValueError("the backward needs either the saved residual or x")
     loaded = (dy, ref, dresid, branch if recompute else None)
-    cfg = layer_norm_config(n, dropout=has_dropout, element_size=max(t.element_size() for t in loaded if t is not None))
+    b = LayerNormBwdConfig.for_hidden(n, dropout=has_dropout,
+                                      element_size=max(t.element_size() for t in loaded if t is not None))
     branch_dtype = branch_dtype or (branch.dtype if branch is not None else ref.dtype)
     store_dbranch = has_branch and (has_dropout or branch_dtype != ref.dtype)
     need_dweight = need_dweight and weight is not None
@@ -718,7 +662,6 @@ def residual_layer_norm_bwd(
     dx = torch.empty(dy.shape, dtype=ref.dtype, device=dy.device)
     dbranch = torch.empty(dy.shape, dtype=branch_dtype, device=dy.device) if store_dbranch else None
 
-    b = cfg["bwd"]
     common = dict(HAS_BRANCH=has_branch, HAS_BRANCH_BIAS=has_branch and branch_bias is not None,
                   HAS_DROPOUT=has_dropout, RECOMPUTE=recompute, GROUP_RNG=_group_rng(n))
     pointers = (x3, br3, branch_bias if (recompute and branch_bias is not None) else dy3, res2)
@@ -727,30 +670,30 @@ def residual_layer_norm_bwd(
     # _ln_bwd_params_kernel makes (all of them after the wide kernel, dbranch_bias alone after
     # a whole-row kernel too tight in registers for a third accumulator).
     needs = dict(COMPUTE_DW=need_dweight, COMPUTE_DB=need_dbias, COMPUTE_DBB=need_dbranch_bias)
-    in_rows = {k: v and not b["wide"] and not (k == "COMPUTE_DBB" and b["dbb_pass"]) for k, v in needs.items()}
+    in_rows = {k: v and not b.wide and not (k == "COMPUTE_DBB" and b.dbb_pass) for k, v in needs.items()}
     in_cols = {k: v and not in_rows[k] for k, v in needs.items()}
-    if not b["wide"]:
-        tiles = triton.cdiv(m, b["ROWS"])
-        programs = _num_programs(dy.device, tiles, b["programs_per_sm"])
+    if not b.wide:
+        tiles = triton.cdiv(m, b.ROWS)
+        programs = _num_programs(dy.device, tiles, b.programs_per_sm)
     if any(in_cols.values()):
-        p = b["params"]
-        tiles_p = triton.cdiv(m, p["ROWS"])
-        col_tiles = triton.cdiv(n, p["BLOCK_C"])
-        programs_p = max(1, min(tiles_p, _num_programs(dy.device, tiles_p, p["programs_per_sm"]) // col_tiles))
+        p = b.params
+        tiles_p = triton.cdiv(m, p.ROWS)
+        col_tiles = triton.cdiv(n, p.BLOCK_C)
+        programs_p = max(1, min(tiles_p, _num_programs(dy.device, tiles_p, p.programs_per_sm) // col_tiles))
     dw_part, db_part, dbb_part = (
         torch.empty((programs if in_rows[k] else programs_p, n), dtype=torch.float32, device=dy.device)
         if needs[k] else None
         for k in ("COMPUTE_DW", "COMPUTE_DB", "COMPUTE_DBB")
     )
     parts = tuple(t if t is not None else mean for t in (dw_part, db_part, dbb_part))
-    if m > 0 and not b["wide"]:
+    if m > 0 and not b.wide:
         _ln_bwd_kernel[(programs,)](
             *pointers, weight if weight is not None else dy3, seed_arg, mean, rstd, dy3, dres3,
             dx, dbranch if dbranch is not None else dx, *parts,
             m, n, dy3.shape[1], *_strides(x3), *_strides(br3), *_strides(dy3), *_strides(dres3),
             dropout_p, keep_threshold(dropout_p), _dropout_scale(dropout_p), triton.cdiv(tiles, programs),
             HAS_W=weight is not None, HAS_DRESID=dresid is not None, STORE_DBRANCH=store_dbranch, **common,
-            **in_rows, BLOCK_N=cfg["BLOCK_N"], ROWS=b["ROWS"], num_warps=b["num_warps"], num_stages=b["num_stages"],
+            **in_rows, BLOCK_N=b.BLOCK_N, ROWS=b.ROWS, num_warps=b.num_warps, num_stages=b.num_stages,
         )
     elif m > 0:
         _ln_bwd_wide_kernel[(m,)](
@@ -759,7 +702,7 @@ def residual_layer_norm_bwd(
             m, n, dy3.shape[1], *_strides(x3), *_strides(br3), *_strides(dy3), *_strides(dres3),
             dropout_p, keep_threshold(dropout_p), _dropout_scale(dropout_p),
             HAS_W=weight is not None, HAS_DRESID=dresid is not None, STORE_DBRANCH=store_dbranch, **common,
-            BLOCK_C=b["BLOCK_C"], num_warps=b["num_warps"], num_stages=b["num_stages"],
+            BLOCK_C=b.BLOCK_C, num_warps=b.num_warps, num_stages=b.num_stages,
         )
     if m > 0 and any(in_cols.values()):
         _ln_bwd_params_kernel[(col_tiles, programs_p)](
@@ -767,7 +710,7 @@ def residual_layer_norm_bwd(
             m, n, dy3.shape[1], *_strides(x3), *_strides(br3), *_strides(dy3),
             dropout_p, keep_threshold(dropout_p), _dropout_scale(dropout_p), triton.cdiv(tiles_p, programs_p),
             **common, **in_cols,
-            BLOCK_C=p["BLOCK_C"], ROWS=p["ROWS"], num_warps=p["num_warps"], num_stages=p["num_stages"],
+            BLOCK_C=p.BLOCK_C, ROWS=p.ROWS, num_warps=p.num_warps, num_stages=p.num_stages,
         )
 
     def reduce(partial: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
@@ -788,107 +731,15 @@ def residual_layer_norm_bwd(
 def dropout_keep_mask(seed: Tensor, shape: Tuple[int, ...], dropout_p: float) -> Tensor:
     """The boolean keep mask (True = kept) the kernels draw for ``seed`` over rows of ``shape`` [..., N]."""
     n = shape[-1]
-    cfg = layer_norm_config(n)
+    f = LayerNormFwdConfig.for_hidden(n)
     keep = torch.empty(shape, dtype=torch.bool, device=seed.device)
     m = keep.numel() // n
     if m > 0 and dropout_p >= 1.0:  # the kernels scale by 1 - p = 0: nothing is kept (dropout_rng)
         keep.zero_()
     elif m > 0:
-        rows = cfg["fwd"]["ROWS"]
-        _dropout_keep_kernel[(triton.cdiv(m, rows),)](
-            seed, keep, m, n, dropout_p, keep_threshold(dropout_p), BLOCK_N=cfg["BLOCK_N"], ROWS=rows,
+        _dropout_keep_kernel[(triton.cdiv(m, f.ROWS),)](
+            seed, keep, m, n, dropout_p, keep_threshold(dropout_p), BLOCK_N=f.BLOCK_N, ROWS=f.ROWS,
             GROUP_RNG=_group_rng(n),
-            num_warps=cfg["fwd"]["num_warps"],
+            num_warps=f.num_warps,
         )
     return keep
-
-
-# --------------------------------------------------------------------------- inspection
-
-
-_STRIDES = {"stride_x_outer": "i64", "stride_x_inner": "i32", "stride_br_outer": "i64", "stride_br_inner": "i32",
-            "stride_dy_outer": "i64", "stride_dy_inner": "i32", "stride_dres_outer": "i64",
-            "stride_dres_inner": "i32"}
-
-
-def _signature(fn, constexprs: dict, dtype: str = "fp16") -> dict:
-    """Argument types: activations in ``dtype``, fp32 parameters, statistics and partial sums."""
-    types = {"SEED": "*i64", "MEAN": "*fp32", "RSTD": "*fp32", "W": "*fp32", "B": "*fp32", "M": "i32", "N": "i32",
-             "INNER": "i32", "eps": "fp32", "dropout_p": "fp32", "drop_thresh": "i32", "dropout_scale": "fp32",
-             "tiles_per_program": "i32", **_STRIDES}
-    sig = {}
-    for arg in fn.arg_names:
-        if arg in constexprs:
-            sig[arg] = "constexpr"
-        elif arg in types:
-            sig[arg] = types[arg]
-        else:
-            sig[arg] = "*fp32" if arg.endswith("_PART") else f"*{dtype}"
-    return sig
-
-
-def _aligned_attrs(fn, signature: dict) -> dict:
-    """The hints the JIT adds for 16-byte aligned pointers and sizes and strides divisible by 16
-    (contiguous rows with N % 16 == 0): vectorised loads, a different register allocation."""
-    names = list(fn.arg_names)
-    return {(names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items()
-            if t.startswith("*") or a == "N" or a.startswith("stride")}
-
-
-def compile_specs(dtypes=("fp16",), aligned=(False,), blocks=None) -> list:
-    """One entry per shipped config of each hot kernel (per hidden-size bucket), for triton.compile.
-
-    The flags are the heaviest variant each config runs (branch, branch bias, dropout,
-    weight, bias, prenorm or post-norm recompute), which bounds register use.  By default
-    fp16 activations and sizes without divisibility hints (as for N = 1000), over every
-    bucket (what `python -m fastenc inspect` compiles); ``dtypes`` ("fp16", "bf16",
-    "fp32"), ``aligned`` (False: no hints, True: the JIT's 16-divisibility hints) and
-    ``blocks`` (BLOCK_N buckets) widen or narrow the sweep.  ``fn`` is the @triton.jit
-    function; under TRITON_INTERPRET=1 it is an interpreter wrapper that triton.compile
-    cannot take, so compile in a process without that variable.
-    """
-    specs = []
-    variant = dict(dtype="fp16", aligned=False)
-
-    def add(name, fn, constexprs, launch):
-        sig = _signature(fn, constexprs, variant["dtype"])
-        tag = "" if (variant["dtype"], variant["aligned"]) == ("fp16", False) else (
-            f",{variant['dtype']}" + (",aligned" if variant["aligned"] else ""))
-        spec = dict(name=f"{name[:-1]}{tag}]", fn=fn, signature=sig, constexprs=constexprs,
-                    num_warps=launch["num_warps"], num_stages=launch["num_stages"], hot=True)
-        if variant["aligned"]:
-            spec["attrs"] = _aligned_attrs(fn, sig)
-        specs.append(spec)
-
-    all_blocks = [2**k for k in range(4, MAX_HIDDEN.bit_length())]
-    for block, dtype, align in itertools.product(blocks or all_blocks, dtypes, aligned):
-        variant.update(dtype=dtype, aligned=align)
-        # A hinted N is a multiple of 16, which is when the launchers group dropout draws.
-        feats = dict(HAS_BRANCH=True, HAS_BRANCH_BIAS=True, HAS_DROPOUT=True, GROUP_RNG=align)
-        f = layer_norm_config(block)["fwd"]
-        add(f"_ln_fwd_kernel[BLOCK_N={block}]", _ln_fwd_kernel,
-            dict(feats, HAS_W=True, HAS_B=True, STORE_RESID=True, BLOCK_N=block, ROWS=f["ROWS"]), f)
-        # Each backward config once, with the heaviest flags it runs with (dropout where it takes it).
-        size = 4 if dtype == "fp32" else 2
-        bwd = {dropout: layer_norm_config(block, dropout, size)["bwd"] for dropout in (False, True)}
-        configs = {bwd[dropout]["wide"]: (dropout, bwd[dropout]) for dropout in (False, True)}
-        for dropout, b in configs.values():
-            for recompute in (True, False):
-                mode = "postnorm" if recompute else "prenorm"
-                flags = dict(feats, HAS_DROPOUT=dropout, HAS_W=True, RECOMPUTE=recompute,
-                             HAS_DRESID=not recompute, STORE_DBRANCH=True)
-                if not b["wide"]:
-                    add(f"_ln_bwd_kernel[BLOCK_N={block},{mode}]", _ln_bwd_kernel,
-                        dict(flags, COMPUTE_DW=True, COMPUTE_DB=True, COMPUTE_DBB=not b["dbb_pass"], BLOCK_N=block,
-                             ROWS=b["ROWS"]), b)
-                else:
-                    add(f"_ln_bwd_wide_kernel[BLOCK_N={block},{mode}]", _ln_bwd_wide_kernel,
-                        dict(flags, BLOCK_C=b["BLOCK_C"]), b)
-                if b["wide"] or b["dbb_pass"]:
-                    p = b["params"]
-                    sums = dict(COMPUTE_DW=b["wide"], COMPUTE_DB=b["wide"], COMPUTE_DBB=True)
-                    add(f"_ln_bwd_params_kernel[BLOCK_N={block},{mode}{'' if b['wide'] else ',dbb'}]",
-                        _ln_bwd_params_kernel,
-                        dict(feats, HAS_DROPOUT=dropout, RECOMPUTE=recompute, **sums, BLOCK_C=p["BLOCK_C"],
-                             ROWS=p["ROWS"]), p)
-    return specs

@@ -7,23 +7,20 @@ Removing padding is a gather with idx = positions of the real tokens in the
 flattened [B*L] layout; restoring it is the same kernel with the inverse map
 (packed row of each position, -1 at padding), so zeros are written in the same
 single pass (no separate fill).  Each is the other's backward.
-Bytes moved: one read and one write of every output row that is not padding,
-one write of every padding row.  Row offsets are int64; the last dim must be
-unit-stride (rows may have any stride).
+Row offsets are int64; the last dim must be unit-stride (rows may have any
+stride).  Launch policy: padding_config.py.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
+from .padding_config import GatherConfig
+
 Tensor = torch.Tensor
-
-
-def gather_config(n_cols: int, elem_size: int) -> dict:
-    """Launch rule: up to 16 KB of a row per program, 16-byte vectors per thread."""
-    block = min(triton.next_power_of_2(max(n_cols, 1)), 16384 // elem_size)
-    return {"BLOCK": block, "num_warps": 4 if block * elem_size >= 4096 else 2 if block * elem_size >= 1024 else 1}
 
 
 @triton.jit
@@ -51,32 +48,13 @@ def gather_rows(src: Tensor, idx: Tensor) -> Tensor:
         raise TypeError(f"gather_rows index must be int32 or int64, got {idx.dtype}")
     if src.device != idx.device:
         raise ValueError(f"src on {src.device} but idx on {idx.device}")
-    rows = src.reshape(src.shape[0], -1)
+    n_cols = math.prod(src.shape[1:])
+    rows = src.reshape(src.shape[0], n_cols)  # not (n, -1): a batch of padding only has n = 0 rows
     if rows.numel() and rows.stride(-1) != 1:
         rows = rows.contiguous()
-    n_cols = rows.shape[1]
     out = torch.empty((idx.shape[0], n_cols), dtype=src.dtype, device=src.device)
     if out.numel():
-        cfg = gather_config(n_cols, src.element_size())
-        grid = (idx.shape[0], triton.cdiv(n_cols, cfg["BLOCK"]))
-        _gather_rows_kernel[grid](rows, idx, out, n_cols, rows.stride(0), BLOCK=cfg["BLOCK"],
-                                  num_warps=cfg["num_warps"])
+        cfg = GatherConfig.for_rows(n_cols, src.element_size())
+        grid = (idx.shape[0], triton.cdiv(n_cols, cfg.BLOCK))
+        _gather_rows_kernel[grid](rows, idx, out, n_cols, rows.stride(0), BLOCK=cfg.BLOCK, num_warps=cfg.num_warps)
     return out.view(idx.shape[0], *src.shape[1:])
-
-
-def compile_specs():
-    """Shipped configs for the kernel inspector: a BERT-base row (768 fp16) and a wide one."""
-    specs = []
-    for n in (768, 4096):
-        cfg = gather_config(n, 2)
-        specs.append({
-            "name": f"gather_rows[n={n},fp16]",
-            "fn": _gather_rows_kernel,
-            "signature": {"src": "*fp16", "idx": "*i64", "out": "*fp16", "n_cols": "i32", "src_stride": "i64",
-                          "BLOCK": "constexpr"},
-            "constexprs": {"BLOCK": cfg["BLOCK"]},
-            "num_warps": cfg["num_warps"],
-            "num_stages": 1,
-            "hot": False,
-        })
-    return specs

@@ -1,4 +1,5 @@
-"""Encoder models (embeddings + fastenc encoder + pooling), fine-tuning helpers, Hugging Face adapters.
+"""Encoder models (embeddings + fastenc encoder + pooling), task heads, masking, fine-tuning helpers,
+Hugging Face adapters.
 
 The Hugging Face adapter (``fastenc.models.hf``) imports transformers, so it is loaded
 only on first use of one of its names.
@@ -7,8 +8,18 @@ import importlib
 import sys
 
 from .embeddings import Embeddings, sinusoidal_positions
-from .encoder_model import ClassifierOutput, EncoderModel, EncoderOutput, Pooler, SequenceClassifier, pool
-from .finetune import encoder_parts, freeze, parameter_groups
+from .encoder_model import (
+    ClassifierOutput,
+    EncoderModel,
+    EncoderOutput,
+    Pooler,
+    SequenceClassifier,
+    bert_init,
+    pool,
+)
+from .finetuning import encoder_parts, freeze, parameter_groups
+from .heads import IGNORE_INDEX, MaskedLM, MaskedLMOutput, QuestionAnswering, SpanOutput
+from .masking import mask_tokens
 
 _HF_NAMES = ("HFEncoder", "optimize_hf", "to_hf", "unsupported_reason")
 
@@ -17,11 +28,18 @@ __all__ = [
     "Embeddings",
     "EncoderModel",
     "EncoderOutput",
+    "IGNORE_INDEX",
+    "MaskedLM",
+    "MaskedLMOutput",
     "Pooler",
+    "QuestionAnswering",
     "SequenceClassifier",
+    "SpanOutput",
+    "bert_init",
     "encoder_parts",
     "freeze",
     "hf_hook",
+    "mask_tokens",
     "parameter_groups",
     "pool",
     "sinusoidal_positions",

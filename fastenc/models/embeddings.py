@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
-from ..modules import BackendSpec, _check_backend
+from ..backends import BackendSpec
+from ..modules import BackendSetting
+from ..ops.layer_norm import residual_layer_norm_unchecked
 
 Tensor = torch.Tensor
 
@@ -32,7 +33,7 @@ def sinusoidal_positions(num_positions: int, dim: int) -> Tensor:
     return table.float()
 
 
-class Embeddings(nn.Module):
+class Embeddings(BackendSetting, nn.Module):
     """Token + position (+ token-type) embeddings, LayerNorm, dropout.
 
     type_vocab_size=0 means no token-type (segment) embeddings.  ``pad_token_id`` rows
@@ -60,7 +61,41 @@ class Embeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(type_vocab_size, d_model, **factory) if type_vocab_size else None
         self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
         self.dropout = nn.Dropout(dropout)
-        self.backend = _check_backend(backend)
+        self.backend = backend
+
+    def _check_ids(self, input_ids, token_type_ids, position_ids) -> None:
+        """Types, shapes, and values in [0, table size) of every id tensor (one host sync for all)."""
+        tables = [("input_ids", input_ids, self.word_embeddings.num_embeddings),
+                  ("token_type_ids", token_type_ids, getattr(self.token_type_embeddings, "num_embeddings", 0)),
+                  ("position_ids", position_ids, self.max_position)]
+        for name, ids, _ in tables:
+            if (ids is not None or name == "input_ids") and (not isinstance(ids, Tensor)
+                                                             or ids.dtype not in (torch.int32, torch.int64)):
+                got = getattr(ids, "dtype", type(ids).__name__)
+                raise TypeError(f"{name} should be an integer (int32/int64) tensor, got {got}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids should be 2D [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.device != self.word_embeddings.weight.device:
+            raise ValueError(f"input_ids are on {input_ids.device} but the embeddings on "
+                             f"{self.word_embeddings.weight.device}")
+        B, L = input_ids.shape
+        if L > self.max_position and position_ids is None:
+            raise ValueError(f"sequence length {L} exceeds max_position={self.max_position}")
+        if token_type_ids is not None and self.token_type_embeddings is None:
+            raise ValueError("token_type_ids given but the embeddings were built with type_vocab_size=0")
+        tables = [t for t in tables if t[1] is not None]
+        for name, ids, _ in tables[1:]:
+            if ids.device != input_ids.device or ids.dim() > 2 or any(n not in (1, m) for n, m in
+                                                                      zip(ids.shape[::-1], (L, B))):
+                raise ValueError(f"{name} should broadcast to input_ids' shape {(B, L)} on {input_ids.device}, got "
+                                 f"{tuple(ids.shape)} on {ids.device}")
+        if torch.compiler.is_compiling() or input_ids.device.type == "meta":
+            return
+        bad = torch.stack([((ids < 0) | (ids >= size)).any() for _, ids, size in tables]).tolist()
+        for (name, ids, size), b in zip(tables, bad):
+            if b:
+                raise ValueError(f"{name} should be in [0, {size}) (its table's size), got values from "
+                                 f"{int(ids.min())} to {int(ids.max())}")
 
     def _positions(self, position_ids: Tensor) -> Tensor:
         if self.positional == "learned":
@@ -69,22 +104,18 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None) -> Tensor:
-        """input_ids [B, L] (int) -> [B, L, d_model]; positions default to 0..L-1."""
-        if input_ids.dtype not in (torch.int32, torch.int64) or input_ids.dim() != 2:
-            raise TypeError(f"input_ids should be a 2D integer tensor [batch, seq], got {input_ids.dtype} "
-                            f"of shape {tuple(input_ids.shape)}")
+        """input_ids [B, L] (int) -> [B, L, d_model]; positions default to 0..L-1.
+
+        Ids index tables: their values are checked (one host sync on a GPU; skipped while torch.compile traces)."""
+        self._check_ids(input_ids, token_type_ids, position_ids)
         B, L = input_ids.shape
-        if L > self.max_position and position_ids is None:
-            raise ValueError(f"sequence length {L} exceeds max_position={self.max_position}")
         if position_ids is None:
             position_ids = torch.arange(L, device=input_ids.device)[None, :]
         x = self.word_embeddings(input_ids) + self._positions(position_ids)
         branch = None
         if self.token_type_embeddings is not None:
-            types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids.expand(B, L)
             branch = self.token_type_embeddings(types)
-        elif token_type_ids is not None:
-            raise ValueError("token_type_ids given but the embeddings were built with type_vocab_size=0")
-        b = self.backend.get("layer_norm") if isinstance(self.backend, dict) else self.backend
-        x = ops.residual_layer_norm(x, branch, self.norm.weight, self.norm.bias, eps=self.norm.eps, backend=b)
+        x = residual_layer_norm_unchecked(x, branch, self.norm.weight, self.norm.bias, None, self.norm.eps, 0.0,
+                                          False, self._backend("layer_norm"))
         return F.dropout(x, self.dropout.p, self.training)

@@ -1,17 +1,20 @@
-"""Hugging Face BERT-family drop-in: run ``BertModel`` / ``RobertaModel`` / ``DistilBertModel`` on fastenc layers.
+"""Hugging Face BERT-family drop-in: run ``BertModel``, ``RobertaModel``, ``XLMRobertaModel``,
+``CamembertModel``, ``ElectraModel`` and ``DistilBertModel`` on fastenc layers.
 
 ``optimize_hf(model)`` (also reached through ``fastenc.optimize(model)``) finds every
 base model of those exact classes inside ``model`` (a bare base model, a task model
-such as ``BertForSequenceClassification``, a sentence-transformers pipeline...) and:
+such as ``BertForSequenceClassification`` or ``ElectraForMaskedLM``, a sentence-transformers
+``SentenceTransformer`` or ``CrossEncoder``...) and:
 
 * replaces its encoder stack (``model.encoder`` / ``model.transformer``) by an
   :class:`HFEncoder`, a ``fastenc.TransformerEncoder`` whose layers are
   ``fastenc.TransformerEncoderLayer`` built on the HF weights: Q/K/V are fused into
   one ``in_proj_weight`` [3d, d] (a new parameter); every other parameter is the HF
   parameter object itself (the HF ``nn.Linear`` / ``nn.LayerNorm`` modules are reused);
-* changes the base model's class to a subclass whose ``forward`` runs HF's embeddings,
-  the fastenc encoder with the tokenizer's ``attention_mask`` as a [B, S] key padding
-  mask (never a dense [B, 1, L, S] bias), then HF's pooler.
+* changes the base model's class to a subclass whose ``forward`` runs HF's embeddings
+  (and ELECTRA's ``embeddings_project`` when its embedding size differs from the hidden
+  size), the fastenc encoder with the tokenizer's ``attention_mask`` as a [B, S] key padding
+  mask (never a dense [B, 1, L, S] bias), then HF's pooler (when the model has one).
 
 Checkpoints stay Hugging Face checkpoints: the encoder's ``state_dict()`` is written
 with the HF parameter names (the fused QKV split back into query/key/value), and
@@ -24,9 +27,10 @@ Supported: absolute position embeddings, encoder-only configs, activations gelu 
 gelu_new / gelu_fast / gelu_pytorch_tanh (tanh GELU) and relu, any ``layer_norm_eps``,
 dropout in train mode, ``head_mask=None``, ``output_hidden_states``, gradient checkpointing
 (``model.gradient_checkpointing_enable()``).  Not supported: relative position
-embeddings, decoders / cross-attention / KV caches, other activations, pruned heads
-(``optimize`` leaves such models untouched with a warning; ``strict=True`` raises
-``ValueError``), and at call time ``output_attentions=True``, a ``head_mask``, or a
+embeddings, decoders / cross-attention / KV caches, other activations, pruned heads, and
+other encoder families (DeBERTa's disentangled attention, MPNet's and T5's relative position
+buckets, rotary or sparse attention: :data:`UNSUPPORTED_FAMILIES`) (``optimize`` leaves such
+models untouched with a warning; ``strict=True`` raises ``ValueError``), and at call time ``output_attentions=True``, a ``head_mask``, or a
 4D attention mask (``ValueError``).  Hidden states at padding positions are
 unspecified (HF computes values there that no real token reads).
 """
@@ -43,10 +47,14 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPoolingAndCrossAttentions
 from transformers.models.bert.modeling_bert import BertModel
+from transformers.models.camembert.modeling_camembert import CamembertModel
 from transformers.models.distilbert.modeling_distilbert import DistilBertModel
+from transformers.models.electra.modeling_electra import ElectraModel
 from transformers.models.roberta.modeling_roberta import RobertaModel
+from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaModel
 
-from ..modules import BackendSpec, TransformerEncoder, TransformerEncoderLayer, _check_backend, activation_name
+from ..backends import BackendSpec, check_spec
+from ..modules import TransformerEncoder, TransformerEncoderLayer, activation_name
 
 Tensor = torch.Tensor
 
@@ -110,7 +118,23 @@ _DISTILBERT = _Family(
     dropout1=None,
     dropout2="ffn.dropout",
 )
-_FAMILIES = {"bert": _BERT, "roberta": _BERT, "distilbert": _DISTILBERT}
+# XLM-RoBERTa, CamemBERT and ELECTRA layers are BERT's layers under the same names.
+_FAMILIES = {"bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "camembert": _BERT, "electra": _BERT,
+             "distilbert": _DISTILBERT}
+
+# Encoder families whose attention or positions fastenc's layer cannot express: left unchanged with
+# a warning (matched by class name, so that none of their modules is imported).
+UNSUPPORTED_FAMILIES = {
+    "DebertaModel": "disentangled attention (content-to-position terms) is not supported",
+    "DebertaV2Model": "disentangled attention (content-to-position terms) is not supported",
+    "MPNetModel": "relative position buckets (an attention bias) are not supported",
+    "T5EncoderModel": "relative position buckets (an attention bias) are not supported",
+    "RoFormerModel": "rotary position embeddings are not supported",
+    "ModernBertModel": "rotary positions, local attention and GeGLU are not supported",
+    "AlbertModel": "layers shared across depth and factorized embeddings are not supported",
+    "LongformerModel": "sliding-window attention is not supported",
+    "BigBirdModel": "block-sparse attention is not supported",
+}
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:
@@ -130,7 +154,7 @@ class HFEncoder(TransformerEncoder):
     def _init_hf(self, family: str, hf_class: type, backend: BackendSpec) -> None:
         self.family = family
         self.hf_class = hf_class  # the HF encoder class, for to_hf
-        self.backend = _check_backend(backend)
+        self.backend = backend
         self.gradient_checkpointing = False
         self.register_state_dict_post_hook(_state_dict_to_hf)
         self.register_load_state_dict_pre_hook(_load_state_dict_from_hf)
@@ -199,6 +223,9 @@ def key_padding_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int) 
     """HF ``attention_mask`` [B, S] (1 = token, 0 = padding) -> fastenc key padding mask (True = padding)."""
     if attention_mask is None:
         return None
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"fastenc: attention_mask should be a tensor (the tokenizer's [batch, seq] mask), got "
+                        f"{type(attention_mask).__name__}")
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seqlen):
         raise ValueError(
             f"fastenc: attention_mask should be the tokenizer's 2D [batch, seq] = {(batch, seqlen)} mask, got shape "
@@ -226,7 +253,8 @@ def _return_dict(config, return_dict: Optional[bool]) -> bool:
 
 
 class _FastBertLike:
-    """forward of BertModel / RobertaModel on the fastenc encoder."""
+    """forward of BertModel / RobertaModel / XLMRobertaModel / CamembertModel / ElectraModel on the fastenc
+    encoder (ELECTRA: ``embeddings_project`` after the embeddings when it has one, and no pooler)."""
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
                 inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
@@ -237,9 +265,13 @@ class _FastBertLike:
             output_hidden_states = self.config.output_hidden_states
         x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
                             inputs_embeds=inputs_embeds)
+        project = getattr(self, "embeddings_project", None)
+        if project is not None:
+            x = project(x)
         kpm = key_padding_mask(attention_mask, x.shape[0], x.shape[1])
         last, states = self.encoder.encode(x, kpm, bool(output_hidden_states))
-        pooled = self.pooler(last) if self.pooler is not None else None
+        pooler = getattr(self, "pooler", None)
+        pooled = pooler(last) if pooler is not None else None
         if not _return_dict(self.config, return_dict):
             return tuple(t for t in (last, pooled, states) if t is not None)
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=last, pooler_output=pooled,
@@ -273,16 +305,30 @@ class FastRobertaModel(_FastBertLike, RobertaModel):
     pass
 
 
+class FastXLMRobertaModel(_FastBertLike, XLMRobertaModel):
+    pass
+
+
+class FastCamembertModel(_FastBertLike, CamembertModel):
+    pass
+
+
+class FastElectraModel(_FastBertLike, ElectraModel):
+    pass
+
+
 class FastDistilBertModel(_FastDistilBert, DistilBertModel):
     pass
 
 
 # save_pretrained records config.architectures from the class name: keep the HF one.
-for _cls in (FastBertModel, FastRobertaModel, FastDistilBertModel):
+for _cls in (FastBertModel, FastRobertaModel, FastXLMRobertaModel, FastCamembertModel, FastElectraModel,
+             FastDistilBertModel):
     _cls.__name__ = _cls.__mro__[2].__name__
 
 _FAST = {BertModel: (FastBertModel, "bert"), RobertaModel: (FastRobertaModel, "roberta"),
-         DistilBertModel: (FastDistilBertModel, "distilbert")}
+         XLMRobertaModel: (FastXLMRobertaModel, "xlm-roberta"), CamembertModel: (FastCamembertModel, "camembert"),
+         ElectraModel: (FastElectraModel, "electra"), DistilBertModel: (FastDistilBertModel, "distilbert")}
 _ORIGINAL = {fast: orig for orig, (fast, _) in _FAST.items()}
 
 
@@ -290,7 +336,10 @@ _ORIGINAL = {fast: orig for orig, (fast, _) in _FAST.items()}
 
 
 def unsupported_reason(model: nn.Module) -> Optional[str]:
-    """None when ``model`` (an exact BertModel/RobertaModel/DistilBertModel) can be converted, else why not."""
+    """None when ``model`` (an exact base model of a supported family) can be converted, else why not."""
+    name = type(model).__name__
+    if name in UNSUPPORTED_FAMILIES and type(model).__module__.startswith("transformers."):
+        return UNSUPPORTED_FAMILIES[name]
     if type(model) not in _FAST:
         return f"{type(model).__name__} is not one of {[c.__name__ for c in _FAST]}"
     config = model.config
@@ -379,8 +428,10 @@ def _convert(model: nn.Module, backend: BackendSpec) -> None:
 
 
 def hf_base_models(model: nn.Module) -> List[nn.Module]:
-    """Every BertModel / RobertaModel / DistilBertModel (exact class, not yet converted) inside model."""
-    return [m for m in model.modules() if type(m) in _FAST]
+    """Every base model of a supported family (exact class, not yet converted) or of an unsupported
+    one (:data:`UNSUPPORTED_FAMILIES`) inside model."""
+    return [m for m in model.modules() if type(m) in _FAST or (
+        type(m).__name__ in UNSUPPORTED_FAMILIES and type(m).__module__.startswith("transformers."))]
 
 
 def optimize_hf(model: nn.Module, *, backend: BackendSpec = None, strict: bool = False) -> nn.Module:
@@ -389,7 +440,7 @@ def optimize_hf(model: nn.Module, *, backend: BackendSpec = None, strict: bool =
     A model that cannot be converted is left untouched with a warning, or raises
     ``ValueError`` when ``strict``.
     """
-    _check_backend(backend)
+    check_spec(backend)
     for base in hf_base_models(model):
         reason = unsupported_reason(base)
         if reason is not None:

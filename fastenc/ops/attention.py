@@ -1,17 +1,16 @@
-"""Multi-head attention op: dispatch between the reference and the Triton flash kernel.
+"""Multi-head attention op: validation, dispatch, autograd.
 
 Layout [batch, seqlen, heads, head_dim] (packed [total, heads, head_dim] for varlen).
 Masks follow torch.nn: bool True = masked out, float = additive.  A query row with
 every key masked outputs zeros (and zero gradients), never NaN.
 
-The Triton branch runs through two ``torch.library`` custom ops, ``fastenc::attention_fwd``
-(returns out and the per-row log-sum-exp) and ``fastenc::attention_bwd``, with fake
-implementations and a registered autograd formula, so ``torch.compile(fullgraph=True)`` traces
-through them.  attn_mask and key_padding_mask get no gradient there: a mask that requires grad
-sends "auto" to the reference (which differentiates it) and makes a forced "triton" raise.
-Dropout draws its Philox seed from torch's RNG (``torch.manual_seed`` makes it reproducible).
-fp16/bf16 run on tensor cores with fp32 accumulation; fp32 inputs are computed with IEEE fp32
-dots (no TF32), matching torch's fp32 to rounding but slowly.
+Backends: ``reference`` (``fastenc.reference``), ``triton`` (``fastenc.triton_kernels.attention``:
+FlashAttention-2 forward + two deterministic backward kernels).  The fast kernels run through the
+custom ops ``fastenc::attention_fwd`` / ``fastenc::attention_bwd`` (fake functions, so
+``torch.compile(fullgraph=True)`` traces them) under an ``autograd.Function``; eagerly the same
+functions are called without the dispatcher.  attn_mask and key_padding_mask get no gradient
+there: a mask that requires grad sends ``auto`` to the reference (which differentiates it) and
+makes a forced fast backend raise.  Dropout keys come from ``_common.draw_seed``.
 """
 from __future__ import annotations
 
@@ -22,54 +21,75 @@ import torch
 
 from .. import reference
 from ..backends import register_op, resolve, triton_check
+from ._common import FLOAT_DTYPES, check_count, check_dropout, check_number, compiling, draw_seed, needs_grad
 
 Tensor = torch.Tensor
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _triton_available(device, dtype=None, head_dim=None, head_dim_v=None, mask_requires_grad=False,
-                      **_) -> Optional[str]:
+def _triton_kernels():
+    from ..triton_kernels import attention as kernels  # imported on first use: triton is optional
+
+    return kernels
+
+
+# shape class: (head_dim, head_dim_v, a mask requires grad)
+def _triton_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
     reason = triton_check(device, dtype)
     if reason is not None:
         return reason
-    from ..triton_kernels.attention import MAX_HEAD_DIM, MIN_HEAD_DIM
-
-    if dtype is not None and dtype not in _KERNEL_DTYPES:
+    head_dim, head_dim_v, mask_grad = shape
+    if dtype not in _KERNEL_DTYPES:
         return f"dtype {dtype} is not one of float16, bfloat16, float32"
-    if head_dim is not None and not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0):
-        return f"head dim {head_dim} is unsupported (multiples of 8 from {MIN_HEAD_DIM} to {MAX_HEAD_DIM})"
-    if head_dim_v is not None and head_dim is not None and head_dim_v != head_dim:
+    lo, hi = _triton_kernels().MIN_HEAD_DIM, _triton_kernels().MAX_HEAD_DIM
+    if not (lo <= head_dim <= hi and head_dim % 8 == 0):
+        return f"head dim {head_dim} is unsupported (multiples of 8 from {lo} to {hi})"
+    if head_dim_v != head_dim:
         return f"v head dim {head_dim_v} differs from q/k head dim {head_dim}"
-    if mask_requires_grad:
+    if mask_grad:
         return "a mask requires grad, and the Triton kernel computes no mask gradient"
     return None
 
 
-register_op("attention", {"triton": _triton_available}, auto_cuda=("triton",))
+register_op("attention", {"triton": _triton_available}, auto={"cuda": ("triton",)},
+            example=lambda head_dim: (head_dim, head_dim, False))
 
 
-# --------------------------------------------------------------------------- custom ops (Triton branch)
+# --------------------------------------------------------------------------- kernels: plain functions, custom ops
 
 
-@torch.library.custom_op("fastenc::attention_fwd", mutates_args=())
-def _attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-    is_causal: bool, scale: float, dropout_p: float, seed: Optional[Tensor],
-) -> Tuple[Tensor, Tensor]:
-    from ..triton_kernels.attention import attention_forward
-
-    return attention_forward(
+def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+             cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+             is_causal: bool, scale: float, dropout_p: float, seed: Optional[Tensor], backend: str
+             ) -> Tuple[Tensor, Tensor]:
+    """(out, lse) of one backend's forward kernel."""
+    return _triton_kernels().attention_forward(
         q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, is_causal=is_causal,
         scale=scale, dropout_p=dropout_p, seed=seed,
     )
 
 
-@_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                        max_seqlen_k, is_causal, scale, dropout_p, seed):
+def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+              attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+              cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, is_causal: bool, scale: float,
+              dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of one backend's backward kernels."""
+    return _triton_kernels().attention_backward(
+        dout, q, k, v, out, lse, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, is_causal=is_causal, scale=scale, dropout_p=dropout_p, seed=seed,
+    )
+
+
+_forward_op = torch.library.custom_op("fastenc::attention_fwd", _forward, mutates_args=())
+_backward_op = torch.library.custom_op("fastenc::attention_bwd", _backward, mutates_args=())
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  is_causal, scale, dropout_p, seed, backend):
     if cu_seqlens_q is not None:
         lse_shape = (q.shape[1], q.shape[0])  # [H, Tq]
     else:
@@ -77,74 +97,69 @@ def _attention_fwd_fake(q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_s
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastenc::attention_bwd", mutates_args=())
-def _attention_bwd(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-    is_causal: bool, scale: float, dropout_p: float, seed: Optional[Tensor],
-) -> Tuple[Tensor, Tensor, Tensor]:
-    from ..triton_kernels.attention import attention_backward
-
-    return attention_backward(
-        dout, q, k, v, out, lse, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, is_causal=is_causal, scale=scale, dropout_p=dropout_p, seed=seed,
-    )
-
-
-@_attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                        max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p, seed):
+@_backward_op.register_fake
+def _backward_fake(dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                   max_seqlen_k, is_causal, scale, dropout_p, seed, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, kpm, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, seed)
-    ctx.params = (max_q, max_k, is_causal, scale, dropout_p)
-    ctx.mark_non_differentiable(lse)
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p,
+                seed, backend):
+        fwd = _forward_op if compiling() else _forward
+        out, lse = fwd(q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p,
+                       seed, backend)
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, cu_q, cu_k, seed)
+        ctx.params = (max_q, max_k, is_causal, scale, dropout_p, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, seed = ctx.saved_tensors
+        max_q, max_k, is_causal, scale, dropout_p, backend = ctx.params
+        bwd = _backward_op if compiling() else _backward
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, max_q, max_k, is_causal, scale,
+                         dropout_p, seed, backend)
+        return (dq, dk, dv) + (None,) * 11
 
 
-def _fwd_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, seed = ctx.saved_tensors
-    max_q, max_k, is_causal, scale, dropout_p = ctx.params
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, max_q, max_k, is_causal,
-                                scale, dropout_p, seed)
-    return (dq, dk, dv) + (None,) * 10
-
-
-_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+def _run(backend: str, q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal, scale,
+         dropout_p) -> Tensor:
+    """A fast backend's output, through autograd only when a gradient is needed."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seed = draw_seed(q.device) if dropout_p > 0.0 else None
+    args = (q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, bool(is_causal), scale, dropout_p, seed,
+            backend)
+    if needs_grad(q, k, v):
+        return _Attention.apply(*args)
+    return (_forward_op if compiling() else _forward)(*args)[0]
 
 
 # --------------------------------------------------------------------------- validation and masks
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, ndim: int, layout: str) -> None:
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, ndim: int, layout: str, where: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+            raise TypeError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
         if t.dim() != ndim:
-            raise ValueError(f"attention: {name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+            raise ValueError(f"{where}: {name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if not q.is_floating_point():
-        raise TypeError(f"attention: q, k, v must be floating point, got {q.dtype}")
+        raise TypeError(f"{where}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: q, k, v must be floating point (float16, bfloat16, float32 or float64), "
+                        f"got {q.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+        raise ValueError(f"{where}: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
     if k.shape[:-1] != v.shape[:-1]:
-        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} shapes disagree")
+        raise ValueError(f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} shapes disagree")
     # batch (dense only), heads and head dim must agree between q and k
     same = (q.shape[0] == k.shape[0] if ndim == 4 else True) and q.shape[-2:] == k.shape[-2:]
     if not same:
-        raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on {layout}")
-
-
-def _check_dropout(dropout_p: float) -> float:
-    if not 0.0 <= float(dropout_p) <= 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1], got {dropout_p}")
-    return float(dropout_p)
+        raise ValueError(f"{where}: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on {layout}")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError(f"{where}: head_dim must be at least 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
 
 
 def normalize_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], B: int, H: int, L: int,
@@ -157,8 +172,11 @@ def normalize_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tens
     for name, m in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
         if m is None:
             continue
-        if m.dtype != torch.bool and not m.is_floating_point():
-            raise TypeError(f"attention: {name} must be bool (True = masked) or float (additive), got {m.dtype}")
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a tensor or None, got {type(m).__name__}")
+        if m.dtype != torch.bool and m.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"attention: {name} must be bool (True = masked) or float (additive; float16, bfloat16, "
+                            f"float32 or float64), got {m.dtype}")
         if m.device != device:
             raise ValueError(f"attention: {name} is on {m.device}, q on {device}")
     if attn_mask is not None:
@@ -175,12 +193,7 @@ def normalize_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tens
     return attn_mask, key_padding_mask
 
 
-def _draw_seed(device: torch.device) -> Tensor:
-    """Philox key for the dropout kernels, from torch's generator of ``device`` (int64 [1])."""
-    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
-
-
-def _needs_grad(*masks: Optional[Tensor]) -> bool:
+def _mask_grad(*masks: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(m is not None and m.requires_grad for m in masks)
 
 
@@ -205,25 +218,28 @@ def attention(
     is_causal: top-left aligned (key j hidden from query i when j > i), as torch's SDPA.
     dropout_p is applied as given (pass 0.0 in eval).
     """
-    _check_qkv(q, k, v, 4, "[batch, seqlen, heads, head_dim]")
-    dropout_p = _check_dropout(dropout_p)
+    _check_qkv(q, k, v, 4, "[batch, seqlen, heads, head_dim]", "attention")
+    dropout_p = check_dropout(dropout_p, "attention")
+    scale = None if scale is None else check_number(scale, "scale", "attention")
     B, L, H, D = q.shape
     S = k.shape[1]
     attn_mask, key_padding_mask = normalize_masks(attn_mask, key_padding_mask, B, H, L, S, q.device)
-    b = resolve("attention", backend, device=q.device, dtype=q.dtype, head_dim=D, head_dim_v=v.shape[-1],
-                mask_requires_grad=_needs_grad(attn_mask, key_padding_mask))
+    return attention_unchecked(q, k, v, attn_mask, key_padding_mask, is_causal, scale, dropout_p, backend)
+
+
+def attention_unchecked(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+                        key_padding_mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
+                        dropout_p: float, backend: Optional[str]) -> Tensor:
+    """:func:`attention` on arguments already validated (attn_mask a [B, H, L, S] view): for fastenc's modules."""
+    b = resolve("attention", backend, q.device, q.dtype, (q.shape[-1], v.shape[-1],
+                                                          _mask_grad(attn_mask, key_padding_mask)))
     if b == "reference":
         return reference.attention(
             q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
             scale=scale, dropout_p=dropout_p,
         )
-    if b == "triton":
-        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        seed = _draw_seed(q.device) if dropout_p > 0.0 else None
-        out, _ = _attention_fwd(q, k, v, attn_mask, key_padding_mask, None, None, L, S, bool(is_causal), scale,
-                                dropout_p, seed)
-        return out
-    raise AssertionError(b)
+    return _run(b, q, k, v, attn_mask, key_padding_mask, None, None, q.shape[1], k.shape[1], is_causal, scale,
+                dropout_p)
 
 
 def attention_varlen(
@@ -243,9 +259,12 @@ def attention_varlen(
     """Packed attention: q [Tq, H, D], k/v [Tk, H, D], sequences delimited by int32 cu_seqlens [B+1].
 
     max_seqlen_q/k must be at least the longest sequence (the kernel's grid is sized by them).
+    cu_seqlens must start at 0, never decrease and end at most at the packed length (checked: one host
+    sync on a GPU); rows past the last sequence get zeros.
     """
-    _check_qkv(q, k, v, 3, "[total, heads, head_dim]")
-    dropout_p = _check_dropout(dropout_p)
+    _check_qkv(q, k, v, 3, "[total, heads, head_dim]", "attention_varlen")
+    dropout_p = check_dropout(dropout_p, "attention_varlen")
+    scale = None if scale is None else check_number(scale, "scale", "attention_varlen")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32:
             raise TypeError(f"attention_varlen: {name} must be an int32 tensor, got "
@@ -256,18 +275,47 @@ def attention_varlen(
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"attention_varlen: cu_seqlens_q has {cu_seqlens_q.numel()} entries, "
                          f"cu_seqlens_k {cu_seqlens_k.numel()}")
-    if int(max_seqlen_q) < 0 or int(max_seqlen_k) < 0:
-        raise ValueError(f"attention_varlen: max_seqlen_q/k must be >= 0, got {max_seqlen_q}, {max_seqlen_k}")
-    D = q.shape[-1]
-    b = resolve("attention", backend, device=q.device, dtype=q.dtype, head_dim=D, head_dim_v=v.shape[-1])
+    max_seqlen_q = check_count(max_seqlen_q, "max_seqlen_q", "attention_varlen")
+    max_seqlen_k = check_count(max_seqlen_k, "max_seqlen_k", "attention_varlen")
+    # The values decide which rows the kernels read: checked here (one host sync on a GPU), where the
+    # caller built them; fastenc's modules build them with padding_info and call the unchecked variant.
+    # The kernels read cu_seqlens as a dense array: a strided view is copied first.
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    _check_cu_seqlens((("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                       ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)))
+    return attention_varlen_unchecked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
+                                      scale, dropout_p, backend)
+
+
+def _check_cu_seqlens(items) -> None:
+    """Each cu_seqlens starts at 0, never decreases, ends at most at its packed length, and no sequence is longer
+    than its max_seqlen: (first, last, shortest, longest) of both read in one host sync."""
+    stats = []
+    for name, cu, _, _ in items:
+        if cu.device.type == "meta":
+            raise ValueError(f"attention_varlen: {name} is a meta tensor; its values decide which rows are read, "
+                             "so packed attention needs real tensors")
+        steps = torch.cat([cu.long().diff(), cu.new_zeros(1, dtype=torch.long)])  # int64: no wrap-around
+        stats.append(torch.stack([cu[0].long(), cu[-1].long(), steps.min(), steps.max()]))
+    for (name, cu, total, max_seqlen), (first, last, shortest, longest) in zip(items, torch.stack(stats).tolist()):
+        if first != 0 or shortest < 0 or last > total:
+            raise ValueError(f"attention_varlen: {name} must start at 0, never decrease and end at most at the "
+                             f"packed length {total}; got {cu.tolist() if cu.numel() <= 16 else 'a tensor'} "
+                             f"(first {first}, last {last}, smallest step {shortest})")
+        if longest > max_seqlen:
+            raise ValueError(f"attention_varlen: {name} has a sequence of length {longest}, longer than "
+                             f"max_seqlen {max_seqlen}")
+
+
+def attention_varlen_unchecked(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                               max_seqlen_q: int, max_seqlen_k: int, is_causal: bool, scale: Optional[float],
+                               dropout_p: float, backend: Optional[str]) -> Tensor:
+    """:func:`attention_varlen` on arguments already validated (cu_seqlens from ``padding_info``): for fastenc's
+    modules."""
+    b = resolve("attention", backend, q.device, q.dtype, (q.shape[-1], v.shape[-1], False))
     if b == "reference":
         return reference.attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal=is_causal, scale=scale, dropout_p=dropout_p
         )
-    if b == "triton":
-        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        seed = _draw_seed(q.device) if dropout_p > 0.0 else None
-        out, _ = _attention_fwd(q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                int(max_seqlen_k), bool(is_causal), scale, dropout_p, seed)
-        return out
-    raise AssertionError(b)
+    return _run(b, q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                dropout_p)

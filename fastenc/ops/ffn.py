@@ -1,18 +1,19 @@
-"""Feed-forward block op: dispatch between the reference and the C++/CUDA extension.
+"""Feed-forward block op: validation, dispatch, autograd.
 
 y = dropout(act(x W1ᵀ + b1)) W2ᵀ + b2 (+ residual), act in relu / gelu (erf) / gelu_tanh.
 
-The ``"cuda"`` backend is ``fastenc._C`` (``csrc/``): on CUDA tensors its GEMM path comes
-from the per-architecture dispatch table in ``csrc/ffn_dispatch.cpp`` (CUTLASS sm90,
-cuBLASLt epilogues, or cuBLAS GEMMs + handwritten fused bias-activation-dropout kernels);
-on CPU tensors it runs ATen GEMMs and a vectorised fused pass with the same activation
-math.  ``FASTENC_FFN_GEMM=auto|unfused|cublaslt|cutlass`` forces a GEMM path (read at
-every call), so a GPU session can measure each path and flip the table.
+Backends: ``reference`` (``fastenc.reference``) and the C++ extension ``fastenc._C`` (``csrc/``):
+``cuda`` on CUDA tensors, whose GEMM path comes from the per-architecture dispatch table in
+``csrc/ffn_dispatch.cpp`` (CUTLASS sm90, cuBLASLt epilogues, or cuBLAS GEMMs + handwritten fused
+bias-activation-dropout kernels); ``cpu`` on CPU tensors: ATen GEMMs and a vectorised fused pass
+with the same activation math.  ``FASTENC_FFN_GEMM=auto|unfused|cublaslt|cutlass`` forces a CUDA
+GEMM path (read at every call), so a GPU session can measure each path and flip the table.
 
-Both passes are ``torch.library`` custom ops (``fastenc::ffn_fwd``, ``fastenc::ffn_bwd``)
-with fake kernels and a registered autograd formula, so ``torch.compile(fullgraph=True)``
-traces through them.  Dropout draws its Philox seed from torch's CPU generator;
-:func:`dropout_keep_mask` replays the keep mask of a seed for tests.
+The kernels run through the custom ops ``fastenc::ffn_fwd`` / ``fastenc::ffn_bwd`` (fake
+functions, so ``torch.compile(fullgraph=True)`` traces them) under an ``autograd.Function``;
+eagerly the same functions are called without the dispatcher.  The dropout key comes from
+``_common.draw_seed`` on the CPU generator (the extension takes it by value);
+:func:`dropout_keep_mask` replays the keep mask of a key for tests.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
-from ..backends import extension, register_op, resolve
+from ..backends import cpu_check, extension, register_op, resolve
+from ._common import autocast_dtype, check_dropout, compiling, draw_seed, needs_grad
 
 Tensor = torch.Tensor
 
@@ -31,24 +33,20 @@ GEMM_PATHS = ("auto", "unfused", "cublaslt", "cutlass")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _cuda_available(device, dtype=None, activation="gelu", **_) -> Optional[str]:
+# shape class: (activation,)
+def _cuda_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
     ext = extension()
     if ext is None:
         return "the fastenc._C extension is not built (pip install without FASTENC_SKIP_NATIVE)"
-    if activation not in reference.ACTIVATIONS:
-        return f"unknown activation {activation!r}"
-    if dtype is not None and dtype not in _DTYPES:
+    if dtype not in _DTYPES:
         return f"dtype {dtype} is not supported (float32, float16, bfloat16)"
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        return None
-    if dev.type != "cuda":
-        return f"fastenc._C runs on cpu and cuda tensors, not {dev.type}"
+    if device.type != "cuda":
+        return f"the CUDA kernels run on CUDA tensors, not {device.type} (the C++ CPU path is backend 'cpu')"
     if not ext.has_cuda():
         return "fastenc._C was built without CUDA (FASTENC_FORCE_CPU=1, or no nvcc at build time)"
     if not torch.cuda.is_available():
         return "no CUDA GPU is available"
-    major, minor = torch.cuda.get_device_capability(dev)
+    major, minor = torch.cuda.get_device_capability(device)
     archs = ext.cuda_archs().split("_")
     # sm_80 cubins run on every 8.x GPU; sm_90a cubins only on 9.0. No PTX is embedded.
     if not ((major == 8 and "80" in archs) or (major == 9 and ({"90", "90a"} & set(archs)))):
@@ -56,7 +54,17 @@ def _cuda_available(device, dtype=None, activation="gelu", **_) -> Optional[str]
     return None
 
 
-register_op("ffn", {"cuda": _cuda_available}, auto_cuda=("cuda",))
+def _cpu_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
+    return cpu_check(device, dtype)
+
+
+def _describe(device: torch.device, dtype: torch.dtype):
+    path, why = gemm_path(device, dtype)
+    return [f"gemm path {path} ({why})"]
+
+
+register_op("ffn", {"cuda": _cuda_available, "cpu": _cpu_available}, auto={"cuda": ("cuda",), "cpu": ("cpu",)},
+            example=lambda head_dim: ("gelu",), describe=_describe)
 
 
 def _gemm_path() -> str:
@@ -104,11 +112,6 @@ def dispatch_table() -> str:
     return ext.ffn_dispatch_table() if ext is not None else ""
 
 
-def draw_dropout_seed() -> Tensor:
-    """The Philox seed of one dropout draw: an int64 [1] tensor from torch's CPU generator."""
-    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
-
-
 def dropout_keep_mask(seed: Tensor, tokens: int, ffn_dim: int, p: float, device="cpu") -> Tensor:
     """Bool keep mask [tokens, ffn_dim] the kernels draw for ``seed`` (for ``reference.ffn(dropout_mask=...)``)."""
     ext = extension()
@@ -117,11 +120,10 @@ def dropout_keep_mask(seed: Tensor, tokens: int, ffn_dim: int, p: float, device=
     return ext.ffn_dropout_mask(tokens, ffn_dim, float(p), int(seed.item()), torch.device(device))
 
 
-# ----------------------------------------------------------------------------- custom ops
+# ----------------------------------------------------------------------------- kernels: plain functions, custom ops
 
 
-@torch.library.custom_op("fastenc::ffn_fwd", mutates_args=())
-def _ffn_fwd(
+def _forward(
     x: Tensor,
     w1: Tensor,
     b1: Optional[Tensor],
@@ -135,22 +137,11 @@ def _ffn_fwd(
     save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(y, h, pre): h = dropout(act(pre)) and pre are kept only when ``save`` (pre not for relu)."""
-    y, h, pre = extension().ffn_forward(x, w1, b1, w2, b2, residual, activation, dropout_p, int(seed.item()),
-                                        gemm_path, save)
-    return y, h, pre
+    return extension().ffn_forward(x, w1, b1, w2, b2, residual, activation, dropout_p, int(seed.item()),
+                                   gemm_path, save)
 
 
-@_ffn_fwd.register_fake
-def _(x, w1, b1, w2, b2, residual, seed, activation, dropout_p, gemm_path, save):
-    tokens = x.numel() // x.shape[-1]
-    hidden = (tokens, w1.shape[0])
-    h = x.new_empty(hidden if save else (0,))
-    pre = x.new_empty(hidden if save and activation != "relu" else (0,))
-    return x.new_empty(x.shape), h, pre
-
-
-@torch.library.custom_op("fastenc::ffn_bwd", mutates_args=())
-def _ffn_bwd(
+def _backward(
     dy: Tensor,
     x: Tensor,
     w1: Tensor,
@@ -165,45 +156,83 @@ def _ffn_bwd(
     gemm_path: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW1, db1, dW2, db2); a bias gradient is an empty tensor when that bias is absent."""
-    dx, dw1, db1, dw2, db2 = extension().ffn_backward(dy, x, w1, w2, h, pre, activation, dropout_p,
-                                                      int(seed.item()), has_b1, has_b2, gemm_path)
-    return dx, dw1, db1, dw2, db2
+    return extension().ffn_backward(dy, x, w1, w2, h, pre, activation, dropout_p, int(seed.item()), has_b1, has_b2,
+                                    gemm_path)
 
 
-@_ffn_bwd.register_fake
-def _(dy, x, w1, w2, h, pre, seed, activation, dropout_p, has_b1, has_b2, gemm_path):
+_forward_op = torch.library.custom_op("fastenc::ffn_fwd", _forward, mutates_args=())
+_backward_op = torch.library.custom_op("fastenc::ffn_bwd", _backward, mutates_args=())
+
+
+@_forward_op.register_fake
+def _forward_fake(x, w1, b1, w2, b2, residual, seed, activation, dropout_p, gemm_path, save):
+    tokens = x.numel() // x.shape[-1]
+    hidden = (tokens, w1.shape[0])
+    h = x.new_empty(hidden if save else (0,))
+    pre = x.new_empty(hidden if save and activation != "relu" else (0,))
+    return x.new_empty(x.shape), h, pre
+
+
+@_backward_op.register_fake
+def _backward_fake(dy, x, w1, w2, h, pre, seed, activation, dropout_p, has_b1, has_b2, gemm_path):
     f, d = w1.shape
     return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty((f,) if has_b1 else (0,)),
             w2.new_empty(w2.shape), w2.new_empty((d,) if has_b2 else (0,)))
 
 
-def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, residual, seed, activation, dropout_p, gemm_path, save = inputs
-    _, h, pre = output
-    ctx.save_for_backward(x, w1, w2, h, pre, seed)
-    ctx.mark_non_differentiable(h, pre)
-    ctx.config = (activation, dropout_p, b1 is not None, b2 is not None, residual is not None, gemm_path)
+class _FFN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, residual, seed, activation, dropout_p, gemm_path):
+        fwd = _forward_op if compiling() else _forward
+        y, h, pre = fwd(x, w1, b1, w2, b2, residual, seed, activation, dropout_p, gemm_path, True)
+        ctx.save_for_backward(x, w1, w2, h, pre, seed)
+        ctx.config = (activation, dropout_p, b1 is not None, b2 is not None, residual is not None, gemm_path)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, h, pre, seed = ctx.saved_tensors
+        activation, dropout_p, has_b1, has_b2, has_residual, gemm_path = ctx.config
+        bwd = _backward_op if compiling() else _backward
+        dx, dw1, db1, dw2, db2 = bwd(dy, x, w1, w2, h, pre, seed, activation, dropout_p, has_b1, has_b2, gemm_path)
+        return (dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, dy if has_residual else None,
+                None, None, None, None)
 
 
-def _backward(ctx, dy, _dh, _dpre):
-    x, w1, w2, h, pre, seed = ctx.saved_tensors
-    activation, dropout_p, has_b1, has_b2, has_residual, gemm_path = ctx.config
-    dx, dw1, db1, dw2, db2 = _ffn_bwd(dy, x, w1, w2, h, pre, seed, activation, dropout_p, has_b1, has_b2, gemm_path)
-    return (dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, dy if has_residual else None,
-            None, None, None, None, None)
+_NO_SEED = torch.zeros(1, dtype=torch.int64)
 
 
-torch.library.register_autograd("fastenc::ffn_fwd", _backward, setup_context=_setup_context)
-
-
-def _validate(x, w1, b1, w2, b2, activation, dropout_p, residual) -> None:
+def _check_args(x, w1, b1, w2, b2, activation, residual) -> None:
+    """Every backend takes the same calls: shapes, one floating dtype, one device."""
     for name, t in (("x", x), ("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2), ("residual", residual)):
+        if t is None and name in ("x", "w1", "w2"):
+            raise TypeError(f"fastenc ffn: {name} must be a Tensor, got None")
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"fastenc ffn: {name} must be a Tensor, got {type(t).__name__}")
     if activation not in reference.ACTIVATIONS:
         raise ValueError(f"fastenc ffn: unknown activation {activation!r}; expected one of {reference.ACTIVATIONS}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"fastenc ffn: dropout_p must be in [0, 1], got {dropout_p}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"fastenc ffn: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or w1.dim() != 2 or w2.dim() != 2:
+        raise ValueError(f"fastenc ffn: x must be [..., d], w1 [f, d], w2 [d, f]; got x {tuple(x.shape)}, "
+                         f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
+    f, d = w1.shape
+    if f < 1 or d < 1:
+        raise ValueError(f"fastenc ffn: w1 must be [f, d] with f, d >= 1, got shape {list(w1.shape)}")
+    expected = {"x": (x, (*x.shape[:-1], d)), "w2": (w2, (d, f)), "b1": (b1, (f,)), "b2": (b2, (d,)),
+                "residual": (residual, tuple(x.shape))}
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"fastenc ffn: {name} must have shape {list(shape)} (w1 is [f, d] = {[f, d]}), "
+                             f"got {list(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"fastenc ffn: {name} has dtype {t.dtype} but x has {x.dtype}; all operands share one")
+        if t.device != x.device:
+            raise ValueError(f"fastenc ffn: {name} is on {t.device} but x is on {x.device}")
+    if w1.dtype != x.dtype or w1.device != x.device:
+        raise TypeError(f"fastenc ffn: w1 ({w1.dtype}, {w1.device}) must match x ({x.dtype}, {x.device})")
 
 
 def ffn(
@@ -222,15 +251,23 @@ def ffn(
 
     dropout_p is applied as given (pass 0.0 in eval mode).
     """
-    _validate(x, w1, b1, w2, b2, activation, dropout_p, residual)
-    b = resolve("ffn", backend, device=x.device, dtype=x.dtype, activation=activation)
+    _check_args(x, w1, b1, w2, b2, activation, residual)
+    dropout_p = check_dropout(dropout_p, "fastenc ffn")
+    return ffn_unchecked(x, w1, b1, w2, b2, activation, dropout_p, residual, backend)
+
+
+def ffn_unchecked(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], activation: str,
+                  dropout_p: float, residual: Optional[Tensor], backend: Optional[str]) -> Tensor:
+    """:func:`ffn` on arguments already validated (a module's own weights): for fastenc's modules."""
+    b = resolve("ffn", backend, x.device, x.dtype, (activation,))
     if b == "reference":
         return reference.ffn(x, w1, b1, w2, b2, activation=activation, dropout_p=dropout_p, residual=residual)
-    if b == "cuda":
-        save = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, residual)
-        )
-        seed = draw_dropout_seed() if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
-        y, _, _ = _ffn_fwd(x, w1, b1, w2, b2, residual, seed, activation, float(dropout_p), _gemm_path(), save)
-        return y
-    raise AssertionError(b)
+    low = autocast_dtype(x.device)
+    if low is not None and x.dtype != low:  # under autocast the GEMMs run in its dtype, as nn.Linear's would
+        x, w1, b1, w2, b2, residual = (t.to(low) if t is not None else None for t in (x, w1, b1, w2, b2, residual))
+    seed = draw_seed(torch.device("cpu")) if dropout_p > 0.0 else _NO_SEED
+    path = _gemm_path()
+    if needs_grad(x, w1, b1, w2, b2, residual):
+        return _FFN.apply(x, w1, b1, w2, b2, residual, seed, activation, dropout_p, path)
+    return (_forward_op if compiling() else _forward)(x, w1, b1, w2, b2, residual, seed, activation, dropout_p,
+                                                       path, False)[0]

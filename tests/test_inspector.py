@@ -1,10 +1,10 @@
-"""The kernel inspector (fastenc/inspect.py), and the resource rules the shipped kernels must meet.
+"""The kernel inspector (fastenc/apps/inspector.py), and the resource rules the shipped kernels must meet.
 
 On sm_90, compiled ahead of time on this CPU:
   * no hot Triton kernel spills registers;
   * the attention kernels and the FFN use tensor-core instructions (HGMMA/HMMA).
-A missing ``compile_specs()`` in ``triton_kernels/attention.py`` or a missing (or
-CUDA-less) ``fastenc._C`` is a failure here, not a skip: the rule cannot be checked.
+Attention missing from ``triton_kernels/specs.py`` or a missing (or CUDA-less) ``fastenc._C`` is
+a failure here, not a skip: the rule cannot be checked.
 """
 import json
 import os
@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import DEVICE  # noqa: F401  (sets TRITON_INTERPRET before fastenc is imported)
 
-from fastenc import inspect as ins
+from fastenc.apps import inspector as ins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SM90 = ins.get_arch("sm_90")
@@ -100,7 +100,7 @@ def test_inspector_reads_a_compiled_matmul(sm90_report):
 def test_shipped_hot_triton_kernels_do_not_spill_on_sm90(sm90_report):
     report, _ = sm90_report
     shipped = [k for k in _by_source(report, "triton:") if not k["source"].endswith(".py")]
-    assert shipped, "no fastenc.triton_kernels module defines compile_specs()"
+    assert shipped, "fastenc.triton_kernels.specs gives no kernels to inspect"
     spilling = [f"{k['source']} {k['name']}: {k['spill_bytes']} B/thread" for k in shipped
                 if k["hot"] and k["spill_bytes"] > 0]
     assert not spilling, "hot kernels spill registers on sm_90:\n" + "\n".join(spilling)
@@ -111,7 +111,7 @@ def test_shipped_hot_triton_kernels_do_not_spill_on_sm90(sm90_report):
 def test_attention_kernels_use_tensor_cores_on_sm90(sm90_report):
     report, _ = sm90_report
     attn = _by_source(report, "triton:attention")
-    assert attn, "triton_kernels/attention.py defines no compile_specs(): the attention kernels cannot be inspected"
+    assert attn, "triton_kernels/specs.py lists no attention specs: the attention kernels cannot be inspected"
     no_tc = [k["name"] for k in attn if k["hot"] and not k["uses_tensor_cores"]]
     assert not no_tc, f"hot attention kernels without tensor-core instructions on sm_90: {no_tc}"
 

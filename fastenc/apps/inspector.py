@@ -1,12 +1,12 @@
 """Kernel inspector: registers, spills, shared memory, tensor-core use and occupancy, without a GPU.
 
-Triton kernels: every ``fastenc.triton_kernels.<op>`` module that defines
-``compile_specs()`` returns a list of dicts
+Triton kernels: ``fastenc.triton_kernels.specs.COMPILE_SPECS`` maps each shipped op to a
+function returning a list of dicts
 ``{"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "hot"}`` (optionally
-``"attrs"``, passed on to ``ASTSource``);
-each is compiled ahead of time for the target architecture (``triton.compile`` on
-an ``ASTSource``) and its cubin is read with ``cuobjdump``.  CUDA extension: the
-cubins for the target architecture inside the built ``fastenc/_C*.so``.
+``"attrs"``, passed on to ``ASTSource``), and a kernel file under development defines
+``compile_specs()`` returning the same; each spec is compiled ahead of time for the target
+architecture (``triton.compile`` on an ``ASTSource``) and its cubin is read with ``cuobjdump``.
+CUDA extension: the cubins for the target architecture inside the built ``fastenc/_C*.so``.
 
 What is read per kernel (cuobjdump ``--dump-resource-usage`` and ``-sass``):
   * REG: registers per thread; LOCAL: local memory per thread, which in compiled
@@ -23,17 +23,15 @@ Python functions that cannot be compiled; the CLI re-runs itself without it.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
-import inspect as _pyinspect
+import inspect
 import math
 import os
-import pkgutil
 import re
 import shutil
 import subprocess
 import tempfile
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 TENSOR_CORE_OPS = ("HGMMA", "QGMMA", "IGMMA", "HMMA", "IMMA", "DMMA", "UTCHMMA", "UTCQMMA", "UTCIMMA", "UTCOMMA")
 _TC_RE = re.compile(r"\b(" + "|".join(TENSOR_CORE_OPS) + r")\b")
@@ -267,7 +265,7 @@ def _ast_source(fn, signature: dict, constexprs: dict, attrs: Optional[dict] = N
     """
     from triton.compiler import ASTSource
 
-    params = _pyinspect.signature(ASTSource.__init__).parameters
+    params = inspect.signature(ASTSource.__init__).parameters
     extra = {"attrs": attrs} if attrs else {}
     if "constexprs" in params:
         sig = dict(signature)
@@ -327,16 +325,14 @@ def compile_triton_spec(spec: dict, arch: Arch, source: str) -> KernelReport:
     )
 
 
-def kernel_modules() -> List[Tuple[str, object]]:
-    """(name, module) of every fastenc.triton_kernels submodule that defines compile_specs()."""
-    import fastenc.triton_kernels as pkg
+SpecSource = Tuple[str, Callable[[], list]]  # (op or file name, function returning its compile specs)
 
-    found = []
-    for info in pkgutil.iter_modules(pkg.__path__):
-        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        if callable(getattr(mod, "compile_specs", None)):
-            found.append((info.name, mod))
-    return found
+
+def shipped_specs() -> List[SpecSource]:
+    """(op, spec function) of every shipped Triton op, from fastenc.triton_kernels.specs."""
+    from fastenc.triton_kernels.specs import COMPILE_SPECS
+
+    return list(COMPILE_SPECS.items())
 
 
 def load_module_file(path: str):
@@ -361,17 +357,17 @@ def _compile_pending(args: Tuple[int, str]) -> KernelReport:
     return compile_triton_spec(spec, get_arch(arch), source)
 
 
-def inspect_triton(arch: Arch, modules: Optional[List[Tuple[str, object]]] = None,
+def inspect_triton(arch: Arch, sources: Optional[List[SpecSource]] = None,
                    jobs: Optional[int] = None) -> List[KernelReport]:
-    """Compile every spec of ``modules`` (default: the shipped ones), ``jobs`` compiles at a time.
+    """Compile every spec of ``sources`` (default: the shipped ones), ``jobs`` compiles at a time.
 
     Triton's front end holds the GIL, so parallel compiles run in forked processes.
     """
     pending = []
-    for name, mod in kernel_modules() if modules is None else modules:
-        specs = mod.compile_specs()
+    for name, compile_specs in shipped_specs() if sources is None else sources:
+        specs = compile_specs()
         if not specs:
-            raise InspectError(f"triton:{name}: compile_specs() returned no kernels")
+            raise InspectError(f"triton:{name}: its compile specs list no kernels")
         for spec in specs:
             _check_spec(spec, f"triton:{name}")
             pending.append((f"triton:{name}", spec))

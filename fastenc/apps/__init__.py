@@ -1,0 +1,1 @@
+"""fastenc applications built on the library: kernel inspector, fine-tuning, pretraining."""
