@@ -101,6 +101,20 @@ def test_cpu_paths_agree_with_oracle(activation, dtype, monkeypatch):
                    inputs, activation, dropout_p=p, dropout_mask=keep)
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTS)
+def test_cpu_inference_parity(activation, dtype):
+    """Without grad (fp16/bf16 on oneDNN fuse the GELUs into GEMM1), on both sides of the oneDNN size threshold."""
+    for tokens in (2, 129):
+        x, w1, b1, w2, b2, r = (t.detach() for t in _make((tokens,), 384, 776, dtype, "cpu", residual=True))
+        with torch.no_grad():
+            y = ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cpu")
+        kw = dict(activation=activation, residual=r)
+        y_ref = reference.ffn(x, w1, b1, w2, b2, upcast=True, **kw)
+        y_base = reference.ffn(x, w1, b1, w2, b2, **kw)
+        assert_parity(y, y_ref, y_base, rtol=2e-6 if dtype == torch.float32 else 0.0, name=f"y (T={tokens})")
+
+
 def test_cpu_non_contiguous_inputs():
     d, f = 384, 1000
     x_t = torch.randn(d, 2, 7).requires_grad_()  # x = x_t.permute(1, 2, 0): [2, 7, d], strided
