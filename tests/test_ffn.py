@@ -3,6 +3,7 @@
 Parity rule: the extension's error against the fp32 reference must stay within 2x the error
 of the reference run in the same dtype (+ atol), for y and every gradient.
 """
+import functools
 import importlib
 import os
 
@@ -97,8 +98,9 @@ def test_cpu_paths_agree_with_oracle(activation, dtype, monkeypatch):
             seed = draw_seed(torch.device("cpu"))
             keep = ffn_mod.dropout_keep_mask(seed, 129, 776, p) if p else None
             torch.manual_seed(77)  # ffn draws the same seed
-            _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, dropout_p=p, residual=r, backend="cpu"),
-                   inputs, activation, dropout_p=p, dropout_mask=keep)
+            run = functools.partial(ffn, x, w1, b1, w2, b2, activation=activation, dropout_p=p, residual=r,
+                                    backend="cpu")
+            _check(run, inputs, activation, dropout_p=p, dropout_mask=keep)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
