@@ -9,5 +9,6 @@ namespace fastenc {
 void bind_ffn(py::module_& m);
 void bind_layer_norm(py::module_& m);
 void bind_linear(py::module_& m);
+void bind_attention(py::module_& m);
 
 }  // namespace fastenc

@@ -99,8 +99,9 @@ FASTENC_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 #endif
 }
 
-FASTENC_HD U32x4 philox4x32(uint64_t seed, uint64_t counter) {
-  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0u, c3 = 0u;
+// Philox on a full 128-bit counter (attention keys its dropout by (b, h, i, j) this way).
+FASTENC_HD U32x4 philox4x32(uint64_t seed, U32x4 counter) {
+  uint32_t c0 = counter.v[0], c1 = counter.v[1], c2 = counter.v[2], c3 = counter.v[3];
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 FASTENC_UNROLL
   for (int r = 0; r < 10; ++r) {
@@ -115,6 +116,10 @@ FASTENC_UNROLL
     k1 += 0xBB67AE85u;
   }
   return U32x4{{c0, c1, c2, c3}};
+}
+
+FASTENC_HD U32x4 philox4x32(uint64_t seed, uint64_t counter) {
+  return philox4x32(seed, U32x4{{static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0u, 0u}});
 }
 
 FASTENC_HD bool dropout_keep(uint32_t word, uint32_t threshold24) { return (word >> 8) >= threshold24; }

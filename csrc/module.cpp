@@ -17,4 +17,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fastenc::bind_ffn(m);
   fastenc::bind_layer_norm(m);
   fastenc::bind_linear(m);
+  fastenc::bind_attention(m);
 }
