@@ -7,6 +7,8 @@
 namespace fastenc {
 
 void bind_ffn(py::module_& m);
+void bind_layer_norm(py::module_& m);
+void bind_linear(py::module_& m);
 void bind_attention(py::module_& m);
 
 }  // namespace fastenc

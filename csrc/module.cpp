@@ -15,5 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", []() { return std::string(kCpuIsa); },
         "the x86 instruction set the CPU kernels were compiled for: avx512, avx2 or default");
   fastenc::bind_ffn(m);
+  fastenc::bind_layer_norm(m);
+  fastenc::bind_linear(m);
   fastenc::bind_attention(m);
 }
