@@ -2,10 +2,13 @@
 // dropout · act' · grad with the fused b1-gradient reduction in the backward.  They run
 // the activation formulas of ffn_math.h on at::vec::Vectorized<float> lanes (fp16/bf16
 // are widened to fp32 in registers); rows are split across threads with at::parallel_for.
+// Dropout factors come a row at a time from cpu::dropout_keep_scale (cpu/vec_io.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
+#include "cpu/vec_io.h"
 #include "ffn.h"
 #include "ffn_math_vec.h"
 
@@ -13,48 +16,12 @@ namespace fastenc {
 
 namespace {
 
-constexpr int kW = Vec::size();
+using cpu::kW;
+using cpu::load_f32;
+using cpu::store_f32;
 // Rows per task of the backward reduction: fixed (not per thread count) so db1 is
 // bitwise reproducible on any number of threads.
 constexpr int64_t kRowsPerChunk = 128;
-
-template <typename T>
-Vec load(const T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p, n);
-  } else {
-    float buf[kW];
-    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(p[j]);
-    return Vec::loadu(buf, n);
-  }
-}
-
-template <typename T>
-void store(Vec v, T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p, n);
-  } else {
-    float buf[kW];
-    v.store(buf, n);
-    for (int64_t j = 0; j < n; ++j) p[j] = static_cast<T>(buf[j]);
-  }
-}
-
-// keep · scale for the n elements starting at flat index i0 of the hidden matrix.
-Vec keep_scale(const DropoutParams& dp, uint64_t i0, int64_t n) {
-  float buf[kW];
-  uint64_t block = ~uint64_t(0);
-  uint32_t bits = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const uint64_t i = i0 + j;
-    if ((i >> 2) != block) {
-      block = i >> 2;
-      bits = dropout_keep4(dp.seed, block, dp.threshold24);
-    }
-    buf[j] = ((bits >> (i & 3)) & 1u) ? dp.scale : 0.f;
-  }
-  return Vec::loadu(buf, n);
-}
 
 template <typename T, Act A>
 void act_impl(const at::Tensor& pre, const at::Tensor& h, const DropoutParams& dp) {
@@ -62,12 +29,14 @@ void act_impl(const at::Tensor& pre, const at::Tensor& h, const DropoutParams& d
   const T* a = pre.const_data_ptr<T>();
   T* out = h.data_ptr<T>();
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(f, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> keep(dp.enabled ? f : 0);
     for (int64_t r = r0; r < r1; ++r) {
+      if (dp.enabled) cpu::dropout_keep_scale(dp, static_cast<uint64_t>(r * f), f, keep.data());
       for (int64_t c = 0; c < f; c += kW) {
         const int64_t n = std::min<int64_t>(kW, f - c), off = r * f + c;
-        Vec y = ActOp<A, Vec>::fwd(load(a + off, n));
-        if (dp.enabled) y = y * keep_scale(dp, static_cast<uint64_t>(off), n);
-        store(y, out + off, n);
+        Vec y = ActOp<A, Vec>::fwd(load_f32(a + off, n));
+        if (dp.enabled) y = y * Vec::loadu(keep.data() + c, n);
+        store_f32(y, out + off, n);
       }
     }
   });
@@ -88,14 +57,16 @@ void dact_impl(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& d
     part = partial.data_ptr<float>();
   }
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<float> keep(dp.enabled ? f : 0);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t r1 = std::min(rows, (k + 1) * kRowsPerChunk);
       for (int64_t r = k * kRowsPerChunk; r < r1; ++r) {
+        if (dp.enabled) cpu::dropout_keep_scale(dp, static_cast<uint64_t>(r * f), f, keep.data());
         for (int64_t c = 0; c < f; c += kW) {
           const int64_t n = std::min<int64_t>(kW, f - c), off = r * f + c;
-          Vec d = load(gp + off, n) * ActOp<A, Vec>::grad(load(sp + off, n));
-          if (dp.enabled) d = d * keep_scale(dp, static_cast<uint64_t>(off), n);
-          store(d, out + off, n);
+          Vec d = load_f32(gp + off, n) * ActOp<A, Vec>::grad(load_f32(sp + off, n));
+          if (dp.enabled) d = d * Vec::loadu(keep.data() + c, n);
+          store_f32(d, out + off, n);
           if (part) (Vec::loadu(part + k * f + c, n) + d).store(part + k * f + c, n);
         }
       }

@@ -1,5 +1,8 @@
 // The one dispatch table of the FFN's GEMM paths, per architecture and activation.
 //
+//   cpu       : CPU tensors whose dtype has oneDNN kernels on this CPU (fp32; bf16 with
+//               AVX512-BF16/AMX): oneDNN GEMMs with fused epilogues (cpu/linear.h).  Other CPU
+//               dtypes, and FASTENC_FFN_GEMM=unfused, take ATen GEMMs + the vectorised pass.
 //   unfused   : ATen GEMMs (cuBLAS) + the handwritten fused bias+act+dropout pass
 //               (cuda/ffn_act_kernels.cu).  Runs every shape, dtype, activation and
 //               dropout; writes x W1ᵀ once and reads it back once (the pass the others save).
@@ -27,6 +30,7 @@
 #include <sstream>
 #include <vector>
 
+#include "cpu/linear.h"
 #include "ffn.h"
 
 namespace fastenc {
@@ -114,8 +118,18 @@ const char* gemm_path_name(GemmPath p) {
 
 Plan plan_gemm_path(const PlanQuery& q) {
   if (!q.cuda) {
-    if (q.requested != "auto" && q.requested != "unfused") parse_path(q.requested);  // reject typos on CPU too
-    return {GemmPath::kCpu, "CPU tensors: ATen GEMMs + the fused vectorised bias-activation pass"};
+    if (q.requested == "unfused") {
+      return {GemmPath::kUnfused, "requested: ATen GEMMs + the fused vectorised bias-activation pass", true};
+    }
+    if (q.requested != "auto") parse_path(q.requested);  // reject typos on CPU too
+    if (onednn_linear_supported(q.dtype)) {
+      return {GemmPath::kCpu,
+              "CPU tensors: oneDNN GEMMs (torch's mkldnn linear ops) with b1 (+ relu) and b2 + residual in their "
+              "epilogues, + the fused vectorised activation pass (ATen GEMMs below 2^21 multiply-adds)"};
+    }
+    return {GemmPath::kUnfused, std::string("CPU tensors: ATen GEMMs + the fused vectorised bias-activation pass "
+                                            "(no oneDNN kernels for ") +
+                                    c10::toString(q.dtype) + " on this CPU)"};
   }
   if (q.requested != "auto") {
     const GemmPath p = parse_path(q.requested);

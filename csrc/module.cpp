@@ -18,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fastenc::bind_attention(m);
   fastenc::bind_layer_norm(m);
   fastenc::bind_encoder(m);
+  fastenc::bind_linear(m);
 }

@@ -3,6 +3,7 @@
 Parity rule: the extension's error against the fp32 reference must stay within 2x the error
 of the reference run in the same dtype (+ atol), for y and every gradient.
 """
+import functools
 import importlib
 import os
 
@@ -82,6 +83,38 @@ def test_cpu_parity(activation, dtype, case):
     inputs = _make(shape, d, f, dtype, "cpu", bias=bias, residual=residual)
     x, w1, b1, w2, b2, r = inputs
     _check(lambda: ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cpu"), inputs, activation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ACTS)
+def test_cpu_paths_agree_with_oracle(activation, dtype, monkeypatch):
+    """The oneDNN path (auto) and ATen GEMMs (FASTENC_FFN_GEMM=unfused), with dropout and a residual."""
+    for path in ("auto", "unfused"):
+        monkeypatch.setenv(ffn_mod.GEMM_PATH_ENV, path)
+        for p in (0.0, 0.2):
+            inputs = _make((129,), 384, 776, dtype, "cpu", residual=True)
+            x, w1, b1, w2, b2, r = inputs
+            torch.manual_seed(77)
+            seed = draw_seed(torch.device("cpu"))
+            keep = ffn_mod.dropout_keep_mask(seed, 129, 776, p) if p else None
+            torch.manual_seed(77)  # ffn draws the same seed
+            run = functools.partial(ffn, x, w1, b1, w2, b2, activation=activation, dropout_p=p, residual=r,
+                                    backend="cpu")
+            _check(run, inputs, activation, dropout_p=p, dropout_mask=keep)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTS)
+def test_cpu_inference_parity(activation, dtype):
+    """Without grad (fp16/bf16 on oneDNN fuse the GELUs into GEMM1), on both sides of the oneDNN size threshold."""
+    for tokens in (2, 129):
+        x, w1, b1, w2, b2, r = (t.detach() for t in _make((tokens,), 384, 776, dtype, "cpu", residual=True))
+        with torch.no_grad():
+            y = ffn(x, w1, b1, w2, b2, activation=activation, residual=r, backend="cpu")
+        kw = dict(activation=activation, residual=r)
+        y_ref = reference.ffn(x, w1, b1, w2, b2, upcast=True, **kw)
+        y_base = reference.ffn(x, w1, b1, w2, b2, **kw)
+        assert_parity(y, y_ref, y_base, rtol=2e-6 if dtype == torch.float32 else 0.0, name=f"y (T={tokens})")
 
 
 def test_cpu_non_contiguous_inputs():
@@ -303,9 +336,15 @@ def test_cpu_torch_compile_fullgraph():
 # ----------------------------------------------------------------------------- dispatch table
 
 
-def test_cpu_gemm_path_report():
+def test_cpu_gemm_path_report(monkeypatch):
     path, why = ffn_mod.gemm_path("cpu", torch.float32)
-    assert path == "cpu" and "ATen" in why
+    assert path == "cpu" and "oneDNN" in why
+    path, why = ffn_mod.gemm_path("cpu", torch.float16)
+    if not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        assert path == "unfused" and "no oneDNN kernels for Half" in why
+    monkeypatch.setenv(ffn_mod.GEMM_PATH_ENV, "unfused")
+    path, why = ffn_mod.gemm_path("cpu", torch.float32)
+    assert path == "unfused" and "ATen" in why
     table = ffn_mod.dispatch_table()
     assert "sm_9x gelu:" in table and "sm_8x gelu_tanh:" in table
 

@@ -52,13 +52,14 @@ const float* param_f32(const at::Tensor& t, float fill, int64_t n, std::vector<a
   return f.const_data_ptr<float>();
 }
 
-void check_rows(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+// t: [rows, N] like ref (x in the forward, dy in the backward), unit column stride, ref's dtype.
+void check_rows(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == ref.size(0) && t.size(1) == ref.size(1), "fastenc layer_norm: ",
                     name, " must be [rows, N] = ", ref.sizes(), ", got ", t.sizes());
   TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, "fastenc layer_norm: ", name,
                     " must have a unit column stride, got strides ", t.strides());
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "fastenc layer_norm: ", name, " has dtype ",
-                   t.scalar_type(), " but x has ", ref.scalar_type());
+                   t.scalar_type(), " but ", ref_name, " has ", ref.scalar_type());
   TORCH_CHECK_VALUE(t.device().is_cpu(), "fastenc layer_norm: ", name, " must be a CPU tensor, got ", t.device());
 }
 
@@ -198,13 +199,13 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& dresid, const at::Tensor& 
         for (int64_t c = 0; c < N; c += kW) {
           const int64_t n = std::min(kW, N - c);
           const Vec xhat = Vec::loadu(xh.data() + c);
+          const Vec d = part ? load_f32(dyr + c, n) : Vec(0.f);  // read before dx is stored: dx may alias dy
           Vec ds = (Vec::loadu(g.data() + c) - xhat * a - bsum) * rs;
           if (drr) ds = ds + load_f32(drr + c, n);
           store_f32(ds, dxr + c, n);
           const Vec dh = drop ? ds * Vec::loadu(keep.data() + c, n) : ds;
           if (dbr) store_f32(dh, dbr + c, n);
           if (part) {
-            const Vec d = load_f32(dyr + c, n);
             if (want_dw) at::vec::fmadd(d, xhat, Vec::loadu(pw + c, n)).store(pw + c, n);
             if (want_db) (Vec::loadu(pb + c, n) + d).store(pb + c, n);
             if (want_dbb) (Vec::loadu(pbb + c, n) + dh).store(pbb + c, n);
@@ -237,12 +238,12 @@ void residual_layer_norm_fwd_out(const at::Tensor& x, const at::Tensor& branch, 
                                  const DropoutParams& dp, const at::Tensor& y, const at::Tensor& s,
                                  const at::Tensor& mean, const at::Tensor& rstd) {
   TORCH_CHECK_VALUE(x.dim() == 2, "fastenc layer_norm: x must be [rows, N], got ", x.sizes());
-  check_rows(x, "x", x);
+  check_rows(x, "x", x, "x");
   const int64_t rows = x.size(0), N = x.size(1);
   TORCH_CHECK_VALUE(N >= 1, "fastenc layer_norm: x must have N >= 1 columns, got ", x.sizes());
-  if (branch.defined()) check_rows(branch, "branch", x);
-  check_rows(y, "y", x);
-  if (s.defined()) check_rows(s, "s", x);
+  if (branch.defined()) check_rows(branch, "branch", x, "x");
+  check_rows(y, "y", x, "x");
+  if (s.defined()) check_rows(s, "s", x, "x");
   for (const auto& [t, name] : {std::pair{&weight, "weight"}, {&bias, "bias"}, {&branch_bias, "branch_bias"}}) {
     if (t->defined()) check_vector(*t, name, N, false);
   }
@@ -266,13 +267,13 @@ void residual_layer_norm_bwd_out(const at::Tensor& dy, const at::Tensor& dresid,
                                  const DropoutParams& dp, const at::Tensor& dx, const at::Tensor& dbranch,
                                  const at::Tensor& dweight, const at::Tensor& dbias, const at::Tensor& dbranch_bias) {
   TORCH_CHECK_VALUE(dy.dim() == 2, "fastenc layer_norm: dy must be [rows, N], got ", dy.sizes());
-  check_rows(dy, "dy", dy);
+  check_rows(dy, "dy", dy, "dy");
   const int64_t rows = dy.size(0), N = dy.size(1);
   TORCH_CHECK_VALUE(N >= 1, "fastenc layer_norm: dy must have N >= 1 columns, got ", dy.sizes());
   TORCH_CHECK_VALUE(resid.defined() || x.defined(), "fastenc layer_norm: backward needs resid (s) or x");
   for (const auto& [t, name] : {std::pair{&dresid, "dresid"}, {&x, "x"}, {&branch, "branch"}, {&resid, "resid"},
                                 {&dx, "dx"}, {&dbranch, "dbranch"}}) {
-    if (t->defined()) check_rows(*t, name, dy);
+    if (t->defined()) check_rows(*t, name, dy, "dy");
   }
   TORCH_CHECK_VALUE(!dp.enabled || branch.defined() || resid.defined(),
                     "fastenc layer_norm: a dropout backward needs the branch (or resid, with prenorm)");

@@ -19,7 +19,8 @@ namespace fastenc {
 // Writes y [rows, N] (x's dtype, unit column stride); s likewise when defined (the prenorm residual);
 // mean and rstd (fp32 [rows], contiguous) when defined, for the backward.
 // With fp16/bf16 rows the statistics are taken of s rounded to x's dtype: the s a prenorm caller
-// stores and the backward reads back.
+// stores and the backward reads back.  y and s may alias x or branch (each row is read whole
+// before any of it is written).
 void residual_layer_norm_fwd_out(const at::Tensor& x, const at::Tensor& branch, const at::Tensor& weight,
                                  const at::Tensor& bias, const at::Tensor& branch_bias, double eps,
                                  const DropoutParams& dp, const at::Tensor& y, const at::Tensor& s,
@@ -31,6 +32,7 @@ void residual_layer_norm_fwd_out(const at::Tensor& x, const at::Tensor& branch, 
 // s is read from `resid` when defined (prenorm), else recomputed from x, branch, branch_bias, dp.
 // dy, dresid (optional), resid: [rows, N] like x.  Writes dx; dbranch when defined (needed only with
 // dropout: otherwise dbranch = dx); dweight, dbias, dbranch_bias ([N], any float dtype) when defined.
+// dx may alias dy or dresid (every element is read before its place is written).
 // The parameter sums run over fixed row chunks (a function of rows only) reduced in a fixed order:
 // bitwise the same on any number of threads.
 void residual_layer_norm_bwd_out(const at::Tensor& dy, const at::Tensor& dresid, const at::Tensor& x,

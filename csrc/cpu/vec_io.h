@@ -27,17 +27,39 @@ inline Vec load_f32(const T* p, int64_t n = kW) {
   if constexpr (std::is_same_v<T, float>) {
     return n == kW ? Vec::loadu(p) : Vec::loadu(p, n);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    // 16 halves in one 256-bit load (at::vec's Vectorized<T> would load and widen 32).
+    const __m256i h = n == kW ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                              : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1u), p);
+    __m512 f;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      at::vec::cvtbf16_fp32(h, f);
+    } else {
+      at::vec::cvtfp16_fp32(h, f);
+    }
+    return f;
+#else
     return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n)));
+#endif
   }
 }
 
-// The first n <= kW lanes of v, rounded to T, stored at p.
+// The first n <= kW lanes of v, rounded to T (to nearest even, as torch), stored at p.
 template <typename T>
 inline void store_f32(const Vec& v, T* p, int64_t n = kW) {
   if constexpr (std::is_same_v<T, float>) {
     v.store(p, n);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i h = std::is_same_v<T, at::BFloat16> ? at::vec::cvtfp32_bf16(__m512(v)) : at::vec::cvtfp32_fp16(__m512(v));
+    if (n == kW) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+    } else {
+      _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1u), h);
+    }
+#else
     at::vec::convert_from_float<T>(v, v).store(p, n);
+#endif
   }
 }
 
@@ -47,7 +69,17 @@ inline Vec round_to(const Vec& v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512 f;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      at::vec::cvtbf16_fp32(at::vec::cvtfp32_bf16(__m512(v)), f);
+    } else {
+      at::vec::cvtfp16_fp32(at::vec::cvtfp32_fp16(__m512(v)), f);
+    }
+    return f;
+#else
     return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
+#endif
   }
 }
 
