@@ -95,8 +95,7 @@ def register(suite: Suite) -> Suite:
 
 
 def _load() -> Dict[str, Suite]:
-    from . import ops  # noqa: F401  (each module registers its suite)
-
+    """The registered suites (``fastenc/bench/__init__.py`` imports ``ops``, whose modules register them)."""
     return _SUITES
 
 

@@ -63,8 +63,9 @@ def workload(mode, sweep, device, dtype, *, batch, seqlen, heads, head_dim, padd
 
 
 def shape_class(w: Workload) -> tuple:
-    """What the attention backends' checks read: (head dim of q/k, of v, whether a mask needs a gradient)."""
-    return w.params["head_dim"], w.params["head_dim"], False
+    """What the attention backends' checks read: (head dim of q/k, of v, whether a mask needs a gradient,
+    windowed, rotary)."""
+    return w.params["head_dim"], w.params["head_dim"], False, False, False
 
 
 def _fastenc(backend: str):
