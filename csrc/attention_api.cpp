@@ -63,9 +63,43 @@ void check_mask(const std::optional<at::Tensor>& m, const char* name, at::IntArr
                     " (an expanded view is fine), got ", m->sizes());
 }
 
+// The rotary tables as contiguous fp32 (kept alive for the kernel call).
+struct RotaryTables {
+  at::Tensor cos, sin;
+};
+
+// window_left/right >= -1; rotary_cos/sin both or neither: floating CPU tables [P, D/2], D even,
+// P covering every position of the longest sequence.
+RotaryTables check_window_rotary(const at::Tensor& q, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left,
+                                 int64_t window_right, const std::optional<at::Tensor>& rotary_cos,
+                                 const std::optional<at::Tensor>& rotary_sin) {
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, kOp,
+                    "window_left and window_right must be >= 0, or -1 for unbounded; got ", window_left, " and ",
+                    window_right);
+  TORCH_CHECK_VALUE(rotary_cos.has_value() == rotary_sin.has_value(), kOp,
+                    "rotary_cos and rotary_sin must be given together");
+  if (!rotary_cos) return {};
+  const at::Tensor &cos = *rotary_cos, &sin = *rotary_sin;
+  check_cpu(cos, "rotary_cos");
+  check_cpu(sin, "rotary_sin");
+  TORCH_CHECK_TYPE(cos.is_floating_point() && sin.is_floating_point(), kOp,
+                   "rotary_cos and rotary_sin must be floating point, got ", cos.scalar_type(), " and ",
+                   sin.scalar_type());
+  const int64_t D = q.size(2);
+  TORCH_CHECK_VALUE(D % 2 == 0, kOp, "rotary embeddings need an even head_dim, got ", D);
+  TORCH_CHECK_VALUE(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(1) == D / 2, kOp,
+                    "rotary_cos and rotary_sin must both be [positions, head_dim / 2] = [P, ", D / 2, "], got ",
+                    cos.sizes(), " and ", sin.sizes());
+  const int64_t need = std::max(max_seqlen_q, max_seqlen_k);
+  TORCH_CHECK_VALUE(cos.size(0) >= need, kOp, "rotary tables cover ", cos.size(0),
+                    " positions, the sequences need ", need);
+  return {cos.to(at::kFloat).contiguous(), sin.to(at::kFloat).contiguous()};  // no copy when they are so
+}
+
 AttnParams make_params(const at::Tensor& q, const std::optional<at::Tensor>& attn_mask,
                        const std::optional<at::Tensor>& key_padding_mask, bool is_causal, std::optional<double> scale,
-                       double dropout_p, int64_t seed) {
+                       double dropout_p, int64_t seed, int64_t window_left, int64_t window_right,
+                       const RotaryTables& rotary) {
   AttnParams p;
   p.attn_mask = make_mask(attn_mask, false);
   p.key_padding = make_mask(key_padding_mask, true);
@@ -73,6 +107,15 @@ AttnParams make_params(const at::Tensor& q, const std::optional<at::Tensor>& att
   p.scale = static_cast<float>(scale ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(2))));
   p.dropout_p = dropout_p;
   p.seed = static_cast<uint64_t>(seed);
+  // Sides beyond any int32 sequence length act as unbounded ones; the clamp keeps index sums in range.
+  constexpr int64_t kFar = std::numeric_limits<int32_t>::max();
+  p.window_left = std::min(window_left, kFar);
+  p.window_right = std::min(window_right, kFar);
+  if (rotary.cos.defined()) {
+    p.rot_cos = rotary.cos.const_data_ptr<float>();
+    p.rot_sin = rotary.sin.const_data_ptr<float>();
+    p.rot_st = rotary.cos.size(1);
+  }
   return p;
 }
 
@@ -86,9 +129,13 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                 int64_t max_seqlen_k, const std::optional<at::Tensor>& attn_mask,
                                 const std::optional<at::Tensor>& key_padding_mask, bool is_causal,
-                                std::optional<double> scale, double dropout_p, int64_t seed, bool return_lse) {
+                                std::optional<double> scale, double dropout_p, int64_t seed, bool return_lse,
+                                int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& rotary_cos,
+                                const std::optional<at::Tensor>& rotary_sin) {
   validate_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
                      dropout_p);
+  const RotaryTables rotary = check_window_rotary(q, max_seqlen_q, max_seqlen_k, window_left, window_right,
+                                                  rotary_cos, rotary_sin);
   const int64_t Tq = q.size(0), H = q.size(1);
   const bool gaps = uncovered(cu_seqlens_q, Tq);
   at::Tensor out = gaps ? at::zeros({Tq, H, v.size(2)}, q.options()) : at::empty({Tq, H, v.size(2)}, q.options());
@@ -98,7 +145,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     if (gaps) lse.fill_(std::numeric_limits<float>::infinity());
   }
   attention_forward_out(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                        make_params(q, attn_mask, key_padding_mask, is_causal, scale, dropout_p, seed), out, lse);
+                        make_params(q, attn_mask, key_padding_mask, is_causal, scale, dropout_p, seed, window_left,
+                                    window_right, rotary),
+                        out, lse);
   return {out, lse};
 }
 
@@ -107,9 +156,13 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                  int64_t max_seqlen_k, const std::optional<at::Tensor>& attn_mask,
                                  const std::optional<at::Tensor>& key_padding_mask, bool is_causal,
-                                 std::optional<double> scale, double dropout_p, int64_t seed) {
+                                 std::optional<double> scale, double dropout_p, int64_t seed, int64_t window_left,
+                                 int64_t window_right, const std::optional<at::Tensor>& rotary_cos,
+                                 const std::optional<at::Tensor>& rotary_sin) {
   validate_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
                      dropout_p);
+  const RotaryTables rotary = check_window_rotary(q, max_seqlen_q, max_seqlen_k, window_left, window_right,
+                                                  rotary_cos, rotary_sin);
   const int64_t Tq = q.size(0), H = q.size(1), Dv = v.size(2);
   check_rows(dout, "dout", q.scalar_type(), H, Dv, "head dim of v");
   check_rows(out, "out", q.scalar_type(), H, Dv, "head dim of v");
@@ -124,7 +177,9 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
                                                          : at::empty_like(like, at::MemoryFormat::Contiguous); };
   at::Tensor dq = alloc(q), dk = alloc(k), dv = alloc(v);
   attention_backward_out(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                         make_params(q, attn_mask, key_padding_mask, is_causal, scale, dropout_p, seed), dq, dk, dv);
+                         make_params(q, attn_mask, key_padding_mask, is_causal, scale, dropout_p, seed, window_left,
+                                     window_right, rotary),
+                         dq, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -171,16 +226,20 @@ void validate_attention(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 void bind_attention(py::module_& m) {
   m.def("attention_forward_cpu", &cpu::forward,
-        "out [Tq, H, Dv], lse float32 [H, Tq] (None unless return_lse) = CPU flash attention on packed sequences",
+        "out [Tq, H, Dv], lse float32 [H, Tq] (None unless return_lse) = CPU flash attention on packed sequences; "
+        "window_left/right: query i sees keys i - left .. i + right (-1 = unbounded); rotary_cos/sin [P, D/2]: q and "
+        "k rotated at their sequence-local positions (rotate_half)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("attn_mask") = py::none(),
         py::arg("key_padding_mask") = py::none(), py::arg("is_causal") = false, py::arg("scale") = py::none(),
-        py::arg("dropout_p") = 0.0, py::arg("seed") = 0, py::arg("return_lse") = true);
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0, py::arg("return_lse") = true, py::arg("window_left") = -1,
+        py::arg("window_right") = -1, py::arg("rotary_cos") = py::none(), py::arg("rotary_sin") = py::none());
   m.def("attention_backward_cpu", &cpu::backward, "dq, dk, dv = backward of attention_forward_cpu", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"),
         py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("attn_mask") = py::none(),
         py::arg("key_padding_mask") = py::none(), py::arg("is_causal") = false, py::arg("scale") = py::none(),
-        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0, py::arg("window_left") = -1, py::arg("window_right") = -1,
+        py::arg("rotary_cos") = py::none(), py::arg("rotary_sin") = py::none());
   m.def("attention_dropout_mask_cpu", &cpu::dropout_mask,
         "bool keep mask [B, H, L, S] of the CPU attention kernels' dropout (True = kept)", py::arg("batch"),
         py::arg("heads"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("dropout_p"), py::arg("seed"));

@@ -1,8 +1,9 @@
 """CPU flash attention kernels of the extension (csrc/cpu/attention.cpp, bound in csrc/attention_api.cpp).
 
-Called directly through ``fastenc._C`` on packed tokens with int32 ``cu_seqlens``.  Oracle:
-``fastenc.reference.attention`` / ``attention_varlen`` with ``upcast=True``; baseline: the same
-reference in the input dtype (torch's own bf16 error); ``fastenc.testing.assert_parity`` judges
+Called directly through ``fastenc._C`` on packed tokens with int32 ``cu_seqlens``, and through the
+op (``ops.attention`` / ``attention_varlen`` with ``backend="cpu"``) for sliding windows and rotary
+embeddings.  Oracle: ``fastenc.reference.attention`` / ``attention_varlen`` with ``upcast=True``;
+baseline: the same reference in the input dtype (torch's own bf16 error); ``fastenc.testing.assert_parity`` judges
 outputs and dq, dk, dv (reference gradients by autograd).  In fp32 the baseline is the oracle, so
 a summation-order rtol of the largest magnitude is allowed.
 """
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from fastenc import reference
+from fastenc.backends import explain
+from fastenc.ops import attention, attention_varlen
 from fastenc.testing import assert_parity
 
 if os.environ.get("FASTENC_SKIP_NATIVE", "0").lower() in ("1", "true", "yes", "on"):
@@ -304,6 +307,177 @@ def test_dropout_mask_statistics_and_edges():
     assert (out == 0).all() and torch.isfinite(lse).all()
 
 
+# --------------------------------------------------------------------------- sliding window, rotary
+
+
+def _window_kw(window):
+    return dict(window_left=window[0], window_right=window[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(0, 0), (3, -1), (-1, 2), (0, 5), (40, 70), (500, 500)], ids=str)
+def test_window(window, causal, dtype):
+    """L, S = 300, 290: several forward key blocks and backward query chunks, most outside the window
+    (skipped), (500, 500) wider than the sequence; queries past the last key see none with right = 0, -1."""
+    B, L, S, H, D = 1, 300, 290, 1, 32
+    q, k, v, cu_q, cu_k = _dense(B, L, S, H, D, dtype)
+    out, lse, _ = _check(q, k, v, cu_q, cu_k, L, S, _dense_ref(B, L, S, is_causal=causal, window=window),
+                         f"window {window} causal={causal} {dtype}", is_causal=causal, **_window_kw(window))
+    if window[1] >= 0 and window[0] >= 0 and window[0] < 10:  # query i sees no key once i - left >= S
+        assert (out[S + window[0]:] == 0).all() and torch.isinf(lse[:, S + window[0]:]).all()
+
+
+def test_window_with_key_padding_and_attn_mask():
+    """Small windows over padded keys leave some queries no key at all: zeros, lse +inf, zero gradients."""
+    B, L, S, H, D = 2, 40, 40, 2, 32
+    q, k, v, cu_q, cu_k = _dense(B, L, S, H, D, torch.float32)
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[0, 10:20] = True
+    pad[1, 30:] = True
+    am = torch.randn(B, H, L, S)
+    window = (2, 1)
+    out, lse, (dq, _, _) = _check(q, k, v, cu_q, cu_k, L, S,
+                                  _dense_ref(B, L, S, key_padding_mask=pad, attn_mask=am, window=window),
+                                  "window + masks", key_padding_mask=pad, attn_mask=am, **_window_kw(window))
+    blind = slice(12, 19)  # sequence 0: queries 12..18 see only keys 10..19
+    assert (out[blind] == 0).all() and (dq[blind] == 0).all() and torch.isinf(lse[:, blind]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_window_dropout_replays_the_mask(dtype):
+    B, L, S, H, D, p, seed = 2, 150, 150, 2, 32, 0.3, 77
+    q, k, v, cu_q, cu_k = _dense(B, L, S, H, D, dtype)
+    keep = _C.attention_dropout_mask_cpu(B, H, L, S, p, seed)
+    _check(q, k, v, cu_q, cu_k, L, S, _dense_ref(B, L, S, dropout_p=p, dropout_mask=keep, window=(21, 9)),
+           f"window dropout {dtype}", dropout_p=p, seed=seed, **_window_kw((21, 9)))
+
+
+def _tables(n, D, base=10000.0):
+    return reference.rotary_tables(reference.rotary_inv_freq(D, base), n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 34], ids=lambda d: f"D{d}")
+def test_rotary(D, dtype):
+    """Rotated q and k (D 34: a half of 17, no multiple of the vector width); bf16 tables as ModernBERT's."""
+    B, L, S, H = 2, 37, 41, 2
+    q, k, v, cu_q, cu_k = _dense(B, L, S, H, D, dtype)
+    cos, sin = _tables(64, D, 160000.0)
+    if dtype != torch.float32:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    _check(q, k, v, cu_q, cu_k, L, S, _dense_ref(B, L, S, rotary=(cos, sin)), f"rotary D{D} {dtype}",
+           rotary_cos=cos, rotary_sin=sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_rotary_on_a_ragged_batch(causal, dtype):
+    """Varlen with empty and length-1 sequences, L != S per sequence: window and rotary positions
+    count from each sequence's first row."""
+    lq, lk, H, D = [5, 0, 1, 140, 33, 4], [5, 3, 1, 150, 0, 9], 2, 64
+    q = torch.randn(sum(lq), H, D, dtype=dtype)
+    k, v = torch.randn(2, sum(lk), H, D, dtype=dtype)
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    cos, sin = _tables(150, D)
+    window = (17, 4)
+
+    def ref(q, k, v, upcast):
+        return reference.attention_varlen(q, k, v, cu_q, cu_k, is_causal=causal, window=window, rotary=(cos, sin),
+                                          upcast=upcast)
+
+    out, lse, _ = _check(q, k, v, cu_q, cu_k, max(lq), max(lk), ref, f"ragged window rotary {dtype} causal={causal}",
+                         is_causal=causal, rotary_cos=cos, rotary_sin=sin, **_window_kw(window))
+    rows = slice(int(cu_q[4]), int(cu_q[5]))  # the sequence with no keys
+    assert (out[rows] == 0).all() and torch.isinf(lse[:, rows]).all()
+
+
+def test_rotary_matches_pre_rotated_inputs():
+    """The in-kernel rotation equals rotating q and k first (fp32: same arithmetic up to rounding)."""
+    lq = [7, 19]
+    q, k, v = torch.randn(3, sum(lq), 2, 32).unbind(0)
+    cu = _cu(lq)
+    cos, sin = _tables(19, 32)
+    pos = torch.cat([torch.arange(n) for n in lq])
+    dout = torch.randn_like(q)
+    rq, rk = (reference.rotary_embed(t, cos, sin, pos) for t in (q, k))
+    out, _, (dq, dk, dv) = _fwd_bwd(q, k, v, cu, cu, 19, 19, dout, rotary_cos=cos, rotary_sin=sin)
+    plain_out, _, (pdq, pdk, pdv) = _fwd_bwd(rq, rk, v, cu, cu, 19, 19, dout)
+    torch.testing.assert_close(out, plain_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dv, pdv, atol=1e-5, rtol=1e-5)
+    # dq = Rᵀ (gradient wrt the rotated q)
+    for g, pg in ((dq, pdq), (dk, pdk)):
+        leaf = torch.zeros_like(q).requires_grad_(True)
+        reference.rotary_embed(leaf, cos, sin, pos).backward(pg)
+        torch.testing.assert_close(g, leaf.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_window_skips_blocks_outside():
+    """NaN in rows far outside a window reaches nothing: the forward never visits the key blocks, nor the
+    backward the query chunks, outside each range (masking them alone would give 0 · NaN = NaN)."""
+    L, H, D, w = 512, 1, 32, (8, 8)
+    q, k, v, cu, _ = _dense(1, L, L, H, D, torch.float32)
+    dout = torch.randn_like(q)
+    for t in (q, k, v, dout):
+        t[300:] = float("nan")
+    out, lse, (dq, dk, dv) = _fwd_bwd(q, k, v, cu, cu, L, L, dout, **_window_kw(w))
+    assert torch.isfinite(out[:128]).all(), "the forward visited key blocks outside the window"
+    assert torch.isfinite(dq[:128]).all(), "dQ visited key blocks outside the window"
+    assert torch.isfinite(dk[:64]).all() and torch.isfinite(dv[:64]).all(), "dK/dV visited far query chunks"
+    assert torch.isnan(out[300:]).all()
+
+
+# --------------------------------------------------------------------------- the op (ops.attention, backend="cpu")
+
+
+def _op_parity(fast_fn, ref_fn, inputs, name):
+    """fast_fn(q, k, v) vs ref_fn(q, k, v, upcast) on fresh leaves: output and dq, dk, dv; and the
+    inference path (no gradient: no log-sum-exp kept) gives the same output."""
+    fast_in, ref_in, base_in = _leaves(inputs), _leaves(inputs, torch.float32), _leaves(inputs)
+    out = fast_fn(*fast_in)
+    ref, base = ref_fn(*ref_in, upcast=True), ref_fn(*base_in, upcast=False)
+    assert_parity(out, ref, base, name=f"{name} out")
+    with torch.no_grad():
+        assert torch.equal(fast_fn(*fast_in), out), f"{name}: inference path differs"
+    dout = torch.randn_like(ref)
+    out.backward(dout.to(out.dtype))
+    ref.backward(dout)
+    base.backward(dout.to(base.dtype))
+    for label, f, r, b in zip("qkv", fast_in, ref_in, base_in):
+        assert_parity(f.grad, r.grad, b.grad, name=f"{name} d{label}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window,causal,padded", [((5, 11), False, True), ((0, -1), True, False),
+                                                  ((-1, 3), False, False), (None, False, True)], ids=str)
+def test_op_window_rotary(window, causal, padded, dtype):
+    B, L, H, D = 2, 45, 3, 64
+    qkv = [torch.randn(B, L, H, D, dtype=dtype) for _ in range(3)]
+    cos, sin = _tables(L, D)
+    kpm = (torch.arange(L) >= torch.tensor([[30], [45]])) if padded else None  # sequence 0 padded after 30
+    kw = dict(key_padding_mask=kpm, is_causal=causal, window=window, rotary=(cos, sin))
+    _op_parity(lambda q, k, v: attention(q, k, v, backend="cpu", **kw),
+               lambda q, k, v, upcast: reference.attention(q, k, v, upcast=upcast, **kw), qkv,
+               f"op window={window} causal={causal} padded={padded} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_op_varlen_window_rotary(dtype):
+    lens, H, D = [7, 0, 1, 130, 64], 2, 32
+    cu = _cu(lens)
+    qkv = [torch.randn(sum(lens), H, D, dtype=dtype) for _ in range(3)]
+    cos, sin = (t.to(dtype) for t in _tables(max(lens), D, 160000.0))
+    kw = dict(window=(16, 16), rotary=(cos, sin))
+    _op_parity(lambda q, k, v: attention_varlen(q, k, v, cu, cu, max(lens), max(lens), backend="cpu", **kw),
+               lambda q, k, v, upcast: reference.attention_varlen(q, k, v, cu, cu, upcast=upcast, **kw), qkv,
+               f"op varlen window rotary {dtype}")
+
+
+def test_auto_picks_the_cpu_kernels_for_window_and_rotary():
+    chosen = explain("attention", "auto", torch.device("cpu"), torch.float32, (64, 64, False, True, True))[0]
+    assert chosen == "cpu"
+
+
 # --------------------------------------------------------------------------- bad arguments
 
 
@@ -337,6 +511,20 @@ def _args(**over):
         (dict(attn_mask=torch.zeros(4, 4, dtype=torch.bool)), ValueError, "attn_mask must have shape"),
         (dict(dropout_p=1.5), ValueError, "dropout_p must be in"),
         (dict(q=torch.randn(8, 2, 32, device="meta")), ValueError, "q must be a CPU tensor"),
+        (dict(window_left=-2), ValueError, "window_left and window_right must be >= 0, or -1"),
+        (dict(window_right=-5), ValueError, "window_left and window_right must be >= 0, or -1"),
+        (dict(rotary_cos=torch.ones(4, 16)), ValueError, "rotary_cos and rotary_sin must be given together"),
+        (dict(rotary_cos=torch.ones(4, 16, dtype=torch.int32), rotary_sin=torch.ones(4, 16, dtype=torch.int32)),
+         TypeError, "must be floating point"),
+        (dict(rotary_cos=torch.ones(4, 8), rotary_sin=torch.ones(4, 8)), ValueError,
+         r"must both be \[positions, head_dim / 2\] = \[P, 16\]"),
+        (dict(rotary_cos=torch.ones(4, 16), rotary_sin=torch.ones(5, 16)), ValueError, "must both be"),
+        (dict(rotary_cos=torch.ones(3, 16), rotary_sin=torch.ones(3, 16)), ValueError,
+         "rotary tables cover 3 positions, the sequences need 4"),
+        (dict(rotary_cos=torch.ones(4, 16, device="meta"), rotary_sin=torch.ones(4, 16)), ValueError,
+         "rotary_cos must be a CPU tensor"),
+        (dict(q=torch.randn(8, 2, 33), k=torch.randn(8, 2, 33), v=torch.randn(8, 2, 33),
+              rotary_cos=torch.ones(4, 16), rotary_sin=torch.ones(4, 16)), ValueError, "even head_dim, got 33"),
     ],
 )
 def test_bad_arguments(over, exc, match):

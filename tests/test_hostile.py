@@ -260,6 +260,28 @@ ATTENTION = [
                 attn_mask=lambda: torch.randn(3, 3, device=DEV).requires_grad_(True)),
     Case("meta tensors", lambda b: [ops.attention(*(rand(2, 3, 2, 16, device="meta") for _ in range(3)), backend=b)],
          fast_unavailable("meta")),
+    attn_error("window not a pair", TypeError, "window must be None or a pair of ints", window=(3,)),
+    attn_error("window of floats", TypeError, "window must be None or a pair of ints", window=(1.5, 2)),
+    attn_error("window of bools", TypeError, "window must be None or a pair of ints", window=(True, 1)),
+    attn_error("window side -2", ValueError, "window sides must be >= 0, or -1", window=(-2, 1)),
+    attn_error("rotary not a pair", TypeError, "rotary must be None or a pair of tensors",
+               rotary=lambda: rand(3, 8)),
+    attn_error("rotary int tables", TypeError, "rotary tables must be floating point",
+               rotary=lambda: (torch.ones(3, 8, dtype=torch.long, device=DEV),) * 2),
+    attn_error("rotary tables of the wrong width", ValueError, r"\[P, 8\]", rotary=lambda: (rand(3, 16), rand(3, 16))),
+    attn_error("rotary tables too short", ValueError, "cover 2 positions, the sequences need 3",
+               rotary=lambda: (rand(2, 8), rand(2, 8))),
+    attn_error("rotary tables on meta", ValueError, "rotary tables are on meta",
+               rotary=lambda: (rand(3, 8, device="meta"), rand(3, 8, device="meta"))),
+    attn_error("rotary with an odd head dim", ValueError, "even head dim", q=lambda: rand(1, 3, 2, 15),
+               rotary=lambda: (rand(3, 7), rand(3, 7))),
+    attn_result("window (0, 0)", window=(0, 0)),
+    attn_result("window wider than the sequence, rotary", window=(100, 100),
+                rotary=lambda: reference.rotary_tables(reference.rotary_inv_freq(16, 1e4, DEV), 3)),
+    attn_result("window hides padding-only neighbours", window=(0, 0), is_causal=True,
+                key_padding_mask=lambda: torch.tensor([[False, True, True], [True, False, True]], device=DEV)),
+    attn_result("window with fewer keys than queries", shapes=((2, 5, 2, 16), (2, 2, 2, 16), (2, 2, 2, 16)),
+                window=(1, 0), rotary=lambda: reference.rotary_tables(reference.rotary_inv_freq(16, 1e4, DEV), 5)),
 ]
 
 
@@ -461,8 +483,10 @@ def varlen_case(name: str, cu_q, cu_k=None, tq=5, tk=None, max_q=None, max_k=Non
         mq = max_q if max_q is not None else _longest(cq)
         mk = max_k if max_k is not None else _longest(ck)
 
+        args = {key: (value() if callable(value) else value) for key, value in kw.items()}
+
         def call(q, k, v):
-            return ops.attention_varlen(q, k, v, cq, ck, mq, mk, backend=backend, **kw)
+            return ops.attention_varlen(q, k, v, cq, ck, mq, mk, backend=backend, **args)
         return fwd_bwd(call, q, k, v, backward=backward)
     return Case(name, run, expect)
 
@@ -510,6 +534,11 @@ VARLEN = [
     varlen_case("max_seqlen larger than needed", cu(0, 2, 5), max_q=64, max_k=64),
     varlen_case("causal, fewer queries than keys", cu(0, 1, 3), cu(0, 3, 6), tq=3, tk=6, is_causal=True),
     varlen_case("dropout 1", cu(0, 2, 5), dropout_p=1.0),
+    varlen_case("window and rotary, empty and length-1 sequences", cu(0, 0, 1, 5), window=(1, 2),
+                rotary=lambda: reference.rotary_tables(reference.rotary_inv_freq(16, 1e4, DEV), 4)),
+    varlen_case("rotary tables shorter than max_seqlen", cu(0, 2, 5), max_q=8, max_k=8,
+                rotary=lambda: reference.rotary_tables(reference.rotary_inv_freq(16, 1e4, DEV), 4),
+                expect=raises(ValueError, "cover 4 positions, the sequences need 8")),
 ]
 
 

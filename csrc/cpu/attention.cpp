@@ -1,6 +1,7 @@
 // CPU flash attention on packed variable-length sequences: FlashAttention-2 (Dao, 2023) —
 // online softmax over key blocks in the forward, P recomputed from the saved log-sum-exp in
-// the backward — with key padding and additive masks, causal masking and Philox dropout.
+// the backward — with key padding and additive masks, causal masking, sliding windows, rotary
+// embeddings and Philox dropout.
 //
 // Scores are kept TRANSPOSED, st[j][i] (key j, query i): the query index runs along the SIMD
 // lanes, so the softmax's max and sum over keys are lane-wise (no horizontal reductions),
@@ -14,6 +15,12 @@
 // products as bf16 pair dot products instead (Bf16Dots: P rounded to bf16 before P V, as torch's
 // bf16 attention does).  Rows whose keys are all masked output zeros with lse = +inf, so the
 // backward's P = exp(s - lse) and every gradient of theirs are zero.
+//
+// Sliding window and causal bound: key blocks outside every query's range are skipped (the forward
+// visits per query chunk only its key range, the backward per key block only the query chunks that
+// see it); the edges are masked elementwise.  Rotary embeddings rotate q and k while they are
+// staged in fp32 (rounded back to bf16 first on the Bf16Dots path, as torch rotates bf16 tensors),
+// and the backward rotates dq and dk back (Rᵀ); the tables get no gradient.
 //
 // Work: the forward runs (sequence, head, run of 128-query chunks) items, the backward one
 // (sequence, head) task each, claimed dynamically by at::get_num_threads() threads.  Scratch is
@@ -31,6 +38,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "cpu/attention.h"
@@ -272,6 +280,51 @@ struct Seq {
   int64_t q0, k0, L, S;  // first row in q and in k/v, lengths
 };
 
+// Keys [lo, hi) of a sequence with S keys that some query of [i0, i1) sees through the window and
+// the causal bound (lo = hi when none does).
+inline std::pair<int64_t, int64_t> key_range(const AttnParams& p, int64_t i0, int64_t i1, int64_t S) {
+  const int64_t lo = p.window_left >= 0 ? std::clamp<int64_t>(i0 - p.window_left, 0, S) : 0;
+  int64_t hi = S;
+  if (p.window_right >= 0) hi = std::min(hi, i1 + p.window_right);
+  if (p.causal) hi = std::min(hi, i1);
+  return {lo, std::max(lo, hi)};
+}
+
+// Queries [lo, hi) of a sequence with L queries that see some key of [j0, j1).
+inline std::pair<int64_t, int64_t> query_range(const AttnParams& p, int64_t j0, int64_t j1, int64_t L) {
+  int64_t lo = p.causal ? j0 : 0, hi = L;
+  if (p.window_right >= 0) lo = std::max(lo, j0 - p.window_right);
+  if (p.window_left >= 0) hi = std::min(hi, j1 + p.window_left);
+  lo = std::min(lo, L);
+  return {lo, std::max(lo, hi)};
+}
+
+// Rotary embedding of one fp32 row x [2·half] at position pos (HF's rotate_half, (x1, x2) its halves):
+//   forward  y1 = x1 c - x2 s,  y2 = x2 c + x1 s;   inverse (Rᵀ, for gradients)  y1 = x1 c + x2 s,  y2 = x2 c - x1 s.
+struct Rotary {
+  const float *cos = nullptr, *sin = nullptr;
+  int64_t st = 0, half = 0;
+  Rotary(const AttnParams& p, int64_t D) : cos(p.rot_cos), sin(p.rot_sin), st(p.rot_st), half(D / 2) {}
+  explicit operator bool() const { return cos != nullptr; }
+  template <bool INVERSE = false>
+  void apply(float* x, int64_t pos) const {
+    const float* c = cos + pos * st;
+    const float* s = sin + pos * st;
+    for (int64_t d = 0; d < half; d += kW) {
+      const int n = static_cast<int>(std::min<int64_t>(kW, half - d));
+      const Vec x1 = Vec::loadu(x + d, n), x2 = Vec::loadu(x + half + d, n);
+      const Vec cv = Vec::loadu(c + d, n), sv = Vec::loadu(s + d, n);
+      if constexpr (INVERSE) {
+        at::vec::fmadd(x2, sv, x1 * cv).store(x + d, n);
+        at::vec::fmsub(x2, cv, x1 * sv).store(x + half + d, n);
+      } else {
+        at::vec::fmsub(x1, cv, x2 * sv).store(x + d, n);
+        at::vec::fmadd(x1, sv, x2 * cv).store(x + half + d, n);
+      }
+    }
+  }
+};
+
 // Adds key padding, attention mask and causal masking to st[jj][ii] (key j0 + jj, query i0 + ii).
 void apply_masks(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t nqv, int64_t j0,
                  int64_t nj, float* st, int64_t ld) {
@@ -307,6 +360,25 @@ void apply_masks(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t 
         const Vec i = Vec::arange(static_cast<float>(i0 + n * kW), 1.f);
         float* s = st + jj * ld + n * kW;
         Vec::blendv(Vec::loadu(s), ninf, i < j).store(s);
+      }
+    }
+  }
+  if (p.window_left >= 0 || p.window_right >= 0) {  // key j hidden from query i when j < i - left or j > i + right
+    const Vec ninf(-kInf);
+    const int64_t i_last = i0 + nqv * kW - 1;  // every lane, the padding ones included
+    for (int64_t jj = 0; jj < nj; ++jj) {
+      const int64_t j = j0 + jj;
+      const bool cut_left = p.window_left >= 0 && i_last > j + p.window_left;     // a lane with i > j + left
+      const bool cut_right = p.window_right >= 0 && i0 < j - p.window_right;      // a lane with i < j - right
+      if (!cut_left && !cut_right) continue;
+      const Vec far(static_cast<float>(j + p.window_left)), near(static_cast<float>(j - p.window_right));
+      for (int64_t n = 0; n < nqv; ++n) {
+        const Vec i = Vec::arange(static_cast<float>(i0 + n * kW), 1.f);
+        float* s = st + jj * ld + n * kW;
+        Vec x = Vec::loadu(s);
+        if (cut_left) x = Vec::blendv(x, ninf, i > far);
+        if (cut_right) x = Vec::blendv(x, ninf, i < near);
+        x.store(s);
       }
     }
   }
@@ -395,13 +467,15 @@ struct Shape {
   int64_t H, D, Dv;
 };
 
-// The forward's products, fp32: q, k, v widened to fp32 when staged, Qᵀ pre-scaled; abt and acc.
+// The forward's products, fp32: q, k, v widened to fp32 when staged (q and k rotated there), Qᵀ
+// pre-scaled; abt and acc.
 template <typename T>
 struct Fp32Dots {
   int64_t D, Dv, DVp;
+  Rotary rot;
   float *kb, *vb, *qt, *tmp;
 
-  Fp32Dots(const Shape& sh) : D(sh.D), Dv(sh.Dv), DVp(round_up(sh.Dv, kW)) {}
+  Fp32Dots(const Shape& sh, const AttnParams& p) : D(sh.D), Dv(sh.Dv), DVp(round_up(sh.Dv, kW)), rot(p, sh.D) {}
   int64_t floats(int64_t kp, int64_t bn) const { return kp * D + kp * DVp + D * kQC + kQC * D + 64; }
   void carve(Carver& c, int64_t kp, int64_t bn) {
     kb = c.take(kp * D);    // K [kp][D]
@@ -409,18 +483,30 @@ struct Fp32Dots {
     qt = c.take(D * kQC);   // Qᵀ · scale [D][ld]
     tmp = c.take(kQC * D);  // Q widened to fp32 (when q is not fp32)
   }
-  void stage_kv(const View<const T>& k, const View<const T>& v, const Seq& s, int64_t h, int64_t kall, int64_t kp) {
+  // Keys ks .. ks + kall of sequence s (positions from its start) as rows 0 .. kall - 1.
+  void stage_kv(const View<const T>& k, const View<const T>& v, const Seq& s, int64_t h, int64_t ks, int64_t kall,
+                int64_t kp) {
     for (int64_t j = 0; j < kall; ++j) {
-      load_row(k.row(s.k0 + j, h), kb + j * D, D, D, 1.f);
-      load_row(v.row(s.k0 + j, h), vb + j * DVp, Dv, DVp, 1.f);
+      load_row(k.row(s.k0 + ks + j, h), kb + j * D, D, D, 1.f);
+      if (rot) rot.apply(kb + j * D, ks + j);
+      load_row(v.row(s.k0 + ks + j, h), vb + j * DVp, Dv, DVp, 1.f);
     }
     std::fill(kb + kall * D, kb + kp * D, 0.f);
   }
-  void stage_q(const View<const T>& q, int64_t t0, int64_t h, int64_t rows, int64_t ld, float scale) {
-    load_transposed(q.row(t0, h), q.st, rows, D, scale, tmp, qt, ld);
+  // Queries i0 .. i0 + rows of sequence s.
+  void stage_q(const View<const T>& q, const Seq& s, int64_t i0, int64_t h, int64_t rows, int64_t ld, float scale) {
+    if (rot) {
+      for (int64_t i = 0; i < rows; ++i) {
+        load_row(q.row(s.q0 + i0 + i, h), tmp + i * D, D, D, scale);
+        rot.apply(tmp + i * D, i0 + i);
+      }
+      at::vec::transpose_mxn<float>(tmp, D, qt, ld, static_cast<int>(rows), static_cast<int>(D));
+    } else {
+      load_transposed(q.row(s.q0 + i0, h), q.st, rows, D, scale, tmp, qt, ld);
+    }
     for (int64_t d = 0; d < D; ++d) std::fill(qt + d * ld + rows, qt + (d + 1) * ld, 0.f);
   }
-  // st[jj][i] = (q_i · scale) · k_{j0+jj} for jj < round_up(nj, 8).
+  // st[jj][i] = (q_i · scale) · k_{j0+jj} for jj < round_up(nj, 8) (j0 a staged row, a multiple of 8).
   void scores(int64_t j0, int64_t nj, int64_t nqv, float* st, int64_t ld) const {
     abt(kb + j0 * D, D, round_up(nj, 8), qt, ld, D, nqv, st, ld);
   }
@@ -518,20 +604,39 @@ inline uint32_t bf16_pair(at::BFloat16 lo, at::BFloat16 hi) {
 struct Bf16Dots {
   int64_t D, D2, Dv, DVp;
   float scale = 1.f;
+  Rotary rot;
   uint32_t *kb, *vb, *qt, *tmp, *pb;
+  float* row;
 
-  Bf16Dots(const Shape& sh) : D(sh.D), D2(sh.D / 2), Dv(sh.Dv), DVp(round_up(sh.Dv, 16)) {}
-  int64_t floats(int64_t kp, int64_t bn) const { return kp * D2 + kp / 2 * DVp + 2 * D2 * kQC + bn / 2 * kQC + 80; }
+  Bf16Dots(const Shape& sh, const AttnParams& p)
+      : D(sh.D), D2(sh.D / 2), Dv(sh.Dv), DVp(round_up(sh.Dv, 16)), rot(p, sh.D) {}
+  int64_t floats(int64_t kp, int64_t bn) const {
+    return kp * D2 + kp / 2 * DVp + 2 * D2 * kQC + bn / 2 * kQC + D + 96;
+  }
   void carve(Carver& c, int64_t kp, int64_t bn) {
     kb = reinterpret_cast<uint32_t*>(c.take(kp * D2));        // K rows as pairs [kp][D/2]
     vb = reinterpret_cast<uint32_t*>(c.take(kp / 2 * DVp));   // V key pairs [kp/2][DVp]
     qt = reinterpret_cast<uint32_t*>(c.take(D2 * kQC));       // Qᵀ pairs [D/2][ld]
     tmp = reinterpret_cast<uint32_t*>(c.take(D2 * kQC));      // Q rows as pairs [rows][D/2]
     pb = reinterpret_cast<uint32_t*>(c.take(bn / 2 * kQC));   // P key pairs [bn/2][ld]
+    row = c.take(D);                                          // one row in fp32, rotated
+  }
+  // src rotated at pos in fp32, rounded back to bf16 (as torch rotates bf16 tensors), into dst.
+  void rotated(const at::BFloat16* src, int64_t pos, at::BFloat16* dst) const {
+    load_row(src, row, D, D, 1.f);
+    rot.apply(row, pos);
+    store_row(row, dst, D, 1.f);
   }
   void stage_kv(const View<const at::BFloat16>& k, const View<const at::BFloat16>& v, const Seq& s, int64_t h,
-                int64_t kall, int64_t kp) {
-    for (int64_t j = 0; j < kall; ++j) std::memcpy(kb + j * D2, k.row(s.k0 + j, h), D * sizeof(at::BFloat16));
+                int64_t ks, int64_t kall, int64_t kp) {
+    for (int64_t j = 0; j < kall; ++j) {
+      auto* dst = reinterpret_cast<at::BFloat16*>(kb + j * D2);
+      if (rot) {
+        rotated(k.row(s.k0 + ks + j, h), ks + j, dst);
+      } else {
+        std::memcpy(dst, k.row(s.k0 + ks + j, h), D * sizeof(at::BFloat16));
+      }
+    }
     std::fill(kb + kall * D2, kb + kp * D2, 0u);
     const at::BFloat16 zero(0.f);
     for (int64_t jp = 0; jp < kp / 2; ++jp) {
@@ -541,15 +646,23 @@ struct Bf16Dots {
         std::fill(dst, dst + DVp, 0u);
         continue;
       }
-      const at::BFloat16* v0 = v.row(s.k0 + j, h);
-      const at::BFloat16* v1 = j + 1 < kall ? v.row(s.k0 + j + 1, h) : nullptr;
+      const at::BFloat16* v0 = v.row(s.k0 + ks + j, h);
+      const at::BFloat16* v1 = j + 1 < kall ? v.row(s.k0 + ks + j + 1, h) : nullptr;
       for (int64_t d = 0; d < Dv; ++d) dst[d] = bf16_pair(v0[d], v1 ? v1[d] : zero);
       std::fill(dst + Dv, dst + DVp, 0u);
     }
   }
-  void stage_q(const View<const at::BFloat16>& q, int64_t t0, int64_t h, int64_t rows, int64_t ld, float sc) {
+  void stage_q(const View<const at::BFloat16>& q, const Seq& s, int64_t i0, int64_t h, int64_t rows, int64_t ld,
+               float sc) {
     scale = sc;
-    for (int64_t i = 0; i < rows; ++i) std::memcpy(tmp + i * D2, q.row(t0 + i, h), D * sizeof(at::BFloat16));
+    for (int64_t i = 0; i < rows; ++i) {
+      auto* dst = reinterpret_cast<at::BFloat16*>(tmp + i * D2);
+      if (rot) {
+        rotated(q.row(s.q0 + i0 + i, h), i0 + i, dst);
+      } else {
+        std::memcpy(dst, q.row(s.q0 + i0 + i, h), D * sizeof(at::BFloat16));
+      }
+    }
     at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(tmp), D2, reinterpret_cast<float*>(qt), ld,
                                   static_cast<int>(rows), static_cast<int>(D2));
     for (int64_t p = 0; p < D2; ++p) std::fill(qt + p * ld + rows, qt + (p + 1) * ld, 0u);
@@ -605,16 +718,19 @@ bool has_avx512_bf16() {
 }
 #endif
 
-// Work item: queries [r0, r1) of sequence s, head h, in chunks of kQC rows.  K and V (up to the
-// last key any of these queries sees) are staged once for all the chunks; Dots does the products.
+// Work item: queries [r0, r1) of sequence s, head h, in chunks of kQC rows.  K and V (the keys any
+// of these queries sees, from a multiple of 8) are staged once for all the chunks; Dots does the
+// products.  Each chunk visits only the key blocks of its own key range (causal bound, window).
 template <typename T, typename Dots>
 void forward_item(const AttnParams& p, const Dropout& dr, const Shape& sh, const View<const T>& q,
                   const View<const T>& k, const View<const T>& v, const View<T>& out, float* lse, int64_t lse_sh,
                   int64_t lse_st, const Seq& s, int64_t b, int64_t h, int64_t r0, int64_t r1) {
   const int64_t Dv = sh.Dv, DVp = round_up(Dv, kW);
-  const int64_t kall = p.causal ? std::min(s.S, r1) : s.S, kp = round_up(std::max<int64_t>(kall, 1), 8);
+  const auto [k_lo, k_hi] = key_range(p, r0, r1, s.S);
+  // Staged keys [ks, k_hi): blocks start at multiples of 8 (Bf16Dots' key pairs, dropout's key quads).
+  const int64_t ks = k_lo / 8 * 8, kall = k_hi - ks, kp = round_up(std::max<int64_t>(kall, 1), 8);
   const int64_t bn = std::min(kBN, kp);
-  Dots dots(sh);
+  Dots dots(sh, p);
   Carver c{scratch(dots.floats(kp, bn) + bn * kQC + kQC * DVp + 3 * kQC + 16 * 5)};
   dots.carve(c, kp, bn);
   float* st = c.take(bn * kQC);   // scores, then P [bn][ld]
@@ -622,19 +738,20 @@ void forward_item(const AttnParams& p, const Dropout& dr, const Shape& sh, const
   float* m = c.take(kQC);         // running max
   float* l = c.take(kQC);         // running sum
   float* alpha = c.take(kQC);     // rescale of the previous blocks
-  dots.stage_kv(k, v, s, h, kall, kp);
+  dots.stage_kv(k, v, s, h, ks, kall, kp);
 
   for (int64_t i0 = r0; i0 < r1; i0 += kQC) {
     const int64_t rows = std::min(kQC, r1 - i0), ld = round_up(rows, kPad), nqv = ld / kW;
-    const int64_t kend = p.causal ? std::min(s.S, i0 + rows) : s.S;
-    dots.stage_q(q, s.q0 + i0, h, rows, ld, p.scale);
+    const auto [j_lo, j_hi] = key_range(p, i0, i0 + rows, s.S);
+    dots.stage_q(q, s, i0, h, rows, ld, p.scale);
     std::fill(o, o + ld * DVp, 0.f);
     std::fill(m, m + ld, -kInf);
     std::fill(l, l + ld, 0.f);
 
-    for (int64_t j0 = 0; j0 < kend; j0 += bn) {
-      const int64_t nj = std::min(bn, kend - j0);
-      dots.scores(j0, nj, nqv, st, ld);
+    const int64_t j_first = j_lo / 8 * 8;
+    for (int64_t j0 = j_first; j0 < j_hi; j0 += bn) {
+      const int64_t nj = std::min(bn, j_hi - j0);
+      dots.scores(j0 - ks, nj, nqv, st, ld);
       apply_masks(p, b, h, i0, rows, nqv, j0, nj, st, ld);
 
       // Online softmax, lane-wise over queries: m' = max(m, max_j s), P = exp(s - m'), l' = l·e^{m-m'} + Σ_j P.
@@ -664,13 +781,13 @@ void forward_item(const AttnParams& p, const Dropout& dr, const Shape& sh, const
         m_new.store(m + n * kW);
         a.store(alpha + n * kW);
       }
-      if (j0 > 0) {
+      if (j0 > j_first) {
         for (int64_t ii = 0; ii < rows; ++ii) {
           const Vec a(alpha[ii]);
           for (int64_t d = 0; d < DVp; d += kW) (Vec::loadu(o + ii * DVp + d) * a).store(o + ii * DVp + d);
         }
       }
-      dots.pv(st, ld, rows, j0, nj, o);
+      dots.pv(st, ld, rows, j0 - ks, nj, o);
     }
 
     for (int64_t ii = 0; ii < rows; ++ii) {
@@ -717,8 +834,10 @@ void backward_task(const AttnParams& p, const Dropout& dr, const Shape& sh, cons
   float* st = c.take(bn * kQC);   // P, then P·keep/(1-p)
   float* dst = c.take(bn * kQC);  // dP, then dS
 
+  const Rotary rot(p, D);  // q, k rotated when staged; dq, dk rotated back (Rᵀ) when stored
   for (int64_t i = 0; i < L; ++i) {
     load_row(q.row(s.q0 + i, h), qn + i * Dp, D, Dp, p.scale);
+    if (rot) rot.apply(qn + i * Dp, i);
     load_row(dout.row(s.q0 + i, h), don + i * DVp, Dv, DVp, 1.f);
     const T* o = out.row(s.q0 + i, h);
     float dsum = 0.f;
@@ -742,14 +861,20 @@ void backward_task(const AttnParams& p, const Dropout& dr, const Shape& sh, cons
     const int64_t nj = std::min(bn, S - j0), njp = round_up(nj, 8);
     for (int64_t jj = 0; jj < nj; ++jj) {
       load_row(k.row(s.k0 + j0 + jj, h), kb + jj * Dp, D, Dp, 1.f);
+      if (rot) rot.apply(kb + jj * Dp, j0 + jj);
       load_row(v.row(s.k0 + j0 + jj, h), vb + jj * DVp, Dv, DVp, 1.f);
     }
     std::fill(kb + nj * Dp, kb + njp * Dp, 0.f);
     std::fill(vb + nj * DVp, vb + njp * DVp, 0.f);
     std::fill(dka, dka + njp * Dp, 0.f);
     std::fill(dva, dva + njp * DVp, 0.f);
-    for (int64_t i0 = p.causal ? j0 / kQC * kQC : 0; i0 < L; i0 += kQC) {
-      const int64_t rows = std::min(kQC, L - i0), ld = round_up(rows, kPad), nqv = ld / kW;
+    // The queries that see this block, in chunks from a multiple of kPad (lanes i0 .. i0 + ld stay
+    // inside the Lp columns); chunks end at a multiple of 8 or at L, so that dQ's 8-row tiles
+    // write no row past a chunk but padding (window-masked or past L: P = 0 there).
+    const auto [q_lo, q_hi] = query_range(p, j0, j0 + nj, L);
+    const int64_t q_end = std::min(L, round_up(q_hi, 8));
+    for (int64_t i0 = q_lo / kPad * kPad; q_lo < q_hi && i0 < q_hi; i0 += kQC) {
+      const int64_t rows = std::min(kQC, q_end - i0), ld = round_up(rows, kPad), nqv = ld / kW;
       abt(kb, Dp, njp, qt + i0, Lp, D, nqv, st, ld);      // S = (Q·scale) Kᵀ
       apply_masks(p, b, h, i0, rows, nqv, j0, nj, st, ld);
       abt(vb, DVp, njp, dot + i0, Lp, Dv, nqv, dst, ld);  // dP = dO Vᵀ
@@ -777,11 +902,15 @@ void backward_task(const AttnParams& p, const Dropout& dr, const Shape& sh, cons
       acc(dst, ld, 1, round_up(rows, 8), kb, Dp, nj, Dp / kW, dqa + i0 * Dp, Dp);  // dQ/scale += dS K
     }
     for (int64_t jj = 0; jj < nj; ++jj) {
+      if (rot) rot.apply<true>(dka + jj * Dp, j0 + jj);
       store_row(dka + jj * Dp, dk.row(s.k0 + j0 + jj, h), D, 1.f);
       store_row(dva + jj * DVp, dv.row(s.k0 + j0 + jj, h), Dv, 1.f);
     }
   }
-  for (int64_t i = 0; i < L; ++i) store_row(dqa + i * Dp, dq.row(s.q0 + i, h), D, p.scale);
+  for (int64_t i = 0; i < L; ++i) {
+    if (rot) rot.apply<true>(dqa + i * Dp, i);
+    store_row(dqa + i * Dp, dq.row(s.q0 + i, h), D, p.scale);
+  }
 }
 
 std::vector<Seq> sequences(const at::Tensor& cu_q, const at::Tensor& cu_k) {
@@ -850,11 +979,13 @@ void attention_forward_out(const at::Tensor& q, const at::Tensor& k, const at::T
         if (w + 1 < w1) {  // the next item's first q chunk and first kPrefetchRows keys
           const auto [b, r0, r1] = groups[(w + 1) / sh.H];
           const Seq& s = seqs[b];
-          const int64_t h = (w + 1) % sh.H, kend = s.k0 + std::min(s.S, kPrefetchRows);
+          const auto [k_lo, k_hi] = key_range(p, r0, r1, s.S);
+          const int64_t h = (w + 1) % sh.H, kstart = s.k0 + k_lo;
+          const int64_t kend = kstart + std::min(k_hi - k_lo, kPrefetchRows);
           const int64_t qend = s.q0 + std::min<int64_t>(r1, r0 + kQC);
           prefetch_rows(qv.row(0, h), qv.st, s.q0 + r0, qend, sh.D);
-          prefetch_rows(kv.row(0, h), kv.st, s.k0, kend, sh.D);
-          prefetch_rows(vv.row(0, h), vv.st, s.k0, kend, sh.Dv);
+          prefetch_rows(kv.row(0, h), kv.st, kstart, kend, sh.D);
+          prefetch_rows(vv.row(0, h), vv.st, kstart, kend, sh.Dv);
           prefetch_rows<true>(ov.row(0, h), ov.st, s.q0 + r0, qend, sh.Dv);
         }
         const auto [b, r0, r1] = groups[w / sh.H];

@@ -35,6 +35,15 @@ struct AttnParams {
   float scale = 1.f;     // scores = q·k · scale
   double dropout_p = 0.0;
   uint64_t seed = 0;     // Philox key of the dropout keep mask (see attention_dropout_mask)
+  // Sliding window: query i sees keys i - window_left .. i + window_right (-1 = unbounded side),
+  // positions relative to each sequence's start.  Combines with every mask above.
+  int64_t window_left = -1, window_right = -1;
+  // Rotary embeddings (Hugging Face's rotate_half): q and k rotated at their sequence-local
+  // position p by the fp32 tables cos/sin [P, D/2] (row p at rot_cos + p·rot_st, unit last stride,
+  // P > every position; D even), applied to the fp32-staged operands.  Null: no rotary.
+  const float* rot_cos = nullptr;
+  const float* rot_sin = nullptr;
+  int64_t rot_st = 0;
 };
 
 AttnMask make_mask(const std::optional<at::Tensor>& mask, bool key_padding);

@@ -64,9 +64,7 @@ def _cpu_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Op
     reason = cpu_check(device, dtype)
     if reason is None and shape[2]:
         return "a mask requires grad, and the C++ kernel computes no mask gradient"
-    if reason is None and (shape[3] or shape[4]):
-        return "the C++ kernel has no sliding window or rotary embeddings yet"
-    return reason
+    return reason  # the kernels run every window and rotary (shape[3:])
 
 
 register_op("attention", {"triton": _triton_available, "cpu": _cpu_available},
@@ -90,12 +88,12 @@ def _packed(t: Tensor, cu: Optional[Tensor]):
 
 
 def _cpu_forward(q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p, seed,
-                 return_lse=True):
+                 window_left=-1, window_right=-1, cos=None, sin=None, return_lse=True):
     (qp, cq), (kp, ck) = _packed(q, cu_q), _packed(k, cu_k)
     vp = _packed(v, cu_k)[0]
     out, lse = extension().attention_forward_cpu(qp, kp, vp, cq, ck, max_q, max_k, attn_mask, key_padding_mask,
                                                  is_causal, scale, dropout_p, int(seed) if seed is not None else 0,
-                                                 return_lse)
+                                                 return_lse, window_left, window_right, cos, sin)
     if cu_q is None:
         out = out.view(q.shape[:-1] + v.shape[-1:])
         if return_lse:
@@ -105,7 +103,7 @@ def _cpu_forward(q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k,
 
 
 def _cpu_backward(dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal, scale,
-                  dropout_p, seed):
+                  dropout_p, seed, window_left=-1, window_right=-1, cos=None, sin=None):
     (qp, cq), (kp, ck), (vp, _) = _packed(q, cu_q), _packed(k, cu_k), _packed(v, cu_k)
     if cu_q is None:
         B, L, H = q.shape[:3]
@@ -113,7 +111,8 @@ def _cpu_backward(dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_q, cu
         dout, out = _packed(dout, None)[0], _packed(out, None)[0]
     dq, dk, dv = extension().attention_backward_cpu(dout, qp, kp, vp, out, lse, cq, ck, max_q, max_k, attn_mask,
                                                     key_padding_mask, is_causal, scale, dropout_p,
-                                                    int(seed) if seed is not None else 0)
+                                                    int(seed) if seed is not None else 0, window_left, window_right,
+                                                    cos, sin)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
@@ -128,7 +127,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_p
     """(out, lse) of one backend's forward kernel."""
     if backend == "cpu":
         return _cpu_forward(q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                            max_seqlen_k, is_causal, scale, dropout_p, seed)
+                            max_seqlen_k, is_causal, scale, dropout_p, seed, window_left, window_right, cos, sin)
     return _triton_kernels().attention_forward(
         q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, is_causal=is_causal,
@@ -150,7 +149,8 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     """(dq, dk, dv) of one backend's backward kernels."""
     if backend == "cpu":
         return _cpu_backward(dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                             max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p, seed)
+                             max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p, seed, window_left, window_right,
+                             cos, sin)
     return _triton_kernels().attention_backward(
         dout, q, k, v, out, lse, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
@@ -215,7 +215,7 @@ def _run(backend: str, q, k, v, attn_mask, key_padding_mask, cu_q, cu_k, max_q, 
     if compiling():
         return _forward_op(*args)[0]
     if backend == "cpu":  # inference: no log-sum-exp to keep
-        return _cpu_forward(*args[:13], return_lse=False)[0]
+        return _cpu_forward(*args[:13], left, right, cos, sin, return_lse=False)[0]
     return _forward(*args)[0]
 
 
