@@ -19,6 +19,16 @@ using Opt = std::optional<at::Tensor>;
 // in_proj_weight, in_proj_bias, out_proj.weight, out_proj.bias, linear1.weight, linear1.bias,
 // linear2.weight, linear2.bias, norm1.weight, norm1.bias, norm2.weight, norm2.bias
 using LayerTuple = std::tuple<at::Tensor, Opt, at::Tensor, Opt, at::Tensor, Opt, at::Tensor, Opt, Opt, Opt, Opt, Opt>;
+// in_proj_weight, out_proj.weight, linear1.weight, linear2.weight prepacked by cpu_pack_linear_weight
+using PackedTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// A packed weight: the oneDNN layout of a [n, k] weight in x's dtype (its blocked layout has no strides).
+void check_packed(const at::Tensor& t, const std::string& name, at::IntArrayRef shape, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.layout() == at::kMkldnn && t.sizes() == shape, kOp, name,
+                    " must be cpu_pack_linear_weight of a ", shape, " weight, got ", t.layout(), " ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), kOp, name, " has dtype ", t.scalar_type(), " but x has ",
+                   x.scalar_type());
+}
 
 void check(const Opt& t, const std::string& name, at::IntArrayRef shape, const at::Tensor& x, bool norm_param) {
   if (!t) return;
@@ -31,7 +41,8 @@ void check(const Opt& t, const std::string& name, at::IntArrayRef shape, const a
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t max_seqlen,
                    const std::vector<LayerTuple>& layers, int64_t nhead, bool norm_first, const std::string& activation,
-                   double eps, bool is_causal, const Opt& final_weight, const Opt& final_bias, double final_eps) {
+                   double eps, bool is_causal, const Opt& final_weight, const Opt& final_bias, double final_eps,
+                   const std::optional<std::vector<PackedTuple>>& packed) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), kOp, "x must be a CPU tensor, got one on ", x.device());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
                        x.scalar_type() == at::kHalf,
@@ -64,6 +75,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t ma
   cfg.final_weight = final_weight.value_or(at::Tensor());
   cfg.final_bias = final_bias.value_or(at::Tensor());
   cfg.final_eps = final_eps;
+  TORCH_CHECK_VALUE(!packed || packed->size() == layers.size(), kOp, "packed must hold one tuple per layer (",
+                    layers.size(), "), got ", packed ? packed->size() : 0);
   std::vector<EncoderLayerWeights> ws;
   ws.reserve(layers.size());
   int64_t f = -1;
@@ -84,9 +97,21 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t ma
       check(t, l + n, {d}, x, true);
     }
     TORCH_CHECK_VALUE(f >= 1, kOp, l, "linear1.weight must be [dim_feedforward >= 1, d_model]");
-    ws.push_back({w_in, b_in.value_or(at::Tensor()), w_out, b_out.value_or(at::Tensor()), w1,
-                  b1.value_or(at::Tensor()), w2, b2.value_or(at::Tensor()), n1w.value_or(at::Tensor()),
-                  n1b.value_or(at::Tensor()), n2w.value_or(at::Tensor()), n2b.value_or(at::Tensor())});
+    EncoderLayerWeights lw{w_in, b_in.value_or(at::Tensor()), w_out, b_out.value_or(at::Tensor()), w1,
+                           b1.value_or(at::Tensor()), w2, b2.value_or(at::Tensor()), n1w.value_or(at::Tensor()),
+                           n1b.value_or(at::Tensor()), n2w.value_or(at::Tensor()), n2b.value_or(at::Tensor())};
+    if (packed) {
+      const auto& [p_in, p_out, p1, p2] = (*packed)[i];
+      check_packed(p_in, l + "in_proj_weight (packed)", {3 * d, d}, x);
+      check_packed(p_out, l + "out_proj.weight (packed)", {d, d}, x);
+      check_packed(p1, l + "linear1.weight (packed)", {f, d}, x);
+      check_packed(p2, l + "linear2.weight (packed)", {d, f}, x);
+      lw.in_proj_packed = p_in;
+      lw.out_proj_packed = p_out;
+      lw.linear1_packed = p1;
+      lw.linear2_packed = p2;
+    }
+    ws.push_back(lw);
   }
   return encoder_forward(x, cu, max_seqlen, ws, cfg);
 }
@@ -99,7 +124,7 @@ void bind_encoder(py::module_& m) {
         "inference of a stack of encoder layers on packed tokens x [T, d] in one call (see cpu/encoder.h)",
         py::arg("x"), py::arg("cu_seqlens"), py::arg("max_seqlen"), py::arg("layers"), py::arg("nhead"),
         py::arg("norm_first"), py::arg("activation"), py::arg("eps"), py::arg("is_causal"), py::arg("final_weight"),
-        py::arg("final_bias"), py::arg("final_eps"));
+        py::arg("final_bias"), py::arg("final_eps"), py::arg("packed") = py::none());
 }
 
 }  // namespace fastenc

@@ -11,22 +11,13 @@
 #include <string>
 #include <vector>
 
+#include "dtype.h"
 #include "ffn_math.h"
 
 namespace fastenc {
 
 Act parse_activation(const std::string& name);
 
-// Calls fn(T{}) with T = float, at::Half or at::BFloat16 (the op's dtypes; no double kernels).
-template <typename Fn>
-void dispatch_dtype(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(at::Half{}); break;
-    case at::kBFloat16: fn(at::BFloat16{}); break;
-    default: TORCH_CHECK_TYPE(false, "fastenc ffn: no kernel for dtype ", t);
-  }
-}
 const char* activation_name(Act act);
 
 struct DropoutParams {

@@ -1,12 +1,14 @@
 // CPU passes of the gated FFN (geglu, swiglu): h = dropout(act(a) · g) after GEMM1, and its
 // backward with the fused b1-gradient reduction.  pre [T, 2f] holds [a, g] per row (a: columns
 // :f, g: f:); the activation formulas are ffn_math.h's on at::vec::Vectorized<float> lanes
-// (fp16/bf16 widened to fp32); dropout is the [T, f] hidden's mask, drawn a row at a time.
+// (fp16/bf16 widened to fp32); dropout is the [T, f] hidden's mask, a row at a time from
+// cpu::dropout_keep_scale (cpu/vec_io.h), as the ungated passes draw it.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "cpu/vec_io.h"
 #include "ffn.h"
 #include "ffn_math_vec.h"
 
@@ -14,46 +16,12 @@ namespace fastenc {
 
 namespace {
 
-constexpr int kW = Vec::size();
+using cpu::kW;
+using cpu::load_f32;
+using cpu::store_f32;
 // Rows per task of the backward reduction: fixed (not per thread count) so db1 is bitwise
 // reproducible on any number of threads.
 constexpr int64_t kRowsPerChunk = 128;
-
-template <typename T>
-Vec load(const T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p, n);
-  } else {
-    float buf[kW];
-    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(p[j]);
-    return Vec::loadu(buf, n);
-  }
-}
-
-template <typename T>
-void store(Vec v, T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p, n);
-  } else {
-    float buf[kW];
-    v.store(buf, n);
-    for (int64_t j = 0; j < n; ++j) p[j] = static_cast<T>(buf[j]);
-  }
-}
-
-// keep · scale of the n hidden elements from flat index i0, into out[0, n).
-void keep_scale_row(const DropoutParams& dp, uint64_t i0, int64_t n, float* out) {
-  uint64_t block = ~uint64_t(0);
-  uint32_t bits = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const uint64_t i = i0 + j;
-    if ((i >> 2) != block) {
-      block = i >> 2;
-      bits = dropout_keep4(dp.seed, block, dp.threshold24);
-    }
-    out[j] = ((bits >> (i & 3)) & 1u) ? dp.scale : 0.f;
-  }
-}
 
 template <typename T, Act A>
 void glu_impl(const at::Tensor& pre, const at::Tensor& h, const DropoutParams& dp) {
@@ -63,13 +31,13 @@ void glu_impl(const at::Tensor& pre, const at::Tensor& h, const DropoutParams& d
   at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(f, 1)), [&](int64_t r0, int64_t r1) {
     std::vector<float> keep(dp.enabled ? f : 0);
     for (int64_t r = r0; r < r1; ++r) {
-      if (dp.enabled) keep_scale_row(dp, static_cast<uint64_t>(r * f), f, keep.data());
+      if (dp.enabled) cpu::dropout_keep_scale(dp, static_cast<uint64_t>(r * f), f, keep.data());
       const T* a = src + r * 2 * f;
       for (int64_t c = 0; c < f; c += kW) {
         const int64_t n = std::min<int64_t>(kW, f - c);
-        Vec y = ActOp<A, Vec>::fwd(load(a + c, n)) * load(a + f + c, n);
+        Vec y = ActOp<A, Vec>::fwd(load_f32(a + c, n)) * load_f32(a + f + c, n);
         if (dp.enabled) y = y * Vec::loadu(keep.data() + c, n);
-        store(y, out + r * f + c, n);
+        store_f32(y, out + r * f + c, n);
       }
     }
   });
@@ -94,17 +62,17 @@ void dglu_impl(const at::Tensor& gh, const at::Tensor& pre, const at::Tensor& dp
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t r1 = std::min(rows, (k + 1) * kRowsPerChunk);
       for (int64_t r = k * kRowsPerChunk; r < r1; ++r) {
-        if (dp.enabled) keep_scale_row(dp, static_cast<uint64_t>(r * f), f, keep.data());
+        if (dp.enabled) cpu::dropout_keep_scale(dp, static_cast<uint64_t>(r * f), f, keep.data());
         const T* a = src + r * 2 * f;
         T* d = out + r * 2 * f;
         for (int64_t c = 0; c < f; c += kW) {
           const int64_t n = std::min<int64_t>(kW, f - c);
-          Vec dh = load(gp + r * f + c, n);
+          Vec dh = load_f32(gp + r * f + c, n);
           if (dp.enabled) dh = dh * Vec::loadu(keep.data() + c, n);
-          const Vec av = load(a + c, n), gv = load(a + f + c, n);
+          const Vec av = load_f32(a + c, n), gv = load_f32(a + f + c, n);
           const Vec da = dh * gv * ActOp<A, Vec>::grad(av), dg = dh * ActOp<A, Vec>::fwd(av);
-          store(da, d + c, n);
-          store(dg, d + f + c, n);
+          store_f32(da, d + c, n);
+          store_f32(dg, d + f + c, n);
           if (part) {
             float* pk = part + k * 2 * f;
             (Vec::loadu(pk + c, n) + da).store(pk + c, n);

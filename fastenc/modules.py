@@ -30,7 +30,7 @@ from ._util import warn_once
 from .backends import BackendSpec, BackendUnavailableError, check_spec, op_backends, requested_backend, resolve
 from .ops._common import FLOAT_DTYPES, check_dropout
 from .ops.attention import attention_unchecked, attention_varlen_unchecked
-from .ops.encoder import encoder_stack_unchecked
+from .ops.encoder import encoder_stack_unchecked, packed_weights
 from .ops.ffn import ffn_unchecked
 from .ops.layer_norm import residual_layer_norm_unchecked
 
@@ -382,8 +382,11 @@ def run_fused_stack(layers, final_norm, x: Tensor, kpm: Optional[Tensor], is_cau
         packed, cu, max_len = ops.unpad(x, info, backend=first._backend("padding")), info.cu_seqlens, info.max_seqlen
     else:
         packed, cu, max_len = x.reshape(B * L, d), torch.arange(B + 1, dtype=torch.int32) * L, L
+    prepacked = [packed_weights(layer.__dict__.setdefault("_onednn_cache", {}),
+                                (w[0], w[2], w[4], w[6])) for layer, w in zip(layers, weights)]
     out = encoder_stack_unchecked(packed, cu, max_len, weights, first.self_attn.num_heads, first.norm_first,
-                                  first.activation_name, first.norm1.eps, final, is_causal, backend)
+                                  first.activation_name, first.norm1.eps, final, is_causal, backend,
+                                  None if None in prepacked else prepacked)
     return ops.pad(out, info, backend=first._backend("padding")) if kpm is not None else out.view(B, L, d)
 
 
@@ -510,7 +513,7 @@ def layer_from_torch(layer: nn.TransformerEncoderLayer, backend: BackendSpec = N
 
 def layer_to_torch(layer: TransformerEncoderLayer) -> nn.TransformerEncoderLayer:
     new = _retype(layer, nn.TransformerEncoderLayer)
-    for attr in ("activation_name", "_backend_spec", "_op_backend"):
+    for attr in ("activation_name", "_backend_spec", "_op_backend", "_onednn_cache"):
         new.__dict__.pop(attr, None)
     return new
 

@@ -83,6 +83,22 @@ def test_cpu_stack_refuses_autograd_and_bad_input():
             fastenc.ops.encoder_stack(x, _cu([5]), 5, layers, nhead=2, activation="swish", backend="cpu")
 
 
+def _count_stack_calls(monkeypatch) -> list:
+    """A list that gets one entry per call of the C++ encoder stack."""
+    calls, real = [], encoder_mod.extension()
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def encoder_forward_cpu(self, *args):
+            calls.append(1)
+            return real.encoder_forward_cpu(*args)
+
+    monkeypatch.setattr(encoder_mod, "extension", Spy)
+    return calls
+
+
 def _encoder(norm_first, activation="gelu"):
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, activation=activation, batch_first=True,
@@ -100,14 +116,7 @@ def test_module_inference_takes_the_fused_stack(norm_first, monkeypatch):
     kpm = torch.zeros(3, 10, dtype=torch.bool)
     kpm[1, 4:] = True
     kpm[2, 1:] = True
-    calls = []
-    real = encoder_mod.extension
-
-    def spy():
-        calls.append(1)
-        return real()
-
-    monkeypatch.setattr(encoder_mod, "extension", spy)
+    calls = _count_stack_calls(monkeypatch)
     with torch.inference_mode():
         out = fast(x, src_key_padding_mask=kpm)
         expected = ref(x, src_key_padding_mask=kpm)
@@ -124,7 +133,7 @@ def test_module_falls_back_per_op_when_needed(monkeypatch):
     """Training, a forced per-op backend, a dense mask or use_backend(encoder='reference') run layer by layer."""
     ref, fast = _encoder(False)
     x = torch.randn(2, 6, 32)
-    monkeypatch.setattr(encoder_mod, "extension", lambda: pytest.fail("the fused stack must not run here"))
+    calls = _count_stack_calls(monkeypatch)
     fast(x).sum()  # grad enabled, parameters require grad: autograd needs the per-op path
     with torch.inference_mode():
         with fastenc.use_backend(attention="reference"):
@@ -134,6 +143,7 @@ def test_module_falls_back_per_op_when_needed(monkeypatch):
         fast(x, mask=torch.zeros(6, 6))
         fast.train()
         fast(x)
+    assert not calls, "the fused stack must not run here"
 
 
 def test_single_layer_inference_is_one_call(monkeypatch):
@@ -141,9 +151,7 @@ def test_single_layer_inference_is_one_call(monkeypatch):
     ref = torch.nn.TransformerEncoderLayer(32, 4, 64, activation="gelu", batch_first=True).eval()
     fast = fastenc.optimize(torch.nn.TransformerEncoderLayer(32, 4, 64, activation="gelu", batch_first=True).eval())
     fast.load_state_dict(ref.state_dict())
-    calls = []
-    real = encoder_mod.extension
-    monkeypatch.setattr(encoder_mod, "extension", lambda: calls.append(1) or real())
+    calls = _count_stack_calls(monkeypatch)
     x = torch.randn(2, 9, 32)
     kpm = torch.zeros(2, 9, dtype=torch.bool)
     kpm[0, 5:] = True
@@ -152,3 +160,24 @@ def test_single_layer_inference_is_one_call(monkeypatch):
         expected = ref(x, src_key_padding_mask=kpm)
     assert len(calls) == 1
     torch.testing.assert_close(out[~kpm], expected[~kpm], atol=2e-5, rtol=1e-4)
+
+
+def test_packed_weights_are_cached_until_a_weight_changes():
+    ref, fast = _encoder(False)
+    x = torch.randn(2, 40, 32)
+    with torch.inference_mode():
+        first = fast(x)
+        cache = fast.layers[0].__dict__["_onednn_cache"]["packed"]
+        fast(x)
+        assert fast.layers[0].__dict__["_onednn_cache"]["packed"] is cache  # reused
+    with torch.no_grad():
+        fast.layers[0].linear1.weight.mul_(2.0)  # an in-place update (as an optimizer step) repacks
+    with torch.inference_mode():
+        second = fast(x)
+        assert fast.layers[0].__dict__["_onednn_cache"]["packed"] is not cache
+    assert not torch.allclose(first, second)
+    with torch.inference_mode(), fastenc.use_backend(encoder="reference"):
+        torch.testing.assert_close(second, fast(x), atol=2e-5, rtol=1e-4)
+    packed = fast.layers[0].__dict__["_onednn_cache"]["packed"][1]
+    assert all(p.layout == torch._mkldnn for p in packed)
+    assert "_onednn_cache" not in fastenc.to_torch(fast).layers[0].__dict__

@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "cpu/attention.h"
+#include "dtype.h"
 #include "ffn_math.h"
 
 #define FASTENC_UNROLL_ALL _Pragma("GCC unroll 16")
@@ -921,15 +922,6 @@ std::vector<Seq> sequences(const at::Tensor& cu_q, const at::Tensor& cu_k) {
   return seqs;
 }
 
-template <typename Fn>
-void dispatch_dtype(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(at::Half{}); break;
-    case at::kBFloat16: fn(at::BFloat16{}); break;
-    default: TORCH_CHECK_TYPE(false, "fastenc attention: no kernel for dtype ", t);
-  }
-}
 
 }  // namespace
 

@@ -1,31 +1,40 @@
 // Encoder stack inference on CPU (see encoder.h).  Per layer, on packed rows x [T, d]:
 //   post-norm:  x = LN1(x + (attn(x W_inᵀ + b_in) W_outᵀ + b_out));  x = LN2(x + FFN(x))
 //   pre-norm:   s = x + attn(LN1(x) ...) W_outᵀ + b_out;  x = s + FFN(LN2(s))
-// with FFN(h) = act(h W1ᵀ + b1) W2ᵀ + b2.  Every activation buffer is allocated once per call and
-// reused by every layer; q, k and v are strided views of the QKV projection (no copies); the
-// out-projection bias is added inside the residual + LayerNorm pass.  The FFN runs on chunks of
-// kFfnChunk rows, so its [chunk, f] hidden block stays in the last-level cache between the
-// activation pass and the second GEMM, and never takes [T, f] of memory.
+// with FFN(h) = act(h W1ᵀ + b1) W2ᵀ + b2.  GEMMs are oneDNN inner products (cpu/linear.h: about 2x
+// MKL's fp32 GEMM on AMD) with their epilogue fused: b_in; b1 and the activation; b2 (and, pre-norm, the
+// residual add).  q, k and v are strided views of the QKV projection (no copies); the out-projection
+// bias is added inside the residual + LayerNorm pass; the attention output and the LayerNorm outputs
+// reuse two buffers allocated once per call.  Small GEMMs (below kOneDnnMinMacs multiply-adds, where
+// oneDNN's per-call cost dominates) run ATen's GEMM and the vectorised activation pass instead.
 #include "cpu/encoder.h"
 
 #include <cmath>
+#include <optional>
 #include <utility>
 
 #include "cpu/attention.h"
 #include "cpu/layer_norm.h"
+#include "cpu/linear.h"
 
 namespace fastenc::cpu {
 namespace {
 
-constexpr int64_t kFfnChunk = 512;
+constexpr int64_t kOneDnnMinMacs = int64_t(1) << 21;  // as the FFN op's CPU path (ffn_ops.cpp)
 
-// out = a Wᵀ (+ bias), W in nn.Linear layout [n, k].
-void linear_out(at::Tensor out, const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias) {
-  if (bias.defined()) {
-    at::addmm_out(out, bias, a, w.t());
-  } else {
-    at::mm_out(out, a, w.t());
+// act(a Wᵀ + bias) (+ add), W in nn.Linear layout [n, k] (packed: the same weight prepacked for oneDNN,
+// or undefined); act and add exclude each other.
+at::Tensor linear(const at::Tensor& a, const at::Tensor& w, const at::Tensor& packed, const at::Tensor& bias,
+                  std::optional<Act> act, const at::Tensor& add) {
+  const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
+  if (M > 0 && K > 0 && M * N * K >= kOneDnnMinMacs && onednn_linear_supported(a.scalar_type())) {
+    return onednn_linear(a, packed.defined() ? packed : w,
+                         bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, act, add);
   }
+  at::Tensor y = bias.defined() ? at::addmm(bias, a, w.t()) : at::mm(a, w.t());
+  if (add.defined()) y.add_(add);
+  if (act) act_dropout_cpu(y, y, *act, DropoutParams{});
+  return y;
 }
 
 // y = LN(x + branch + branch_bias) (branch optional); s = x + branch + branch_bias when defined.
@@ -35,74 +44,56 @@ void add_norm(const at::Tensor& x, const at::Tensor& branch, const at::Tensor& b
                               y, s, at::Tensor(), at::Tensor());
 }
 
-// out[r] = act(x[r] W1ᵀ + b1) W2ᵀ (+ b2 when add_bias), chunk by chunk through the hidden buffer h.
-void ffn_out(const at::Tensor& out, const at::Tensor& x, const EncoderLayerWeights& w, Act act, const at::Tensor& h,
-             bool add_bias) {
-  const int64_t T = x.size(0);
-  for (int64_t r0 = 0; r0 < T; r0 += kFfnChunk) {
-    const int64_t rows = std::min(kFfnChunk, T - r0);
-    at::Tensor hc = h.narrow(0, 0, rows);
-    linear_out(hc, x.narrow(0, r0, rows), w.linear1_weight, w.linear1_bias);
-    act_dropout_cpu(hc, hc, act, DropoutParams{});
-    linear_out(out.narrow(0, r0, rows), hc, w.linear2_weight, add_bias ? w.linear2_bias : at::Tensor());
-  }
-}
-
 }  // namespace
 
 at::Tensor encoder_forward(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t max_seqlen,
                            const std::vector<EncoderLayerWeights>& layers, const EncoderConfig& cfg) {
   const int64_t T = x.size(0), d = x.size(1), H = cfg.nhead, D = d / H;
-  const int64_t f = layers.empty() ? 0 : layers.front().linear1_weight.size(0);
   const auto opts = x.options();
-  // Ping-pong residual streams, the QKV projection, the attention output, a [T, d] scratch and the
-  // FFN's hidden chunk: every layer reuses them.
-  at::Tensor bufs[2] = {at::empty({T, d}, opts), at::empty({T, d}, opts)};
-  at::Tensor qkv = at::empty({T, 3 * d}, opts);
+  if (T == 0) return at::empty({0, d}, opts);
+  // The attention output and two LayerNorm outputs are reused by every layer (the residual stream
+  // alternates between the two norm buffers; x itself is never written).
   at::Tensor attn = at::empty({T, d}, opts);
-  at::Tensor tmp = at::empty({T, d}, opts);
-  at::Tensor hidden = at::empty({std::min(kFfnChunk, T), f}, opts);
-  at::Tensor normed = cfg.norm_first ? at::empty({T, d}, opts) : at::Tensor();
-
+  at::Tensor bufs[2] = {at::empty({T, d}, opts), at::empty({T, d}, opts)};
+  const at::Tensor attn3 = attn.view({T, H, D});
   AttnParams p;
   p.causal = cfg.causal;
   p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
-  const at::Tensor qkv5 = qkv.view({T, 3, H, D});
-  const at::Tensor q = qkv5.select(1, 0), k = qkv5.select(1, 1), v = qkv5.select(1, 2);
-  const at::Tensor attn3 = attn.view({T, H, D});
 
-  at::Tensor cur = x;  // read, never written: the first layer writes bufs[0]
+  at::Tensor cur = x;
   int next = 0;
-  if (T == 0) return at::empty({0, d}, opts);
+  auto take = [&]() { at::Tensor t = bufs[next]; next ^= 1; return t; };
   for (const EncoderLayerWeights& w : layers) {
-    at::Tensor out = bufs[next];
-    next ^= 1;
-    const at::Tensor& attn_in = cfg.norm_first ? normed : cur;
+    const at::Tensor normed = cfg.norm_first ? take() : at::Tensor();
     if (cfg.norm_first) add_norm(cur, at::Tensor(), at::Tensor(), w.norm1_weight, w.norm1_bias, cfg.eps, normed,
                                  at::Tensor());
-    linear_out(qkv, attn_in, w.in_proj_weight, w.in_proj_bias);
-    attention_forward_out(q, k, v, cu_seqlens, cu_seqlens, p, attn3, at::Tensor());
-    linear_out(tmp, attn, w.out_proj_weight, at::Tensor());  // its bias joins the residual pass
+    const at::Tensor qkv = linear(cfg.norm_first ? normed : cur, w.in_proj_weight, w.in_proj_packed, w.in_proj_bias, std::nullopt,
+                                  at::Tensor()).view({T, 3, H, D});
+    attention_forward_out(qkv.select(1, 0), qkv.select(1, 1), qkv.select(1, 2), cu_seqlens, cu_seqlens, p, attn3,
+                          at::Tensor());
+    const at::Tensor proj = linear(attn, w.out_proj_weight, w.out_proj_packed, at::Tensor(), std::nullopt, at::Tensor());
     if (cfg.norm_first) {
-      // out = s = cur + attn_out + b_out;  normed = LN2(s);  out += FFN(normed)
-      add_norm(cur, tmp, w.out_proj_bias, w.norm2_weight, w.norm2_bias, cfg.eps, normed, out);
-      ffn_out(tmp, normed, w, cfg.act, hidden, /*add_bias=*/true);
-      out.add_(tmp);
+      // s = cur + proj + b_out (a fresh tensor: the new residual stream); normed = LN2(s); out = s + FFN(normed)
+      at::Tensor s = at::empty({T, d}, opts);
+      add_norm(cur, proj, w.out_proj_bias, w.norm2_weight, w.norm2_bias, cfg.eps, normed, s);
+      const at::Tensor h = linear(normed, w.linear1_weight, w.linear1_packed, w.linear1_bias, cfg.act, at::Tensor());
+      cur = linear(h, w.linear2_weight, w.linear2_packed, w.linear2_bias, std::nullopt, s);
     } else {
-      add_norm(cur, tmp, w.out_proj_bias, w.norm1_weight, w.norm1_bias, cfg.eps, out, at::Tensor());
-      ffn_out(tmp, out, w, cfg.act, hidden, /*add_bias=*/false);
-      at::Tensor out2 = bufs[next];  // LN2 reads `out` and writes the other buffer
-      next ^= 1;
-      add_norm(out, tmp, w.linear2_bias, w.norm2_weight, w.norm2_bias, cfg.eps, out2, at::Tensor());
-      out = out2;
+      const at::Tensor x1 = take();
+      add_norm(cur, proj, w.out_proj_bias, w.norm1_weight, w.norm1_bias, cfg.eps, x1, at::Tensor());
+      const at::Tensor h = linear(x1, w.linear1_weight, w.linear1_packed, w.linear1_bias, cfg.act, at::Tensor());
+      const at::Tensor f = linear(h, w.linear2_weight, w.linear2_packed, w.linear2_bias, std::nullopt, at::Tensor());
+      const at::Tensor x2 = take();  // the other buffer: LN2 reads x1
+      add_norm(x1, f, at::Tensor(), w.norm2_weight, w.norm2_bias, cfg.eps, x2, at::Tensor());
+      cur = x2;
     }
-    cur = out;
   }
   if (cfg.final_weight.defined() || cfg.final_bias.defined()) {
-    at::Tensor out = bufs[next];
+    const at::Tensor out = at::empty({T, d}, opts);
     add_norm(cur, at::Tensor(), at::Tensor(), cfg.final_weight, cfg.final_bias, cfg.final_eps, out, at::Tensor());
-    cur = out;
+    return out;
   }
+  // A buffer of this call (or the pre-norm residual, a fresh tensor); never x itself.
   return cur.data_ptr() == x.data_ptr() ? x.clone() : cur;
 }
 

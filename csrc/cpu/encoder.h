@@ -1,7 +1,7 @@
 // A whole stack of encoder layers in inference, on CPU, in one C++ call: the host cost of a
 // layer is a few ATen calls, not a Python frame per op (as CTranslate2 and FasterTransformer run
-// whole models).  Kernels: ATen GEMMs (MKL / oneDNN), the CPU flash attention (cpu/attention.h),
-// the fused residual + LayerNorm (cpu/layer_norm.h), the FFN activation pass (ffn.h).
+// whole models).  Kernels: oneDNN GEMMs with fused epilogues (cpu/linear.h), the CPU flash attention
+// (cpu/attention.h), the fused residual + LayerNorm (cpu/layer_norm.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,6 +19,9 @@ struct EncoderLayerWeights {
   at::Tensor linear1_weight, linear1_bias;    // [f, d], [f]
   at::Tensor linear2_weight, linear2_bias;    // [d, f], [d]
   at::Tensor norm1_weight, norm1_bias, norm2_weight, norm2_bias;  // [d]
+  // The four GEMM weights prepacked in oneDNN's blocked layout (cpu_pack_linear_weight), when defined:
+  // used by the oneDNN GEMMs (faster for few rows), the plain ones by the small-problem ATen fallback.
+  at::Tensor in_proj_packed, out_proj_packed, linear1_packed, linear2_packed;
 };
 
 struct EncoderConfig {

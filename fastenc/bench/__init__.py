@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from . import ops  # noqa: F401  (each suite module registers itself in the registry)
+from . import ops as _suites  # noqa: F401  (each suite module registers itself in the registry)
 from . import output, registry, runner
 from .env import environment
 from .registry import Entry, Provider, Suite, Unavailable

@@ -49,6 +49,7 @@ def encoder_stack(
     eps: float = 1e-5,
     final_norm: Optional[Tuple[Optional[Tensor], Optional[Tensor], float]] = None,
     is_causal: bool = False,
+    packed: Optional[Sequence[Tuple[Tensor, Tensor, Tensor, Tensor]]] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Inference of a stack of encoder layers on packed tokens x [T, d]; returns [T, d].
@@ -57,6 +58,9 @@ def encoder_stack(
     linear1.bias, linear2.weight, linear2.bias, norm1.weight, norm1.bias, norm2.weight, norm2.bias),
     biases and norm parameters optional.  final_norm: (weight, bias, eps) or None.
     cu_seqlens: int32 [B+1], sequence b = rows cu_seqlens[b]:cu_seqlens[b+1]; max_seqlen >= every length.
+    packed: per layer (in_proj_weight, out_proj.weight, linear1.weight, linear2.weight) prepacked by
+    ``fastenc._C.cpu_pack_linear_weight`` (see :func:`packed_weights`), or None: the ``cpu`` backend's
+    oneDNN GEMMs read them (faster for few rows), the reference ignores them.
     """
     if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise TypeError(f"encoder_stack: x must be a floating-point [tokens, d_model] tensor, got "
@@ -69,13 +73,13 @@ def encoder_stack(
         if len(weights) != 12:
             raise ValueError(f"encoder_stack: layers[{i}] must hold 12 tensors (see the docstring), got {len(weights)}")
     return encoder_stack_unchecked(x, cu_seqlens, int(max_seqlen), layers, nhead, norm_first, activation, float(eps),
-                                   final_norm, bool(is_causal), backend)
+                                   final_norm, bool(is_causal), backend, packed)
 
 
 def encoder_stack_unchecked(x: Tensor, cu_seqlens: Tensor, max_seqlen: int, layers: Sequence[LayerWeights],
                             nhead: int, norm_first: bool, activation: str, eps: float,
                             final_norm: Optional[Tuple[Optional[Tensor], Optional[Tensor], float]], is_causal: bool,
-                            backend: Optional[str]) -> Tensor:
+                            backend: Optional[str], packed=None) -> Tensor:
     """:func:`encoder_stack` for fastenc's modules (their own weights; cu_seqlens from ``padding_info``).
 
     The C++ entry point checks shapes, dtypes and the cu_seqlens values (free on a CPU) itself."""
@@ -87,4 +91,22 @@ def encoder_stack_unchecked(x: Tensor, cu_seqlens: Tensor, max_seqlen: int, laye
                                        activation=activation, eps=eps, final_norm=final_norm, is_causal=is_causal)
     fw, fb, feps = final_norm if final_norm is not None else (None, None, 1e-5)
     return extension().encoder_forward_cpu(x.contiguous(), cu_seqlens, max_seqlen, list(layers), nhead, norm_first,
-                                           activation, eps, is_causal, fw, fb, feps)
+                                           activation, eps, is_causal, fw, fb, feps, packed)
+
+
+def packed_weights(cache: dict, weights: Sequence[Tensor]) -> Optional[Tuple[Tensor, ...]]:
+    """The GEMM weights prepacked for oneDNN (inference), cached in ``cache`` until a weight changes.
+
+    A packed copy is rebuilt when the weight's storage, version counter (in-place updates: an optimizer
+    step, ``load_state_dict``), dtype or shape changes; it doubles those weights' memory while cached.
+    None where this torch or CPU has no oneDNN linear for the dtype.
+    """
+    ext = extension()
+    if ext is None or not ext.cpu_linear_supported(weights[0].dtype):
+        return None
+    key = tuple((w.data_ptr(), w._version, w.dtype, tuple(w.shape)) for w in weights)
+    hit = cache.get("packed")
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = cache["packed"] = (key, tuple(ext.cpu_pack_linear_weight(w) for w in weights))
+    return hit[1]
