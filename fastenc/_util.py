@@ -9,3 +9,15 @@ import warnings
 def warn_once(message: str) -> None:
     """A UserWarning per distinct message per process (fastenc's only warn-once)."""
     warnings.warn(message, stacklevel=3)
+
+
+def convertible(model: object, reason: "str | None", strict: bool) -> bool:
+    """Whether a model can be optimized: True when ``reason`` is None; otherwise ``ValueError`` naming
+    the reason when ``strict``, else a warning that the model is left unchanged and False."""
+    if reason is None:
+        return True
+    msg = f"fastenc: cannot optimize {type(model).__name__}: {reason}"
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg + "; left unchanged", stacklevel=3)
+    return False

@@ -28,3 +28,12 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def state_dict_grads(model):
+    """Parameter gradients under the state_dict names (Hugging Face's, for an optimized HF model: its
+    state_dict hooks split fused parameters): each parameter's data is swapped for its gradient."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.grad if p.grad is not None else torch.zeros_like(p)
+    return model.state_dict()

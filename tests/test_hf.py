@@ -16,7 +16,7 @@ import torch
 
 import fastenc
 from fastenc.testing import assert_close, assert_parity
-from tests.conftest import DEVICE, ON_GPU
+from tests.conftest import DEVICE, ON_GPU, state_dict_grads
 
 transformers = pytest.importorskip("transformers", reason="the HF adapter needs transformers (requirements/dev.txt)")
 tf = transformers
@@ -95,14 +95,6 @@ def triple(model, dtype):
     return ref, base, fast
 
 
-def hf_grads(model):
-    """Parameter gradients under the HF names: swap each parameter's data for its grad, read state_dict."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.grad if p.grad is not None else torch.zeros_like(p)
-    return model.state_dict()
-
-
 def _loss(out, mask, weight):
     keep = mask.bool()
     loss = (out.last_hidden_state.float()[keep] * weight).sum()
@@ -144,7 +136,7 @@ def test_base_model_parity(family, hidden, dtype, mode):
         assert_parity(f.pooler_output, r.pooler_output, b.pooler_output, name="pooler_output")
     for o in outs:
         _loss(o, kw["attention_mask"], weight).backward()
-    gr, gb, gf = hf_grads(ref), hf_grads(base), hf_grads(fast)
+    gr, gb, gf = state_dict_grads(ref), state_dict_grads(base), state_dict_grads(fast)
     assert set(gf) == set(gr)
     # Parameter gradients sum over every token and are then rounded to the parameter's dtype: allow
     # one unit in the last place of the largest gradient (bf16: 2^-8 relative) beyond the rule.
@@ -169,7 +161,7 @@ def test_sequence_classification_parity(family):
     assert_parity(f.loss, r.loss, b.loss, name="loss")
     for o in (r, b, f):
         o.loss.backward()
-    gr, gb, gf = hf_grads(ref), hf_grads(base), hf_grads(fast)
+    gr, gb, gf = state_dict_grads(ref), state_dict_grads(base), state_dict_grads(fast)
     for name in gr:
         assert_parity(gf[name], gr[name], gb[name], name=f"grad {name}")
 
@@ -223,7 +215,7 @@ def test_task_heads_parity(family, head, unpad):
     weight = torch.randn_like(r, dtype=torch.float32)
     for o in outs:
         (_head_scores(head, o)[keep].float() * weight).sum().backward()
-    gr, gb, gf = hf_grads(ref), hf_grads(base), hf_grads(fast)
+    gr, gb, gf = state_dict_grads(ref), state_dict_grads(base), state_dict_grads(fast)
     assert set(gf) == set(gr)
     for name in gr:
         if name.endswith("position_ids") or name.endswith("token_type_ids"):
@@ -319,7 +311,7 @@ def test_gradient_checkpointing_enable():
     weight = torch.randn(int(kw["attention_mask"].sum()), 384, device=DEVICE)
     for m in (plain, ckpt):
         _loss(m(**kw), kw["attention_mask"], weight).backward()
-    ga, gb = hf_grads(plain), hf_grads(ckpt)
+    ga, gb = state_dict_grads(plain), state_dict_grads(ckpt)
     for name in ga:
         assert_close(gb[name], ga[name], atol=1e-6, rtol=1e-5, name=name)
 
@@ -465,7 +457,7 @@ def test_cross_encoder_parity(tmp_path, monkeypatch):
     assert_parity(outs[1], outs[0], outs[0], name="logits")
     for o in outs:
         o.sum().backward()
-    g_ref, g_fast = hf_grads(ref_model), hf_grads(fast_model)
+    g_ref, g_fast = state_dict_grads(ref_model), state_dict_grads(fast_model)
     assert set(g_ref) == set(g_fast)
     for name in g_ref:
         assert_close(g_fast[name], g_ref[name], atol=1e-6, rtol=1e-4, name=f"grad {name}")

@@ -15,7 +15,7 @@ import torch
 
 import fastenc
 from fastenc.testing import assert_parity
-from tests.conftest import DEVICE, ON_GPU
+from tests.conftest import DEVICE, ON_GPU, state_dict_grads
 
 transformers = pytest.importorskip("transformers", reason="the HF adapter needs transformers (requirements/dev.txt)")
 from transformers import (  # noqa: E402
@@ -72,14 +72,6 @@ def triple(model, dtype, backend=None, unpad=None):
     return ref, base, fast
 
 
-def grads(model):
-    """Parameter gradients under the state_dict (HF) names."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.grad if p.grad is not None else torch.zeros_like(p)
-    return model.state_dict()
-
-
 def _check_model(ref, base, fast, kw, dtype, hidden=64):
     keep = kw["attention_mask"].bool()
     weight = torch.randn(int(keep.sum()), hidden, device=DEVICE)
@@ -88,7 +80,7 @@ def _check_model(ref, base, fast, kw, dtype, hidden=64):
     assert_parity(outs[2][keep], outs[0][keep], outs[1][keep], name="last_hidden_state")
     for o in outs:
         (o.float()[keep] * weight).sum().backward()
-    gr, gb, gf = grads(ref), grads(base), grads(fast)
+    gr, gb, gf = state_dict_grads(ref), state_dict_grads(base), state_dict_grads(fast)
     assert set(gf) == set(gr)
     # Parameter gradients sum over every token and are then rounded to the parameter's dtype.
     rtol = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}.get(dtype, 0.0)
@@ -141,7 +133,7 @@ def test_masked_lm_and_classification_heads():
             assert_parity(outs[2].loss, outs[0].loss, outs[1].loss, name=f"{cls.__name__} loss")
             for o in outs:
                 o.loss.backward()
-            gr, gb, gf = grads(ref), grads(base), grads(fast)
+            gr, gb, gf = state_dict_grads(ref), state_dict_grads(base), state_dict_grads(fast)
             for name in gr:
                 if "inv_freq" not in name:
                     assert_parity(gf[name], gr[name], gb[name], name=f"{cls.__name__} grad {name}")
@@ -217,7 +209,7 @@ def test_gradient_checkpointing():
     kw = inputs()
     for m in (plain, ckpt):
         m(**kw).last_hidden_state.square().sum().backward()
-    ga, gb = grads(plain), grads(ckpt)
+    ga, gb = state_dict_grads(plain), state_dict_grads(ckpt)
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], atol=1e-5, rtol=1e-5)
 

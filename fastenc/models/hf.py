@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -53,6 +52,7 @@ from transformers.models.electra.modeling_electra import ElectraModel
 from transformers.models.roberta.modeling_roberta import RobertaModel
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaModel
 
+from .._util import convertible
 from ..backends import BackendSpec, check_spec
 from ..modules import TransformerEncoder, TransformerEncoderLayer, activation_name
 
@@ -442,12 +442,7 @@ def optimize_hf(model: nn.Module, *, backend: BackendSpec = None, strict: bool =
     """
     check_spec(backend)
     for base in hf_base_models(model):
-        reason = unsupported_reason(base)
-        if reason is not None:
-            msg = f"fastenc: cannot optimize {type(base).__name__}: {reason}"
-            if strict:
-                raise ValueError(msg)
-            warnings.warn(msg + "; left unchanged", stacklevel=2)
+        if not convertible(base, unsupported_reason(base), strict):
             continue
         _convert(base, backend)
     return model

@@ -31,7 +31,6 @@ hidden activations other than gelu/silu, rope types whose tables depend on the l
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -42,6 +41,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.modernbert.modeling_modernbert import ModernBertModel
 
 from .. import ops, reference
+from .._util import convertible
 from ..backends import BackendSpec, check_spec
 from ..modules import BackendSetting, padding_plan
 from ..ops.attention import attention_unchecked, attention_varlen_unchecked
@@ -212,12 +212,7 @@ def optimize_modernbert(model: nn.Module, *, backend: BackendSpec = None, unpad:
     """
     check_spec(backend)
     for base in modernbert_models(model):
-        reason = unsupported_reason(base)
-        if reason is not None:
-            msg = f"fastenc: cannot optimize {type(base).__name__}: {reason}"
-            if strict:
-                raise ValueError(msg)
-            warnings.warn(msg + "; left unchanged", stacklevel=2)
+        if not convertible(base, unsupported_reason(base), strict):
             continue
         base.__class__ = FastModernBertModel
         base.backend = backend
