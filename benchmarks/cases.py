@@ -32,7 +32,7 @@ def cases(*suites):
     """pytest params (entry, provider) for the suites' workloads at this size."""
     out = []
     for e in registry.plan(SIZE, DEVICE, DTYPES, ops=suites):
-        for p in registry.providers_for(e.suite):
+        for p in registry.providers_for(e.suite, entry=e):
             out.append(pytest.param(e, p, id=f"{e.label.replace(' ', '-')}-{p.name}"))
     return out
 

@@ -1,7 +1,7 @@
 """fastenc command line: ``python -m fastenc {bench,inspect,report,ceilings,pretrain,finetune}`` (also the
 ``fastenc`` script).
 
-  fastenc bench [--ops e2e,overhead,attention,layer_norm,ffn,layer,encoder,train] [--size tiny|cpu|gpu]
+  fastenc bench [--ops e2e,overhead,modernbert,attention,layer_norm,ffn,layer,encoder,train] [--size tiny|cpu|gpu]
                 [--dtype bf16,fp16] [--providers NAMES] [--out DIR] [--time-budget S]
   fastenc inspect [--arch sm_90] [--ops attention,layer_norm,padding,ffn] [--module FILE.py] [--json FILE]
   fastenc report [--device cuda] [--dtype fp16] [--head-dim 64]
@@ -23,7 +23,8 @@ from typing import List, Optional
 GPU_OPS = "attention,layer_norm,ffn,layer,encoder,train"
 # CPU main job: the end-to-end workloads and the host overhead, then the op-level points while
 # the run is under CPU_OP_LEVEL_S seconds (each op-level suite runs in full when named in --ops).
-CPU_OPS = "e2e,overhead"
+# modernbert: its inference rows in the main job, its training step and kernel points best effort.
+CPU_OPS = "e2e,overhead,modernbert"
 CPU_OP_LEVEL = "attention,layer_norm,ffn,layer,encoder,train"
 CPU_OP_LEVEL_S = 300.0
 TRACEBACK_ENV = "FASTENC_TRACEBACK"  # =1: let argument and data errors raise with their traceback

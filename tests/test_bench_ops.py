@@ -1,8 +1,8 @@
 """The benchmark engine's registry, interleaved timing and the suites beyond the ops (fastenc/bench/registry.py,
-timing.py, ops/e2e.py, ops/overhead.py).
+timing.py, ops/e2e.py, ops/overhead.py, ops/modernbert.py).
 
-Correctness of each provider, not speed: every e2e and overhead provider is checked at tiny
-size by ``benchmarks/test_bench_e2e.py`` and ``benchmarks/test_bench_overhead.py``; here a
+Correctness of each provider, not speed: every e2e, overhead and modernbert provider is checked at tiny
+size by ``benchmarks/test_bench_e2e.py``, ``test_bench_overhead.py`` and ``test_bench_modernbert.py``; here a
 provider that is wrong must be reported as failed, never timed, and the CPU main job must
 select the workloads it promises.
 """
@@ -21,7 +21,8 @@ from tests.conftest import DEVICE  # noqa: F401  (sets TRITON_INTERPRET before f
 import fastenc.bench as bench
 from fastenc.__main__ import CPU_OP_LEVEL, CPU_OP_LEVEL_S, CPU_OPS, GPU_OPS, main
 from fastenc.bench import registry, runner, timing
-from fastenc.bench.ops import e2e, overhead
+from fastenc import reference
+from fastenc.bench.ops import e2e, modernbert, overhead
 
 CPU = torch.device("cpu")
 
@@ -47,7 +48,12 @@ def test_gpu_plan_keeps_its_order_across_suites():
         "attention", "layer",  # then encoder length, attention batch, fp16
     ]
     assert len(entries) == 86 and [e.rank for e in entries] == sorted(e.rank for e in entries)
-    assert {e.suite for e in registry.plan("gpu", torch.device("cuda"), [torch.bfloat16])} >= {"e2e", "overhead"}
+    everything = registry.plan("gpu", torch.device("cuda"), [torch.bfloat16])
+    assert {e.suite for e in everything} >= {"e2e", "overhead", "modernbert"}
+    mb = [e for e in everything if e.suite == "modernbert"]
+    assert everything[-len(mb):] == mb  # added at the end of the GPU plan
+    assert any("model=ModernBERT-base layers=22" in e.label for e in mb)
+    assert any("seqlen=8192" in e.label and "window=64" in e.label for e in mb)
 
 
 def test_cpu_main_job_defaults(monkeypatch, tmp_path):
@@ -66,6 +72,14 @@ def test_cpu_main_job_defaults(monkeypatch, tmp_path):
                  f"model={e2e.REAL_MODEL}"):
         assert any(want in label for label in e2e_labels), want
     assert any(label.startswith("e2e train") for label in e2e_labels)
+    # ModernBERT: both inference rows in the main job (right after the overhead), the rest best effort, last
+    assert _stages(cpu)[:3] == ["e2e", "overhead", "modernbert"]
+    mb = [e for e in cpu if e.suite == "modernbert"]
+    main_job = [e.label for e in mb if not e.best_effort]
+    assert len(main_job) == 2 and all(label.startswith("modernbert fwd fp32 e2e model=ModernBERT-base layers=3")
+                                      for label in main_job)
+    later = [e for e in mb if e.best_effort]
+    assert cpu[-len(later):] == later and any(e.label.startswith("modernbert train") for e in later)
 
 
 def test_triton_interpreter_is_not_timed_unless_named():
@@ -240,3 +254,113 @@ def test_overhead_cli_reports_the_goals(tmp_path, capsys):
     assert summary.count("diff <= 15 us") == 3 and summary.count("<= 1.2x") == 2
     assert (tmp_path / "overhead_us.png").read_bytes()[:4] == b"\x89PNG"
     assert data["env"]["threads"]
+
+
+# --------------------------------------------------------------------------- modernbert
+
+
+def _mb_tiny(mode, **kw):
+    args = dict(model="tiny-ModernBERT", layers=3, batch=4, seqlen=24, min_len=2)
+    return modernbert.e2e_workload(mode, "padding", CPU, torch.float32, **{**args, **kw})
+
+
+def test_modernbert_tiny_run_checks_every_provider_and_reports_the_goal(tmp_path):
+    rows = bench.run(ops=["modernbert"], size="tiny", device=CPU, dtypes=[torch.float32], out_dir=str(tmp_path),
+                     min_time_s=0.001, progress=False, plots=False, log=lambda s: None)
+    modernbert.reset()
+    assert not [r for r in rows if r["status"] in ("failed", "error")], [r["reason"] for r in rows]
+    ok = {}
+    for r in rows:
+        if r["status"] == "ok":
+            ok.setdefault((r["op"], r["mode"], r["padding"]), set()).add(r["provider"])
+    e2e_points = sorted((mode, pad) for op, mode, pad in ok if op == "e2e")
+    assert [m for m, _ in e2e_points] == ["fwd", "fwd", "train"] and e2e_points[0][1] == 0.0 < e2e_points[1][1]
+    assert all(ok["e2e", m, pad] == {"fastenc", "hf-sdpa"} for m, pad in e2e_points)
+    for mode in ("fwd", "bwd"):
+        assert ok["window-attention", mode, None] == {"fastenc-cpu", "fastenc-reference", "sdpa-window"}
+        assert ok["geglu-ffn", mode, None] == {"fastenc-cpu", "fastenc-reference", "torch-eager"}
+    attn = next(r for r in rows if r["op"] == "window-attention" and r["provider"] == "fastenc-cpu")
+    assert attn["window"] == 8 and attn["flops"] == 4 * 2 * 32 * 2 * modernbert.visible_pairs(40, 8, 8)
+    tri = next(r for r in rows if r["op"] == "window-attention" and r["provider"] == "fastenc-triton")
+    assert tri["status"] == "skipped"
+    note = next(r["note"] for r in rows if r["op"] == "e2e" and r["provider"] == "fastenc")
+    assert "attention=cpu" in note and "embeddings max error" in note
+    summary = (tmp_path / "summary.txt").read_text()
+    assert re.search(r"fwd fp32 tiny-ModernBERT B=4 L=24 pad=\d+% vs hf-sdpa [0-9.]+x \(goal >= 1\.5x\): "
+                     r"(met|NOT MET)", summary), summary
+    assert "pad=0%" not in summary.split("goal (issue #17)")[1]  # the goal is about the padded rows
+
+
+def test_modernbert_flops_count_the_visible_pairs_only():
+    for n, w in ((1, 3), (7, 2), (40, 8), (300, 64)):
+        assert modernbert.visible_pairs(n, w, w) == int((~reference.window_mask(n, n, (w, w))).sum())
+    assert modernbert.visible_pairs(9, -1, -1) == 81 and modernbert.visible_pairs(9, 0, -1) == 45
+    spec = modernbert.MODELS["tiny-ModernBERT"]  # layers 0 global, 1 and 2 local (window 4 each side)
+    attn = 4 * 64 * (2 * 20 * 20 + 2 * modernbert.visible_pairs(20, 4, 4) * 2)
+    gemm = 2 * 40 * (4 * 64 * 64 + 3 * 64 * 96)
+    assert modernbert.model_flops(spec, [20, 20], "fwd") == 3 * gemm + attn
+    assert modernbert.model_flops(spec, [20, 20], "train") == 3 * 3 * gemm + 3.5 * attn
+
+
+def test_modernbert_check_fails_wrong_providers():
+    model = modernbert.hf_model(modernbert.MODELS["tiny-ModernBERT"], CPU)
+
+    def no_mask(w):  # a kernel that forgets the attention mask
+        return registry.Impl(lambda i: modernbert.mean_pool(model(input_ids=i[0]).last_hidden_state, i[1]))
+    res = runner.run_one(_mb_tiny("fwd"), _fake("no-mask", no_mask), min_time_s=0.001)
+    assert res.status == "failed" and res.timing is None and "embeddings" in res.reason
+
+    def no_backward_through_layers(w):  # right embeddings, but the backward skips the encoder layers
+        m = copy.deepcopy(model).train()
+
+        def forward(i):
+            direct = modernbert.mean_pool(m.embeddings(input_ids=i[0]), i[1])
+            return modernbert._embed(m, i).detach() + direct - direct.detach()
+        return registry.Impl(forward, params=list(m.parameters()), probe=lambda: modernbert._probe(m))
+    res = runner.run_one(_mb_tiny("train"), _fake("shortcut", no_backward_through_layers), min_time_s=0.001)
+    assert res.status == "failed" and "embedding-norm gradient" in res.reason and "embeddings:" not in res.reason
+
+    att = modernbert.attention_workload("bwd", "seqlen", CPU, torch.float32, batch=2, seqlen=40, heads=2,
+                                        head_dim=32, window=8)
+
+    def no_window(w):  # every key visible
+        return registry.Impl(lambda i: reference.attention(i[0], i[1], i[2], rotary=(i[3], i[4])))
+
+    def no_rotary(w):
+        return registry.Impl(lambda i: reference.attention(i[0], i[1], i[2], window=(8, 8)))
+    for name, build in (("no-window", no_window), ("no-rotary", no_rotary)):
+        res = runner.run_one(att, _fake(name, build), min_time_s=0.001)
+        assert res.status == "failed" and "output" in res.reason, (name, res.reason)
+
+    ffn = modernbert.ffn_workload("fwd", "hidden", CPU, torch.float32, batch=2, seqlen=16, d_model=64, d_ff=96)
+    swiglu = _fake("swiglu", lambda w: registry.Impl(lambda i: reference.ffn(*i, activation="swiglu")))
+    res = runner.run_one(ffn, swiglu, min_time_s=0.001)
+    assert res.status == "failed" and "output" in res.reason
+    modernbert.reset()
+
+
+def test_modernbert_large_attention_points_are_checked_on_a_slice(monkeypatch):
+    monkeypatch.setattr(modernbert, "CHECK_MAX_SCORES", 40 * 40)  # one sequence, one head of the two
+    w = modernbert.attention_workload("bwd", "seqlen", CPU, torch.float32, batch=3, seqlen=40, heads=2, head_dim=32,
+                                      window=8)
+    assert [t.shape for t in w.check_slice(w.make_inputs())[:3]] == [(1, 40, 1, 32)] * 3
+    for p in registry.providers_for("modernbert", entry=modernbert._point(
+            modernbert.attention_workload, "window-attention", "bwd", "seqlen", CPU, torch.float32, batch=3,
+            seqlen=40, heads=2, head_dim=32, window=8)):
+        if p.name != "fastenc-triton":
+            res = runner.run_one(w, p, min_time_s=0.001)
+            assert res.status == "ok", (p.name, res.reason)
+
+
+def test_modernbert_best_effort_points_stop_at_the_budget(monkeypatch, tmp_path):
+    import dataclasses
+
+    tiny = modernbert.SUITE.sizes["tiny"]
+    monkeypatch.setitem(modernbert.SUITE.sizes, "tiny", lambda dev, dt, extra: [
+        dataclasses.replace(e, best_effort=" geglu-ffn " in e.label) for e in tiny(dev, dt, extra)
+        if " e2e " not in e.label])
+    rows = bench.run(ops=["modernbert"], size="tiny", device=CPU, dtypes=[torch.float32], out_dir=str(tmp_path),
+                     providers_filter=["fastenc-reference"], min_time_s=0.001, progress=False, plots=False,
+                     best_effort_s=0.0, log=lambda s: None)
+    assert {(r["op"], r["status"]) for r in rows} == {("window-attention", "ok"), ("geglu-ffn", "skipped")}
+    assert all("--ops modernbert" in r["reason"] for r in rows if r["status"] == "skipped")

@@ -56,7 +56,7 @@ def _results_for_entry(entry: Entry, names: Optional[Sequence[str]], min_time_s:
                        on_result: Callable[[Result], None], skip_all: Optional[str]) -> List[Result]:
     suite = registry.get(entry.suite)
     w = entry.make()
-    provs = registry.providers_for(entry.suite, names)
+    provs = registry.providers_for(entry.suite, names, entry)
     skipped = {}
     for p in provs:
         reason = skip_all or entry.exclude.get(p.name)
@@ -94,7 +94,8 @@ def run(*, ops: Sequence[str], size: str, device: torch.device, dtypes: Sequence
     ceilings: ``fastenc ceilings`` output ({"copy_gbps", "matmul_tflops"}): adds each row's
     percentage of the measured device ceiling (TFLOP/s over the matmul's, GB/s over the copy's).
     best_effort: suites whose workloads start only while less than ``best_effort_s`` seconds
-    have passed (the CPU main job's op-level points); the others are listed as skipped.
+    have passed (the CPU main job's op-level points; with ``best_effort_s``, also the entries marked
+    ``best_effort`` of any suite); the others are listed as skipped.
     """
     os.makedirs(out_dir, exist_ok=True)
     unknown = [o for o in ops if o not in registry.suite_names()]
@@ -114,7 +115,7 @@ def run(*, ops: Sequence[str], size: str, device: torch.device, dtypes: Sequence
         elapsed = time.monotonic() - start
         if time_budget_s is not None and elapsed > time_budget_s:
             return "time budget exhausted (--time-budget)"
-        if e.suite in best_effort and best_effort_s is not None and elapsed > best_effort_s:
+        if (e.suite in best_effort or e.best_effort) and best_effort_s is not None and elapsed > best_effort_s:
             return (f"the default CPU run starts op-level points only in its first {best_effort_s:.0f} s "
                     f"(ask for them: --ops {e.suite})")
         return None

@@ -10,13 +10,13 @@ from typing import Dict, List, Optional
 
 COLUMNS = [
     "suite", "mode", "sweep", "provider", "status", "dtype", "model", "op", "batch", "seqlen", "heads", "head_dim",
-    "d_model", "d_ff", "activation", "layers", "padding", "dropout", "causal", "tokens", "median_ms", "p20_ms",
-    "p80_ms", "tflops", "gbps", "tokens_per_s", "pct_of_ceiling", "peak_mem_mb", "speedup_vs_eager",
+    "d_model", "d_ff", "activation", "layers", "padding", "dropout", "causal", "window", "tokens", "median_ms",
+    "p20_ms", "p80_ms", "tflops", "gbps", "tokens_per_s", "pct_of_ceiling", "peak_mem_mb", "speedup_vs_eager",
     "speedup_vs_best_baseline", "best_baseline", "speedups", "samples", "timing", "copies", "flops", "bytes", "note",
     "reason",
 ]
 ENV_COLUMNS = ["device_name", "torch", "triton", "cuda", "git_commit", "date"]
-SHAPE_KEYS = ("batch", "seqlen", "heads", "head_dim", "d_model", "d_ff", "layers", "padding", "dropout")
+SHAPE_KEYS = ("batch", "seqlen", "heads", "head_dim", "d_model", "d_ff", "layers", "window", "padding", "dropout")
 
 
 def _fmt(v, spec=".3g") -> str:
@@ -27,7 +27,7 @@ def _fmt(v, spec=".3g") -> str:
 
 def shape_label(row: dict) -> str:
     abbrev = {"batch": "B", "seqlen": "L", "heads": "H", "head_dim": "D", "d_model": "d", "d_ff": "f",
-              "layers": "layers", "padding": "pad", "dropout": "p"}
+              "layers": "layers", "window": "window", "padding": "pad", "dropout": "p"}
     parts = [str(row[k]) for k in ("model", "op") if row.get(k)]
     parts += [f"{abbrev[k]}={row[k]}" for k in SHAPE_KEYS if row.get(k) not in (None, 0.0) or k == "padding"
               and row.get("sweep") == "padding"]

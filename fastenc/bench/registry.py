@@ -58,6 +58,11 @@ class Entry:
     make: Callable[[], Workload]  # built lazily: layer/encoder workloads hold model weights
     exclude: Dict[str, str] = dataclasses.field(default_factory=dict)  # provider -> why it does not run here
     rank: tuple = (0,)  # plan order across suites (smaller first; ties keep the suites' order)
+    # In a default run with a best-effort budget, starts only while the run is under it (as the
+    # op-level suites do): a suite of the main job can keep its long points out of it.
+    best_effort: bool = False
+    # The suite's providers that apply to this entry (None: all); the others get no row (a suite of several ops).
+    only: Optional[Sequence[str]] = None
 
 
 SizeFn = Callable[[torch.device, torch.dtype, List[torch.dtype]], List[Entry]]
@@ -114,9 +119,10 @@ def get(name: str) -> Suite:
     return s[name]
 
 
-def providers_for(suite: str, names: Optional[Sequence[str]] = None) -> List[Provider]:
-    """Providers of a suite, optionally filtered by names or name prefixes ("sdpa" selects every sdpa-*)."""
-    out = list(get(suite).providers)
+def providers_for(suite: str, names: Optional[Sequence[str]] = None, entry: Optional[Entry] = None) -> List[Provider]:
+    """Providers of a suite, optionally filtered by names or name prefixes ("sdpa" selects every sdpa-*), and
+    to those that apply to ``entry``."""
+    out = [p for p in get(suite).providers if entry is None or entry.only is None or p.name in entry.only]
     if names:
         out = [p for p in out if any(p.name.startswith(n) for n in names)]
     return out

@@ -25,7 +25,7 @@ class Workload:
     # "activation" | "dropout" | "compile" | "latency" | "real" | "op"
     sweep: str
     params: Dict[str, object]  # row columns: batch, seqlen, heads, head_dim, d_model, d_ff, activation, layers,
-    # padding, dropout, model, op
+    # padding, dropout, model, op, window
     device: torch.device
     dtype: torch.dtype
     make_inputs: Callable[[], tuple]  # one fresh random input copy

@@ -1,0 +1,490 @@
+"""ModernBERT: an HF ``ModernBertModel`` end to end, and its two kernel points (sliding-window attention
+with rotary embeddings, the GeGLU FFN).
+
+End to end (op "e2e"), as ``e2e`` does for BERT: a random model of ModernBERT-base size (HF's
+``ModernBertConfig`` defaults: hidden 768, 12 heads, GeGLU FFN 768 -> 2x1152 -> 768, no biases,
+local layers attending 64 tokens each side (``local_attention=128``), every third layer global,
+rotary bases 160k global / 10k local), 22 layers on GPU and 3 on CPU (one global and two local
+layers: the model's pattern; named in the row).  Inference ("fwd": token ids and attention mask in,
+mean-pooled embeddings out) at about 50% and 0% padding, and a training step ("train": forward +
+backward + AdamW) at about 50% padding.  Providers, on the same weights:
+
+* ``fastenc``: ``fastenc.optimize(copy of the model)``, ``auto`` backends (named in the row);
+* ``hf-sdpa``: the model as it is (``attn_implementation="sdpa"``);
+* ``torch-compile``: ``torch.compile`` of the HF model, inference on GPU sizes only.
+
+Each is checked against the fp32 model with eager attention before any timing: the embeddings,
+and in training the gradient of the embedding LayerNorm's weight (the whole backward reaches it).
+FLOPs per layer = projections 2·T·4d² + FFN 2·T·3·d·f + attention 4·d·(visible pairs), backward 2x
+for the GEMMs and 2.5x for attention; the embedding layer is not counted.
+
+Kernel points, checked against ``fastenc.reference`` as the op suites are:
+
+* "window-attention": B sequences of L tokens packed as varlen rows, window (w, w), rotary
+  (local base), head dim 64; fastenc per backend (``reference``, ``cpu``, ``triton`` on CUDA) against
+  SDPA with a dense [L, L] window mask (q, k rotated by ``reference.rotary_embed`` in the call).
+  FLOPs = 4·H·D·Σ visible (query, key) pairs (only the window counts), 2.5x backward.
+* "geglu-ffn": x [T, 768] -> 2x1152 -> 768, no biases; fastenc per backend against
+  ``fastenc.reference.ffn(activation="geglu")`` called directly.  FLOPs = 2·T·d·2f + 2·T·f·d, 2x backward.
+
+In the default CPU run the inference rows run with the main job; the training step and the
+kernel points are best effort (``--ops modernbert`` runs them all).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import backends, ops, reference
+from ...ops.attention import attention_varlen_unchecked
+from .. import registry as R
+from ..registry import Impl, Provider, Unavailable
+from ..workload import Workload, by_mode, randn
+from .attention import BWD_FACTOR as BWD_ATTENTION
+from .e2e import _compare, _lengths, _transformers, mean_pool
+from .ffn import BWD_FACTOR as BWD_MATMUL
+
+LOCAL_ROPE_BASE = 10000.0  # HF's default rotary base of the local (sliding-window) layers
+# Check large attention points on a slice (first sequence, fewer heads): the reference materialises [B, H, L, L].
+CHECK_MAX_SCORES = 2**25
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    name: str
+    hidden: int
+    heads: int
+    layers: int
+    intermediate: int
+    local_attention: int = 128  # the window's width: local layers see local_attention // 2 tokens each side
+    vocab: int = 50368
+    max_positions: int = 8192
+    full_layers: int = 0  # the named model's depth when this runs fewer layers (0: all of them)
+
+
+MODELS = {s.name: s for s in (
+    Spec("ModernBERT-base", 768, 12, 22, 1152),
+    Spec("tiny-ModernBERT", 64, 2, 3, 96, local_attention=8, vocab=1000, max_positions=64),
+)}
+
+_CACHE: Dict[tuple, object] = {}  # models built once per run (dropped by reset())
+
+
+def _cached(key: tuple, build):
+    if key not in _CACHE:
+        with torch.inference_mode(False):  # built on first use, maybe in a check under inference mode
+            _CACHE[key] = build()
+    return _CACHE[key]
+
+
+def reset() -> None:
+    if any(k[0] == "compile" for k in _CACHE):
+        torch._dynamo.reset()
+    _CACHE.clear()
+
+
+def _spec(name: str, layers: int) -> Spec:
+    spec = MODELS[name]
+    return spec if layers == spec.layers else dataclasses.replace(spec, layers=layers, full_layers=spec.layers)
+
+
+def hf_model(spec: Spec, device, attn: str = "sdpa", dtype=torch.float32) -> nn.Module:
+    """The random (seeded) ModernBertModel of a spec in eval mode; every attention implementation and dtype
+    is a copy of the one fp32 SDPA model."""
+    if attn != "sdpa" or dtype != torch.float32:
+        def convert():
+            model = copy.deepcopy(hf_model(spec, device))
+            model.set_attn_implementation(attn)
+            return model.to(dtype)
+        return _cached(("hf", spec, str(device), attn, str(dtype)), convert)
+
+    def build():
+        tf = _transformers()
+        cfg = tf.ModernBertConfig(
+            vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers, num_attention_heads=spec.heads, local_attention=spec.local_attention,
+            global_attn_every_n_layers=3, max_position_embeddings=spec.max_positions, hidden_activation="gelu",
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+            attn_implementation="sdpa")
+        torch.manual_seed(0)
+        return tf.ModernBertModel(cfg).to(device).eval()
+    return _cached(("hf", spec, str(device), attn, str(dtype)), build)
+
+
+def _embed(model: nn.Module, inputs: tuple) -> torch.Tensor:
+    return mean_pool(model(input_ids=inputs[0], attention_mask=inputs[1]).last_hidden_state, inputs[1])
+
+
+def _probe(model: nn.Module) -> torch.Tensor:
+    """The parameter whose gradient the training check compares: the embedding LayerNorm's weight."""
+    return model.embeddings.norm.weight
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def visible_pairs(length: int, left: int, right: int) -> int:
+    """(query, key) pairs of one sequence inside a window (left, right); -1 = unbounded side."""
+    i = torch.arange(length)
+    lo = (i - left).clamp(min=0) if left >= 0 else torch.zeros_like(i)
+    hi = (i + right).clamp(max=length - 1) if right >= 0 else torch.full_like(i, length - 1)
+    return int((hi - lo + 1).sum())
+
+
+def model_flops(spec: Spec, lengths: List[int], mode: str) -> float:
+    """The encoder layers' FLOPs on sequences of these real lengths (global layers: every pair, local: the window)."""
+    d, f, w = spec.hidden, spec.intermediate, spec.local_attention // 2
+    tokens = sum(lengths)
+    gemm = 2.0 * tokens * 4 * d * d + 2.0 * tokens * 3 * d * f
+    total = 0.0
+    for layer in range(spec.layers):
+        local = layer % 3 != 0  # HF: layer i is global when i % global_attn_every_n_layers == 0
+        pairs = sum(visible_pairs(n, w, w) if local else n * n for n in lengths)
+        total += by_mode(gemm, mode, BWD_MATMUL) + by_mode(4.0 * d * pairs, mode, BWD_ATTENTION)
+    return total
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def _tokens(spec: Spec, lengths: List[int], device) -> tuple:
+    """input_ids (random real tokens, 0 = pad at padding) and attention_mask (1 = real), padded to the longest."""
+    seqlen = max(lengths)
+    ids = torch.randint(3, spec.vocab, (len(lengths), seqlen), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(seqlen)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return (ids * mask).to(device), mask.to(device)
+
+
+def _reference(spec: Spec, device, mode: str, inputs: tuple, cotangent: torch.Tensor):
+    """fp32 eager-attention model: embeddings, and in "train" the probe's gradient."""
+    if mode == "fwd":
+        with torch.inference_mode():
+            return _embed(hf_model(spec, device, "eager"), inputs), None
+    ref = copy.deepcopy(hf_model(spec, device, "eager")).train()
+    out = _embed(ref, inputs)
+    return out.detach(), torch.autograd.grad(out, [_probe(ref)], cotangent)[0]
+
+
+def e2e_workload(mode, sweep, device, dtype, *, model, layers, batch, seqlen, min_len=None) -> Workload:
+    """min_len: the shortest sequence (lengths spread over [min_len, seqlen]; default: no padding)."""
+    spec = _spec(model, layers)
+    ids, mask = _tokens(spec, _lengths(batch, seqlen, min_len or seqlen), device)
+    lengths = mask.sum(1).tolist()
+    ref: Dict[str, torch.Tensor] = {}
+    cotangent = torch.randn((batch, spec.hidden), generator=torch.Generator().manual_seed(2)).to(device)
+
+    def check(w: Workload, impl: Impl, inputs: tuple) -> Optional[str]:
+        if not ref:
+            ref["out"], ref["grad"] = _reference(spec, device, mode, inputs, cotangent)
+        lowp = dtype != torch.float32
+        out = impl.forward(impl.prepare(inputs))
+        results = [_compare("embeddings", out, ref["out"], lowp)]
+        if mode == "train":
+            grad = torch.autograd.grad(out, [impl.probe()], cotangent.to(out.dtype))[0]
+            results.append(_compare("embedding-norm gradient", grad, ref["grad"], lowp))
+        impl.note = "; ".join([impl.note] + [fig for _, fig in results if fig])
+        bad = [msg for msg, _ in results if msg]
+        return "; ".join(bad) if bad else None
+
+    return Workload(
+        "modernbert", mode, sweep,
+        dict(op="e2e", model=spec.name, batch=batch, seqlen=seqlen, heads=spec.heads,
+             head_dim=spec.hidden // spec.heads, d_model=spec.hidden, d_ff=spec.intermediate, activation="geglu",
+             layers=spec.layers, window=spec.local_attention // 2, padding=round(1 - sum(lengths) / ids.numel(), 2)),
+        device, dtype, lambda: (ids, mask), (), flops=model_flops(spec, lengths, mode), tokens=sum(lengths),
+        check=check, inference_mode=True, model=dict(spec=spec),
+    )
+
+
+def attention_workload(mode, sweep, device, dtype, *, batch, seqlen, heads, head_dim, window) -> Workload:
+    """B sequences of L tokens, window (window, window), rotary tables of the local layers' base."""
+    cos, sin = reference.rotary_tables(reference.rotary_inv_freq(head_dim, LOCAL_ROPE_BASE), seqlen)
+    cos, sin = cos.to(device), sin.to(device)
+
+    def make_inputs():
+        return tuple(randn((batch, seqlen, heads, head_dim), device, dtype) for _ in range(3)) + (cos, sin)
+
+    def ref(inputs, upcast):
+        q, k, v, c, s = inputs
+        return reference.attention(q, k, v, window=(window, window), rotary=(c, s), upcast=upcast)
+
+    def check_slice(inputs):
+        """The first sequence (and fewer heads) when the reference's scores would be large."""
+        if batch * heads * seqlen * seqlen <= CHECK_MAX_SCORES:
+            return inputs
+        h = max(1, min(heads, CHECK_MAX_SCORES // (seqlen * seqlen)))
+        return tuple(t[:1, :, :h].contiguous() for t in inputs[:3]) + inputs[3:]
+
+    return Workload(
+        "modernbert", mode, sweep,
+        dict(op="window-attention", batch=batch, seqlen=seqlen, heads=heads, head_dim=head_dim, window=window),
+        device, dtype, make_inputs, (0, 1, 2), ref, check_slice=check_slice, tokens=batch * seqlen,
+        flops=by_mode(4.0 * heads * head_dim * batch * visible_pairs(seqlen, window, window), mode, BWD_ATTENTION),
+    )
+
+
+def ffn_workload(mode, sweep, device, dtype, *, batch, seqlen, d_model, d_ff) -> Workload:
+    """x [B, L, d] -> GeGLU (w1 [2f, d]: activated half, then gate) -> w2 [d, f], no biases (ModernBERT's MLP)."""
+    tokens = batch * seqlen
+
+    def make_inputs():
+        x = randn((batch, seqlen, d_model), device, dtype)
+        w1 = randn((2 * d_ff, d_model), device, dtype, d_model ** -0.5)
+        return x, w1, None, randn((d_model, d_ff), device, dtype, d_ff ** -0.5), None
+
+    def ref(inputs, upcast):
+        return reference.ffn(*inputs, activation="geglu", upcast=upcast)
+
+    return Workload(
+        "modernbert", mode, sweep,
+        dict(op="geglu-ffn", batch=batch, seqlen=seqlen, d_model=d_model, d_ff=d_ff, activation="geglu"),
+        device, dtype, make_inputs, (0, 1, 3), ref, tokens=tokens,
+        flops=by_mode(2.0 * tokens * d_model * 2 * d_ff + 2.0 * tokens * d_ff * d_model, mode, BWD_MATMUL),
+    )
+
+
+# --------------------------------------------------------------------------- end-to-end providers
+
+
+def _shape_classes(spec: Spec) -> Dict[str, tuple]:
+    """Each op's shape class in a local layer (what ``fastenc.backends.explain`` passes to its checks)."""
+    head_dim = spec.hidden // spec.heads
+    return {"attention": (head_dim, head_dim, False, True, True), "layer_norm": (spec.hidden,), "ffn": ("geglu",)}
+
+
+def _auto_backends(spec: Spec, w: Workload) -> str:
+    """What ``auto`` runs here, per op; Unavailable where that is the Triton interpreter (CPU)."""
+    picks = []
+    for op, shape in _shape_classes(spec).items():
+        chosen = backends.explain(op, "auto", w.device, w.dtype, shape)[0]
+        if chosen == "triton" and w.device.type == "cpu":
+            raise Unavailable(f"auto runs {op} on the Triton interpreter here: a correctness tool, never timed")
+        picks.append(f"{op}={chosen}")
+    return "auto: " + ", ".join(picks)
+
+
+def _e2e_only(w: Workload, name: str) -> Spec:
+    if w.params["op"] != "e2e":
+        raise Unavailable(f"{name} runs the end-to-end rows only")
+    return w.model["spec"]
+
+
+def _fastenc(w: Workload) -> Impl:
+    import fastenc
+
+    spec = _e2e_only(w, "fastenc")
+    note = _auto_backends(spec, w)
+
+    def build():
+        return fastenc.optimize(copy.deepcopy(hf_model(spec, w.device, dtype=w.dtype))).eval()
+    model = build().train() if w.mode == "train" else _cached(("fastenc", spec, str(w.device), str(w.dtype)), build)
+    return Impl(lambda i: _embed(model, i), params=list(model.parameters()), probe=lambda: _probe(model), note=note)
+
+
+def _hf_sdpa(w: Workload) -> Impl:
+    spec = _e2e_only(w, "hf-sdpa")
+    model = hf_model(spec, w.device, dtype=w.dtype)
+    if w.mode == "train":
+        model = copy.deepcopy(model).train()
+    return Impl(lambda i: _embed(model, i), params=list(model.parameters()), probe=lambda: _probe(model),
+                note="ModernBertModel, attn_implementation=sdpa")
+
+
+def _torch_compile(w: Workload) -> Impl:
+    spec = _e2e_only(w, "torch-compile")
+    if w.mode != "fwd":
+        raise Unavailable("inference only here (a compile per training shape does not fit the time budget)")
+    if not hasattr(torch, "compile"):
+        raise Unavailable("this torch has no torch.compile")
+    # One compiled model per model and dtype: a static graph per input shape, well under dynamo's recompile limit.
+    compiled = _cached(("compile", spec, str(w.device), str(w.dtype)),
+                       lambda: torch.compile(hf_model(spec, w.device, dtype=w.dtype), dynamic=False))
+    return Impl(lambda i: _embed(compiled, i), inference_only=True,
+                note="torch.compile(ModernBertModel sdpa, dynamic=False), compiled in the untimed check call")
+
+
+# --------------------------------------------------------------------------- kernel-point providers
+
+
+def _attention(backend: str, w: Workload) -> Impl:
+    p = w.params
+    R.force("attention", backend, w.device, w.dtype, (p["head_dim"], p["head_dim"], False, True, True))
+    L, win = p["seqlen"], (p["window"], p["window"])
+
+    def prepare(inputs):
+        """Packed [B·L, H, D] rows and their int32 cu_seqlens (B: the check may run on fewer sequences)."""
+        q, k, v, cos, sin = inputs
+        B = q.shape[0]
+        cu = torch.arange(B + 1, dtype=torch.int32, device=q.device) * L
+        return tuple(t.reshape(B * L, *t.shape[2:]) for t in (q, k, v)) + (cu, cos, sin)
+
+    return Impl(lambda i: attention_varlen_unchecked(i[0], i[1], i[2], i[3], i[3], L, L, False, None, 0.0, backend,
+                                                     win, (i[4], i[5])),
+                prepare=prepare, to_dense=lambda out, inputs: out.reshape(inputs[0].shape[0], L, *out.shape[1:]),
+                note="packed rows (cu_seqlens built once), the model's unchecked call")
+
+
+def _ffn(backend: str, w: Workload) -> Impl:
+    R.force("ffn", backend, w.device, w.dtype, ("geglu",))
+    return Impl(lambda i: ops.ffn(*i, activation="geglu", backend=backend))
+
+
+def _fastenc_kernel(backend: str):
+    def build(w: Workload) -> Impl:
+        op = w.params["op"]
+        if op == "window-attention" and backend in ("triton", "cpu", "reference"):
+            if backend == "triton" and w.device.type != "cuda":
+                raise Unavailable("CUDA only in this suite (on CPU Triton runs its interpreter: tests/ check it)")
+            return _attention(backend, w)
+        if op == "geglu-ffn" and backend in ("cuda", "cpu", "reference"):
+            return _ffn(backend, w)
+        raise Unavailable(f"fastenc-{backend} has no {op} point")
+    return build
+
+
+def _sdpa_window(w: Workload) -> Impl:
+    if w.params["op"] != "window-attention":
+        raise Unavailable("the window-attention points only")
+    p = w.params
+    allowed = ~reference.window_mask(p["seqlen"], p["seqlen"], (p["window"], p["window"]), w.device)
+
+    def forward(i):
+        q, k, v, cos, sin = i
+        q, k = reference.rotary_embed(q, cos, sin), reference.rotary_embed(k, cos, sin)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=allowed)
+        return out.transpose(1, 2)
+    return Impl(forward, note="dense [L, L] window mask (built once); q, k rotated by fastenc.reference.rotary_embed")
+
+
+def _torch_eager(w: Workload) -> Impl:
+    if w.params["op"] != "geglu-ffn":
+        raise Unavailable("the geglu-ffn points only")
+    return Impl(lambda i: reference.ffn(*i, activation="geglu"), note="fastenc.reference.ffn called directly")
+
+
+PROVIDERS = [
+    Provider("fastenc", _fastenc, False),
+    Provider("hf-sdpa", _hf_sdpa, True),
+    Provider("torch-compile", _torch_compile, True),
+    Provider("fastenc-triton", _fastenc_kernel("triton"), False, triton=True),
+    Provider("fastenc-cuda", _fastenc_kernel("cuda"), False),
+    Provider("fastenc-cpu", _fastenc_kernel("cpu"), False),
+    Provider("fastenc-reference", _fastenc_kernel("reference"), False),
+    Provider("sdpa-window", _sdpa_window, True),
+    Provider("torch-eager", _torch_eager, True),
+]
+_OP_PROVIDERS = {
+    "e2e": ("fastenc", "hf-sdpa", "torch-compile"),
+    "window-attention": ("fastenc-triton", "fastenc-cpu", "fastenc-reference", "sdpa-window"),
+    "geglu-ffn": ("fastenc-cuda", "fastenc-cpu", "fastenc-reference", "torch-eager"),
+}
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+NO_COMPILE = {"torch-compile": "GPU sizes only (compile time would dominate on CPU)"}
+
+
+def _point(make, op: str, mode, sweep, dev, dt, exclude=None, rank=(0,), best_effort=False, **kw) -> R.Entry:
+    """An entry of one op of the suite (named in its label), run by that op's providers only."""
+    e = R.entry(make, "modernbert", mode, sweep, dev, dt, exclude, rank, **kw)
+    suite, mode_, dtype, args = e.label.split(" ", 3)
+    return dataclasses.replace(e, label=f"{suite} {mode_} {dtype} {op} {args}", only=_OP_PROVIDERS[op],
+                               best_effort=best_effort)
+
+
+def _points(dev, dt, *, layers: int, batch: int, lengths: tuple, attn_tokens: int, ffn_tokens: int, rank: tuple,
+            extra_rank: tuple, best_effort: bool, dense_max: int, exclude=None) -> list:
+    """Inference at about 50% padding (lengths spread over [32, 512]) and 0% (half the batch: as many real
+    tokens), a training step at about 50%, then the kernel points (attention at each length with
+    ``attn_tokens`` in all, the reference only up to ``dense_max``; the FFN at ``ffn_tokens``)."""
+    m = dict(model="ModernBERT-base", layers=layers)
+    x = dict(exclude or {})
+    e = [_point(e2e_workload, "e2e", "fwd", "padding", dev, dt, x, rank, **m, batch=batch, seqlen=512, min_len=32),
+         _point(e2e_workload, "e2e", "fwd", "padding", dev, dt, x, rank, **m, batch=batch // 2, seqlen=512)]
+    later = dict(rank=extra_rank, best_effort=best_effort)
+    e.append(_point(e2e_workload, "e2e", "train", "padding", dev, dt, x, **later, **m, batch=batch, seqlen=512,
+                    min_len=32))
+    dense = {"fastenc-reference": "dense [L, L] scores: at the shorter lengths only"}
+    e += [_point(attention_workload, "window-attention", mode, "seqlen", dev, dt, {} if n <= dense_max else dense,
+                 **later, batch=attn_tokens // n, seqlen=n, heads=12, head_dim=64,
+                 window=64) for mode in ("fwd", "bwd") for n in lengths]
+    e += [_point(ffn_workload, "geglu-ffn", mode, "hidden", dev, dt, None, **later, batch=ffn_tokens // 512,
+                 seqlen=512, d_model=768, d_ff=1152) for mode in ("fwd", "bwd")]
+    return e
+
+
+def _tiny(dev, dt, extra):
+    t = dict(model="tiny-ModernBERT", layers=3)
+    x = NO_COMPILE
+    return [
+        _point(e2e_workload, "e2e", "fwd", "padding", dev, dt, x, **t, batch=4, seqlen=24, min_len=2),
+        _point(e2e_workload, "e2e", "fwd", "padding", dev, dt, x, **t, batch=2, seqlen=24),
+        _point(e2e_workload, "e2e", "train", "padding", dev, dt, x, **t, batch=4, seqlen=24, min_len=2),
+        *(_point(attention_workload, "window-attention", mode, "seqlen", dev, dt, None, batch=2, seqlen=40, heads=2,
+                 head_dim=32, window=8) for mode in ("fwd", "bwd")),
+        *(_point(ffn_workload, "geglu-ffn", mode, "hidden", dev, dt, None, batch=2, seqlen=16, d_model=64, d_ff=96)
+          for mode in ("fwd", "bwd")),
+    ]
+
+
+def _cpu(dev, dt, extra):
+    # 3 of 22 layers, batch 8: each inference row takes a few seconds of calls on 2 cores, so both run with the
+    # default CPU run's main job (rank 0); the training step and the kernel points after every op-level point.
+    return _points(dev, dt, layers=3, batch=8, lengths=(512, 2048), attn_tokens=4096, ffn_tokens=2048, rank=(0,),
+                   extra_rank=(10,), best_effort=True, dense_max=512, exclude=NO_COMPILE)
+
+
+def _gpu(dev, dt, extra):
+    # After every other suite's points (e2e 13, overhead 14): the rest of the GPU plan keeps its order.
+    return _points(dev, dt, layers=22, batch=16, lengths=(512, 1024, 2048, 4096, 8192), attn_tokens=R.GPU_TOKENS,
+                   ffn_tokens=R.GPU_TOKENS, rank=(15,), extra_rank=(15, 1), best_effort=False, dense_max=2048)
+
+
+# --------------------------------------------------------------------------- summary: ratios and the goal
+
+BASELINES = ("hf-sdpa", "torch-compile")  # the end-to-end summary's columns
+GOAL = ("fwd", "fp32", "hf-sdpa", 1.5)  # issue #17: CPU inference at about 50% padding, >= 1.5x HF sdpa
+
+
+def workload_label(r: dict) -> str:
+    full = MODELS[r["model"]].layers
+    layers = "" if r["layers"] == full else f" ({r['layers']} of {full} layers)"
+    return f"{r['model']}{layers} B={r['batch']} L={r['seqlen']} pad={r['padding']:.0%}"
+
+
+def summary(rows: List[dict]) -> str:
+    """End to end: fastenc's time and each baseline's time over it (> 1: fastenc faster); then issue #17's goal."""
+    out = ["== modernbert summary: provider time / fastenc time (> 1: fastenc faster; interleaved medians) =="]
+    fast = [r for r in rows if r["op"] == "e2e" and r["provider"] == "fastenc"]
+    for mode in ("fwd", "train"):
+        for dtype in sorted({r["dtype"] for r in fast if r["mode"] == mode}):
+            group = [r for r in fast if r["mode"] == mode and r["dtype"] == dtype]
+            out += ["", f" {'inference' if mode == 'fwd' else 'training step'} ({dtype})",
+                    f"  {'workload':<52} {'fastenc ms':>10} {'hf-sdpa':>9} {'torch-compile':>14}"]
+            for r in group:
+                ms = r["status"] if r["status"] != "ok" else f"{r['median_ms']:.4g}"
+                cells = [f"{r['speedups'][b]:.3g}x" if b in r["speedups"] else "-" for b in BASELINES]
+                out.append(f"  {workload_label(r):<52} {ms:>10} {cells[0]:>9} {cells[1]:>14}")
+    mode, dtype, base, at_least = GOAL
+    out += ["", " goal (issue #17):"]
+    for r in fast:
+        if r["mode"] == mode and r["dtype"] == dtype and r["padding"] >= 0.3:
+            v = r["speedups"].get(base)
+            verdict = "not measured" if v is None else ("met" if v >= at_least else "NOT MET")
+            got = "-" if v is None else f"{v:.3g}x"
+            out.append(f"  {mode} {dtype} {workload_label(r)} vs {base} {got} (goal >= {at_least}x): {verdict}")
+    return "\n".join(out)
+
+
+SUITE = R.register(R.Suite(
+    "modernbert", PROVIDERS, {"tiny": _tiny, "cpu": _cpu, "gpu": _gpu}, interleaved=True, min_rounds=3, max_rounds=15,
+    min_time_s={"tiny": 0.01, "cpu": 2.0, "gpu": 1.0}, pause_s=0.002, summary=summary, reset=reset,
+))
