@@ -68,18 +68,25 @@ std::vector<at::Tensor> ffn_backward_2d(const at::Tensor& dy, const at::Tensor& 
                                         const at::Tensor& w2, const at::Tensor& h, const at::Tensor& pre, Act act,
                                         const DropoutParams& dp, const Plan& plan, bool has_b1, bool has_b2);
 
+// CPU path (plan kCpu): whether this call's GEMMs (x [T, d] by an [f, d] weight) run oneDNN rather
+// than ATen (enough multiply-adds to pay oneDNN's per-call cost; T > 0), and a · b through the one
+// chosen (oneDNN reads b transposed through its strides).
+bool cpu_onednn_gemms(const Plan& plan, const at::Tensor& x, int64_t f);
+at::Tensor cpu_mm(bool onednn, const at::Tensor& a, const at::Tensor& b);
+
 // Gated activations (ffn_glu_ops.cpp): w1 [2f, d] (b1 [2f]), w2 [d, f]; GEMM1 gives pre [T, 2f],
 // h = dropout(act(pre[:, :f]) · pre[:, f:]) [T, f].  Returns {y, h, pre} (h, pre empty unless save)
-// and {dx, dW1, db1, dW2, db2}.  ATen GEMMs and the GLU pass on every device: no library epilogue
-// multiplies the gate, so a forced fused GEMM path is refused by the dispatch table.
+// and {dx, dW1, db1, dW2, db2}.  Library GEMMs (ATen's on CUDA; on CPU oneDNN's as the ungated
+// path's, else ATen's) and the GLU pass: no library epilogue multiplies the gate, so a forced fused
+// GEMM path is refused by the dispatch table.
 std::vector<at::Tensor> ffn_glu_forward_2d(const at::Tensor& x, const at::Tensor& w1,
                                            const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                            const std::optional<at::Tensor>& b2,
                                            const std::optional<at::Tensor>& residual, Act act,
-                                           const DropoutParams& dp, bool save);
+                                           const DropoutParams& dp, const Plan& plan, bool save);
 std::vector<at::Tensor> ffn_glu_backward_2d(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w1,
                                             const at::Tensor& w2, const at::Tensor& h, const at::Tensor& pre, Act act,
-                                            const DropoutParams& dp, bool has_b1, bool has_b2);
+                                            const DropoutParams& dp, const Plan& plan, bool has_b1, bool has_b2);
 
 // ------------------------------------------------------------------ elementwise passes
 // Forward epilogue of the unfused path: h = dropout(act(pre)), pre [T, f] = x W1ᵀ + b1 from

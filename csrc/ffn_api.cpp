@@ -160,7 +160,7 @@ std::vector<at::Tensor> ffn_forward(const at::Tensor& x, const at::Tensor& w1, c
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   const auto b1c = contiguous(b1), b2c = contiguous(b2);
   const Plan plan = plan_for(x2, {x2, w1c, b1c, w2c, b2c, r2}, d, f, b1.has_value(), act, dropout_p, save, gemm_path);
-  std::vector<at::Tensor> out = is_gated(act) ? ffn_glu_forward_2d(x2, w1c, b1c, w2c, b2c, r2, act, dp, save)
+  std::vector<at::Tensor> out = is_gated(act) ? ffn_glu_forward_2d(x2, w1c, b1c, w2c, b2c, r2, act, dp, plan, save)
                                               : ffn_forward_2d(x2, w1c, b1c, w2c, b2c, r2, act, dp, plan, save);
   out[0] = out[0].view(x.sizes());
   return out;
@@ -188,7 +188,7 @@ std::vector<at::Tensor> ffn_backward(const at::Tensor& dy, const at::Tensor& x, 
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   const at::Tensor hc = h.contiguous(), prec = pre.contiguous();
   const Plan plan = plan_for(x2, {x2, dy2, w1c, w2c, hc, prec}, d, f, has_b1, act, dropout_p, true, gemm_path);
-  std::vector<at::Tensor> out = is_gated(act) ? ffn_glu_backward_2d(dy2, x2, w1c, w2c, hc, prec, act, dp, has_b1, has_b2)
+  std::vector<at::Tensor> out = is_gated(act) ? ffn_glu_backward_2d(dy2, x2, w1c, w2c, hc, prec, act, dp, plan, has_b1, has_b2)
                                               : ffn_backward_2d(dy2, x2, w1c, w2c, hc, prec, act, dp, plan, has_b1, has_b2);
   out[0] = out[0].view(x.sizes());
   return out;

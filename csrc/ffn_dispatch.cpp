@@ -21,7 +21,8 @@
 //   sm_90 relu      : cublaslt, unfused (same reasoning; the ReLU epilogue is trivial).
 //   sm_8x gelu      : unfused (no fused erf-GELU epilogue in cuBLASLt; CUTLASS sm90 only).
 //   sm_8x gelu_tanh : cublaslt, unfused.     sm_8x relu : cublaslt, unfused.
-//   geglu, swiglu   : unfused (ATen GEMMs + the GLU pass, cuda/ffn_glu.cu) on every arch.
+//   geglu, swiglu   : unfused (ATen GEMMs + the GLU pass, cuda/ffn_glu.cu) on every arch; on CPU
+//                     the cpu row (oneDNN GEMMs + the GLU pass, ffn_glu_cpu.cpp).
 // Every fused path needs fp16/bf16, no dropout (no library epilogue draws dropout),
 // d and f multiples of 8 (16-byte rows: TMA and cuBLASLt's aux ld) and 16-byte aligned
 // operands; otherwise the next entry runs.  Under `auto` a fused path whose library

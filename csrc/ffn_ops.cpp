@@ -69,16 +69,6 @@ std::vector<at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& w
   return {y, save ? h : x.new_empty({0}), keep_pre ? pre : x.new_empty({0})};
 }
 
-// Below this many multiply-adds per GEMM (tokens · d · f) the CPU path keeps ATen's GEMMs: oneDNN's
-// per-call cost (~20 µs: primitive lookup, tensor wrapping) outweighs its faster kernel there (measured:
-// MiniLM's 384→1536 at 1-2 tokens, 0.6-1.2 M; from 8 tokens, or 768→3072 at 1 token, oneDNN wins 1.6x).
-// Zero tokens also go to ATen (oneDNN takes no empty GEMM).
-constexpr int64_t kOneDnnMinMacs = int64_t(1) << 21;
-
-bool use_onednn(const Plan& plan, const at::Tensor& x, int64_t f) {
-  return plan.path == GemmPath::kCpu && x.size(0) > 0 && x.size(0) * x.size(1) * f >= kOneDnnMinMacs;
-}
-
 std::vector<at::Tensor> forward_onednn(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                                        const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                                        const std::optional<at::Tensor>& residual, Act act, const DropoutParams& dp,
@@ -124,6 +114,20 @@ at::Tensor linear2_fused(const at::Tensor& h, const at::Tensor& w2, const std::o
 
 }  // namespace
 
+// Below this many multiply-adds per GEMM (tokens · d · f) the CPU path keeps ATen's GEMMs: oneDNN's
+// per-call cost (~20 µs: primitive lookup, tensor wrapping) outweighs its faster kernel there (measured:
+// MiniLM's 384→1536 at 1-2 tokens, 0.6-1.2 M; from 8 tokens, or 768→3072 at 1 token, oneDNN wins 1.6x).
+// Zero tokens also go to ATen (oneDNN takes no empty GEMM).
+constexpr int64_t kOneDnnMinMacs = int64_t(1) << 21;
+
+bool cpu_onednn_gemms(const Plan& plan, const at::Tensor& x, int64_t f) {
+  return plan.path == GemmPath::kCpu && x.size(0) > 0 && x.size(0) * x.size(1) * f >= kOneDnnMinMacs;
+}
+
+at::Tensor cpu_mm(bool onednn, const at::Tensor& a, const at::Tensor& b) {
+  return onednn ? onednn_linear(a, b.t(), std::nullopt, std::nullopt, at::Tensor()) : at::mm(a, b);
+}
+
 std::vector<at::Tensor> ffn_forward_2d(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                                        const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                                        const std::optional<at::Tensor>& residual, Act act, const DropoutParams& dp,
@@ -154,7 +158,7 @@ std::vector<at::Tensor> ffn_forward_2d(const at::Tensor& x, const at::Tensor& w1
     }
   }
 #endif
-  if (use_onednn(plan, x, w1.size(0))) return forward_onednn(x, w1, b1, w2, b2, residual, act, dp, save);
+  if (cpu_onednn_gemms(plan, x, w1.size(0))) return forward_onednn(x, w1, b1, w2, b2, residual, act, dp, save);
   return forward_unfused(x, w1, b1, w2, b2, residual, act, dp, save);
 }
 
@@ -180,10 +184,8 @@ std::vector<at::Tensor> ffn_backward_2d(const at::Tensor& dy, const at::Tensor& 
   // CPU path, fp32: oneDNN GEMMs, operands transposed as strided views (X Wᵀ with X = dyᵀ etc.).  In
   // bf16/fp16 ATen's mm already runs oneDNN's matmul, which reads transposed operands through their
   // strides where the inner-product op copies a transposed X (measured ~10% slower for dW1).
-  const bool onednn = use_onednn(plan, x, w1.size(0)) && x.scalar_type() == at::kFloat;
-  auto mm = [&](const at::Tensor& a, const at::Tensor& b) {  // a · b
-    return onednn ? onednn_linear(a, b.t(), std::nullopt, std::nullopt, at::Tensor()) : at::mm(a, b);
-  };
+  const bool onednn = cpu_onednn_gemms(plan, x, w1.size(0)) && x.scalar_type() == at::kFloat;
+  auto mm = [&](const at::Tensor& a, const at::Tensor& b) { return cpu_mm(onednn, a, b); };
   if (!dpre.defined()) {
     dpre = mm(dy, w2);
     at::Tensor db1_f32 = has_b1 ? at::empty({w1.size(0)}, x.options().dtype(at::kFloat)) : at::Tensor();

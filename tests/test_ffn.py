@@ -661,3 +661,18 @@ def test_cuda_int64_indexing_and_dropout_offsets(monkeypatch):
     (dx_base,) = torch.autograd.grad(y_base, (xt,), dy[-tail:])
     assert_parity(dx[-tail:], dx_ref, dx_base, name="dx_tail")
     assert not dx[:-tail].any()
+
+
+@pytest.mark.parametrize("tokens,onednn", [(123, True), (7, False)])
+def test_cpu_gated_gemms_follow_the_ungated_choice(tokens, onednn):
+    """On CPU the gated FFN's GEMMs are oneDNN's inner products from 2^21 multiply-adds per GEMM (as the
+    ungated path's), forward and fp32 backward; below that ATen's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = _make_gated((tokens,), 96, 160, torch.float32, "cpu", residual=True)
+    x, w1, b1, w2, b2, r = inputs
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = ffn(x, w1, b1, w2, b2, activation="geglu", residual=r, backend="cpu")
+        y.sum().backward()
+    calls = sum(e.count for e in prof.key_averages() if e.key.startswith("mkldnn::_linear_pointwise"))
+    assert calls == (6 if onednn else 0), f"{calls} oneDNN linear calls"
