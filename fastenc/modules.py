@@ -33,6 +33,7 @@ from .ops.attention import attention_unchecked, attention_varlen_unchecked
 from .ops.encoder import encoder_stack_unchecked, packed_weights
 from .ops.ffn import ffn_unchecked
 from .ops.layer_norm import residual_layer_norm_unchecked
+from .ops.linear import linear_unchecked
 
 Tensor = torch.Tensor
 
@@ -178,7 +179,7 @@ class TransformerEncoderLayer(BackendSetting, nn.TransformerEncoderLayer):
         """
         d = x.shape[-1]
         H = self.self_attn.num_heads
-        qkv = F.linear(x, self.self_attn.in_proj_weight, self.self_attn.in_proj_bias)
+        qkv = linear_unchecked(x, self.self_attn.in_proj_weight, self.self_attn.in_proj_bias, self._backend("linear"))
         q, k, v = qkv.view(*x.shape[:-1], 3, H, d // H).unbind(-3)
         p = self._p(self.self_attn.dropout)
         if packed is not None:
@@ -187,7 +188,7 @@ class TransformerEncoderLayer(BackendSetting, nn.TransformerEncoderLayer):
         else:
             o = attention_unchecked(q, k, v, attn_mask, key_padding_mask, is_causal, None, p,
                                     self._backend("attention"))
-        return F.linear(o.reshape(x.shape), self.self_attn.out_proj.weight)
+        return linear_unchecked(o.reshape(x.shape), self.self_attn.out_proj.weight, None, self._backend("linear"))
 
     def _feed_forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.activation_name is None:

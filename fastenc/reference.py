@@ -279,6 +279,11 @@ def _ln_param(p: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 # --------------------------------------------------------------------------- feed-forward
 
 
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """nn.Linear: x Wᵀ + b (torch's GEMM)."""
+    return F.linear(x, weight, bias)
+
+
 def apply_activation(x: Tensor, name: str) -> Tensor:
     """relu, erf-GELU (torch's default ``gelu``) or tanh-GELU; the gated ones halve the last dim:
     geglu(a, g) = GELU_erf(a) · g, swiglu(a, g) = SiLU(a) · g with [a, g] = x.chunk(2, -1)."""

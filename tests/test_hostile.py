@@ -35,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEV = torch.device(DEVICE)
 FAST = [b for b in BACKENDS if b not in ("auto", "reference")]
 # A typical shape class per op (what each op's availability checks read).
-EXAMPLE = {"attention": (16, 16, False, False, False), "layer_norm": (32,), "ffn": ("gelu",), "padding": (), "encoder": (False,)}
+EXAMPLE = {"attention": (16, 16, False, False, False), "layer_norm": (32,), "ffn": ("gelu",), "linear": (), "padding": (),
+           "encoder": (False,)}
 
 
 def usable(op: str, backend: str, device: torch.device = DEV, dtype: torch.dtype = torch.float32) -> bool:
@@ -422,6 +423,58 @@ def test_ffn(case, backend):
     check(case, backend)
 
 
+# ----------------------------------------------------------------- linear (attention projections)
+
+def linear_case(name: str, expect=same, x=lambda: rand(5, 16), w=lambda: 0.2 * rand(24, 16), b=lambda: rand(24),
+                backward=True) -> Case:
+    def run(backend):
+        parts = {k: (f() if f is not None else None) for k, f in (("x", x), ("w", w), ("b", b))}
+        names = [k for k, t in parts.items() if isinstance(t, torch.Tensor)]
+
+        def call(*ts):
+            a = {**parts, **dict(zip(names, ts))}
+            return ops.linear(a["x"], a["w"], a["b"], backend=backend)
+        return fwd_bwd(call, *(parts[k] for k in names), backward=backward)
+    return Case(name, run, expect)
+
+
+LINEAR = [
+    linear_case("int64 x", raises(TypeError, "x must be a floating-point tensor"),
+                x=lambda: torch.ones(5, 16, dtype=torch.long, device=DEV)),
+    linear_case("complex weight", raises(TypeError, "weight must be a floating-point tensor"),
+                w=lambda: rand(24, 16, dtype=torch.complex64)),
+    linear_case("float64 everywhere", fast_unavailable("float64"), x=lambda: rand(5, 16, dtype=torch.float64),
+                w=lambda: rand(24, 16, dtype=torch.float64), b=None),
+    linear_case("bias of the wrong length", raises(ValueError, r"bias must have shape \(24,\)"), b=lambda: rand(16)),
+    linear_case("x of the wrong width", raises(ValueError, r"x must be \[..., k\] and weight \[n, k\]"),
+                x=lambda: rand(5, 15)),
+    linear_case("weight of another dtype", raises(TypeError, "weight .* must match x"),
+                w=lambda: rand(24, 16, dtype=torch.float16)),
+    linear_case("bias a float", raises(TypeError, "bias must be a tensor or None"), b=lambda: 3.0),
+    linear_case("x on meta", raises(TypeError, "must match x" if DEVICE == "cpu" else "but x is on meta"),
+                x=lambda: rand(5, 16, device="meta")),
+    linear_case("no tokens", x=lambda: rand(0, 16)),
+    linear_case("no input features", x=lambda: rand(5, 0), w=lambda: rand(24, 0)),
+    linear_case("no output features", w=lambda: rand(0, 16), b=lambda: rand(0)),
+    linear_case("3-D x", x=lambda: rand(2, 3, 16)),
+    linear_case("non-contiguous x and transposed weight", x=lambda: rand(16, 5).t(), w=lambda: 0.2 * rand(16, 24).t()),
+    linear_case("expanded x (stride 0)", x=lambda: rand(1, 16).expand(5, 16)),
+    linear_case("NaN in x", x=lambda: torch.tensor([float("nan")] * 16, device=DEV).expand(2, 16).clone(),
+                backward=False),
+    linear_case("above the oneDNN threshold", x=lambda: rand(130, 128), w=lambda: 0.1 * rand(160, 128),
+                b=lambda: rand(160)),
+    linear_case("no bias", b=None),
+    Case("meta tensors", lambda b: [ops.linear(rand(5, 16, device="meta"), rand(24, 16, device="meta"), None,
+                                               backend=b)],
+         fast_unavailable("meta")),
+]
+
+
+@pytest.mark.parametrize("case, backend", matrix(LINEAR, "linear"))
+def test_linear(case, backend):
+    check(case, backend)
+
+
 # ----------------------------------------------------------------- padding removal (trusted maps)
 
 def pad_case(name: str, mask, expect=same, x_dtype=torch.float32, width=4, backward=True) -> Case:
@@ -801,6 +854,7 @@ def _op_call(op: str) -> Callable[[Optional[str]], torch.Tensor]:
         "attention": lambda b: ops.attention(rand(1, 3, 2, 16), rand(1, 3, 2, 16), rand(1, 3, 2, 16), backend=b),
         "layer_norm": lambda b: ops.residual_layer_norm(rand(3, 32), rand(3, 32), None, None, backend=b),
         "ffn": lambda b: ops.ffn(rand(3, 16), rand(24, 16), None, rand(16, 24), None, backend=b),
+        "linear": lambda b: ops.linear(rand(3, 16), rand(24, 16), rand(24), backend=b),
         "padding": lambda b: ops.pad(rand(1, 4), ops.padding_info(torch.tensor([[False, True]], device=DEV)),
                                      backend=b),
         "encoder": lambda b: _stack_call(b),
@@ -819,7 +873,8 @@ def _stack_call(backend):
                                  nhead=2, activation=layer.activation_name, backend=backend)
 
 
-REFERENCE_OF = {"attention": "attention", "layer_norm": "residual_layer_norm", "ffn": "ffn", "padding": "pad",
+REFERENCE_OF = {"attention": "attention", "layer_norm": "residual_layer_norm", "ffn": "ffn", "linear": "linear",
+                "padding": "pad",
                 "encoder": "encoder_stack"}
 _FORCED = [(op, b) for op in registered_ops() for b in FAST]
 

@@ -47,6 +47,7 @@ from ..modules import BackendSetting, padding_plan
 from ..ops.attention import attention_unchecked, attention_varlen_unchecked
 from ..ops.ffn import ffn_unchecked
 from ..ops.layer_norm import residual_layer_norm_unchecked
+from ..ops.linear import linear_unchecked
 
 Tensor = torch.Tensor
 
@@ -135,14 +136,16 @@ class FastModernBertModel(BackendSetting, ModernBertModel):
         p = attn.attention_dropout if self.training else 0.0
         h = x if isinstance(layer.attn_norm, nn.Identity) else self._norm(layer.attn_norm, x)
         H, hd = self.config.num_attention_heads, attn.head_dim
-        q, k, v = F.linear(h, attn.Wqkv.weight, attn.Wqkv.bias).view(*h.shape[:-1], 3, H, hd).unbind(-3)
+        qkv = linear_unchecked(h, attn.Wqkv.weight, attn.Wqkv.bias, self._backend("linear"))
+        q, k, v = qkv.view(*h.shape[:-1], 3, H, hd).unbind(-3)
         backend = self._backend("attention")
         if info is not None:
             cu, mx = info.cu_seqlens, info.max_seqlen
             o = attention_varlen_unchecked(q, k, v, cu, cu, mx, mx, False, None, p, backend, window, (cos, sin))
         else:
             o = attention_unchecked(q, k, v, None, kpm, False, None, p, backend, window, (cos, sin))
-        o = F.linear(o.reshape(h.shape), attn.Wo.weight)  # its bias and dropout go into the fused LayerNorm
+        # The out projection's bias and dropout go into the fused LayerNorm.
+        o = linear_unchecked(o.reshape(h.shape), attn.Wo.weight, None, self._backend("linear"))
         norm = layer.mlp_norm
         h, x = residual_layer_norm_unchecked(x, o, norm.weight, norm.bias, attn.Wo.bias, norm.eps, p, True,
                                              self._backend("layer_norm"))

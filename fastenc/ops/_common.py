@@ -102,6 +102,6 @@ def autocast_dtype(device: torch.device):
     Fast kernels are not seen by autocast (they are not ATen ops, or they call ATen below autocast's
     casts), so a GEMM-like op casts its floating inputs itself, as ``F.linear`` would be cast.
     """
-    if not torch.is_autocast_enabled(device.type):
-        return None
+    if device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type):
+        return None  # (torch has no autocast state for meta tensors: asking raises)
     return torch.get_autocast_dtype(device.type)

@@ -280,7 +280,7 @@ def ffn_unchecked(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: O
     if b == "reference":
         return reference.ffn(x, w1, b1, w2, b2, activation=activation, dropout_p=dropout_p, residual=residual)
     low = autocast_dtype(x.device)
-    if low is not None and x.dtype != low:  # under autocast the GEMMs run in its dtype, as nn.Linear's would
+    if low is not None:  # under autocast the GEMMs run in its dtype, as nn.Linear's would
         x, w1, b1, w2, b2, residual = (t.to(low) if t is not None else None for t in (x, w1, b1, w2, b2, residual))
     seed = draw_seed(torch.device("cpu")) if dropout_p > 0.0 else _NO_SEED
     path = _gemm_path()
