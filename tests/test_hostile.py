@@ -366,18 +366,22 @@ def test_layer_norm(case, backend):
 
 # ----------------------------------------------------------------- FFN
 
+def op_case(name: str, op: Callable, parts: dict, expect, backward: bool) -> Case:
+    """A call op(arguments, backend) on fresh arguments (``parts``: name -> factory or None), differentiated
+    with respect to each tensor argument."""
+    def run(backend):
+        made = {k: (f() if f is not None else None) for k, f in parts.items()}
+        names = [k for k, t in made.items() if isinstance(t, torch.Tensor)]
+        return fwd_bwd(lambda *ts: op({**made, **dict(zip(names, ts))}, backend), *(made[k] for k in names),
+                       backward=backward)
+    return Case(name, run, expect)
+
+
 def ffn_case(name: str, expect=same, x=lambda: rand(5, 16), w1=lambda: 0.2 * rand(24, 16), b1=lambda: rand(24),
              w2=lambda: 0.2 * rand(16, 24), b2=lambda: rand(16), residual=None, backward=True, **kw) -> Case:
-    def run(backend):
-        parts = {k: (f() if f is not None else None) for k, f in
-                 (("x", x), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("residual", residual))}
-        names = [k for k, t in parts.items() if isinstance(t, torch.Tensor)]
-
-        def call(*ts):
-            a = {**parts, **dict(zip(names, ts))}
-            return ops.ffn(a["x"], a["w1"], a["b1"], a["w2"], a["b2"], residual=a["residual"], backend=backend, **kw)
-        return fwd_bwd(call, *(parts[k] for k in names), backward=backward)
-    return Case(name, run, expect)
+    def op(a, backend):
+        return ops.ffn(a["x"], a["w1"], a["b1"], a["w2"], a["b2"], residual=a["residual"], backend=backend, **kw)
+    return op_case(name, op, dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual), expect, backward)
 
 
 FFN = [
@@ -427,15 +431,8 @@ def test_ffn(case, backend):
 
 def linear_case(name: str, expect=same, x=lambda: rand(5, 16), w=lambda: 0.2 * rand(24, 16), b=lambda: rand(24),
                 backward=True) -> Case:
-    def run(backend):
-        parts = {k: (f() if f is not None else None) for k, f in (("x", x), ("w", w), ("b", b))}
-        names = [k for k, t in parts.items() if isinstance(t, torch.Tensor)]
-
-        def call(*ts):
-            a = {**parts, **dict(zip(names, ts))}
-            return ops.linear(a["x"], a["w"], a["b"], backend=backend)
-        return fwd_bwd(call, *(parts[k] for k in names), backward=backward)
-    return Case(name, run, expect)
+    return op_case(name, lambda a, backend: ops.linear(a["x"], a["w"], a["b"], backend=backend), dict(x=x, w=w, b=b),
+                   expect, backward)
 
 
 LINEAR = [
