@@ -184,6 +184,9 @@ def _dist_worker(rank, world, port, out_path):
                              for n, p in model.named_parameters()}
         if rank == 0:
             torch.save(results, out_path)
+        # Both ranks done before either tears gloo down: a rank that destroys the group while its peer's
+        # (or its own async) work is in flight can abort in gloo's worker threads (SIGABRT, seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
