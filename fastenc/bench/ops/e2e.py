@@ -242,6 +242,26 @@ def _compare(what: str, fast: torch.Tensor, ref: torch.Tensor, lowp: bool):
     return (None if msg is None else f"{what}: {msg}"), f"{what} max error {err:.1e}"
 
 
+def model_check(reference_fn, cotangent: torch.Tensor, mode: str, dtype: torch.dtype, probe: str):
+    """A workload's check of a model provider: its embeddings against ``reference_fn(inputs)`` = (embeddings,
+    probe gradient), computed once; in "train" also the gradient of ``impl.probe()`` for ``cotangent``."""
+    ref: Dict[str, torch.Tensor] = {}
+
+    def check(w: Workload, impl: Impl, inputs: tuple) -> Optional[str]:
+        if not ref:
+            ref["out"], ref["grad"] = reference_fn(inputs)
+        lowp = dtype != torch.float32
+        out = impl.forward(impl.prepare(inputs))
+        results = [_compare("embeddings", out, ref["out"], lowp)]
+        if mode == "train":
+            grad = torch.autograd.grad(out, [impl.probe()], cotangent.to(out.dtype))[0]
+            results.append(_compare(probe, grad, ref["grad"], lowp))
+        impl.note = "; ".join([impl.note] + [fig for _, fig in results if fig])
+        bad = [msg for msg, _ in results if msg]
+        return "; ".join(bad) if bad else None
+    return check
+
+
 def workload(mode, sweep, device, dtype, *, model, layers, batch, seqlen, min_len=None) -> Workload:
     """min_len: the shortest sequence (lengths spread over [min_len, seqlen]; default: no padding).
     The real model takes its tokenizer's lengths of ``batch`` texts, truncated at ``seqlen``."""
@@ -255,22 +275,9 @@ def workload(mode, sweep, device, dtype, *, model, layers, batch, seqlen, min_le
     else:
         ids, mask = _random_tokens(spec, _lengths(batch, seqlen, min_len or seqlen), device)
     lengths = mask.sum(1).long().tolist()
-    ref: Dict[str, torch.Tensor] = {}
     cotangent = torch.randn((batch, spec.d_model), generator=torch.Generator().manual_seed(2)).to(device)
-
-    def check(w: Workload, impl: Impl, inputs: tuple) -> Optional[str]:
-        if not ref:
-            ref["out"], ref["grad"] = _reference(spec, device, mode, inputs, cotangent)
-        lowp = dtype != torch.float32
-        out = impl.forward(impl.prepare(inputs))
-        results = [_compare("embeddings", out, ref["out"], lowp)]
-        if mode == "train":
-            grad = torch.autograd.grad(out, [impl.probe()], cotangent.to(out.dtype))[0]
-            results.append(_compare("position-embedding gradient", grad, ref["grad"], lowp))
-        impl.note = "; ".join([impl.note] + [fig for _, fig in results if fig])
-        bad = [msg for msg, _ in results if msg]
-        return "; ".join(bad) if bad else None
-
+    check = model_check(lambda inputs: _reference(spec, device, mode, inputs, cotangent), cotangent, mode, dtype,
+                        "position-embedding gradient")
     real = sum(lengths)
     return Workload(
         "e2e", mode, sweep,

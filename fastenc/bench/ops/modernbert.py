@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ from .. import registry as R
 from ..registry import Impl, Provider, Unavailable
 from ..workload import Workload, by_mode, randn
 from .attention import BWD_FACTOR as BWD_ATTENTION
-from .e2e import _compare, _lengths, _transformers, mean_pool
+from .e2e import _lengths, _transformers, mean_pool, model_check
 from .ffn import BWD_FACTOR as BWD_MATMUL
 
 LOCAL_ROPE_BASE = 10000.0  # HF's default rotary base of the local (sliding-window) layers
@@ -175,22 +175,9 @@ def e2e_workload(mode, sweep, device, dtype, *, model, layers, batch, seqlen, mi
     spec = _spec(model, layers)
     ids, mask = _tokens(spec, _lengths(batch, seqlen, min_len or seqlen), device)
     lengths = mask.sum(1).tolist()
-    ref: Dict[str, torch.Tensor] = {}
     cotangent = torch.randn((batch, spec.hidden), generator=torch.Generator().manual_seed(2)).to(device)
-
-    def check(w: Workload, impl: Impl, inputs: tuple) -> Optional[str]:
-        if not ref:
-            ref["out"], ref["grad"] = _reference(spec, device, mode, inputs, cotangent)
-        lowp = dtype != torch.float32
-        out = impl.forward(impl.prepare(inputs))
-        results = [_compare("embeddings", out, ref["out"], lowp)]
-        if mode == "train":
-            grad = torch.autograd.grad(out, [impl.probe()], cotangent.to(out.dtype))[0]
-            results.append(_compare("embedding-norm gradient", grad, ref["grad"], lowp))
-        impl.note = "; ".join([impl.note] + [fig for _, fig in results if fig])
-        bad = [msg for msg, _ in results if msg]
-        return "; ".join(bad) if bad else None
-
+    check = model_check(lambda inputs: _reference(spec, device, mode, inputs, cotangent), cotangent, mode, dtype,
+                        "embedding-norm gradient")
     return Workload(
         "modernbert", mode, sweep,
         dict(op="e2e", model=spec.name, batch=batch, seqlen=seqlen, heads=spec.heads,
