@@ -37,3 +37,17 @@ def state_dict_grads(model):
         for p in model.parameters():
             p.data = p.grad if p.grad is not None else torch.zeros_like(p)
     return model.state_dict()
+
+
+def build_hf(cls, config):
+    """An HF model with non-trivial biases and LayerNorm parameters (HF inits them to 0 / 1), on DEVICE."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(DEVICE)

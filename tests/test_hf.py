@@ -16,7 +16,7 @@ import torch
 
 import fastenc
 from fastenc.testing import assert_close, assert_parity
-from tests.conftest import DEVICE, ON_GPU, state_dict_grads
+from tests.conftest import DEVICE, ON_GPU, build_hf, state_dict_grads
 
 transformers = pytest.importorskip("transformers", reason="the HF adapter needs transformers (requirements/dev.txt)")
 tf = transformers
@@ -58,16 +58,6 @@ def make_config(family, hidden=384, *, layers=2, heads=12, dropout=0.0, act="gel
                intermediate_size=520, hidden_act=act, hidden_dropout_prob=dropout,
                attention_probs_dropout_prob=dropout, layer_norm_eps=eps, max_position_embeddings=40,
                type_vocab_size=2, pad_token_id=PAD.get(family, 0), num_labels=3, **extra)
-
-
-def build(cls, config):
-    """A model with non-trivial biases and LayerNorm parameters (HF inits them to 0 / 1)."""
-    model = cls(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.to(DEVICE)
 
 
 def inputs(family, seqlen=S):
@@ -118,7 +108,7 @@ CASES = [("bert", 384, torch.float32, "eval"), ("bert", 384, torch.float32, "tra
 def test_base_model_parity(family, hidden, dtype, mode):
     """Forward (hidden states, pooler) and every parameter gradient; train mode runs with dropout 0."""
     config = make_config(family, hidden)
-    ref, base, fast = triple(build(BASE[family], config), dtype)
+    ref, base, fast = triple(build_hf(BASE[family], config), dtype)
     assert type(fast).__name__ == BASE[family].__name__ and isinstance(fast, BASE[family])
     enc = fast.transformer if family == "distilbert" else fast.encoder
     assert isinstance(enc, fastenc.TransformerEncoder)
@@ -150,7 +140,7 @@ def test_base_model_parity(family, hidden, dtype, mode):
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
 def test_sequence_classification_parity(family):
     """Task model: logits and loss match; the base model inside is converted, the head untouched."""
-    model = build(TASK[family], make_config(family, 384))
+    model = build_hf(TASK[family], make_config(family, 384))
     ref, base, fast = triple(model, torch.float32)
     inner = getattr(fast, family)
     assert type(inner) is not BASE[family] and isinstance(inner, BASE[family])
@@ -199,7 +189,7 @@ def test_task_heads_parity(family, head, unpad):
     config = make_config(family, 64, heads=4)
     config.num_labels = 2 if head == "ForQuestionAnswering" else 3  # start and end logits
     config.qa_dropout = 0.0  # DistilBERT's QA head has a dropout of its own (train mode here)
-    ref, base, fast = triple(build(cls, config), torch.float32)
+    ref, base, fast = triple(build_hf(cls, config), torch.float32)
     (enc,) = [m for m in fast.modules() if isinstance(m, hf.HFEncoder)]
     enc.unpad = unpad
     kw = inputs(family)
@@ -241,7 +231,7 @@ def test_unsupported_families_warn_and_stay_unchanged():
 
 @pytest.mark.parametrize("act,eps", [("gelu_new", 1e-12), ("gelu_pytorch_tanh", 1e-5), ("relu", 1e-6)])
 def test_activation_and_eps_variants(act, eps):
-    ref, base, fast = triple(build(BertModel, make_config("bert", 384, act=act, eps=eps)), torch.float32)
+    ref, base, fast = triple(build_hf(BertModel, make_config("bert", 384, act=act, eps=eps)), torch.float32)
     layer = fast.encoder.layers[0]
     assert layer.activation_name == {"relu": "relu"}.get(act, "gelu_tanh")
     assert layer.norm1.eps == eps and layer.norm2.eps == eps
@@ -252,7 +242,7 @@ def test_activation_and_eps_variants(act, eps):
 
 
 def test_hidden_states_no_mask_and_length_one():
-    ref, base, fast = triple(build(BertModel, make_config("bert", 384)), torch.float32)
+    ref, base, fast = triple(build_hf(BertModel, make_config("bert", 384)), torch.float32)
     kw = inputs("bert")
     del kw["attention_mask"]
     r, b, f = (m(**kw, output_hidden_states=True) for m in (ref, base, fast))
@@ -268,7 +258,7 @@ def test_hidden_states_no_mask_and_length_one():
 
 def test_dropout_in_train_mode():
     """With dropout the outputs are random: finite, different from call to call, and eval is deterministic."""
-    model = build(BertForSequenceClassification, make_config("bert", 384, dropout=0.2))
+    model = build_hf(BertForSequenceClassification, make_config("bert", 384, dropout=0.2))
     original = copy.deepcopy(model)
     fast = fastenc.optimize(model)
     layer = fast.bert.encoder.layers[0]
@@ -301,7 +291,7 @@ def test_dropout_in_train_mode():
 
 
 def test_gradient_checkpointing_enable():
-    model = build(BertModel, make_config("bert", 384))
+    model = build_hf(BertModel, make_config("bert", 384))
     plain = fastenc.optimize(copy.deepcopy(model)).train()
     ckpt = fastenc.optimize(copy.deepcopy(model)).train()
     # transformers >= 5.x renames gradient_checkpointing_enable to activation_checkpointing_enable.
@@ -318,7 +308,7 @@ def test_gradient_checkpointing_enable():
 
 def test_state_dict_and_save_pretrained_round_trip(tmp_path):
     """Decision: state_dict()/save_pretrained write HF names (QKV split back), so vanilla transformers loads them."""
-    model = build(BertForSequenceClassification, make_config("bert", 384)).eval()
+    model = build_hf(BertForSequenceClassification, make_config("bert", 384)).eval()
     fast = fastenc.optimize(copy.deepcopy(model))
     kw = inputs("bert")
     expected = fast(**kw).logits
@@ -330,7 +320,7 @@ def test_state_dict_and_save_pretrained_round_trip(tmp_path):
     assert loaded.config.architectures == ["BertForSequenceClassification"]
     assert_close(loaded(**kw).logits, expected, atol=1e-5, name="reloaded logits")
     # HF-named state dicts load into the optimized model (and fastenc names too).
-    other = build(BertForSequenceClassification, make_config("bert", 384)).eval()
+    other = build_hf(BertForSequenceClassification, make_config("bert", 384)).eval()
     fast2 = fastenc.optimize(other)
     fast2.load_state_dict(model.state_dict(), strict=True)
     assert_close(fast2(**kw).logits, expected, atol=1e-5, name="loaded HF names")
@@ -348,24 +338,24 @@ def test_state_dict_and_save_pretrained_round_trip(tmp_path):
 
 
 def test_unsupported_models_warn_or_raise():
-    dec = build(BertModel, make_config("bert", 384, is_decoder=True))
+    dec = build_hf(BertModel, make_config("bert", 384, is_decoder=True))
     with pytest.warns(UserWarning, match="decoder"):
         fastenc.optimize(dec)
     assert type(dec) is BertModel and type(dec.encoder).__name__ == "BertEncoder"
     with pytest.raises(ValueError, match="decoder"):
         hf.optimize_hf(dec, strict=True)
-    rel = build(BertModel, make_config("bert", 384))
+    rel = build_hf(BertModel, make_config("bert", 384))
     rel.config.position_embedding_type = "relative_key"
     with pytest.raises(ValueError, match="relative_key"):
         hf.optimize_hf(rel, strict=True)
-    quick = build(BertModel, make_config("bert", 384, act="quick_gelu"))
+    quick = build_hf(BertModel, make_config("bert", 384, act="quick_gelu"))
     with pytest.warns(UserWarning, match="quick_gelu"):
         fastenc.optimize(quick)
     assert type(quick) is BertModel
 
 
 def test_call_time_errors():
-    fast = fastenc.optimize(build(BertModel, make_config("bert", 384)))
+    fast = fastenc.optimize(build_hf(BertModel, make_config("bert", 384)))
     kw = inputs("bert")
     with pytest.raises(ValueError, match="output_attentions"):
         fast(**kw, output_attentions=True)
@@ -382,7 +372,7 @@ def test_call_time_errors():
 def test_optimize_walks_containers():
     """A module holding an HF model and a torch encoder layer: both converted in one call."""
     holder = torch.nn.ModuleDict({
-        "text": build(BertModel, make_config("bert", 384)),
+        "text": build_hf(BertModel, make_config("bert", 384)),
         "extra": torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True),
     })
     fastenc.optimize(holder)
@@ -399,7 +389,7 @@ def _write_tiny_bert(path):
     words = ["the", "movie", "was", "great", "awful", "not", "very", "a", "film", "plot", "good", "bad", "is"]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + [f"w{i}" for i in range(VOCAB - 5 - len(words))]
     BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
-    build(BertModel, make_config("bert", 384)).cpu().save_pretrained(path)
+    build_hf(BertModel, make_config("bert", 384)).cpu().save_pretrained(path)
 
 
 def test_sentence_transformers_mean_pooled_normalized(tmp_path, monkeypatch):
@@ -438,7 +428,7 @@ def test_cross_encoder_parity(tmp_path, monkeypatch):
     BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(tmp_path)
     config = make_config("bert", 64, heads=4)
     config.num_labels = 1
-    build(BertForSequenceClassification, config).cpu().save_pretrained(tmp_path)
+    build_hf(BertForSequenceClassification, config).cpu().save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_ce, fast_ce = (CrossEncoder(str(tmp_path), device=DEVICE) for _ in range(2))
@@ -469,7 +459,7 @@ def test_gpu_bert_base_shape(dtype):
     """BERT-base sized layer on the GPU backends (auto), padded batch of 8 x 128."""
     config = make_config("bert", 768, layers=2)
     config.intermediate_size = 3072
-    ref, base, fast = triple(build(BertModel, config), dtype)
+    ref, base, fast = triple(build_hf(BertModel, config), dtype)
     ids = torch.randint(3, VOCAB, (8, 128), device=DEVICE)
     mask = (torch.arange(128, device=DEVICE) < torch.randint(1, 129, (8, 1), device=DEVICE)).long()
     keep = mask.bool()
@@ -504,7 +494,7 @@ def test_padding_free_equals_padded(backend):
     Train mode (dropout 0), so the backward is the fine-tuning one.
     """
     lengths, seqlen = [13, 1, 6, 9, 0], 13
-    fast = fastenc.optimize(build(BertModel, make_config("bert", 384)), backend=backend).train()
+    fast = fastenc.optimize(build_hf(BertModel, make_config("bert", 384)), backend=backend).train()
     assert isinstance(fast.encoder, fastenc.TransformerEncoder)
     kw = _ragged_bert_batch(lengths, seqlen)
     keep = kw["attention_mask"].bool()
@@ -550,7 +540,7 @@ def test_torch_compile_matches_eager():
     the padding, so the two paths are compared too.  Slow on CPU: inductor generates and builds
     C++ for the forward and the backward, about 70 s on the 2-core dev machine with a cold inductor
     cache (10 s warm); the model is kept at 1 layer, hidden 96, to bound it."""
-    fast = fastenc.optimize(build(BertModel, make_config("bert", 96, layers=1))).train()
+    fast = fastenc.optimize(build_hf(BertModel, make_config("bert", 96, layers=1))).train()
     kw = inputs("bert")
     keep = kw["attention_mask"].bool()
     weight = torch.randn(int(keep.sum()), 96, device=DEVICE)

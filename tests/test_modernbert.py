@@ -15,7 +15,7 @@ import torch
 
 import fastenc
 from fastenc.testing import assert_parity
-from tests.conftest import DEVICE, ON_GPU, state_dict_grads
+from tests.conftest import DEVICE, ON_GPU, build_hf, state_dict_grads
 
 transformers = pytest.importorskip("transformers", reason="the HF adapter needs transformers (requirements/dev.txt)")
 from transformers import (  # noqa: E402
@@ -37,18 +37,6 @@ def make_config(*, layers=3, dropout=0.0, act="gelu", bias=False, hidden=64, hea
                             mlp_dropout=dropout, embedding_dropout=dropout, attention_bias=bias, mlp_bias=bias,
                             norm_bias=bias, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
                             sep_token_id=2, num_labels=3, attn_implementation="sdpa", **extra)
-
-
-def build(cls, config):
-    """A model with non-trivial LayerNorm weights and biases (HF inits them to 1 / 0)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = cls(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.to(DEVICE)
 
 
 def inputs(left=False, seqlen=S):
@@ -103,7 +91,7 @@ def test_base_model_parity(backend, dtype, unpad, left):
     """Last hidden state on real tokens and every parameter gradient, against HF's sdpa model."""
     if ON_GPU and backend == "cpu":
         pytest.skip("the extension's CPU path runs on CPU tensors")
-    ref, base, fast = triple(build(ModernBertModel, make_config()), dtype, backend, unpad)
+    ref, base, fast = triple(build_hf(ModernBertModel, make_config()), dtype, backend, unpad)
     assert type(fast).__name__ == "ModernBertModel" and isinstance(fast, modernbert.FastModernBertModel)
     for m in (ref, base, fast):
         m.train()  # dropout 0: train mode only changes which paths run
@@ -112,7 +100,7 @@ def test_base_model_parity(backend, dtype, unpad, left):
 
 def test_biases_and_swiglu():
     """attention_bias / mlp_bias / norm_bias and a SiLU-gated FFN (swiglu)."""
-    ref, base, fast = triple(build(ModernBertModel, make_config(act="silu", bias=True)), torch.float32, unpad=True)
+    ref, base, fast = triple(build_hf(ModernBertModel, make_config(act="silu", bias=True)), torch.float32, unpad=True)
     assert fast.layers[1].attn.Wqkv.bias is not None and fast.final_norm.bias is not None
     _check_model(ref, base, fast, inputs(), torch.float32)
 
@@ -124,7 +112,7 @@ def test_masked_lm_and_classification_heads():
     for cls, lab in ((ModernBertForMaskedLM, labels), (ModernBertForSequenceClassification,
                                                        torch.tensor([0, 2, 1], device=DEVICE))):
         for pooling in (("cls", "mean") if cls is ModernBertForSequenceClassification else ("cls",)):
-            ref, base, fast = triple(build(cls, make_config(classifier_pooling=pooling)), torch.float32)
+            ref, base, fast = triple(build_hf(cls, make_config(classifier_pooling=pooling)), torch.float32)
             assert isinstance(fast.model, modernbert.FastModernBertModel) and type(fast) is cls
             outs = [m(**kw, labels=lab) for m in (ref, base, fast)]
             keep = kw["attention_mask"].bool() if cls is ModernBertForMaskedLM else slice(None)
@@ -140,7 +128,7 @@ def test_masked_lm_and_classification_heads():
 
 
 def test_state_dict_save_pretrained_and_to_hf(tmp_path):
-    model = build(ModernBertForSequenceClassification, make_config())
+    model = build_hf(ModernBertForSequenceClassification, make_config())
     keys = list(model.state_dict())
     fast = fastenc.optimize(copy.deepcopy(model))
     assert list(fast.state_dict()) == keys, "the HF names are kept"
@@ -157,7 +145,7 @@ def test_state_dict_save_pretrained_and_to_hf(tmp_path):
 
 
 def test_hidden_states_return_dict_and_inputs_embeds():
-    ref, base, fast = triple(build(ModernBertModel, make_config()), torch.float32, unpad=True)
+    ref, base, fast = triple(build_hf(ModernBertModel, make_config()), torch.float32, unpad=True)
     kw = inputs()
     r, b, f = (m(**kw, output_hidden_states=True) for m in (ref, base, fast))
     assert len(f.hidden_states) == len(r.hidden_states) == 4
@@ -176,7 +164,7 @@ def test_hidden_states_return_dict_and_inputs_embeds():
 
 
 def test_dropout_in_train_mode():
-    model = build(ModernBertModel, make_config(dropout=0.2))
+    model = build_hf(ModernBertModel, make_config(dropout=0.2))
     fast = fastenc.optimize(copy.deepcopy(model))
     kw = inputs()
     keep = kw["attention_mask"].bool()
@@ -201,7 +189,7 @@ def test_dropout_in_train_mode():
 
 
 def test_gradient_checkpointing():
-    model = build(ModernBertModel, make_config())
+    model = build_hf(ModernBertModel, make_config())
     plain = fastenc.optimize(copy.deepcopy(model)).train()
     ckpt = fastenc.optimize(copy.deepcopy(model)).train()
     (getattr(ckpt, "activation_checkpointing_enable", None) or ckpt.gradient_checkpointing_enable)()
@@ -216,11 +204,11 @@ def test_gradient_checkpointing():
 
 def test_unsupported_and_call_errors():
     with pytest.warns(UserWarning, match="hidden_activation 'relu'"):
-        model = fastenc.optimize(build(ModernBertModel, make_config(act="relu")))
+        model = fastenc.optimize(build_hf(ModernBertModel, make_config(act="relu")))
     assert type(model) is ModernBertModel
     with pytest.raises(ValueError, match="hidden_activation"):
-        modernbert.optimize_modernbert(build(ModernBertModel, make_config(act="relu")), strict=True)
-    fast = fastenc.optimize(build(ModernBertModel, make_config()))
+        modernbert.optimize_modernbert(build_hf(ModernBertModel, make_config(act="relu")), strict=True)
+    fast = fastenc.optimize(build_hf(ModernBertModel, make_config()))
     kw = inputs()
     with pytest.raises(ValueError, match="position_ids"):
         fast(**kw, position_ids=torch.arange(S, device=DEVICE)[None])
@@ -245,7 +233,7 @@ def test_sentence_transformers_on_modernbert(tmp_path, monkeypatch):
     vocab = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"] + words + [f"w{i}" for i in range(VOCAB - 5 - len(words))]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
-    build(ModernBertModel, make_config()).cpu().save_pretrained(tmp_path)
+    build_hf(ModernBertModel, make_config()).cpu().save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tr = Transformer(str(tmp_path), model_args={"attn_implementation": "sdpa"})
@@ -265,7 +253,7 @@ def test_gpu_modernbert_base_shape(dtype):
     """ModernBERT-base sized layers (hidden 768, 12 heads, window 128) on the GPU backends, 8 x 512 ragged."""
     config = make_config(hidden=768, heads=12, layers=3)
     config.intermediate_size, config.local_attention = 1152, 128
-    ref, base, fast = triple(build(ModernBertModel, config), dtype, unpad=None)
+    ref, base, fast = triple(build_hf(ModernBertModel, config), dtype, unpad=None)
     ids = torch.randint(3, VOCAB, (8, 512), device=DEVICE)
     mask = (torch.arange(512, device=DEVICE) < torch.randint(1, 513, (8, 1), device=DEVICE)).long()
     kw = dict(input_ids=ids, attention_mask=mask)
