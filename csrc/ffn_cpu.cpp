@@ -19,9 +19,6 @@ namespace {
 using cpu::kW;
 using cpu::load_f32;
 using cpu::store_f32;
-// Rows per task of the backward reduction: fixed (not per thread count) so db1 is
-// bitwise reproducible on any number of threads.
-constexpr int64_t kRowsPerChunk = 128;
 
 template <typename T, Act A>
 void act_impl(const at::Tensor& pre, const at::Tensor& h, const DropoutParams& dp) {
@@ -46,33 +43,18 @@ template <typename T, Act A>
 void dact_impl(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre, const at::Tensor& db1,
                const DropoutParams& dp) {
   const int64_t rows = g.size(0), f = g.size(1);
-  const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   const T* gp = g.const_data_ptr<T>();
   const T* sp = saved.const_data_ptr<T>();
   T* out = dpre.data_ptr<T>();
-  at::Tensor partial;
-  float* part = nullptr;
-  if (db1.defined()) {
-    partial = at::zeros({chunks, f}, g.options().dtype(at::kFloat));
-    part = partial.data_ptr<float>();
-  }
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<float> keep(dp.enabled ? f : 0);
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t r1 = std::min(rows, (k + 1) * kRowsPerChunk);
-      for (int64_t r = k * kRowsPerChunk; r < r1; ++r) {
-        if (dp.enabled) cpu::dropout_keep_scale(dp, static_cast<uint64_t>(r * f), f, keep.data());
-        for (int64_t c = 0; c < f; c += kW) {
-          const int64_t n = std::min<int64_t>(kW, f - c), off = r * f + c;
-          Vec d = load_f32(gp + off, n) * ActOp<A, Vec>::grad(load_f32(sp + off, n));
-          if (dp.enabled) d = d * Vec::loadu(keep.data() + c, n);
-          store_f32(d, out + off, n);
-          if (part) (Vec::loadu(part + k * f + c, n) + d).store(part + k * f + c, n);
-        }
-      }
+  cpu::rows_with_bias_grad(rows, f, f, dp, db1, [&](int64_t r, const float* keep, float* part) {
+    for (int64_t c = 0; c < f; c += kW) {
+      const int64_t n = std::min<int64_t>(kW, f - c), off = r * f + c;
+      Vec d = load_f32(gp + off, n) * ActOp<A, Vec>::grad(load_f32(sp + off, n));
+      if (keep) d = d * Vec::loadu(keep + c, n);
+      store_f32(d, out + off, n);
+      if (part) (Vec::loadu(part + c, n) + d).store(part + c, n);
     }
   });
-  if (db1.defined()) db1.copy_(partial.sum(0));
 }
 
 template <typename Fn>

@@ -19,9 +19,6 @@ namespace {
 using cpu::kW;
 using cpu::load_f32;
 using cpu::store_f32;
-// Rows per task of the backward reduction: fixed (not per thread count) so db1 is bitwise
-// reproducible on any number of threads.
-constexpr int64_t kRowsPerChunk = 128;
 
 template <typename T, Act A>
 void glu_impl(const at::Tensor& pre, const at::Tensor& h, const DropoutParams& dp) {
@@ -47,42 +44,26 @@ template <typename T, Act A>
 void dglu_impl(const at::Tensor& gh, const at::Tensor& pre, const at::Tensor& dpre, const at::Tensor& db1,
                const DropoutParams& dp) {
   const int64_t rows = gh.size(0), f = gh.size(1);
-  const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   const T* gp = gh.const_data_ptr<T>();
   const T* src = pre.const_data_ptr<T>();
   T* out = dpre.data_ptr<T>();
-  at::Tensor partial;
-  float* part = nullptr;
-  if (db1.defined()) {
-    partial = at::zeros({chunks, 2 * f}, gh.options().dtype(at::kFloat));
-    part = partial.data_ptr<float>();
-  }
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<float> keep(dp.enabled ? f : 0);
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t r1 = std::min(rows, (k + 1) * kRowsPerChunk);
-      for (int64_t r = k * kRowsPerChunk; r < r1; ++r) {
-        if (dp.enabled) cpu::dropout_keep_scale(dp, static_cast<uint64_t>(r * f), f, keep.data());
-        const T* a = src + r * 2 * f;
-        T* d = out + r * 2 * f;
-        for (int64_t c = 0; c < f; c += kW) {
-          const int64_t n = std::min<int64_t>(kW, f - c);
-          Vec dh = load_f32(gp + r * f + c, n);
-          if (dp.enabled) dh = dh * Vec::loadu(keep.data() + c, n);
-          const Vec av = load_f32(a + c, n), gv = load_f32(a + f + c, n);
-          const Vec da = dh * gv * ActOp<A, Vec>::grad(av), dg = dh * ActOp<A, Vec>::fwd(av);
-          store_f32(da, d + c, n);
-          store_f32(dg, d + f + c, n);
-          if (part) {
-            float* pk = part + k * 2 * f;
-            (Vec::loadu(pk + c, n) + da).store(pk + c, n);
-            (Vec::loadu(pk + f + c, n) + dg).store(pk + f + c, n);
-          }
-        }
+  cpu::rows_with_bias_grad(rows, f, 2 * f, dp, db1, [&](int64_t r, const float* keep, float* part) {
+    const T* a = src + r * 2 * f;
+    T* d = out + r * 2 * f;
+    for (int64_t c = 0; c < f; c += kW) {
+      const int64_t n = std::min<int64_t>(kW, f - c);
+      Vec dh = load_f32(gp + r * f + c, n);
+      if (keep) dh = dh * Vec::loadu(keep + c, n);
+      const Vec av = load_f32(a + c, n), gv = load_f32(a + f + c, n);
+      const Vec da = dh * gv * ActOp<A, Vec>::grad(av), dg = dh * ActOp<A, Vec>::fwd(av);
+      store_f32(da, d + c, n);
+      store_f32(dg, d + f + c, n);
+      if (part) {
+        (Vec::loadu(part + c, n) + da).store(part + c, n);
+        (Vec::loadu(part + f + c, n) + dg).store(part + f + c, n);
       }
     }
   });
-  if (db1.defined()) db1.copy_(partial.sum(0));
 }
 
 template <typename Fn>

@@ -1,14 +1,17 @@
 // Row I/O of the CPU kernels: fp32 / fp16 / bf16 elements loaded as, and stored from, fp32
 // at::vec lanes (width fixed at build time by CPU_CAPABILITY, see setup.py), and the dropout
 // keep·scale factors of a run of elements drawn with ffn_math.h's Philox scheme (element i uses
-// word i % 4 of philox(seed, i / 4)), 16 Philox calls at a time in AVX-512 builds.
+// word i % 4 of philox(seed, i / 4)), 16 Philox calls at a time in AVX-512 builds; and the backward
+// passes' row loop with its bias-gradient reduction.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -175,6 +178,34 @@ inline void dropout_keep_scale(const DropoutParams& dp, uint64_t i0, int64_t n, 
     out[j] = ((bits >> (i & 3)) & 1u) ? dp.scale : 0.f;
   }
 #endif
+}
+
+// The backward passes' row loop with the bias-gradient reduction: rows in fixed chunks of
+// kRowsPerChunk (not per thread count, so db1 is bitwise the same on any number of threads), each
+// row r given to fn(r, keep, part) with keep its `cols` dropout factors (null without dropout) and
+// part its chunk's fp32 partial sums [width] (null when db1 is undefined); db1 = Σ_chunks part.
+constexpr int64_t kRowsPerChunk = 128;
+
+template <typename Fn>
+void rows_with_bias_grad(int64_t rows, int64_t cols, int64_t width, const DropoutParams& dp, const at::Tensor& db1,
+                         Fn&& fn) {
+  const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  at::Tensor partial;
+  float* part = nullptr;
+  if (db1.defined()) {
+    partial = at::zeros({chunks, width}, db1.options().dtype(at::kFloat));
+    part = partial.data_ptr<float>();
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<float> keep(dp.enabled ? cols : 0);
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t r = k * kRowsPerChunk; r < std::min(rows, (k + 1) * kRowsPerChunk); ++r) {
+        if (dp.enabled) dropout_keep_scale(dp, static_cast<uint64_t>(r * cols), cols, keep.data());
+        fn(r, dp.enabled ? keep.data() : nullptr, part ? part + k * width : nullptr);
+      }
+    }
+  });
+  if (db1.defined()) db1.copy_(partial.sum(0));
 }
 
 }  // namespace fastenc::cpu

@@ -91,3 +91,24 @@ def by_mode(fwd: float, mode: str, bwd_factor: float) -> float:
     if mode in ("fwd+bwd", "train"):
         return (1 + bwd_factor) * fwd
     raise ValueError(f"unknown mode {mode!r}")
+
+
+class ModelCache:
+    """Objects a suite builds once per run and shares between its workloads (models, compiled models,
+    sessions), keyed by tuples whose first item names the kind ("compile" entries reset dynamo)."""
+
+    def __init__(self) -> None:
+        self._items: Dict[tuple, object] = {}
+
+    def get(self, key: tuple, build: Callable[[], object]) -> object:
+        if key not in self._items:
+            with torch.inference_mode(False):  # built on first use, maybe in a check under inference mode
+                self._items[key] = build()
+        return self._items[key]
+
+    def clear(self, close: Callable[[object], None] = lambda obj: None) -> None:
+        for obj in self._items.values():
+            close(obj)
+        if any(k[0] == "compile" for k in self._items):
+            torch._dynamo.reset()
+        self._items.clear()

@@ -47,7 +47,7 @@ from ...testing import parity_error
 from .. import output
 from .. import registry as R
 from ..registry import Impl, Provider, Unavailable
-from ..workload import Workload, dtype_name
+from ..workload import ModelCache, Workload, dtype_name
 from . import encoder_stack
 
 RTOL = 1e-4  # fp32 through different kernels: max |error| <= RTOL x max |reference| (+ fp32 atol)
@@ -75,23 +75,12 @@ MODELS = {s.name: s for s in (
 
 # Objects built once per run and shared by the workloads of a model: its HF model, the fastenc
 # copy, torch's encoder, the ONNX session (dropped by reset()).
-_CACHE: Dict[tuple, object] = {}
-
-
-def _cached(key: tuple, build):
-    if key not in _CACHE:
-        with torch.inference_mode(False):  # built on first use, maybe in a check under inference mode
-            _CACHE[key] = build()
-    return _CACHE[key]
+_CACHE = ModelCache()
+_cached = _CACHE.get
 
 
 def reset() -> None:
-    for v in _CACHE.values():
-        if isinstance(v, _OnnxModel):
-            shutil.rmtree(v.tmpdir, ignore_errors=True)
-    if any(k[0] == "compile" for k in _CACHE):
-        torch._dynamo.reset()
-    _CACHE.clear()
+    _CACHE.clear(lambda v: shutil.rmtree(v.tmpdir, ignore_errors=True) if isinstance(v, _OnnxModel) else None)
 
 
 def _spec(name: str, layers: int) -> Spec:

@@ -44,7 +44,7 @@ from ... import backends, ops, reference
 from ...ops.attention import attention_varlen_unchecked
 from .. import registry as R
 from ..registry import Impl, Provider, Unavailable
-from ..workload import Workload, by_mode, randn
+from ..workload import ModelCache, Workload, by_mode, randn
 from .attention import BWD_FACTOR as BWD_ATTENTION
 from .e2e import _lengths, _transformers, mean_pool, model_check
 from .ffn import BWD_FACTOR as BWD_MATMUL
@@ -72,20 +72,9 @@ MODELS = {s.name: s for s in (
     Spec("tiny-ModernBERT", 64, 2, 3, 96, local_attention=8, vocab=1000, max_positions=64),
 )}
 
-_CACHE: Dict[tuple, object] = {}  # models built once per run (dropped by reset())
-
-
-def _cached(key: tuple, build):
-    if key not in _CACHE:
-        with torch.inference_mode(False):  # built on first use, maybe in a check under inference mode
-            _CACHE[key] = build()
-    return _CACHE[key]
-
-
-def reset() -> None:
-    if any(k[0] == "compile" for k in _CACHE):
-        torch._dynamo.reset()
-    _CACHE.clear()
+_CACHE = ModelCache()  # models built once per run (dropped by reset())
+_cached = _CACHE.get
+reset = _CACHE.clear
 
 
 def _spec(name: str, layers: int) -> Spec:
