@@ -19,4 +19,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fastenc::bind_layer_norm(m);
   fastenc::bind_encoder(m);
   fastenc::bind_linear(m);
+  fastenc::bind_int8_linear(m);
 }

@@ -12,6 +12,8 @@ import sys
 
 import torch.nn as nn
 
+from typing import Optional
+
 from .backends import BackendSpec, check_spec
 from .modules import (
     TransformerEncoder,
@@ -21,6 +23,7 @@ from .modules import (
     layer_from_torch,
     layer_to_torch,
 )
+from .stack import QUANTIZE, StackOwner
 
 
 def _convert_one(module: nn.Module, backend: BackendSpec):
@@ -31,13 +34,45 @@ def _convert_one(module: nn.Module, backend: BackendSpec):
     return None
 
 
-def optimize(model: nn.Module, *, backend: BackendSpec = None) -> nn.Module:
+def optimize(model: nn.Module, *, backend: BackendSpec = None, quantize: Optional[str] = None) -> nn.Module:
     """Replace torch encoder modules inside ``model`` (in place) and return the model.
 
     backend: None (follow ``use_backend``/``FASTENC_BACKEND``), a name, or a per-op dict,
-    stored on every converted layer.
+    stored on every converted layer.  quantize: None, or ``"int8"`` (:func:`quantize`).
     """
     check_spec(backend)
+    _check_quantize(quantize)
+    model = _optimize(model, backend)
+    return _set_quantize(model, quantize) if quantize is not None else model
+
+
+def _check_quantize(mode: Optional[str]) -> None:
+    if mode not in QUANTIZE:
+        raise ValueError(f"fastenc: quantize must be one of {QUANTIZE}, got {mode!r}")
+
+
+def quantize(model: nn.Module, mode: Optional[str] = "int8") -> nn.Module:
+    """Run every fastenc encoder stack inside ``model`` in int8 in inference (``mode="int8"``), or in its float
+    dtype again (``mode=None``); in place, returns ``model``.
+
+    int8: weights per output channel, quantized once per weight generation (derived data, rebuilt after an
+    optimizer step); activations per token at run time; attention and LayerNorm in the model's dtype.
+    Training, and calls that need gradients, run the float weights.  Call after :func:`optimize`.
+    """
+    _check_quantize(mode)
+    return _set_quantize(model, mode)
+
+
+def _set_quantize(model: nn.Module, mode: Optional[str]) -> nn.Module:
+    owners = [m for m in model.modules() if isinstance(m, StackOwner)]
+    if not owners:
+        raise ValueError("fastenc.quantize: the model holds no fastenc encoder stack (call fastenc.optimize first)")
+    for m in owners:
+        m.quantize = mode
+    return model
+
+
+def _optimize(model: nn.Module, backend: BackendSpec) -> nn.Module:
     from .models import hf_hook  # Hugging Face BERT-family models (and modules holding them) go to their adapter
 
     model = hf_hook(model, backend)
@@ -49,7 +84,7 @@ def optimize(model: nn.Module, *, backend: BackendSpec = None) -> nn.Module:
         if new is not None:
             setattr(model, name, new)
         else:
-            optimize(child, backend=backend)
+            _optimize(child, backend)
     return model
 
 

@@ -326,105 +326,39 @@ def ffn(
     return y.to(out_dtype)
 
 
-# --------------------------------------------------------------------------- whole layer
+# --------------------------------------------------------------------------- int8 linear (inference)
+
+INT8_MAX = 127
 
 
-def encoder_layer(
-    src: Tensor,
-    params: dict,
-    *,
-    nhead: int,
-    norm_first: bool = False,
-    activation: str = "relu",
-    eps: float = 1e-5,
-    batch_first: bool = False,
-    src_mask: Optional[Tensor] = None,
-    key_padding_mask: Optional[Tensor] = None,
-    is_causal: bool = False,
-    upcast: bool = False,
-) -> Tensor:
-    """One nn.TransformerEncoderLayer forward (no dropout) from the op references.
+def quantize_int8(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Symmetric int8 per row of x [..., K] (a weight's output channel, or a token): fp32 math
 
-    params: the layer's state_dict (torch names; biases may be absent).
-    src_mask: [L, S] or [B*nhead, L, S], bool or float, as torch takes it.
-    """
-    g = lambda name: params.get(name)  # noqa: E731
-    x = src if batch_first else src.transpose(0, 1)
-    out_dtype = torch.float32 if upcast else x.dtype
-    if upcast:
-        x = x.float()
-    B, L, d = x.shape
-    hd = d // nhead
-    mask = src_mask
-    if mask is not None and mask.dim() == 3:
-        mask = mask.view(B, nhead, L, L)
+        inv = 127 / max|x_row|  (0 for an all-zero row),   q = round_half_even(x · inv) in [-127, 127],
+        scale = max|x_row| / 127,   x ≈ q · scale.
 
-    def self_attn(h):
-        qkv = F.linear(h, _up(g("self_attn.in_proj_weight"), upcast), _up(g("self_attn.in_proj_bias"), upcast))
-        q, k, v = qkv.view(B, L, 3, nhead, hd).unbind(2)
-        o = attention(q, k, v, attn_mask=mask, key_padding_mask=key_padding_mask, is_causal=is_causal, upcast=upcast)
-        return o.reshape(B, L, d)
-
-    w_out, b_out = _up(g("self_attn.out_proj.weight"), upcast), _up(g("self_attn.out_proj.bias"), upcast)
-    n1w, n1b = _up(g("norm1.weight"), upcast), _up(g("norm1.bias"), upcast)
-    n2w, n2b = _up(g("norm2.weight"), upcast), _up(g("norm2.bias"), upcast)
-    ff = dict(w1=_up(g("linear1.weight"), upcast), b1=_up(g("linear1.bias"), upcast),
-              w2=_up(g("linear2.weight"), upcast), b2=_up(g("linear2.bias"), upcast))
-    if norm_first:
-        h = residual_layer_norm(x, None, n1w, n1b, eps=eps)
-        h, x = residual_layer_norm(x, F.linear(self_attn(h), w_out), n2w, n2b, branch_bias=b_out, eps=eps, prenorm=True)
-        x = x + ffn(h, **ff, activation=activation)
-    else:
-        x = residual_layer_norm(x, F.linear(self_attn(x), w_out), n1w, n1b, branch_bias=b_out, eps=eps)
-        x = residual_layer_norm(x, ffn(x, **ff, activation=activation), n2w, n2b, eps=eps)
-    x = x.to(out_dtype)
-    return x if batch_first else x.transpose(0, 1)
+    Returns (q int8 [..., K], scale fp32 [...])."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, INT8_MAX / amax, torch.zeros_like(amax))
+    q = torch.round(x * inv[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, amax / INT8_MAX
 
 
-def _up(t: Optional[Tensor], upcast: bool) -> Optional[Tensor]:
-    return t.float() if (upcast and t is not None) else t
+def linear_int8(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None, *,
+                act_in: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
+    """y = (q_x q_wᵀ) · s_x s_wᵀ + bias (+ residual), in x's dtype: an int8 GEMM with int32 accumulation.
 
-
-def encoder_stack(
-    x: Tensor,
-    cu_seqlens: Tensor,
-    layers: list,
-    *,
-    nhead: int,
-    norm_first: bool = False,
-    activation: str = "relu",
-    eps: float = 1e-5,
-    final_norm: Optional[tuple] = None,
-    is_causal: bool = False,
-    upcast: bool = False,
-) -> Tensor:
-    """A stack of nn.TransformerEncoderLayer forwards (no dropout) on packed tokens x [T, d].
-
-    Sequence b is rows cu_seqlens[b]:cu_seqlens[b+1].  layers: per layer the tuple
-    (in_proj_weight, in_proj_bias, out_proj.weight, out_proj.bias, linear1.weight, linear1.bias,
-    linear2.weight, linear2.bias, norm1.weight, norm1.bias, norm2.weight, norm2.bias), biases optional.
-    final_norm: (weight, bias, eps) of the encoder's final LayerNorm, or None.
-    """
-    out_dtype = torch.float32 if upcast else x.dtype
-    x = x.float() if upcast else x
-    T, d = x.shape
-    hd = d // nhead
-    for weights in layers:
-        w_in, b_in, w_out, b_out, w1, b1, w2, b2, n1w, n1b, n2w, n2b = (_up(t, upcast) for t in weights)
-
-        def self_attn(h):  # called in this iteration only (hence the noqa: B023 below)
-            q, k, v = F.linear(h, w_in, b_in).view(T, 3, nhead, hd).unbind(1)  # noqa: B023
-            o = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, is_causal=is_causal)
-            return F.linear(o.reshape(T, d), w_out)  # noqa: B023
-
-        if norm_first:
-            h = residual_layer_norm(x, None, n1w, n1b, eps=eps)
-            h, x = residual_layer_norm(x, self_attn(h), n2w, n2b, branch_bias=b_out, eps=eps, prenorm=True)
-            x = x + ffn(h, w1, b1, w2, b2, activation=activation)
-        else:
-            x = residual_layer_norm(x, self_attn(x), n1w, n1b, branch_bias=b_out, eps=eps)
-            x = residual_layer_norm(x, ffn(x, w1, b1, w2, b2, activation=activation), n2w, n2b, eps=eps)
-    if final_norm is not None:
-        w, b, norm_eps = final_norm
-        x = residual_layer_norm(x, None, _up(w, upcast), _up(b, upcast), eps=norm_eps)
-    return x.to(out_dtype)
+    The activations are quantized per token at run time (``quantize_int8`` of ``act_in(x)``: the previous
+    GEMM's activation, gated ones halving the width, applied in fp32 first); weight_q int8 [N, K] and
+    weight_scale fp32 [N] come from ``quantize_int8`` of the weight (per output channel).  The integer
+    products are summed exactly (in float64, |sum| < 2^53), converted to fp32 and scaled."""
+    a = x.float() if act_in is None else apply_activation(x.float(), act_in)
+    q, s = quantize_int8(a)
+    acc = torch.matmul(q.double(), weight_q.double().t()).float()
+    y = acc * (s[..., None] * weight_scale.float())
+    if bias is not None:
+        y = y + bias.float()
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)

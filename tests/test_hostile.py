@@ -861,18 +861,16 @@ def _op_call(op: str) -> Callable[[Optional[str]], torch.Tensor]:
 
 def _stack_call(backend):
     """A two-layer stack on 5 packed tokens in inference (the encoder op records no autograd graph)."""
-    layer = _layer(None).eval()
-    weights = [(layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias, layer.self_attn.out_proj.weight,
-                layer.self_attn.out_proj.bias, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight,
-                layer.linear2.bias, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias)] * 2
+    spec, weights = _layer(None).eval().stack_layer()[:2]
     with torch.inference_mode():
-        return ops.encoder_stack(rand(5, 32), torch.tensor([0, 2, 5], dtype=torch.int32, device=DEV), 3, weights,
-                                 nhead=2, activation=layer.activation_name, backend=backend)
+        return fastenc.encoder_stack(rand(5, 32), torch.tensor([0, 2, 5], dtype=torch.int32, device=DEV), 3,
+                                     [(spec, weights)] * 2, backend=backend)
 
 
-REFERENCE_OF = {"attention": "attention", "layer_norm": "residual_layer_norm", "ffn": "ffn", "linear": "linear",
-                "padding": "pad",
-                "encoder": "encoder_stack"}
+# Where each op's reference lives: the encoder's is the per-op composition of the layer.
+REFERENCE_OF = {"attention": (reference, "attention"), "layer_norm": (reference, "residual_layer_norm"),
+                "ffn": (reference, "ffn"), "linear": (reference, "linear"), "padding": (reference, "pad"),
+                "encoder": (fastenc.stack, "layer_forward")}
 _FORCED = [(op, b) for op in registered_ops() for b in FAST]
 
 
@@ -905,8 +903,9 @@ def test_forced_backend_runs_or_raises(op, backend, monkeypatch):
     """Named for one op (the argument, use_backend, FASTENC_BACKEND, a module's dict), a backend runs or raises
     BackendUnavailableError: the op's reference never stands in for it."""
     calls = []
-    original = getattr(reference, REFERENCE_OF[op])
-    monkeypatch.setattr(reference, REFERENCE_OF[op], lambda *a, **k: calls.append(1) or original(*a, **k))
+    where, name = REFERENCE_OF[op]
+    original = getattr(where, name)
+    monkeypatch.setattr(where, name, lambda *a, **k: calls.append(1) or original(*a, **k))
     runs = usable(op, backend)
     settings = [contextlib.nullcontext(backend), _use(**{op: backend}), _env(f"{op}={backend}")]
     for setting in settings:

@@ -136,7 +136,7 @@ def test_auto_threshold_and_forcing():
     x = torch.randn(2, 20, D, device=DEVICE)
     little = torch.zeros(2, 20, dtype=torch.bool, device=DEVICE)
     little[0, -1] = True  # 2.5% padding: below the threshold, auto keeps the padded layout
-    assert fastenc.modules.UNPAD_MIN_PADDING > 0.025
+    assert fastenc.stack.UNPAD_MIN_PADDING > 0.025
     assert layer(x, src_key_padding_mask=little)[0, -1].abs().sum() > 0
     assert layer(x, src_key_padding_mask=little, unpad=True)[0, -1].abs().sum() == 0
     much = ragged_mask([5, 20], 20)

@@ -90,20 +90,6 @@ def test_ffn(act, torch_act):
         reference.apply_activation(x, "swish")
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
-@pytest.mark.parametrize("batch_first", [False, True])
-def test_encoder_layer_matches_torch(norm_first, batch_first):
-    layer = nn.TransformerEncoderLayer(16, 4, 24, 0.0, "gelu", batch_first=batch_first, norm_first=norm_first).eval()
-    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
-    kpm = torch.tensor([[False] * 5, [False, False, False, True, True]])
-    params = dict(layer.state_dict())
-    ours = reference.encoder_layer(x, params, nhead=4, norm_first=norm_first, activation="gelu",
-                                   batch_first=batch_first, key_padding_mask=kpm)
-    with torch.no_grad():
-        expected = layer(x, src_key_padding_mask=kpm)
-    assert_close(ours, expected, atol=2e-5, rtol=1e-4, name="encoder_layer")
-
-
 def test_window_matches_sdpa_with_a_band_mask():
     B, L, S, H, D = 2, 9, 12, 2, 8
     q, k, v = torch.randn(B, L, H, D), torch.randn(B, S, H, D), torch.randn(B, S, H, D)

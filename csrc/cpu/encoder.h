@@ -1,44 +1,61 @@
 // A whole stack of encoder layers in inference, on CPU, in one C++ call: the host cost of a
 // layer is a few ATen calls, not a Python frame per op (as CTranslate2 and FasterTransformer run
 // whole models).  Kernels: oneDNN GEMMs with fused epilogues (cpu/linear.h), the CPU flash attention
-// (cpu/attention.h), the fused residual + LayerNorm (cpu/layer_norm.h).
+// (cpu/attention.h), the fused residual + LayerNorm (cpu/layer_norm.h), the gated FFN's GLU pass.
+//
+// The layer is fastenc.layer's LayerSpec + LayerWeights (the Python types every front end fills),
+// converted once into an EncoderLayer that the Python weight cache keeps until a weight changes.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <memory>
+#include <optional>
 #include <vector>
 
+#include "cpu/int8_linear.h"
 #include "ffn.h"
 
 namespace fastenc::cpu {
 
-// One nn.TransformerEncoderLayer's tensors (torch's names); an undefined bias is absent.
-struct EncoderLayerWeights {
-  at::Tensor in_proj_weight, in_proj_bias;    // [3d, d], [3d]
-  at::Tensor out_proj_weight, out_proj_bias;  // [d, d], [d]
-  at::Tensor linear1_weight, linear1_bias;    // [f, d], [f]
-  at::Tensor linear2_weight, linear2_bias;    // [d, f], [d]
-  at::Tensor norm1_weight, norm1_bias, norm2_weight, norm2_bias;  // [d]
-  // The four GEMM weights prepacked in oneDNN's blocked layout (cpu_pack_linear_weight), when defined:
-  // used by the oneDNN GEMMs (faster for few rows), the plain ones by the small-problem ATen fallback.
-  at::Tensor in_proj_packed, out_proj_packed, linear1_packed, linear2_packed;
+// One GEMM of the stack: y = x Wᵀ (+ bias), W in nn.Linear layout [n, k].
+struct EncoderLinear {
+  at::Tensor weight;  // [n, k]: the source tensor (ATen's GEMM for problems below the oneDNN threshold)
+  at::Tensor packed;  // the same weight in oneDNN's blocked layout, when defined (oneDNN GEMMs)
+  at::Tensor bias;    // [n], or undefined
+  std::shared_ptr<Int8Weight> int8;  // when set, the GEMM runs in int8 (cpu/int8_linear.h) with bias_f32
+  at::Tensor bias_f32;
 };
 
-struct EncoderConfig {
-  int64_t nhead = 1;
+// One layer (fastenc.layer.LayerSpec's fields, LayerWeights' tensors); an undefined norm tensor is absent.
+struct EncoderLayer {
+  int64_t d_model = 0, nhead = 1;
   bool norm_first = false;
-  Act act = Act::kGelu;
-  double eps = 1e-5;
-  bool causal = false;
-  at::Tensor final_weight, final_bias;  // the encoder's final LayerNorm, when defined
-  double final_eps = 1e-5;
+  bool attn_norm = true;  // pre-norm: false runs attention on x itself
+  Act act = Act::kGelu;   // kGeGLU / kSwiGLU: ffn1 holds [a, g] halves
+  double eps1 = 1e-5, eps2 = 1e-5;
+  int64_t window_left = -1, window_right = -1;  // -1: unbounded side
+  bool rotary = false;                          // tables passed per call (they depend on the length)
+  EncoderLinear qkv, out, ffn1, ffn2;
+  at::Tensor norm1_weight, norm1_bias, norm2_weight, norm2_bias;
+
+  bool gated() const { return act == Act::kGeGLU || act == Act::kSwiGLU; }
 };
 
-// x [T, d] packed tokens (sequence b = rows cu[b]:cu[b+1], int32 cu_seqlens [B+1], values
-// checked by the caller), every tensor on the CPU in x's dtype (fp32 / bf16 / fp16) except
-// LayerNorm parameters, which may be fp32.  Returns the last layer's output [T, d]; x is not
-// modified.  Rows of x outside every sequence give unspecified rows of the output.
+struct EncoderCall {
+  bool causal = false;
+  at::Tensor final_weight, final_bias;  // the encoder's final LayerNorm, when either is defined
+  double final_eps = 1e-5;
+  bool final_norm = false;
+  // Per layer: fp32 cos/sin tables [P, D/2] (P >= the longest sequence) for a rotary layer, else undefined.
+  std::vector<at::Tensor> rotary_cos, rotary_sin;
+};
+
+// x [T, d] packed tokens (sequence b = rows cu[b]:cu[b+1], int32 cu_seqlens [B+1], values checked by
+// the caller), every tensor on the CPU in x's dtype except LayerNorm parameters, which may be fp32.
+// Returns the last layer's output (after the final norm) [T, d]; x is not modified.  Rows of x outside
+// every sequence give unspecified rows of the output.
 at::Tensor encoder_forward(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t max_seqlen,
-                           const std::vector<EncoderLayerWeights>& layers, const EncoderConfig& cfg);
+                           const std::vector<std::shared_ptr<EncoderLayer>>& layers, const EncoderCall& call);
 
 }  // namespace fastenc::cpu

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backends import BackendSpec
-from ..modules import BackendSetting
+from ..backend_setting import BackendSetting
 from ..ops.layer_norm import residual_layer_norm_unchecked
 
 Tensor = torch.Tensor

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backends import BackendSpec
-from ..modules import BackendSetting, TransformerEncoder, TransformerEncoderLayer
+from ..backend_setting import BackendSetting
+from ..modules import TransformerEncoder, TransformerEncoderLayer
 from ..ops._common import check_dropout
 from .embeddings import Embeddings
 

@@ -54,7 +54,8 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaModel
 
 from .._util import convertible
 from ..backends import BackendSpec, check_spec
-from ..modules import TransformerEncoder, TransformerEncoderLayer, activation_name
+from ..activations import activation_name
+from ..modules import TransformerEncoder, TransformerEncoderLayer
 
 Tensor = torch.Tensor
 
@@ -161,16 +162,13 @@ class HFEncoder(TransformerEncoder):
 
     def encode(self, x: Tensor, key_padding_mask: Optional[Tensor], output_hidden_states: bool = False):
         """(last hidden state, all hidden states or None) for x [B, L, d], padding mask [B, L] (True = pad)."""
-        ckpt = self.gradient_checkpointing and self.training
-        if not (ckpt or output_hidden_states):
-            return self(x, src_key_padding_mask=key_padding_mask), None
-        run = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(checkpoint, use_reentrant=False)
-        states = [x]
-        for layer in self.layers:  # each layer removes and restores padding itself (the encoder's unpad setting)
-            step = functools.partial(layer, unpad=getattr(self, "unpad", None))
-            x = run(step, x, None, key_padding_mask) if ckpt else step(x, src_key_padding_mask=key_padding_mask)
-            states.append(x)
-        return x, (tuple(states) if output_hidden_states else None)
+        ckpt = None
+        if self.gradient_checkpointing and self.training:
+            ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(checkpoint,
+                                                                                            use_reentrant=False)
+        x, _, kpm, _, _ = self.layers[0]._batch_first(x, None, key_padding_mask, False)
+        out = self.run(x, None, kpm, False, hidden_states=output_hidden_states, checkpoint=ckpt)
+        return out.last, out.hidden_states
 
 
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")

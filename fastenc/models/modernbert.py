@@ -31,7 +31,7 @@ hidden activations other than gelu/silu, rope types whose tables depend on the l
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -40,14 +40,13 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.modernbert.modeling_modernbert import ModernBertModel
 
-from .. import ops, reference
+from .. import ops, stack
 from .._util import convertible
+from ..backend_setting import BackendSetting
 from ..backends import BackendSpec, check_spec
-from ..modules import BackendSetting, padding_plan
-from ..ops.attention import attention_unchecked, attention_varlen_unchecked
-from ..ops.ffn import ffn_unchecked
+from ..layer import LayerSpec, LayerWeights, NormWeights
 from ..ops.layer_norm import residual_layer_norm_unchecked
-from ..ops.linear import linear_unchecked
+from ..weight_cache import cache_of
 
 Tensor = torch.Tensor
 
@@ -56,7 +55,7 @@ _GATED = {"gelu": "geglu", "silu": "swiglu", "swish": "swiglu"}
 _STATIC_ROPE = ("default", "linear", "yarn", "llama3")  # tables that do not depend on the sequence length
 
 
-class FastModernBertModel(BackendSetting, ModernBertModel):
+class FastModernBertModel(BackendSetting, stack.StackOwner, ModernBertModel):
     """``ModernBertModel`` whose forward runs fastenc's ops on the same modules.
 
     Built by :func:`optimize_modernbert`.  ``backend`` and ``unpad`` as for
@@ -72,16 +71,25 @@ class FastModernBertModel(BackendSetting, ModernBertModel):
             output_hidden_states = self.config.output_hidden_states
         B, L = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         kpm = _key_padding_mask(attention_mask, B, L)
-        info = padding_plan(getattr(self, "unpad", None), None, kpm)
+        info = stack.padding_plan(getattr(self, "unpad", None), None, kpm)
         if info is None:
             x = self._embed(input_ids, inputs_embeds)
-            last, states = self._encode(x, kpm, None, L, bool(output_hidden_states))
+        elif input_ids is not None:  # padding removed before the embeddings: only real tokens are embedded
+            x = self._embed(input_ids.reshape(-1).index_select(0, info.indices), None)
         else:
-            if input_ids is not None:
-                x = self._embed(input_ids.reshape(-1).index_select(0, info.indices), None)
-            else:
-                x = self._embed(None, ops.unpad(inputs_embeds, info, backend=self._backend("padding")))
-            last, states = self._encode(x, None, info, info.max_seqlen, bool(output_hidden_states))
+            x = self._embed(None, ops.unpad(inputs_embeds, info, backend=self._backend("padding")))
+        ckpt = None
+        if self.gradient_checkpointing and self.training:
+            ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(checkpoint,
+                                                                                            use_reentrant=False)
+        out = stack.run(self.stack_layers(), x, setting=self, final_norm=_norm_weights(self.final_norm),
+                        key_padding_mask=None if info is not None else kpm, packed=info, unpad_=False,
+                        training=self.training, cache=cache_of(self), hidden_states=bool(output_hidden_states),
+                        checkpoint=ckpt, quantize=self.quantize)
+        last, states = out.last, out.hidden_states
+        if states is not None:
+            states = states[:-1] + (last,)  # HF reports the normed output as the last state
+        if info is not None:
             pad = functools.partial(ops.pad, info=info, backend=self._backend("padding"))
             last = pad(last)
             states = None if states is None else tuple(pad(s) for s in states)
@@ -89,69 +97,42 @@ class FastModernBertModel(BackendSetting, ModernBertModel):
             return tuple(t for t in (last, states) if t is not None)
         return BaseModelOutput(last_hidden_state=last, hidden_states=states)
 
-    # ----------------------------------------------------------------- pieces
+    def stack_layers(self) -> List[stack.StackLayer]:
+        """Each HF layer as a ``LayerSpec`` and ``LayerWeights`` (its current modules): pre-norm, gated FFN,
+        rotary embeddings per layer type, a sliding window on local layers; layer 0 has no attention norm."""
+        cfg = self.config
+        out = []
+        for i, layer in enumerate(self.layers):
+            attn, mlp, layer_type = layer.attn, layer.mlp, cfg.layer_types[i]
+            first_norm = None if isinstance(layer.attn_norm, nn.Identity) else layer.attn_norm
+            spec = LayerSpec(
+                cfg.hidden_size, cfg.num_attention_heads, _GATED[cfg.hidden_activation], norm_first=True,
+                eps1=(first_norm or layer.mlp_norm).eps, eps2=layer.mlp_norm.eps, attn_norm=first_norm is not None,
+                window=(cfg.sliding_window,) * 2 if layer_type == "sliding_attention" else None, rotary=True,
+                rotary_scaling=float(getattr(self.rotary_emb, f"{layer_type}_attention_scaling")),
+                attn_dropout=attn.attention_dropout, dropout1=attn.attention_dropout, ffn_dropout=mlp.drop.p,
+                attn_bias=attn.Wqkv.bias is not None, ffn_bias=mlp.Wi.bias is not None,
+                norm_bias=layer.mlp_norm.bias is not None)
+            weights = LayerWeights(
+                attn.Wqkv.weight, attn.Wqkv.bias, attn.Wo.weight, attn.Wo.bias, mlp.Wi.weight, mlp.Wi.bias,
+                mlp.Wo.weight, mlp.Wo.bias, None if first_norm is None else first_norm.weight,
+                None if first_norm is None else first_norm.bias, layer.mlp_norm.weight, layer.mlp_norm.bias,
+                getattr(self.rotary_emb, f"{layer_type}_inv_freq"))
+            out.append(stack.StackLayer(spec, weights, self))
+        return out
 
     def _embed(self, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]) -> Tensor:
         """HF's embeddings (token lookup, LayerNorm, dropout) with the LayerNorm through fastenc."""
         emb = self.embeddings
         x = emb.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        x = self._norm(emb.norm, x)
+        norm = emb.norm
+        x = residual_layer_norm_unchecked(x, None, norm.weight, norm.bias, None, norm.eps, 0.0, False,
+                                          self._backend("layer_norm"))
         return F.dropout(x, emb.drop.p, self.training) if emb.drop.p > 0 and self.training else x
 
-    def _norm(self, norm: nn.LayerNorm, x: Tensor) -> Tensor:
-        return residual_layer_norm_unchecked(x, None, norm.weight, norm.bias, None, norm.eps, 0.0, False,
-                                             self._backend("layer_norm"))
 
-    def _rotary(self, length: int, dtype: torch.dtype) -> dict:
-        """{layer type: (cos, sin)} for positions 0..length-1, in ``dtype`` (HF rounds its tables so)."""
-        out = {}
-        for layer_type in set(self.config.layer_types):
-            inv_freq = getattr(self.rotary_emb, f"{layer_type}_inv_freq")
-            scaling = getattr(self.rotary_emb, f"{layer_type}_attention_scaling")
-            cos, sin = reference.rotary_tables(inv_freq, max(length, 1), scaling)
-            out[layer_type] = (cos.to(dtype), sin.to(dtype))
-        return out
-
-    def _encode(self, x: Tensor, kpm: Optional[Tensor], info: Optional[ops.Padding], length: int,
-                output_hidden_states: bool) -> Tuple[Tensor, Optional[tuple]]:
-        """The layers and the final norm on x [B, L, d] (kpm) or packed [T, d] (info)."""
-        tables = self._rotary(length, x.dtype)
-        ckpt = self.gradient_checkpointing and self.training
-        run = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(checkpoint, use_reentrant=False)
-        states: List[Tensor] = [x]
-        for i, layer in enumerate(self.layers):
-            layer_type = self.config.layer_types[i]
-            cos, sin = tables[layer_type]
-            window = (self.config.sliding_window,) * 2 if layer_type == "sliding_attention" else None
-            step = functools.partial(self._layer, layer, window=window, kpm=kpm, info=info)
-            x = run(step, x, cos, sin) if ckpt else step(x, cos, sin)
-            states.append(x)
-        last = self._norm(self.final_norm, x)
-        if not output_hidden_states:
-            return last, None
-        return last, tuple(states[:-1]) + (last,)  # HF reports the normed output as the last state
-
-    def _layer(self, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, *, window, kpm, info) -> Tensor:
-        attn, mlp = layer.attn, layer.mlp
-        p = attn.attention_dropout if self.training else 0.0
-        h = x if isinstance(layer.attn_norm, nn.Identity) else self._norm(layer.attn_norm, x)
-        H, hd = self.config.num_attention_heads, attn.head_dim
-        qkv = linear_unchecked(h, attn.Wqkv.weight, attn.Wqkv.bias, self._backend("linear"))
-        q, k, v = qkv.view(*h.shape[:-1], 3, H, hd).unbind(-3)
-        backend = self._backend("attention")
-        if info is not None:
-            cu, mx = info.cu_seqlens, info.max_seqlen
-            o = attention_varlen_unchecked(q, k, v, cu, cu, mx, mx, False, None, p, backend, window, (cos, sin))
-        else:
-            o = attention_unchecked(q, k, v, None, kpm, False, None, p, backend, window, (cos, sin))
-        # The out projection's bias and dropout go into the fused LayerNorm.
-        o = linear_unchecked(o.reshape(h.shape), attn.Wo.weight, None, self._backend("linear"))
-        norm = layer.mlp_norm
-        h, x = residual_layer_norm_unchecked(x, o, norm.weight, norm.bias, attn.Wo.bias, norm.eps, p, True,
-                                             self._backend("layer_norm"))
-        drop = mlp.drop.p if self.training else 0.0
-        return ffn_unchecked(h, mlp.Wi.weight, mlp.Wi.bias, mlp.Wo.weight, mlp.Wo.bias,
-                             _GATED[self.config.hidden_activation], drop, x, self._backend("ffn"))
+def _norm_weights(norm: nn.LayerNorm) -> NormWeights:
+    return NormWeights(norm.weight, norm.bias, norm.eps)
 
 
 # save_pretrained records config.architectures from the class name: keep the HF one.
@@ -228,6 +209,6 @@ def to_hf(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if type(m) is FastModernBertModel:
             m.__class__ = ModernBertModel
-            for attr in ("_backend_spec", "_op_backend", "unpad"):
+            for attr in ("_backend_spec", "_op_backend", "unpad", "_weight_cache", "quantize"):
                 m.__dict__.pop(attr, None)
     return model

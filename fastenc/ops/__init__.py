@@ -1,9 +1,14 @@
-"""fastenc ops: one file per op, each the single dispatch point among its backends."""
+"""fastenc ops: one file per op, each the single dispatch point among its backends.
+
+The fused encoder stack (``encoder``) is reached through ``fastenc.stack`` (``fastenc.encoder_stack``), whose
+per-op composition is its reference.
+"""
+from . import encoder
 from .attention import attention, attention_varlen
-from .encoder import encoder_stack
 from .ffn import ffn
 from .layer_norm import residual_layer_norm
 from .linear import linear
 from .padding import Padding, pad, padding_info, unpad
 
-__all__ = ["Padding", "attention", "attention_varlen", "encoder_stack", "ffn", "linear", "pad", "padding_info", "residual_layer_norm", "unpad"]
+__all__ = ["Padding", "attention", "attention_varlen", "encoder", "ffn", "linear", "pad", "padding_info",
+           "residual_layer_norm", "unpad"]

@@ -42,7 +42,12 @@ def _triton_kernels():
     return kernels
 
 
-# shape class: (head_dim, head_dim_v, a mask requires grad, windowed, rotary)
+def shape_class(head_dim: int, head_dim_v: int, mask_grad: bool = False, windowed: bool = False,
+                rotary: bool = False) -> tuple:
+    """The registry's shape class of an attention call: what the backends' checks read."""
+    return (head_dim, head_dim_v, mask_grad, windowed, rotary)
+
+
 def _triton_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
     reason = triton_check(device, dtype)
     if reason is not None:
@@ -69,7 +74,7 @@ def _cpu_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Op
 
 register_op("attention", {"triton": _triton_available, "cpu": _cpu_available},
             auto={"cuda": ("triton",), "cpu": ("cpu",)},
-            example=lambda head_dim: (head_dim, head_dim, False, False, False))
+            example=lambda head_dim: shape_class(head_dim, head_dim))
 
 
 # The C++ CPU kernels take packed rows: a dense [B, L, H, D] batch is B sequences of L rows (a view when
@@ -360,9 +365,8 @@ def attention_unchecked(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
                         dropout_p: float, backend: Optional[str], window: Optional[Tuple[int, int]] = None,
                         rotary: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """:func:`attention` on arguments already validated (attn_mask a [B, H, L, S] view): for fastenc's modules."""
-    b = resolve("attention", backend, q.device, q.dtype, (q.shape[-1], v.shape[-1],
-                                                          _mask_grad(attn_mask, key_padding_mask),
-                                                          window is not None, rotary is not None))
+    b = resolve("attention", backend, q.device, q.dtype, shape_class(
+        q.shape[-1], v.shape[-1], _mask_grad(attn_mask, key_padding_mask), window is not None, rotary is not None))
     if b == "reference":
         return reference.attention(
             q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
@@ -415,31 +419,32 @@ def attention_varlen(
     # caller built them; fastenc's modules build them with padding_info and call the unchecked variant.
     # The kernels read cu_seqlens as a dense array: a strided view is copied first.
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
-    _check_cu_seqlens((("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-                       ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)))
+    check_cu_seqlens((("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                      ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)), "attention_varlen")
     window = check_window(window, "attention_varlen")
     rotary = check_rotary(rotary, q.shape[-1], max(max_seqlen_q, max_seqlen_k), q.device, "attention_varlen")
     return attention_varlen_unchecked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
                                       scale, dropout_p, backend, window, rotary)
 
 
-def _check_cu_seqlens(items) -> None:
-    """Each cu_seqlens starts at 0, never decreases, ends at most at its packed length, and no sequence is longer
-    than its max_seqlen: (first, last, shortest, longest) of both read in one host sync."""
+def check_cu_seqlens(items, where: str) -> None:
+    """Each (name, cu_seqlens, packed length, max_seqlen) of ``items``: cu_seqlens starts at 0, never decreases,
+    ends at most at its packed length, and no sequence is longer than its max_seqlen; (first, last, shortest,
+    longest) of all read in one host sync."""
     stats = []
     for name, cu, _, _ in items:
         if cu.device.type == "meta":
-            raise ValueError(f"attention_varlen: {name} is a meta tensor; its values decide which rows are read, "
+            raise ValueError(f"{where}: {name} is a meta tensor; its values decide which rows are read, "
                              "so packed attention needs real tensors")
         steps = torch.cat([cu.long().diff(), cu.new_zeros(1, dtype=torch.long)])  # int64: no wrap-around
         stats.append(torch.stack([cu[0].long(), cu[-1].long(), steps.min(), steps.max()]))
     for (name, cu, total, max_seqlen), (first, last, shortest, longest) in zip(items, torch.stack(stats).tolist()):
         if first != 0 or shortest < 0 or last > total:
-            raise ValueError(f"attention_varlen: {name} must start at 0, never decrease and end at most at the "
+            raise ValueError(f"{where}: {name} must start at 0, never decrease and end at most at the "
                              f"packed length {total}; got {cu.tolist() if cu.numel() <= 16 else 'a tensor'} "
                              f"(first {first}, last {last}, smallest step {shortest})")
         if longest > max_seqlen:
-            raise ValueError(f"attention_varlen: {name} has a sequence of length {longest}, longer than "
+            raise ValueError(f"{where}: {name} has a sequence of length {longest}, longer than "
                              f"max_seqlen {max_seqlen}")
 
 
@@ -449,8 +454,8 @@ def attention_varlen_unchecked(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Te
                                rotary: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """:func:`attention_varlen` on arguments already validated (cu_seqlens from ``padding_info``): for fastenc's
     modules."""
-    b = resolve("attention", backend, q.device, q.dtype, (q.shape[-1], v.shape[-1], False, window is not None,
-                                                          rotary is not None))
+    b = resolve("attention", backend, q.device, q.dtype, shape_class(q.shape[-1], v.shape[-1], False,
+                                                                     window is not None, rotary is not None))
     if b == "reference":
         return reference.attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal=is_causal, scale=scale, dropout_p=dropout_p,

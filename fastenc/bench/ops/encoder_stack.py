@@ -12,7 +12,9 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ... import backends, reference
+from ... import backends
+from ...layer import LayerSpec
+from ...layer import shape_classes as layer_shape_classes
 from ..registry import Impl, Provider, Unavailable
 from ..workload import Workload, key_padding_mask, padded_lengths, randn, valid_tokens
 from .attention import BWD_FACTOR as BWD_ATTENTION
@@ -52,18 +54,24 @@ def workload(suite, mode, sweep, device, dtype, *, batch, seqlen, d_model, nhead
     lengths = padded_lengths(batch, seqlen, padding)
     enc = _torch_encoder(d_model, nhead, d_ff, layers, device, dtype)
     state = {k: v.detach() for k, v in enc.state_dict().items()}
-    per_layer = [{k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"layers.{i}.")}
-                 for i in range(layers)]
 
     def make_inputs():
         return randn((batch, seqlen, d_model), device, dtype), key_padding_mask(lengths, seqlen, device)
 
+    refs: Dict[torch.dtype, nn.Module] = {}
+
     def ref(inputs, upcast):
+        """The stack's reference: fastenc's per-op composition with every op on "reference"."""
+        import fastenc
+
         x, kpm = inputs
-        for params in per_layer:
-            x = reference.encoder_layer(x, params, nhead=nhead, activation=ACTIVATION, batch_first=True,
-                                        key_padding_mask=kpm, upcast=upcast)
-        return x
+        dt = torch.float32 if upcast else dtype
+        if dt not in refs:
+            refs[dt] = fastenc.optimize(_torch_encoder(d_model, nhead, d_ff, layers, device, dt))
+            refs[dt].load_state_dict(state)
+            refs[dt].eval()
+        with fastenc.use_backend("reference"):
+            return refs[dt](x.to(dt), src_key_padding_mask=kpm)
 
     return Workload(
         suite, mode, sweep,
@@ -130,8 +138,7 @@ def _torch_compile(w: Workload) -> Impl:
 
 def shape_classes(d_model: int, nhead: int, activation: str) -> Dict[str, tuple]:
     """Each op's shape class in such a layer (what ``fastenc.backends.explain`` passes to its checks)."""
-    head_dim = d_model // nhead
-    return {"attention": (head_dim, head_dim, False, False, False), "layer_norm": (d_model,), "ffn": (activation,)}
+    return layer_shape_classes(LayerSpec(d_model, nhead, activation))
 
 
 def _fastenc(backend: str):

@@ -1,0 +1,166 @@
+"""The fused encoder op (fastenc/ops/encoder.py, csrc/cpu/encoder.cpp): the C++ stack against the per-op
+composition of the same LayerSpec/LayerWeights on reference ops (its reference), below and above the size
+where its GEMMs switch to oneDNN with prepacked weights and fused epilogues; its argument checks."""
+import pytest
+import torch
+
+import fastenc
+from fastenc import backends, ops
+from fastenc.ops.linear import ONEDNN_MIN_MACS
+from fastenc.testing import assert_parity
+from tests.layer_cases import cu_seqlens, random_layer, to_dtype
+
+pytestmark = pytest.mark.skipif(backends.cpu_check(torch.device("cpu"), torch.float32) is not None,
+                                reason="the extension's CPU kernels are not built")
+
+
+def _check(layers, lengths, dtype, final=None, causal=False):
+    """Fused (cpu) vs the reference composition: the parity rule against an fp64 oracle."""
+    d = layers[0][0].d_model
+    x = torch.randn(sum(lengths), d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    cu, mx = cu_seqlens(lengths), max(lengths)
+    kw = dict(is_causal=causal)
+    with torch.inference_mode():
+        fast = fastenc.encoder_stack(x, cu, mx, to_dtype(layers, dtype), final_norm=final, backend="cpu", **kw)
+        final64 = final and fastenc.NormWeights(*(None if t is None else t.double() for t in final[:2]), final.eps)
+        oracle = fastenc.encoder_stack(x.double(), cu, mx, to_dtype(layers, torch.float64), backend="reference",
+                                       final_norm=final64, **kw)
+        base = fastenc.encoder_stack(x, cu, mx, to_dtype(layers, dtype), final_norm=final, backend="reference", **kw)
+    assert fast.dtype == dtype and fast.shape == x.shape
+    assert_parity(fast, oracle, base, name="encoder stack")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm_first,activation,bias,causal", [
+    (False, "gelu", True, False), (True, "relu", False, False), (False, "gelu_tanh", True, True),
+    (True, "gelu", True, False)])
+def test_small_stack_matches_reference(dtype, norm_first, activation, bias, causal):
+    """53 tokens, d=64: every GEMM below the oneDNN threshold (ATen's GEMM + the activation pass)."""
+    g = torch.Generator().manual_seed(0)
+    layers = [random_layer(64, 4, 96, activation=activation, norm_first=norm_first, bias=bias, generator=g)
+              for _ in range(3)]
+    final = fastenc.NormWeights(1 + 0.1 * torch.randn(64), 0.1 * torch.randn(64), 1e-6)
+    _check(layers, [7, 1, 0, 33, 12], dtype, final, causal)
+
+
+# Above the threshold: every GEMM runs oneDNN with the prepacked weights and its fused epilogue (bias,
+# activation; pre-norm: the residual add in GEMM2); head dims 64 and 80.
+LARGE = [(384, 6, 1536, False, "gelu"), (480, 6, 1920, True, "gelu_tanh"), (384, 6, 1536, True, "relu")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d,nhead,f,norm_first,activation", LARGE)
+def test_large_stack_runs_prepacked_onednn_gemms(dtype, d, nhead, f, norm_first, activation):
+    lengths = [200, 77, 1, 150]
+    assert min(sum(lengths) * d * d, sum(lengths) * d * f) >= ONEDNN_MIN_MACS  # every GEMM takes oneDNN
+    g = torch.Generator().manual_seed(0)
+    layers = [random_layer(d, nhead, f, activation=activation, norm_first=norm_first, generator=g) for _ in range(2)]
+    built = ops.encoder.layers_for(fastenc.stack.WeightCache(), to_dtype(layers, dtype), dtype)
+    if backends.extension().cpu_linear_supported(dtype):
+        assert all(layer.prepacked for layer in built)
+    _check(layers, lengths, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["geglu", "swiglu"])
+def test_modernbert_like_stack(dtype, activation):
+    """Pre-norm without biases, a first layer without attention norm, gated FFN, rotary embeddings on every
+    layer and a sliding window (sequences longer than it) on every other, above the oneDNN threshold."""
+    g = torch.Generator().manual_seed(0)
+    kw = dict(activation=activation, norm_first=True, bias=False, norm_bias=False, rotary=True, generator=g)
+    layers = [random_layer(384, 6, 576, attn_norm=False, window=(16, 16), **kw), random_layer(384, 6, 576, **kw),
+              random_layer(384, 6, 576, window=(16, 16), **kw)]
+    final = fastenc.NormWeights(1 + 0.1 * torch.randn(384), None, 1e-5)
+    _check(layers, [140, 3, 97, 64], dtype, final)
+
+
+def test_no_layers_and_no_tokens():
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        out = fastenc.encoder_stack(x, cu_seqlens([2, 3]), 3, [], backend="cpu")
+        torch.testing.assert_close(out, x)
+        assert out.data_ptr() != x.data_ptr()
+        layers = [random_layer(16, 2, 32) for _ in range(2)]
+        empty = fastenc.encoder_stack(x[:0], cu_seqlens([0, 0]), 0, layers, backend="cpu")
+    assert empty.shape == (0, 16)
+
+
+def test_refuses_autograd_and_bad_input():
+    layers = [random_layer(16, 2, 32)]
+    x = torch.randn(5, 16, requires_grad=True)
+    with pytest.raises(fastenc.BackendUnavailableError, match="inference only"):
+        fastenc.encoder_stack(x, cu_seqlens([5]), 5, layers, backend="cpu")
+    x = x.detach()
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="longer than max_seqlen 4"):
+            fastenc.encoder_stack(x, cu_seqlens([5]), 4, layers, backend="cpu")
+        with pytest.raises(ValueError, match="end at most at the packed length 5"):
+            fastenc.encoder_stack(x, cu_seqlens([3, 4]), 4, layers, backend="cpu")
+        spec, w = layers[0]
+        w.ffn2_weight = w.ffn2_weight[:, :31]
+        with pytest.raises(ValueError, match=r"layers\[0\]: ffn2_weight must have shape \(16, 32\)"):
+            fastenc.encoder_stack(x, cu_seqlens([5]), 5, [(spec, w)], backend="cpu")
+        with pytest.raises(ValueError, match="nhead 3 must divide d_model 16"):
+            fastenc.encoder_stack(x, cu_seqlens([5]), 5, [random_layer(16, 3, 32)], backend="cpu")
+        with pytest.raises(ValueError, match="activation must be one of"):
+            fastenc.encoder_stack(x, cu_seqlens([5]), 5, [random_layer(16, 2, 32, activation="swish")],
+                                  backend="cpu")
+        with pytest.raises(TypeError, match=r"layers\[0\] must be a \(LayerSpec, LayerWeights\) pair"):
+            fastenc.encoder_stack(x, cu_seqlens([5]), 5, [tuple(range(12))], backend="cpu")
+
+
+def test_cpp_layer_checks_name_the_field():
+    """The C++ EncoderLayer (built by the weight cache) checks what Python handed it."""
+    ext = backends.extension()
+    spec, w = random_layer(16, 2, 32)
+    w.out_bias = torch.zeros(15)
+    with pytest.raises(ValueError, match=r"layers\[3\]\.out_bias must have shape \[16\], got \[15\]"):
+        ext.EncoderLayer(spec, w, "layers[3].")
+    spec, w = random_layer(16, 2, 32)
+    w.norm2_weight = w.norm2_weight.double()
+    with pytest.raises(TypeError, match="norm2_weight has dtype Double, expected Float"):
+        ext.EncoderLayer(spec, w, "")
+    spec, w = random_layer(16, 2, 32)
+    with pytest.raises(ValueError, match="activation must be a kernel activation name"):
+        ext.EncoderLayer(spec._replace(activation=torch.relu), w, "")
+    layer = ext.EncoderLayer(spec, w, "")
+    x = torch.randn(4, 16)
+    with pytest.raises(TypeError, match=r"layers\[0\] was built for Float but x has BFloat16"):
+        ext.encoder_forward_cpu(x.bfloat16(), cu_seqlens([4]), 4, [layer], False, None, None, None, [None], [None])
+    rot_spec, rot_w = random_layer(16, 2, 32, rotary=True)
+    rot = ext.EncoderLayer(rot_spec, rot_w, "")
+    with pytest.raises(ValueError, match="its tables are missing"):
+        ext.encoder_forward_cpu(x, cu_seqlens([4]), 4, [rot], False, None, None, None, [None], [None])
+    short = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"rotary tables must be fp32 \[P >= max_seqlen"):
+        ext.encoder_forward_cpu(x, cu_seqlens([4]), 4, [rot], False, None, None, None, [short], [short])
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm_first,activation", [(False, "gelu"), (True, "geglu"), (False, "relu")])
+def test_int8_stack_matches_its_reference(dtype, norm_first, activation):
+    """The fused int8 stack reproduces the per-op composition on the int8 reference (the same quantized math)
+    far more closely than int8 differs from float: the implementation adds no error of its own."""
+    g = torch.Generator().manual_seed(0)
+    layers = [random_layer(128, 4, 256, activation=activation, norm_first=norm_first, rotary=norm_first,
+                           generator=g) for _ in range(2)]
+    lengths = [70, 1, 33, 64]
+    x = torch.randn(sum(lengths), 128, generator=g).to(dtype)
+    cu, mx = cu_seqlens(lengths), max(lengths)
+    typed = to_dtype(layers, dtype)
+    with torch.inference_mode():
+        fast = fastenc.encoder_stack(x, cu, mx, typed, quantize="int8", backend="cpu")
+        ref = fastenc.encoder_stack(x, cu, mx, typed, quantize="int8", backend="reference")
+        exact = fastenc.encoder_stack(x.double(), cu, mx, to_dtype(layers, torch.float64), backend="reference")
+    assert fast.dtype == dtype and torch.isfinite(fast).all()
+    quant_error, impl_error = _rel(ref, exact), _rel(fast, ref)
+    assert quant_error < 0.05, quant_error
+    assert impl_error < 0.1 * quant_error + (1e-5 if dtype == torch.float32 else 4e-3), (impl_error, quant_error)
+    built = ops.encoder.layers_for(fastenc.stack.WeightCache(), [(s, w, q) for (s, w), q in zip(
+        typed, fastenc.stack._int8_layers([fastenc.stack.StackLayer(s, w) for s, w in typed],
+                                          fastenc.stack.WeightCache()))], dtype)
+    assert [layer.int8_gemms for layer in built] == [list(fastenc.stack.INT8_GEMMS)] * 2

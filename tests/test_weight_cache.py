@@ -1,0 +1,316 @@
+"""A model's whole life with derived weights (fastenc/weight_cache.py): copies, pickles, saves, weight changes
+of every kind, threads, forks and long runs all give the answers of the current weights.
+
+The model is an optimized HF BertModel sized so that every GEMM of the fused stack takes oneDNN with the
+prepacked weights (a stale packed copy would show).  "Current" means: equal, under the parity rule, to the
+same model's per-op reference path (which reads the parameters directly) against an fp64 copy.
+"""
+import copy
+import io
+import multiprocessing
+import pickle
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastenc
+from fastenc import backends
+from fastenc.ops.linear import ONEDNN_MIN_MACS
+from fastenc.testing import assert_parity
+from fastenc.weight_cache import WeightCache, cache_of, tensor_key
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(backends.cpu_check(torch.device("cpu"), torch.float32) is not None,
+                                reason="the extension's CPU kernels are not built")
+
+D, LAYERS, FFN = 128, 2, 512
+BATCH, LENGTHS = 6, [40, 33, 64, 7, 64, 21]
+
+
+def _model(seed=0):
+    cfg = transformers.BertConfig(vocab_size=300, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                  intermediate_size=FFN, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    return fastenc.optimize(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
+
+
+def _inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 300, (BATCH, max(LENGTHS)), generator=g)
+    mask = (torch.arange(max(LENGTHS))[None] < torch.tensor(LENGTHS)[:, None]).long()
+    return ids * mask, mask
+
+
+def _embed(model, inputs):
+    ids, mask = inputs
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return out[mask.bool()]  # real tokens only (padding positions are unspecified)
+
+
+def assert_current(model, inputs=None):
+    """The fused stack answers from the model's current weights (the parity rule against its fp64 reference)."""
+    inputs = inputs or _inputs()
+    assert sum(LENGTHS) * D * D >= ONEDNN_MIN_MACS  # oneDNN GEMMs with the prepacked weights
+    with torch.inference_mode():
+        fast = _embed(model, inputs)
+    assert cache_of(model.encoder).last_decision[0] == "fused"
+    with torch.inference_mode(), fastenc.use_backend("reference"):
+        base = _embed(model, inputs)
+        oracle = _embed(copy.deepcopy(model).double(), inputs)
+    assert_parity(fast, oracle, base, name="fused stack vs the current weights")
+    return fast
+
+
+def _ran(model):
+    with torch.inference_mode():
+        return _embed(model, _inputs())
+
+
+# --------------------------------------------------------------------------- the cache object
+
+
+def test_cache_is_never_copied_or_pickled():
+    cache = WeightCache()
+    cache.get("k", (1,), lambda: "derived")
+    assert len(cache) == 1
+    for other in (copy.copy(cache), copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert isinstance(other, WeightCache) and len(other) == 0
+
+
+def test_cache_rebuilds_on_a_new_key_and_stays_bounded():
+    cache, built = WeightCache(), []
+    for i in range(3):
+        assert cache.get("k", (i,), lambda: built.append(1) or len(built)) == i + 1
+        assert cache.get("k", (i,), lambda: built.append(1) or len(built)) == i + 1  # a hit
+    for kind in range(WeightCache.MAX_KINDS + 5):
+        cache.get(kind, (), lambda: None)
+    assert len(cache) == WeightCache.MAX_KINDS
+
+
+def test_key_sees_in_place_updates_and_new_tensors_not_recycled_addresses():
+    w = torch.randn(4, 4)
+    key = tensor_key([w])
+    with torch.no_grad():
+        w.mul_(2)
+    assert tensor_key([w]) != key  # the version counter
+    held = w  # an entry holds its source tensors: a new tensor cannot take their address
+    fresh = [torch.randn(4, 4) for _ in range(50)]
+    assert all(tensor_key([t]) != tensor_key([held]) for t in fresh)
+
+
+def test_threads_build_an_entry_once():
+    cache, built = WeightCache(), []
+    barrier = threading.Barrier(4)
+
+    def worker():
+        barrier.wait()
+        return cache.get("k", (0,), lambda: built.append(1) or "v")
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda _: worker(), range(4))) == ["v"] * 4
+    assert built == [1]
+
+
+# --------------------------------------------------------------------------- copies, pickles, saves
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copies_work_after_inference_and_answer_from_their_own_weights(how):
+    model = _model()
+    first = _ran(model)  # the original now holds prepacked weights
+    if how == "deepcopy":
+        other = copy.deepcopy(model)
+    elif how == "pickle":
+        other = pickle.loads(pickle.dumps(model))
+    else:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        other = torch.load(buf, weights_only=False)
+    assert len(cache_of(other.encoder)) == 0, "derived weights are not state"
+    torch.testing.assert_close(_ran(other), first)
+    with torch.no_grad():
+        other.encoder.layers[0].linear1.weight.mul_(3.0)
+    assert not torch.allclose(_ran(other), first)  # the copy answers from its own weights...
+    torch.testing.assert_close(_ran(model), first)  # ...and the original from its own
+    assert_current(other)
+
+
+def test_state_dict_round_trips_and_never_holds_derived_weights():
+    model = _model()
+    _ran(model)
+    sd = model.state_dict()
+    assert all(t.layout == torch.strided for t in sd.values())
+    fresh = _model(seed=7)
+    fresh.load_state_dict(sd)
+    torch.testing.assert_close(_ran(fresh), _ran(model))
+
+
+def test_to_torch_after_inference():
+    model = _model()
+    first = _ran(model)
+    back = fastenc.to_torch(copy.deepcopy(model))
+    assert type(back) is transformers.BertModel
+    with torch.inference_mode():
+        torch.testing.assert_close(_embed(back, _inputs()), first, atol=2e-5, rtol=1e-4)
+
+
+def test_share_memory():
+    model = _model()
+    _ran(model)
+    model.share_memory()
+    assert_current(model)
+
+
+# --------------------------------------------------------------------------- every way of changing weights
+
+
+def _optimizer_step(model):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    ids, mask = _inputs(5)
+    model(input_ids=ids, attention_mask=mask).last_hidden_state.pow(2).mean().backward()
+    opt.step()
+    model.eval()
+
+
+def _in_place(model):
+    with torch.no_grad():
+        model.encoder.layers[1].self_attn.in_proj_weight.mul_(0.5)
+        model.encoder.layers[0].linear2.bias.add_(0.3)
+
+
+def _data_assign(model):
+    lin = model.encoder.layers[0].linear1
+    lin.weight.data = torch.randn_like(lin.weight) * 0.05
+
+
+def _load_copy(model):
+    model.load_state_dict(_model(seed=11).state_dict())
+
+
+def _load_assign(model):
+    model.load_state_dict(_model(seed=12).state_dict(), assign=True)
+
+
+def _init(model):
+    nn.init.normal_(model.encoder.layers[1].linear2.weight, std=0.05)
+    nn.init.ones_(model.encoder.layers[0].norm2.weight)
+
+
+def _dtype_round_trip(model):
+    model.to(torch.bfloat16)
+    _ran(model)  # a bf16 stack of its own (another entry kind)
+    model.to(torch.float32)
+
+
+def _replace_module(model):
+    model.encoder.layers[1].linear1 = nn.Linear(D, FFN)
+
+
+WAYS = {"optimizer step": _optimizer_step, "in-place under no_grad": _in_place, ".data =": _data_assign,
+        "load_state_dict": _load_copy, "load_state_dict(assign=True)": _load_assign, "nn.init": _init,
+        "dtype round trip": _dtype_round_trip, "a replaced module": _replace_module}
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_every_way_of_changing_weights_is_seen(way):
+    model = _model()
+    before = _ran(model)
+    WAYS[way](model)
+    after = assert_current(model)
+    assert not torch.allclose(after, before), "the change must change the answer (else the test sees nothing)"
+
+
+def test_weights_shared_between_two_models():
+    a = _model()
+    b = _model(seed=3)
+    b.encoder.layers[0] = a.encoder.layers[0]  # one layer object in both stacks
+    _ran(a), _ran(b)
+    with torch.no_grad():
+        a.encoder.layers[0].linear1.weight.mul_(-1.0)
+    assert_current(a)
+    assert_current(b)
+
+
+def test_tied_weights():
+    model = _model()
+    layers = model.encoder.layers
+    layers[1].linear1.weight = layers[0].linear1.weight  # one Parameter in two layers
+    _ran(model)
+    with torch.no_grad():
+        layers[0].linear1.weight.add_(0.1)
+    assert_current(model)
+
+
+def test_writes_through_data_need_clear_caches():
+    """``p.data.mul_()`` bypasses PyTorch's version counter (as it bypasses autograd): the documented limit,
+    and ``fastenc.clear_caches`` is the remedy."""
+    model = _model()
+    _ran(model)
+    model.encoder.layers[0].linear1.weight.data.mul_(2.0)
+    fastenc.clear_caches(model)
+    assert_current(model)
+
+
+# --------------------------------------------------------------------------- threads, forks, long runs
+
+
+def test_one_model_served_from_threads():
+    model = _model()
+    inputs = [_inputs(seed) for seed in range(12)]
+    with torch.inference_mode():
+        serial = [_embed(model, i) for i in inputs]
+    fastenc.clear_caches(model)  # the threads race to build the entries
+
+    def call(i):
+        with torch.inference_mode():
+            return _embed(model, inputs[i])
+
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            for got, want in zip(pool.map(call, range(len(inputs))), serial):
+                torch.testing.assert_close(got, want)
+
+
+def _child(model, conn):
+    with torch.inference_mode():
+        conn.send(_embed(model, _inputs()))
+
+
+def test_fork_after_the_model_ran():
+    model = _model()
+    expected = _ran(model)
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child, args=(model, child))
+    proc.start()
+    assert parent.poll(120), "the forked child did not answer"
+    got = parent.recv()
+    proc.join(30)
+    assert proc.exitcode == 0
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("calls", [300, pytest.param(10_000, marks=pytest.mark.slow)])
+def test_long_run_stays_correct_and_bounded(calls):
+    """Mixed batch sizes and lengths: the answers stay correct and fastenc's own state stays bounded (one
+    cache entry per dtype and weight format; the decision cache bounded by its shape classes)."""
+    model = _model()
+    g = torch.Generator().manual_seed(0)
+    decisions = None
+    for i in range(calls):
+        b, length = int(torch.randint(1, 17, (1,), generator=g)), int(torch.randint(1, 129, (1,), generator=g))
+        ids = torch.randint(1, 300, (b, length), generator=g)
+        mask = (torch.arange(length)[None] < torch.randint(1, length + 1, (b, 1), generator=g)).long()
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert torch.isfinite(out).all()
+        if i == 20:
+            decisions = len(backends._DECISIONS)
+    assert len(cache_of(model.encoder)) == 1
+    assert len(backends._DECISIONS) == decisions, "the decision cache grew with the shapes"
+    assert_current(model)
