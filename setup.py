@@ -75,7 +75,7 @@ def _build_ext_class(BuildExtension, nvcc: str, cutlass_plan):
 
 
 def _ext_modules():
-    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cpp_sources = sorted(s for s in glob.glob("csrc/**/*.cpp", recursive=True) if "/cuda/" not in s)
     if env_flag("FASTENC_SKIP_NATIVE") or not cpp_sources:
         return [], {}
     import torch
@@ -115,7 +115,7 @@ def _ext_modules():
     nvcc_flags = cutlass.NVCC_OPT_FLAGS + defines + cuda_arch_flags()
     ext = CUDAExtension(
         "fastenc._C",
-        cpp_sources + sorted(glob.glob("csrc/cuda/*.cpp")) + cu_sources,
+        cpp_sources + sorted(glob.glob("csrc/**/cuda/*.cpp", recursive=True)) + cu_sources,
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(CUDA_HOME, "include"), cublas_inc],
         extra_compile_args={"cxx": cxx_flags + defines + cuda_runtime_include(CUDA_HOME), "nvcc": nvcc_flags},
         library_dirs=[d for d in (os.path.join(CUDA_HOME, "lib64"), "/usr/local/cuda/lib64")

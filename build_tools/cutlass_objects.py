@@ -1,4 +1,4 @@
-"""The torch-free CUTLASS sm90 translation units (csrc/cuda/cutlass/*.cu) as stamped objects.
+"""The torch-free CUTLASS sm90 translation units (csrc/ffn/cuda/cutlass/*.cu) as stamped objects.
 
 They take ~2 min of CPU each in nvcc (far more wall time on a busy machine), so they can be prebuilt
 (scripts/prebuild_cutlass.py) and linked.  One source of truth for how they are compiled:
@@ -20,7 +20,7 @@ import time
 from .toolchain import cuda_archs, env_flag
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUTLASS_SOURCES = "csrc/cuda/cutlass/*.cu"
+CUTLASS_SOURCES = "csrc/ffn/cuda/cutlass/*.cu"
 NVCC_OPT_FLAGS = ["-O3", "-std=c++20", "-DNDEBUG", "--expt-relaxed-constexpr", "-lineinfo"]
 _QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 

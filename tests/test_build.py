@@ -27,7 +27,7 @@ _FLAGS = [v for v in ("FASTENC_SKIP_NATIVE", "FASTENC_FORCE_CPU")
 needs_cuda_build = pytest.mark.skipif(bool(_FLAGS),
                                       reason=f"extension deliberately built without CUDA ({', '.join(_FLAGS)})")
 
-# Name fragments of the handwritten kernels (csrc/cuda/ffn_act_*.cu).
+# Name fragments of the handwritten kernels (csrc/ffn/cuda/act_*.cu).
 HANDWRITTEN = ("_ffn_act_fwd_kernel", "_ffn_dact_bgrad_kernel", "_ffn_dropout_mask_kernel")
 
 
@@ -352,7 +352,7 @@ def build_tree(tmp_path):
 
 
 @pytest.mark.parametrize("change, why", [
-    ("header", r"changed: csrc/ffn\.h$"),
+    ("header", r"changed: csrc/ffn/ffn\.h$"),
     ("new_source", r"changed: csrc/cpu/new_kernel\.cpp$"),
     ("build_tools", r"changed: build_tools/toolchain\.py$"),
     ("env", r"env changed: .*'FASTENC_FORCE_CPU': '1'"),
@@ -370,7 +370,8 @@ def test_rebuild_stamp_sees_every_change(build_tree, monkeypatch, change, why):
     assert build_stamp.check(stamp, root) is None, "an unchanged tree must not rebuild"
     so = build_tree / "fastenc" / "_C.cpython-311-x86_64-linux-gnu.so"
     if change == "header":
-        (build_tree / "csrc" / "ffn.h").write_text((build_tree / "csrc" / "ffn.h").read_text() + "// edited\n")
+        header = build_tree / "csrc" / "ffn" / "ffn.h"
+        header.write_text(header.read_text() + "// edited\n")
     elif change == "new_source":
         (build_tree / "csrc" / "cpu").mkdir(exist_ok=True)
         (build_tree / "csrc" / "cpu" / "new_kernel.cpp").write_text("// new\n")

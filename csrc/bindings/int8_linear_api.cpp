@@ -1,0 +1,72 @@
+// Python bindings of the CPU int8 linear layer (linear/int8_linear.h): the packed weight class, the quantized
+// GEMM with its run-time activation quantization, and whether the VNNI kernel runs here.
+#include <torch/extension.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "bindings/bindings.h"
+#include "ffn/ffn.h"  // parse_activation
+#include "linear/int8_linear.h"
+
+namespace fastenc {
+
+namespace {
+
+constexpr const char* kOp = "fastenc linear_int8 (cpu): ";
+
+std::shared_ptr<cpu::Int8Weight> pack(const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, kOp,
+                   "weight_q must be int8 and weight_scale float32, got ", q.scalar_type(), " and ",
+                   scale.scalar_type());
+  TORCH_CHECK_VALUE(q.device().is_cpu() && scale.device().is_cpu() && q.dim() == 2 && q.size(0) >= 1 &&
+                        q.size(1) >= 1 && scale.dim() == 1 && scale.size(0) == q.size(0),
+                    kOp, "weight_q must be a CPU [n, k] tensor (n, k >= 1) and weight_scale [n], got ", q.sizes(),
+                    " and ", scale.sizes());
+  return std::make_shared<cpu::Int8Weight>(cpu::pack_int8_weight(q, scale.contiguous()));
+}
+
+at::Tensor linear(const at::Tensor& x, const cpu::Int8Weight& w, const std::optional<at::Tensor>& bias,
+                  const std::string& act_in, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1, kOp,
+                    "x must be a CPU [m, k] tensor with unit last stride, got ", x.device(), " ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, kOp,
+                   "x must be float32 or bfloat16, got ", x.scalar_type());
+  std::optional<Act> act;
+  if (act_in != "none") act = parse_activation(act_in);
+  const bool gated = act && (*act == Act::kGeGLU || *act == Act::kSwiGLU);
+  TORCH_CHECK_VALUE(x.size(1) == w.k * (gated ? 2 : 1), kOp, "x has ", x.size(1), " columns but the weight is [",
+                    w.n, ", ", w.k, "]", gated ? " (a gated act_in halves x's columns)" : "");
+  at::Tensor b;
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == w.n, kOp,
+                      "bias must be a CPU [", w.n, "] tensor, got ", bias->sizes());
+    b = bias->to(at::kFloat).contiguous();
+  }
+  at::Tensor r;
+  if (residual) {
+    TORCH_CHECK_VALUE(residual->device().is_cpu() && residual->sizes() == at::IntArrayRef({x.size(0), w.n}), kOp,
+                      "residual must be a CPU [", x.size(0), ", ", w.n, "] tensor, got ", residual->sizes());
+    r = residual->to(x.scalar_type()).contiguous();
+  }
+  return cpu::int8_linear(cpu::quantize_rows(x, act), w, b, r, x.scalar_type());
+}
+
+}  // namespace
+
+void bind_int8_linear(py::module_& m) {
+  py::class_<cpu::Int8Weight, std::shared_ptr<cpu::Int8Weight>>(
+      m, "Int8Weight", "an int8 weight [n, k] with per-channel scales, packed for cpu_int8_linear")
+      .def(py::init(&pack), py::arg("weight_q"), py::arg("weight_scale"))
+      .def_property_readonly("shape", [](const cpu::Int8Weight& w) { return py::make_tuple(w.n, w.k); });
+  m.def("cpu_int8_linear", &linear,
+        "y = (q_x q_w^T) s_x s_w + bias (+ residual): x quantized per row after act_in (none, relu, gelu, gelu_tanh, "
+        "geglu, swiglu), int8 GEMM with int32 accumulation, output in x's dtype",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("act_in") = "none",
+        py::arg("residual") = py::none());
+  m.def("cpu_int8_vnni", &cpu::int8_vnni_supported,
+        "whether the AVX512-VNNI int8 kernel runs on this CPU (else ATen's int8 GEMM)");
+}
+
+}  // namespace fastenc

@@ -1,0 +1,277 @@
+// Int8 linear layers on CPU (see int8_linear.h).  The VNNI kernels carry their instruction set in a
+// target attribute and run after a cpuid check, so this file builds for any x86-64 baseline.
+#include "linear/int8_linear.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FASTENC_X86 1
+#endif
+
+#include "common/activation_vec.h"
+#include "common/vec_io.h"
+
+namespace fastenc::cpu {
+namespace {
+
+constexpr int64_t kNR = kInt8PanelCols;  // 64 columns: 4 zmm of 16 int32 accumulators
+constexpr int kMR = 6;                   // rows per tile: 6 x 4 = 24 accumulators + 4 weight vectors
+constexpr int64_t kRowsPerTask = 96;     // 16 tiles of rows per task (a task = one panel x these rows)
+
+// ------------------------------------------------------------------ activation quantization
+
+// One row: v = act_in(x) in fp32 (scratch), then q = round(v · 127 / max|v|) + 128 as u8.
+template <typename T>
+void quantize_row(const T* x, int64_t k, std::optional<Act> act, float* v, uint8_t* q, int64_t k_pad, float* s) {
+  const bool gated = act && (*act == Act::kGeGLU || *act == Act::kSwiGLU);
+  Vec amax(0.f);
+  for (int64_t c = 0; c < k; c += kW) {
+    const int64_t n = std::min<int64_t>(kW, k - c);
+    Vec y = load_f32(x + c, n);
+    if (gated) {
+      const Vec g = load_f32(x + k + c, n);
+      y = (*act == Act::kGeGLU ? ActOp<Act::kGeGLU, Vec>::fwd(y) : ActOp<Act::kSwiGLU, Vec>::fwd(y)) * g;
+    } else if (act) {
+      switch (*act) {
+        case Act::kReLU: y = ActOp<Act::kReLU, Vec>::fwd(y); break;
+        case Act::kGelu: y = ActOp<Act::kGelu, Vec>::fwd(y); break;
+        case Act::kGeluTanh: y = ActOp<Act::kGeluTanh, Vec>::fwd(y); break;
+        default: break;
+      }
+    }
+    y.store(v + c, n);
+    amax = at::vec::maximum(amax, y.abs());  // lanes past n are act(0) = 0
+  }
+  float m = 0.f;
+  float lanes[kW];
+  amax.store(lanes);
+  for (int64_t i = 0; i < kW; ++i) m = std::max(m, lanes[i]);
+  const float inv = m > 0.f ? 127.f / m : 0.f;
+  *s = m / 127.f;
+  // q + 128 = clamp(round_half_even(v · inv), -127, 127) + 128, in place in v, then narrowed to u8.
+  const Vec vinv(inv), lo(-127.f), hi(127.f), offset(128.f);
+  for (int64_t c = 0; c < k; c += kW) {
+    const int64_t n = std::min<int64_t>(kW, k - c);
+    (at::vec::clamp(Vec::loadu(v + c, n) * vinv, lo, hi).round() + offset).store(v + c, n);
+  }
+  for (int64_t c = 0; c < k; ++c) q[c] = static_cast<uint8_t>(static_cast<int>(v[c]));
+  std::memset(q + k, 128, static_cast<size_t>(k_pad - k));
+}
+
+// ------------------------------------------------------------------ the VNNI GEMM
+
+#if defined(FASTENC_X86)
+#define FASTENC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+// acc[r][v] += Σ_g a[r, 4g..4g+3] · b[g, 16v..16v+15, 0..3] over the panel's k4 groups.
+template <int MR>
+FASTENC_VNNI inline void tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t k4, __m512i (&acc)[kMR][4]) {
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_si512();
+  }
+  for (int64_t g = 0; g < k4; ++g) {
+    const int8_t* bg = b + g * 256;
+    const __m512i b0 = _mm512_loadu_si512(bg), b1 = _mm512_loadu_si512(bg + 64);
+    const __m512i b2 = _mm512_loadu_si512(bg + 128), b3 = _mm512_loadu_si512(bg + 192);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      int32_t word;
+      std::memcpy(&word, a + r * lda + 4 * g, 4);
+      const __m512i av = _mm512_set1_epi32(word);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
+      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, b2);
+      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, b3);
+    }
+  }
+}
+
+FASTENC_VNNI inline __m512 load_residual(const void* p, bool bf16, __mmask16 mask) {
+  if (!bf16) return _mm512_maskz_loadu_ps(mask, p);
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+FASTENC_VNNI inline void store_out(void* p, __m512 y, bool bf16, __mmask16 mask) {
+  if (!bf16) {
+    _mm512_mask_storeu_ps(p, mask, y);
+    return;
+  }
+  // fp32 -> bf16, rounding to nearest even (finite values): bits + 0x7fff + lsb of the kept half.
+  const __m512i bits = _mm512_castps_si512(y);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(r));
+}
+
+struct GemmArgs {
+  const uint8_t* a;  // u8 [m, lda]
+  int64_t lda;
+  const float* a_scale;
+  const Int8Weight* w;
+  const float* bias;      // fp32 [n] or null
+  const void* residual;   // [m, n] in the output dtype, or null
+  void* out;              // [m, n]
+  bool bf16;              // output and residual dtype
+  int64_t m, n;
+};
+
+// Rows r0.. r0+MR of panel p: the tile, then y = (acc - comp) · s_x s_w + bias (+ residual).
+template <int MR>
+FASTENC_VNNI void tile_and_epilogue(const GemmArgs& g, int64_t p, int64_t r0) {
+  __m512i acc[kMR][4];
+  const int8_t* b = g.w->packed.const_data_ptr<int8_t>() + p * g.w->k4() * kNR * 4;
+  tile<MR>(g.a + r0 * g.lda, g.lda, b, g.w->k4(), acc);
+  const int64_t n0 = p * kNR;
+  const float* sw = g.w->scale.const_data_ptr<float>() + n0;
+  const int32_t* comp = g.w->comp.const_data_ptr<int32_t>() + n0;
+  const size_t esz = g.bf16 ? 2 : 4;
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v) {
+    const int64_t c = n0 + 16 * v;
+    if (c >= g.n) break;
+    const __mmask16 mask = g.n - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (g.n - c)) - 1u);
+    const __m512 swv = _mm512_loadu_ps(sw + 16 * v);
+    const __m512i cv = _mm512_loadu_si512(comp + 16 * v);
+    const __m512 bv = g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + c) : _mm512_setzero_ps();
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const int64_t row = r0 + r;
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][v], cv)),
+                               _mm512_mul_ps(_mm512_set1_ps(g.a_scale[row]), swv));
+      if (g.bias) y = _mm512_add_ps(y, bv);
+      const size_t off = (static_cast<size_t>(row) * g.n + c) * esz;
+      if (g.residual) y = _mm512_add_ps(y, load_residual(static_cast<const char*>(g.residual) + off, g.bf16, mask));
+      store_out(static_cast<char*>(g.out) + off, y, g.bf16, mask);
+    }
+  }
+}
+
+FASTENC_VNNI void gemm_vnni(const GemmArgs& g) {
+  const int64_t panels = g.w->panels(), blocks = (g.m + kRowsPerTask - 1) / kRowsPerTask;
+  // Tasks in panel-major order: a thread's contiguous range reuses each weight panel across row blocks.
+  at::parallel_for(0, panels * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p = t / blocks, r_end = std::min(g.m, (t % blocks + 1) * kRowsPerTask);
+      int64_t r = (t % blocks) * kRowsPerTask;
+      for (; r + kMR <= r_end; r += kMR) tile_and_epilogue<kMR>(g, p, r);
+      switch (r_end - r) {
+        case 5: tile_and_epilogue<5>(g, p, r); break;
+        case 4: tile_and_epilogue<4>(g, p, r); break;
+        case 3: tile_and_epilogue<3>(g, p, r); break;
+        case 2: tile_and_epilogue<2>(g, p, r); break;
+        case 1: tile_and_epilogue<1>(g, p, r); break;
+        default: break;
+      }
+    }
+  });
+}
+#endif  // FASTENC_X86
+
+}  // namespace
+
+bool int8_vnni_supported() {
+#if defined(FASTENC_X86)
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512vnni");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && scale.scalar_type() == at::kFloat &&
+                  scale.dim() == 1 && scale.size(0) == q.size(0),
+              "fastenc int8: a weight is int8 [n, k] with fp32 scales [n]");
+  Int8Weight w;
+  w.n = q.size(0);
+  w.k = q.size(1);
+  w.q = q.contiguous();
+  const int64_t panels = w.panels(), k4 = w.k4(), np = panels * kNR;
+  w.packed = at::zeros({panels, k4, kNR, 4}, q.options());
+  w.scale = at::zeros({np}, scale.options());
+  w.scale.narrow(0, 0, w.n).copy_(scale);
+  w.comp = at::zeros({np}, q.options().dtype(at::kInt));
+  const int8_t* src = w.q.const_data_ptr<int8_t>();
+  int8_t* dst = w.packed.data_ptr<int8_t>();
+  int32_t* comp = w.comp.data_ptr<int32_t>();
+  at::parallel_for(0, w.n, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t p = n / kNR, c = n % kNR;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < w.k; ++k) {
+        const int8_t v = src[n * w.k + k];
+        dst[((p * k4 + k / 4) * kNR + c) * 4 + k % 4] = v;
+        sum += v;
+      }
+      comp[n] = 128 * sum;
+    }
+  });
+  return w;
+}
+
+Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in) {
+  const bool gated = act_in && (*act_in == Act::kGeGLU || *act_in == Act::kSwiGLU);
+  const int64_t m = x.size(0), k = x.size(1) / (gated ? 2 : 1), k_pad = (k + 3) / 4 * 4;
+  Int8Rows out;
+  out.k = k;
+  out.q = at::empty({m, k_pad}, x.options().dtype(at::kByte));
+  out.scale = at::empty({m}, x.options().dtype(at::kFloat));
+  uint8_t* q = out.q.data_ptr<uint8_t>();
+  float* s = out.scale.data_ptr<float>();
+  const int64_t ld = x.stride(0);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "fastenc int8 quantize_rows",
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      const float* src = x.const_data_ptr<float>();
+      at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+        std::vector<float> v(k);
+        for (int64_t r = r0; r < r1; ++r) quantize_row(src + r * ld, k, act_in, v.data(), q + r * k_pad, k_pad, s + r);
+      });
+    })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      const at::BFloat16* src = x.const_data_ptr<at::BFloat16>();
+      at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+        std::vector<float> v(k);
+        for (int64_t r = r0; r < r1; ++r) quantize_row(src + r * ld, k, act_in, v.data(), q + r * k_pad, k_pad, s + r);
+      });
+    }));
+  return out;
+}
+
+at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor& bias, const at::Tensor& residual,
+                       at::ScalarType out_dtype) {
+  TORCH_CHECK(x.k == w.k, "fastenc int8: activations have ", x.k, " columns, the weight ", w.k);
+  const int64_t m = x.q.size(0);
+  at::Tensor y = at::empty({m, w.n}, x.q.options().dtype(out_dtype));
+  if (m == 0 || w.n == 0) return y;
+#if defined(FASTENC_X86)
+  if (int8_vnni_supported()) {
+    GemmArgs g{x.q.const_data_ptr<uint8_t>(), x.q.size(1), x.scale.const_data_ptr<float>(), &w,
+               bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+               residual.defined() ? residual.const_data_ptr() : nullptr, y.data_ptr(), out_dtype == at::kBFloat16, m,
+               w.n};
+    gemm_vnni(g);
+    return y;
+  }
+#endif
+  // ATen's int8 GEMM (s8 x s8 -> s32) and the same epilogue in ATen ops.
+  const at::Tensor a = (x.q.narrow(1, 0, x.k).to(at::kInt) - 128).to(at::kChar);
+  const at::Tensor acc = at::_int_mm(a, w.q.t());
+  at::Tensor f = acc.to(at::kFloat) * (x.scale.unsqueeze(1) * w.scale.narrow(0, 0, w.n).unsqueeze(0));
+  if (bias.defined()) f.add_(bias);
+  if (residual.defined()) f.add_(residual.to(at::kFloat));
+  y.copy_(f);
+  return y;
+}
+
+}  // namespace fastenc::cpu

@@ -1,0 +1,58 @@
+// Int8 linear layers on CPU (inference): y = (q_x q_wᵀ) · s_x s_wᵀ + bias (+ residual), the math of
+// fastenc.reference.linear_int8.  Weights are int8 per output channel (quantized once, in Python, by
+// reference.quantize_int8); activations are quantized per token at run time by quantize_rows, which may
+// first apply the previous GEMM's activation (gated ones halve the width), so an FFN's activation costs no
+// pass of its own: the FFN's hidden is read once, activated and quantized.
+//
+// GEMM: a hand-written AVX512-VNNI micro-kernel (vpdpbusd: u8 x s8 -> s32, 64 multiply-adds per
+// instruction) on an MR = 6 rows x NR = 64 columns tile held in 24 zmm accumulators, the weight prepacked
+// into 64-column panels (pack_int8_weight), the activations stored as u8 (q + 128; the offset's
+// contribution 128 · Σ_k q_w[n, k] is subtracted in the epilogue).  The epilogue dequantizes (s_x s_w),
+// adds the bias and the residual and stores fp32 or bf16.  CPUs without AVX512-VNNI run ATen's int8
+// GEMM (torch._int_mm, oneDNN) and the same epilogue math in ATen ops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "common/activation.h"  // Act
+
+namespace fastenc::cpu {
+
+constexpr int64_t kInt8PanelCols = 64;  // output channels per packed panel (NR)
+
+// An int8 weight [n, k] in the micro-kernel's layout.
+struct Int8Weight {
+  at::Tensor packed;  // int8 [panels, k4, 64, 4]: panel p, k group g, channel c, t: q[64p + c, 4g + t] (0 padded)
+  at::Tensor q;       // int8 [n, k]: the row-major copy (the fallback's GEMM)
+  at::Tensor scale;   // fp32 [panels · 64]: s_w (0 past n)
+  at::Tensor comp;    // int32 [panels · 64]: 128 · Σ_k q[n, k]
+  int64_t n = 0, k = 0;
+  int64_t k4() const { return (k + 3) / 4; }
+  int64_t panels() const { return (n + kInt8PanelCols - 1) / kInt8PanelCols; }
+};
+
+// q int8 [n, k] and scale fp32 [n] (reference.quantize_int8 of a weight) -> the packed weight.
+Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale);
+
+// Activations quantized per row: u8 [m, k4 · 4] holding q + 128 (padding columns 128, i.e. 0), scales [m].
+struct Int8Rows {
+  at::Tensor q;
+  at::Tensor scale;
+  int64_t k = 0;
+};
+
+// x [m, k_in] (fp32 or bf16, unit last stride) -> q, s of act_in(x) (k = k_in, or k_in / 2 when gated).
+Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in);
+
+// y [m, n] = (q_x q_wᵀ) s_x s_w + bias (+ residual) in out_dtype (fp32 or bf16); bias fp32 [n] or undefined,
+// residual [m, n] in out_dtype or undefined.
+at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor& bias, const at::Tensor& residual,
+                       at::ScalarType out_dtype);
+
+// Whether the VNNI micro-kernel runs on this CPU (else the ATen fallback).
+bool int8_vnni_supported();
+
+}  // namespace fastenc::cpu
