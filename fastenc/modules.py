@@ -192,7 +192,7 @@ class TransformerEncoder(BackendSetting, stack.StackOwner, nn.TransformerEncoder
                          final_norm=_final_norm(self.norm), attn_mask=attn_mask, key_padding_mask=kpm,
                          is_causal=is_causal, packed=packed, unpad_=unpad_, training=self.training,
                          cache=cache_of(self), hidden_states=hidden_states, checkpoint=checkpoint,
-                         quantize=self.quantize)
+                         quantize=self.quantize, input_norm=self.input_norm())
 
     def forward(
         self,
@@ -274,7 +274,7 @@ def encoder_from_torch(encoder: nn.TransformerEncoder, backend: BackendSpec = No
 
 def encoder_to_torch(encoder: TransformerEncoder) -> nn.TransformerEncoder:
     new = _retype(encoder, nn.TransformerEncoder)
-    for attr in ("_backend_spec", "_op_backend", "quantize"):
+    for attr in ("_backend_spec", "_op_backend", "quantize", "_input_norm"):
         new.__dict__.pop(attr, None)
     new.layers = nn.ModuleList([layer_to_torch(layer) for layer in encoder.layers])
     return new

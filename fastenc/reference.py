@@ -345,15 +345,28 @@ def quantize_int8(x: Tensor) -> Tuple[Tensor, Tensor]:
     return q, amax / INT8_MAX
 
 
+def smoothing(input_absmax: Tensor, weight: Tensor, alpha: float = 0.5) -> Tensor:
+    """SmoothQuant's per-input-channel factors s = max|x_k|^alpha / max_n|W[n, k]|^(1 - alpha) (fp32 [K]): the
+    GEMM x Wᵀ = (x / s)(W s)ᵀ then has activations with their outlier channels scaled down and weights
+    with those channels scaled up, which per-token and per-channel int8 both quantize better."""
+    a = input_absmax.float().clamp(min=1e-5)
+    w = weight.detach().float().abs().amax(dim=0).clamp(min=1e-5)
+    return a ** alpha / w ** (1.0 - alpha)
+
+
 def linear_int8(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None, *,
-                act_in: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
+                act_in: Optional[str] = None, residual: Optional[Tensor] = None,
+                smooth: Optional[Tensor] = None) -> Tensor:
     """y = (q_x q_wᵀ) · s_x s_wᵀ + bias (+ residual), in x's dtype: an int8 GEMM with int32 accumulation.
 
-    The activations are quantized per token at run time (``quantize_int8`` of ``act_in(x)``: the previous
-    GEMM's activation, gated ones halving the width, applied in fp32 first); weight_q int8 [N, K] and
-    weight_scale fp32 [N] come from ``quantize_int8`` of the weight (per output channel).  The integer
-    products are summed exactly (in float64, |sum| < 2^53), converted to fp32 and scaled."""
+    The activations are quantized per token at run time (``quantize_int8`` of ``act_in(x) · smooth``: the
+    previous GEMM's activation, gated ones halving the width, applied in fp32 first; smooth fp32 [K] = 1/s
+    when the weight was quantized smoothed, as W · diag(s)); weight_q int8 [N, K] and weight_scale fp32 [N]
+    come from ``quantize_int8`` of the (smoothed) weight, per output channel.  The integer products are
+    summed exactly (in float64, |sum| < 2^53), converted to fp32 and scaled."""
     a = x.float() if act_in is None else apply_activation(x.float(), act_in)
+    if smooth is not None:
+        a = a * smooth
     q, s = quantize_int8(a)
     acc = torch.matmul(q.double(), weight_q.double().t()).float()
     y = acc * (s[..., None] * weight_scale.float())

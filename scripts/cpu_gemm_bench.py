@@ -9,6 +9,10 @@ interleaved in one process (each round times every provider once per shape, in t
   onednn-packed  the same with W reordered once by torch.ops.mkldnn._reorder_linear_weight
   mkl-packed     torch.ops.mkl._mkl_linear with W packed by torch.ops.mkl._mkl_reorder_linear_weight
                  (fp32 only: what torch.compile's freezing pass uses)
+  panel          fastenc's few-row GEMM (fastenc._C.cpu_panel_gemm, W packed into 64-column panels)
+  int8           fastenc's int8 GEMM (fastenc._C.cpu_int8_linear: x quantized per row at each call, W per
+                 channel once), counted as GOP/s in the same column
+  int_mm         torch._int_mm on int8 operands quantized outside the timing (the GEMM alone)
 Prints median GFLOP/s per provider (2·M·N·K / time) and the ratio to addmm.  Check the kernels with
 MKL_VERBOSE=1 / ONEDNN_VERBOSE=1.  On a shared machine, repeat and quote ranges.
 """
@@ -31,7 +35,32 @@ def providers(w: torch.Tensor, b: torch.Tensor, m: int):
     if w.dtype == torch.float32:
         wm = torch.ops.mkl._mkl_reorder_linear_weight(w, m)
         out["mkl-packed"] = lambda x: torch.ops.mkl._mkl_linear(x, wm, w, b, m)
+    from fastenc import backends
+    from fastenc.ops.linear_int8 import quantize_weight
+
+    ext = backends.extension()
+    if ext is not None and ext.cpu_panel_gemm_supported(w.dtype):
+        wp8 = ext.PanelWeight(w)
+        out["panel"] = lambda x: ext.cpu_panel_gemm(x, wp8, b)
+    if ext is not None and hasattr(ext, "cpu_int8_linear"):
+        q = quantize_weight(w)
+        out["int8"] = lambda x: ext.cpu_int8_linear(x, q.packed, b)
+        wt = q.q.t()
+        out["int_mm"] = lambda x: torch._int_mm(_int8_rows(x), wt)
     return out
+
+
+_QUANTIZED = {}
+
+
+def _int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x quantized once per tensor (int_mm times the GEMM alone)."""
+    key = (x.data_ptr(), x.shape)
+    if key not in _QUANTIZED:
+        from fastenc.reference import quantize_int8
+
+        _QUANTIZED[key] = quantize_int8(x)[0]
+    return _QUANTIZED[key]
 
 
 def time_once(fn, x, min_s: float) -> float:
@@ -68,8 +97,11 @@ def main() -> None:
                 provs = providers(w, b, m)
                 ref = provs["addmm"](x).float()
                 for name, fn in provs.items():  # each provider computes the same product
+                    if name == "int_mm":
+                        continue  # integers: its scale-free product is not the float one
+                    tol = 0.05 if name == "int8" else 1e-3 if dt == torch.float32 else 0.1
                     err = (fn(x).float() - ref).abs().max().item()
-                    assert err <= (1e-3 if dt == torch.float32 else 0.1) * ref.abs().max().item(), (name, err)
+                    assert err <= tol * ref.abs().max().item(), (name, err)
                     time_once(fn, x, args.min_time / 5)  # warm-up (primitive creation, caches)
                 times = {name: [] for name in provs}
                 for _ in range(args.rounds):

@@ -59,6 +59,22 @@ def test_activation_applied_before_quantizing(act_in):
     _agree(fast, ref, flips_ok=act_in not in ("relu",))
 
 
+def test_smoothing():
+    """SmoothQuant: the weight quantized as W diag(s), the activations as x diag(1/s): the cpu kernel applies 1/s
+    where it quantizes; with outlier input channels the smoothed GEMM is closer to the float one."""
+    x, w, b, r = _operands(29, 200, 96, torch.float32)
+    s = reference.smoothing(x.abs().amax(0), w)
+    plain, smooth = quantize_weight(w), quantize_weight(w, s)
+    torch.testing.assert_close(smooth.smooth, 1.0 / s)
+    with torch.no_grad():
+        fast = linear_int8(x, smooth, b, residual=r, backend="cpu")
+        ref = linear_int8(x, smooth, b, residual=r, backend="reference")
+        unsmoothed = linear_int8(x, plain, b, residual=r, backend="reference")
+    _agree(fast, ref, flips_ok=True)  # 1/s: a multiply the activation rounding may see
+    exact = F.linear(x.double(), w.double(), b.double()) + r.double()
+    assert (ref.double() - exact).norm() < 0.8 * (unsmoothed.double() - exact).norm()
+
+
 def test_reference_is_a_float_gemm_within_the_quantization_error():
     """Per-token and per-channel scales: each operand is off by at most half its row's quantum (max|row| / 254);
     with three outlier channels 8x the others in every token (as real activations have), the output's relative

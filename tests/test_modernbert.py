@@ -98,6 +98,27 @@ def test_base_model_parity(backend, dtype, unpad, left):
     _check_model(ref, base, fast, inputs(left), dtype)
 
 
+@pytest.mark.skipif(ON_GPU, reason="the fused stack is the CPU inference path")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("left,act,bias", [(False, "gelu", False), (True, "silu", True)])
+def test_inference_runs_the_fused_stack(dtype, left, act, bias):
+    """In inference on a CPU the whole ModernBERT stack (window, rotary, gated FFN, layer 0 without attention
+    norm) is one C++ call: parity with HF on real tokens, sequences longer than the window."""
+    from fastenc.weight_cache import cache_of
+
+    if dtype == torch.bfloat16 and not fastenc.backends.extension().cpu_linear_supported(dtype):
+        pytest.skip("no bf16 GEMMs on this CPU")
+    torch.manual_seed(0)
+    model = build_hf(ModernBertModel, make_config(act=act, bias=bias)).eval()
+    ref, base, fast = triple(model, dtype)
+    kw = inputs(left=left)
+    keep = kw["attention_mask"].bool()
+    with torch.inference_mode():
+        outs = [m(**kw).last_hidden_state for m in (ref, base, fast)]
+    assert cache_of(fast).last_decision == ("fused", "one C++ call for the whole stack")
+    assert_parity(outs[2][keep], outs[0][keep], outs[1][keep], name="fused last_hidden_state")
+
+
 def test_biases_and_swiglu():
     """attention_bias / mlp_bias / norm_bias and a SiLU-gated FFN (swiglu)."""
     ref, base, fast = triple(build_hf(ModernBertModel, make_config(act="silu", bias=True)), torch.float32, unpad=True)

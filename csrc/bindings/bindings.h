@@ -12,5 +12,6 @@ void bind_layer_norm(py::module_& m);
 void bind_encoder(py::module_& m);
 void bind_linear(py::module_& m);
 void bind_int8_linear(py::module_& m);
+void bind_panel_gemm(py::module_& m);
 
 }  // namespace fastenc

@@ -49,7 +49,9 @@ void check_tensor(const at::Tensor& t, const std::string& name, at::IntArrayRef 
 
 EncoderLinear make_linear(const py::object& w, const char* weight, const char* bias, const std::string& where,
                           at::IntArrayRef shape, at::ScalarType dtype, bool prepack) {
-  EncoderLinear lin{tensor_attr(w, weight).detach(), at::Tensor(), tensor_attr(w, bias)};
+  EncoderLinear lin;
+  lin.weight = tensor_attr(w, weight).detach();
+  lin.bias = tensor_attr(w, bias);
   TORCH_CHECK_VALUE(lin.weight.defined(), kOp, where, weight, " is missing");
   check_tensor(lin.weight, where + weight, shape, dtype, false);
   lin.weight = lin.weight.contiguous();
@@ -58,6 +60,7 @@ EncoderLinear make_linear(const py::object& w, const char* weight, const char* b
     lin.bias = lin.bias.detach().contiguous();
   }
   if (prepack) lin.packed = pack(lin.weight);
+  if (panel_gemm_supported(dtype)) lin.panel = std::make_shared<PanelWeight>(pack_panel_weight(lin.weight));
   return lin;
 }
 
@@ -68,6 +71,8 @@ void set_int8(EncoderLinear& lin, const py::dict& int8, const char* name, const 
   TORCH_CHECK_VALUE(lin.int8->n == lin.weight.size(0) && lin.int8->k == lin.weight.size(1), kOp, where, "int8[",
                     name, "] is [", lin.int8->n, ", ", lin.int8->k, "] but the weight is ", lin.weight.sizes());
   if (lin.bias.defined()) lin.bias_f32 = lin.bias.to(at::kFloat).contiguous();
+  lin.packed = at::Tensor();  // the float GEMM's copies are not used
+  lin.panel.reset();
 }
 
 std::shared_ptr<EncoderLayer> make_layer(const py::object& spec, const py::object& w, const std::string& where,

@@ -16,7 +16,8 @@ namespace {
 
 constexpr const char* kOp = "fastenc linear_int8 (cpu): ";
 
-std::shared_ptr<cpu::Int8Weight> pack(const at::Tensor& q, const at::Tensor& scale) {
+std::shared_ptr<cpu::Int8Weight> pack(const at::Tensor& q, const at::Tensor& scale,
+                                      const std::optional<at::Tensor>& smooth) {
   TORCH_CHECK_TYPE(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, kOp,
                    "weight_q must be int8 and weight_scale float32, got ", q.scalar_type(), " and ",
                    scale.scalar_type());
@@ -24,7 +25,14 @@ std::shared_ptr<cpu::Int8Weight> pack(const at::Tensor& q, const at::Tensor& sca
                         q.size(1) >= 1 && scale.dim() == 1 && scale.size(0) == q.size(0),
                     kOp, "weight_q must be a CPU [n, k] tensor (n, k >= 1) and weight_scale [n], got ", q.sizes(),
                     " and ", scale.sizes());
-  return std::make_shared<cpu::Int8Weight>(cpu::pack_int8_weight(q, scale.contiguous()));
+  if (smooth) {
+    TORCH_CHECK_VALUE(smooth->scalar_type() == at::kFloat && smooth->device().is_cpu() && smooth->dim() == 1 &&
+                          smooth->size(0) == q.size(1),
+                      kOp, "smooth must be a float32 CPU [", q.size(1), "] tensor, got ", smooth->scalar_type(), " ",
+                      smooth->sizes());
+  }
+  return std::make_shared<cpu::Int8Weight>(
+      cpu::pack_int8_weight(q, scale.contiguous(), smooth.value_or(at::Tensor())));
 }
 
 at::Tensor linear(const at::Tensor& x, const cpu::Int8Weight& w, const std::optional<at::Tensor>& bias,
@@ -50,15 +58,17 @@ at::Tensor linear(const at::Tensor& x, const cpu::Int8Weight& w, const std::opti
                       "residual must be a CPU [", x.size(0), ", ", w.n, "] tensor, got ", residual->sizes());
     r = residual->to(x.scalar_type()).contiguous();
   }
-  return cpu::int8_linear(cpu::quantize_rows(x, act), w, b, r, x.scalar_type());
+  return cpu::int8_linear(cpu::quantize_rows(x, act, w.smooth), w, b, r, x.scalar_type());
 }
 
 }  // namespace
 
 void bind_int8_linear(py::module_& m) {
   py::class_<cpu::Int8Weight, std::shared_ptr<cpu::Int8Weight>>(
-      m, "Int8Weight", "an int8 weight [n, k] with per-channel scales, packed for cpu_int8_linear")
-      .def(py::init(&pack), py::arg("weight_q"), py::arg("weight_scale"))
+      m, "Int8Weight",
+      "an int8 weight [n, k] with per-channel scales (and optionally the 1/s of its SmoothQuant smoothing, which "
+      "multiplies the activations before they are quantized), packed for cpu_int8_linear")
+      .def(py::init(&pack), py::arg("weight_q"), py::arg("weight_scale"), py::arg("smooth") = py::none())
       .def_property_readonly("shape", [](const cpu::Int8Weight& w) { return py::make_tuple(w.n, w.k); });
   m.def("cpu_int8_linear", &linear,
         "y = (q_x q_w^T) s_x s_w + bias (+ residual): x quantized per row after act_in (none, relu, gelu, gelu_tanh, "

@@ -25,15 +25,24 @@ namespace fastenc::cpu {
 namespace {
 
 constexpr int64_t kOneDnnMinMacs = int64_t(1) << 21;  // as the FFN op's CPU path (ffn_ops.cpp)
+// Rows up to which the panel GEMM (linear/panel_gemm.h) beats oneDNN's inner product (a single request's
+// tokens); measured with scripts/cpu_gemm_bench.py, see benchmarks/README.md "CPU GEMMs".
+constexpr int64_t kPanelMaxRows = 64;
 
 // act(a Wᵀ + bias) (+ add); act and add exclude each other.  An int8 GEMM quantizes a per row first.
 at::Tensor linear(const at::Tensor& a, const EncoderLinear& lin, std::optional<Act> act, const at::Tensor& add) {
   if (lin.int8) {
-    at::Tensor y = int8_linear(quantize_rows(a, std::nullopt), *lin.int8, lin.bias_f32, add, a.scalar_type());
+    at::Tensor y = int8_linear(quantize_rows(a, std::nullopt, lin.int8->smooth), *lin.int8, lin.bias_f32, add,
+                               a.scalar_type());
     if (act) act_dropout_cpu(y, y, *act, DropoutParams{});
     return y;
   }
   const int64_t M = a.size(0), K = a.size(1), N = lin.weight.size(0);
+  if (lin.panel && M <= kPanelMaxRows) {
+    at::Tensor y = panel_gemm(a, *lin.panel, lin.bias, add);
+    if (act) act_dropout_cpu(y, y, *act, DropoutParams{});
+    return y;
+  }
   if (M > 0 && K > 0 && M * N * K >= kOneDnnMinMacs && onednn_linear_supported(a.scalar_type())) {
     return onednn_linear(a, lin.packed.defined() ? lin.packed : lin.weight,
                          lin.bias.defined() ? std::optional<at::Tensor>(lin.bias) : std::nullopt, act, add);
@@ -50,7 +59,8 @@ at::Tensor linear(const at::Tensor& a, const EncoderLinear& lin, std::optional<A
 at::Tensor ffn(const at::Tensor& h, const EncoderLayer& w, const at::Tensor& add) {
   if (w.ffn2.int8) {
     const at::Tensor pre = linear(h, w.ffn1, std::nullopt, at::Tensor());
-    return int8_linear(quantize_rows(pre, w.act), *w.ffn2.int8, w.ffn2.bias_f32, add, h.scalar_type());
+    return int8_linear(quantize_rows(pre, w.act, w.ffn2.int8->smooth), *w.ffn2.int8, w.ffn2.bias_f32, add,
+                       h.scalar_type());
   }
   at::Tensor hidden;
   if (!w.gated()) {
@@ -104,7 +114,9 @@ at::Tensor encoder_forward(const at::Tensor& x, const at::Tensor& cu_seqlens, in
       attention_forward_out(qkv.select(1, 0), qkv.select(1, 1), qkv.select(1, 2), cu_seqlens, cu_seqlens, p,
                             attn.view({T, H, D}), at::Tensor());
       // The out projection's bias goes into the residual + LayerNorm pass.
-      const EncoderLinear out_no_bias{w.out.weight, w.out.packed, at::Tensor(), w.out.int8, at::Tensor()};
+      EncoderLinear out_no_bias = w.out;
+      out_no_bias.bias = at::Tensor();
+      out_no_bias.bias_f32 = at::Tensor();
       return linear(attn, out_no_bias, std::nullopt, at::Tensor());
     };
     if (w.norm_first) {

@@ -15,6 +15,7 @@
 
 #include "ffn/ffn.h"
 #include "linear/int8_linear.h"
+#include "linear/panel_gemm.h"
 
 namespace fastenc::cpu {
 
@@ -22,6 +23,7 @@ namespace fastenc::cpu {
 struct EncoderLinear {
   at::Tensor weight;  // [n, k]: the source tensor (ATen's GEMM for problems below the oneDNN threshold)
   at::Tensor packed;  // the same weight in oneDNN's blocked layout, when defined (oneDNN GEMMs)
+  std::shared_ptr<PanelWeight> panel;  // the same weight in 64-column panels, when set (few-row GEMMs)
   at::Tensor bias;    // [n], or undefined
   std::shared_ptr<Int8Weight> int8;  // when set, the GEMM runs in int8 (linear/int8_linear.h) with bias_f32
   at::Tensor bias_f32;

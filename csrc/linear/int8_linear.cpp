@@ -9,26 +9,23 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define FASTENC_X86 1
-#endif
-
 #include "common/activation_vec.h"
 #include "common/vec_io.h"
+#include "linear/panel_tiles.h"
 
 namespace fastenc::cpu {
 namespace {
 
-constexpr int64_t kNR = kInt8PanelCols;  // 64 columns: 4 zmm of 16 int32 accumulators
-constexpr int kMR = 6;                   // rows per tile: 6 x 4 = 24 accumulators + 4 weight vectors
-constexpr int64_t kRowsPerTask = 96;     // 16 tiles of rows per task (a task = one panel x these rows)
+using panel::kMR;
+using panel::kNR;
+static_assert(kNR == kInt8PanelCols);
 
 // ------------------------------------------------------------------ activation quantization
 
-// One row: v = act_in(x) in fp32 (scratch), then q = round(v · 127 / max|v|) + 128 as u8.
+// One row: v = act_in(x) · smooth in fp32 (scratch), then q = round(v · 127 / max|v|) + 128 as u8.
 template <typename T>
-void quantize_row(const T* x, int64_t k, std::optional<Act> act, float* v, uint8_t* q, int64_t k_pad, float* s) {
+void quantize_row(const T* x, int64_t k, std::optional<Act> act, const float* smooth, float* v, uint8_t* q,
+                  int64_t k_pad, float* s) {
   const bool gated = act && (*act == Act::kGeGLU || *act == Act::kSwiGLU);
   Vec amax(0.f);
   for (int64_t c = 0; c < k; c += kW) {
@@ -45,8 +42,9 @@ void quantize_row(const T* x, int64_t k, std::optional<Act> act, float* v, uint8
         default: break;
       }
     }
+    if (smooth) y = y * Vec::loadu(smooth + c, n);
     y.store(v + c, n);
-    amax = at::vec::maximum(amax, y.abs());  // lanes past n are act(0) = 0
+    amax = at::vec::maximum(amax, y.abs());  // lanes past n are act(0) · 0 = 0
   }
   float m = 0.f;
   float lanes[kW];
@@ -66,51 +64,8 @@ void quantize_row(const T* x, int64_t k, std::optional<Act> act, float* v, uint8
 
 // ------------------------------------------------------------------ the VNNI GEMM
 
-#if defined(FASTENC_X86)
-#define FASTENC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
-
-// acc[r][v] += Σ_g a[r, 4g..4g+3] · b[g, 16v..16v+15, 0..3] over the panel's k4 groups.
-template <int MR>
-FASTENC_VNNI inline void tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t k4, __m512i (&acc)[kMR][4]) {
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_si512();
-  }
-  for (int64_t g = 0; g < k4; ++g) {
-    const int8_t* bg = b + g * 256;
-    const __m512i b0 = _mm512_loadu_si512(bg), b1 = _mm512_loadu_si512(bg + 64);
-    const __m512i b2 = _mm512_loadu_si512(bg + 128), b3 = _mm512_loadu_si512(bg + 192);
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      int32_t word;
-      std::memcpy(&word, a + r * lda + 4 * g, 4);
-      const __m512i av = _mm512_set1_epi32(word);
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
-      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, b2);
-      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, b3);
-    }
-  }
-}
-
-FASTENC_VNNI inline __m512 load_residual(const void* p, bool bf16, __mmask16 mask) {
-  if (!bf16) return _mm512_maskz_loadu_ps(mask, p);
-  const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-FASTENC_VNNI inline void store_out(void* p, __m512 y, bool bf16, __mmask16 mask) {
-  if (!bf16) {
-    _mm512_mask_storeu_ps(p, mask, y);
-    return;
-  }
-  // fp32 -> bf16, rounding to nearest even (finite values): bits + 0x7fff + lsb of the kept half.
-  const __m512i bits = _mm512_castps_si512(y);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(r));
-}
+#if defined(FASTENC_PANEL_X86)
+#define FASTENC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni")))
 
 struct GemmArgs {
   const uint8_t* a;  // u8 [m, lda]
@@ -124,12 +79,34 @@ struct GemmArgs {
   int64_t m, n;
 };
 
-// Rows r0.. r0+MR of panel p: the tile, then y = (acc - comp) · s_x s_w + bias (+ residual).
+// Rows r0.. r0+MR of panel p: acc[r][v] = Σ_g a[r, 4g..4g+3] · b[g, 16v..16v+15, 0..3] over the k4 groups,
+// then y = (acc - comp) · s_x s_w + bias (+ residual).
 template <int MR>
-FASTENC_VNNI void tile_and_epilogue(const GemmArgs& g, int64_t p, int64_t r0) {
+FASTENC_VNNI void tile(const GemmArgs& g, int64_t p, int64_t r0) {
   __m512i acc[kMR][4];
-  const int8_t* b = g.w->packed.const_data_ptr<int8_t>() + p * g.w->k4() * kNR * 4;
-  tile<MR>(g.a + r0 * g.lda, g.lda, b, g.w->k4(), acc);
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_si512();
+  }
+  const int64_t k4 = g.w->k4();
+  const int8_t* b = g.w->packed.const_data_ptr<int8_t>() + p * k4 * kNR * 4;
+  const uint8_t* a = g.a + r0 * g.lda;
+  for (int64_t kg = 0; kg < k4; ++kg) {
+    const int8_t* bg = b + kg * kNR * 4;
+    const __m512i b0 = _mm512_loadu_si512(bg), b1 = _mm512_loadu_si512(bg + 64);
+    const __m512i b2 = _mm512_loadu_si512(bg + 128), b3 = _mm512_loadu_si512(bg + 192);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      int32_t word;
+      std::memcpy(&word, a + r * g.lda + 4 * kg, 4);
+      const __m512i av = _mm512_set1_epi32(word);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
+      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, b2);
+      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, b3);
+    }
+  }
   const int64_t n0 = p * kNR;
   const float* sw = g.w->scale.const_data_ptr<float>() + n0;
   const int32_t* comp = g.w->comp.const_data_ptr<int32_t>() + n0;
@@ -138,7 +115,7 @@ FASTENC_VNNI void tile_and_epilogue(const GemmArgs& g, int64_t p, int64_t r0) {
   for (int v = 0; v < 4; ++v) {
     const int64_t c = n0 + 16 * v;
     if (c >= g.n) break;
-    const __mmask16 mask = g.n - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (g.n - c)) - 1u);
+    const __mmask16 mask = panel::edge_mask(g.n, c);
     const __m512 swv = _mm512_loadu_ps(sw + 16 * v);
     const __m512i cv = _mm512_loadu_si512(comp + 16 * v);
     const __m512 bv = g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + c) : _mm512_setzero_ps();
@@ -149,37 +126,30 @@ FASTENC_VNNI void tile_and_epilogue(const GemmArgs& g, int64_t p, int64_t r0) {
                                _mm512_mul_ps(_mm512_set1_ps(g.a_scale[row]), swv));
       if (g.bias) y = _mm512_add_ps(y, bv);
       const size_t off = (static_cast<size_t>(row) * g.n + c) * esz;
-      if (g.residual) y = _mm512_add_ps(y, load_residual(static_cast<const char*>(g.residual) + off, g.bf16, mask));
-      store_out(static_cast<char*>(g.out) + off, y, g.bf16, mask);
+      if (g.residual) y = _mm512_add_ps(y, panel::load16(static_cast<const char*>(g.residual) + off, g.bf16, mask));
+      panel::store16(static_cast<char*>(g.out) + off, y, g.bf16, mask);
     }
   }
 }
 
-FASTENC_VNNI void gemm_vnni(const GemmArgs& g) {
-  const int64_t panels = g.w->panels(), blocks = (g.m + kRowsPerTask - 1) / kRowsPerTask;
-  // Tasks in panel-major order: a thread's contiguous range reuses each weight panel across row blocks.
-  at::parallel_for(0, panels * blocks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t p = t / blocks, r_end = std::min(g.m, (t % blocks + 1) * kRowsPerTask);
-      int64_t r = (t % blocks) * kRowsPerTask;
-      for (; r + kMR <= r_end; r += kMR) tile_and_epilogue<kMR>(g, p, r);
-      switch (r_end - r) {
-        case 5: tile_and_epilogue<5>(g, p, r); break;
-        case 4: tile_and_epilogue<4>(g, p, r); break;
-        case 3: tile_and_epilogue<3>(g, p, r); break;
-        case 2: tile_and_epilogue<2>(g, p, r); break;
-        case 1: tile_and_epilogue<1>(g, p, r); break;
-        default: break;
-      }
+void gemm_vnni(const GemmArgs& g) {
+  panel::for_each_tile(g.m, g.n, [&](int64_t p, int64_t r0, int rows) {
+    switch (rows) {
+      case 6: tile<6>(g, p, r0); break;
+      case 5: tile<5>(g, p, r0); break;
+      case 4: tile<4>(g, p, r0); break;
+      case 3: tile<3>(g, p, r0); break;
+      case 2: tile<2>(g, p, r0); break;
+      default: tile<1>(g, p, r0); break;
     }
   });
 }
-#endif  // FASTENC_X86
+#endif  // FASTENC_PANEL_X86
 
 }  // namespace
 
 bool int8_vnni_supported() {
-#if defined(FASTENC_X86)
+#if defined(FASTENC_PANEL_X86)
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                          __builtin_cpu_supports("avx512vnni");
@@ -189,7 +159,7 @@ bool int8_vnni_supported() {
 #endif
 }
 
-Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale) {
+Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& smooth) {
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && scale.scalar_type() == at::kFloat &&
                   scale.dim() == 1 && scale.size(0) == q.size(0),
               "fastenc int8: a weight is int8 [n, k] with fp32 scales [n]");
@@ -197,6 +167,11 @@ Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale) {
   w.n = q.size(0);
   w.k = q.size(1);
   w.q = q.contiguous();
+  if (smooth.defined()) {
+    TORCH_CHECK(smooth.scalar_type() == at::kFloat && smooth.dim() == 1 && smooth.size(0) == w.k,
+                "fastenc int8: smooth must be fp32 [k]");
+    w.smooth = smooth.contiguous();
+  }
   const int64_t panels = w.panels(), k4 = w.k4(), np = panels * kNR;
   w.packed = at::zeros({panels, k4, kNR, 4}, q.options());
   w.scale = at::zeros({np}, scale.options());
@@ -220,7 +195,7 @@ Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale) {
   return w;
 }
 
-Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in) {
+Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth) {
   const bool gated = act_in && (*act_in == Act::kGeGLU || *act_in == Act::kSwiGLU);
   const int64_t m = x.size(0), k = x.size(1) / (gated ? 2 : 1), k_pad = (k + 3) / 4 * 4;
   Int8Rows out;
@@ -230,19 +205,22 @@ Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in) {
   uint8_t* q = out.q.data_ptr<uint8_t>();
   float* s = out.scale.data_ptr<float>();
   const int64_t ld = x.stride(0);
+  const float* sm = smooth.defined() ? smooth.const_data_ptr<float>() : nullptr;
   AT_DISPATCH_SWITCH(x.scalar_type(), "fastenc int8 quantize_rows",
     AT_DISPATCH_CASE(at::kFloat, [&] {
       const float* src = x.const_data_ptr<float>();
       at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
         std::vector<float> v(k);
-        for (int64_t r = r0; r < r1; ++r) quantize_row(src + r * ld, k, act_in, v.data(), q + r * k_pad, k_pad, s + r);
+        for (int64_t r = r0; r < r1; ++r) quantize_row(src + r * ld, k, act_in, sm, v.data(), q + r * k_pad, k_pad,
+                                                     s + r);
       });
     })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
       const at::BFloat16* src = x.const_data_ptr<at::BFloat16>();
       at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
         std::vector<float> v(k);
-        for (int64_t r = r0; r < r1; ++r) quantize_row(src + r * ld, k, act_in, v.data(), q + r * k_pad, k_pad, s + r);
+        for (int64_t r = r0; r < r1; ++r) quantize_row(src + r * ld, k, act_in, sm, v.data(), q + r * k_pad, k_pad,
+                                                     s + r);
       });
     }));
   return out;
@@ -254,7 +232,7 @@ at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor&
   const int64_t m = x.q.size(0);
   at::Tensor y = at::empty({m, w.n}, x.q.options().dtype(out_dtype));
   if (m == 0 || w.n == 0) return y;
-#if defined(FASTENC_X86)
+#if defined(FASTENC_PANEL_X86)
   if (int8_vnni_supported()) {
     GemmArgs g{x.q.const_data_ptr<uint8_t>(), x.q.size(1), x.scale.const_data_ptr<float>(), &w,
                bias.defined() ? bias.const_data_ptr<float>() : nullptr,

@@ -23,19 +23,22 @@ namespace fastenc::cpu {
 
 constexpr int64_t kInt8PanelCols = 64;  // output channels per packed panel (NR)
 
-// An int8 weight [n, k] in the micro-kernel's layout.
+// An int8 weight [n, k] in the micro-kernel's layout.  With a smoothing vector (SmoothQuant: the weight was
+// quantized as W · diag(s)), its activations are quantized as x · diag(1/s): smooth holds 1/s.
 struct Int8Weight {
   at::Tensor packed;  // int8 [panels, k4, 64, 4]: panel p, k group g, channel c, t: q[64p + c, 4g + t] (0 padded)
   at::Tensor q;       // int8 [n, k]: the row-major copy (the fallback's GEMM)
   at::Tensor scale;   // fp32 [panels · 64]: s_w (0 past n)
   at::Tensor comp;    // int32 [panels · 64]: 128 · Σ_k q[n, k]
+  at::Tensor smooth;  // fp32 [k]: 1/s, or undefined (no smoothing)
   int64_t n = 0, k = 0;
   int64_t k4() const { return (k + 3) / 4; }
   int64_t panels() const { return (n + kInt8PanelCols - 1) / kInt8PanelCols; }
 };
 
-// q int8 [n, k] and scale fp32 [n] (reference.quantize_int8 of a weight) -> the packed weight.
-Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale);
+// q int8 [n, k] and scale fp32 [n] (reference.quantize_int8 of a weight, smoothed or not), smooth fp32 [k]
+// or undefined -> the packed weight.
+Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& smooth);
 
 // Activations quantized per row: u8 [m, k4 · 4] holding q + 128 (padding columns 128, i.e. 0), scales [m].
 struct Int8Rows {
@@ -44,8 +47,9 @@ struct Int8Rows {
   int64_t k = 0;
 };
 
-// x [m, k_in] (fp32 or bf16, unit last stride) -> q, s of act_in(x) (k = k_in, or k_in / 2 when gated).
-Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in);
+// x [m, k_in] (fp32 or bf16, unit last stride) -> q, s of act_in(x) · smooth (k = k_in, or k_in / 2 when
+// gated; smooth fp32 [k] or undefined).
+Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth);
 
 // y [m, n] = (q_x q_wᵀ) s_x s_w + bias (+ residual) in out_dtype (fp32 or bf16); bias fp32 [n] or undefined,
 // residual [m, n] in out_dtype or undefined.

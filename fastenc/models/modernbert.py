@@ -85,7 +85,7 @@ class FastModernBertModel(BackendSetting, stack.StackOwner, ModernBertModel):
         out = stack.run(self.stack_layers(), x, setting=self, final_norm=_norm_weights(self.final_norm),
                         key_padding_mask=None if info is not None else kpm, packed=info, unpad_=False,
                         training=self.training, cache=cache_of(self), hidden_states=bool(output_hidden_states),
-                        checkpoint=ckpt, quantize=self.quantize)
+                        checkpoint=ckpt, quantize=self.quantize, input_norm=_norm_weights(self.embeddings.norm))
         last, states = out.last, out.hidden_states
         if states is not None:
             states = states[:-1] + (last,)  # HF reports the normed output as the last state

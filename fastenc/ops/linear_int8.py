@@ -45,21 +45,29 @@ register_op("linear_int8", {"cpu": _cpu_available}, auto={"cpu": ("cpu",)}, desc
 
 
 class QuantWeight(NamedTuple):
-    """A weight [n, k] in int8: q int8 [n, k], scale fp32 [n], and the cpu backend's packed copy (or None)."""
+    """A weight [n, k] in int8: q int8 [n, k], scale fp32 [n], the 1/s of its smoothing (fp32 [k]) or None,
+    and the cpu backend's packed copy (or None)."""
 
     q: Tensor
     scale: Tensor
+    smooth: Optional[Tensor] = None
     packed: object = None
 
 
-def quantize_weight(weight: Tensor) -> QuantWeight:
-    """Per output channel, symmetric (``reference.quantize_int8``); packed for the cpu kernel when this build
-    has it (on CPU tensors)."""
+def quantize_weight(weight: Tensor, smoothing: Optional[Tensor] = None) -> QuantWeight:
+    """Per output channel, symmetric (``reference.quantize_int8``), of ``weight · diag(smoothing)`` when given
+    (``reference.smoothing``: its activations are then quantized as ``x / smoothing``); packed for the cpu
+    kernel when this build has it (on CPU tensors)."""
     with torch.no_grad():
-        q, scale = reference.quantize_int8(weight.detach())
+        w = weight.detach().float()
+        smooth = None
+        if smoothing is not None:
+            w = w * smoothing[None, :]
+            smooth = (1.0 / smoothing).float().contiguous()
+        q, scale = reference.quantize_int8(w)
     ext = extension()
     usable = ext is not None and hasattr(ext, "Int8Weight") and q.device.type == "cpu"
-    return QuantWeight(q, scale, ext.Int8Weight(q, scale) if usable else None)
+    return QuantWeight(q, scale, smooth, ext.Int8Weight(q, scale, smooth) if usable else None)
 
 
 def linear_int8(x: Tensor, weight: QuantWeight, bias: Optional[Tensor] = None, *, act_in: Optional[str] = None,
@@ -90,7 +98,8 @@ def linear_int8_unchecked(x: Tensor, weight: QuantWeight, bias: Optional[Tensor]
                           residual: Optional[Tensor], backend: Optional[str]) -> Tensor:
     """:func:`linear_int8` on arguments already validated (the stack's own weights)."""
     if resolve("linear_int8", backend, x.device, x.dtype) == "reference":
-        return reference.linear_int8(x, weight.q, weight.scale, bias, act_in=act_in, residual=residual)
+        return reference.linear_int8(x, weight.q, weight.scale, bias, act_in=act_in, residual=residual,
+                                     smooth=weight.smooth)
     lead = x.shape[:-1]
     y = extension().cpu_int8_linear(x.reshape(-1, x.shape[-1]), weight.packed, bias, act_in or "none",
                                     None if residual is None else residual.reshape(-1, residual.shape[-1]))

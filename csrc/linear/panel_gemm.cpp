@@ -1,0 +1,189 @@
+// Few-row fp32 / bf16 GEMMs on CPU (see panel_gemm.h).
+#include "linear/panel_gemm.h"
+
+#include <cstring>
+
+#include "linear/panel_tiles.h"
+
+namespace fastenc::cpu {
+namespace {
+
+using panel::kMR;
+using panel::kNR;
+
+struct Args {
+  const void* x;  // [m, lda] fp32 or bf16
+  int64_t lda;
+  const PanelWeight* w;
+  const float* bias;     // fp32 [n] or null
+  const void* residual;  // [m, n] in x's dtype or null
+  void* out;             // [m, n]
+  bool bf16;
+  int64_t m, n;
+};
+
+#if defined(FASTENC_PANEL_X86)
+#define FASTENC_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+
+// y = acc + bias (+ residual) for rows r0.. of panel p.
+template <int MR>
+FASTENC_AVX512 inline void epilogue(const Args& g, int64_t p, int64_t r0, __m512 (&acc)[kMR][4]) {
+  const size_t esz = g.bf16 ? 2 : 4;
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v) {
+    const int64_t c = p * kNR + 16 * v;
+    if (c >= g.n) break;
+    const __mmask16 mask = panel::edge_mask(g.n, c);
+    const __m512 bv = g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + c) : _mm512_setzero_ps();
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const size_t off = (static_cast<size_t>(r0 + r) * g.n + c) * esz;
+      __m512 y = _mm512_add_ps(acc[r][v], bv);
+      if (g.residual) y = _mm512_add_ps(y, panel::load16(static_cast<const char*>(g.residual) + off, g.bf16, mask));
+      panel::store16(static_cast<char*>(g.out) + off, y, g.bf16, mask);
+    }
+  }
+}
+
+template <int MR>
+FASTENC_AVX512 void tile_f32(const Args& g, int64_t p, int64_t r0) {
+  __m512 acc[kMR][4];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  const int64_t k = g.w->k;
+  const float* b = g.w->packed.const_data_ptr<float>() + p * k * kNR;
+  const float* a = static_cast<const float*>(g.x) + r0 * g.lda;
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const float* bk = b + kk * kNR;
+    const __m512 b0 = _mm512_loadu_ps(bk), b1 = _mm512_loadu_ps(bk + 16), b2 = _mm512_loadu_ps(bk + 32),
+                 b3 = _mm512_loadu_ps(bk + 48);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * g.lda + kk]);
+      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
+    }
+  }
+  epilogue<MR>(g, p, r0, acc);
+}
+
+template <int MR>
+FASTENC_AVX512BF16 void tile_bf16(const Args& g, int64_t p, int64_t r0) {
+  __m512 acc[kMR][4];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  const int64_t k = g.w->k, k2 = (k + 1) / 2;
+  const uint16_t* b = static_cast<const uint16_t*>(g.w->packed.const_data_ptr()) + p * k2 * kNR * 2;
+  const uint16_t* a = static_cast<const uint16_t*>(g.x) + r0 * g.lda;
+  for (int64_t kk = 0; kk < k2; ++kk) {
+    const uint16_t* bk = b + kk * kNR * 2;
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bk), b1 = (__m512bh)_mm512_loadu_si512(bk + 32),
+                   b2 = (__m512bh)_mm512_loadu_si512(bk + 64), b3 = (__m512bh)_mm512_loadu_si512(bk + 96);
+    const bool whole = 2 * kk + 1 < k;  // the last pair of an odd k has one element: never read past the row
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      uint32_t word = a[r * g.lda + 2 * kk];
+      if (whole) word |= static_cast<uint32_t>(a[r * g.lda + 2 * kk + 1]) << 16;
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(word));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], av, b2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], av, b3);
+    }
+  }
+  epilogue<MR>(g, p, r0, acc);
+}
+
+template <bool BF16, int MR>
+void run_tile(const Args& g, int64_t p, int64_t r0) {
+  if constexpr (BF16) {
+    tile_bf16<MR>(g, p, r0);
+  } else {
+    tile_f32<MR>(g, p, r0);
+  }
+}
+
+template <bool BF16>
+void gemm(const Args& g) {
+  panel::for_each_tile(g.m, g.n, [&](int64_t p, int64_t r0, int rows) {
+    switch (rows) {
+      case 6: run_tile<BF16, 6>(g, p, r0); break;
+      case 5: run_tile<BF16, 5>(g, p, r0); break;
+      case 4: run_tile<BF16, 4>(g, p, r0); break;
+      case 3: run_tile<BF16, 3>(g, p, r0); break;
+      case 2: run_tile<BF16, 2>(g, p, r0); break;
+      default: run_tile<BF16, 1>(g, p, r0); break;
+    }
+  });
+}
+#endif  // FASTENC_PANEL_X86
+
+}  // namespace
+
+bool panel_gemm_supported(at::ScalarType dtype) {
+#if defined(FASTENC_PANEL_X86)
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                             __builtin_cpu_supports("fma");
+  static const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+  return dtype == at::kFloat ? avx512 : dtype == at::kBFloat16 ? bf16 : false;
+#else
+  (void)dtype;
+  return false;
+#endif
+}
+
+PanelWeight pack_panel_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "fastenc panel GEMM: the weight is fp32 or bf16 [n, k]");
+  PanelWeight out;
+  out.n = w.size(0);
+  out.k = w.size(1);
+  out.dtype = w.scalar_type();
+  const int64_t np = panel::panels(out.n);
+  const at::Tensor src = w.contiguous();
+  if (out.dtype == at::kFloat) {
+    // [panels, k, 64]: element (p, kk, c) = w[64p + c, kk]
+    at::Tensor padded = at::zeros({np * kNR, out.k}, w.options());
+    padded.narrow(0, 0, out.n).copy_(src);
+    out.packed = padded.view({np, kNR, out.k}).transpose(1, 2).contiguous();
+  } else {
+    // [panels, k2, 64, 2]: element (p, kk, c, t) = w[64p + c, 2kk + t]
+    const int64_t k2 = (out.k + 1) / 2;
+    at::Tensor padded = at::zeros({np * kNR, 2 * k2}, w.options());
+    padded.narrow(0, 0, out.n).narrow(1, 0, out.k).copy_(src);
+    out.packed = padded.view({np, kNR, k2, 2}).transpose(1, 2).contiguous();
+  }
+  return out;
+}
+
+at::Tensor panel_gemm(const at::Tensor& x, const PanelWeight& w, const at::Tensor& bias, const at::Tensor& residual) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.k && x.scalar_type() == w.dtype && x.stride(1) == 1,
+              "fastenc panel GEMM: x must be [m, ", w.k, "] in the weight's dtype with unit last stride");
+  TORCH_CHECK(panel_gemm_supported(w.dtype), "fastenc panel GEMM: no kernel for ", w.dtype, " on this CPU");
+  const int64_t m = x.size(0);
+  at::Tensor y = at::empty({m, w.n}, x.options());
+  if (m == 0) return y;
+  const at::Tensor b = bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor r = residual.defined() ? residual.contiguous() : at::Tensor();
+#if defined(FASTENC_PANEL_X86)
+  const Args g{x.const_data_ptr(), x.stride(0), &w, b.defined() ? b.const_data_ptr<float>() : nullptr,
+               r.defined() ? r.const_data_ptr() : nullptr, y.data_ptr(), w.dtype == at::kBFloat16, m, w.n};
+  if (g.bf16) {
+    gemm<true>(g);
+  } else {
+    gemm<false>(g);
+  }
+#endif
+  return y;
+}
+
+}  // namespace fastenc::cpu

@@ -1,0 +1,46 @@
+"""The few-row CPU GEMM (csrc/linear/panel_gemm.cpp) against torch's GEMM: the parity rule against fp64, odd
+shapes (one row, one column, panel edges, odd k), bias and residual, fp32 and bf16; and its use in the fused
+stack for a single request's tokens."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastenc import backends
+from fastenc.testing import assert_parity
+
+ext = backends.extension()
+pytestmark = pytest.mark.skipif(ext is None or not hasattr(ext, "cpu_panel_gemm"), reason="the extension is not built")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 384, 1152), (7, 3, 65), (32, 384, 1536), (13, 1536, 384),
+                                   (64, 97, 63), (100, 768, 130)])
+def test_matches_torch(m, k, n, dtype):
+    if not ext.cpu_panel_gemm_supported(dtype):
+        pytest.skip(f"no panel GEMM for {dtype} on this CPU (AVX-512; bf16 also AVX512-BF16)")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=g).to(dtype), (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+    b, r = torch.randn(n, generator=g).to(dtype), torch.randn(m, n, generator=g).to(dtype)
+    packed = ext.PanelWeight(w)
+    for bias, res in ((None, None), (b, None), (b, r), (None, r)):
+        fast = ext.cpu_panel_gemm(x, packed, bias, res)
+        oracle = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        base = F.linear(x, w, bias)
+        if res is not None:
+            oracle, base = oracle + res.double(), base + res
+        assert fast.dtype == dtype
+        assert_parity(fast, oracle, base, name=f"panel gemm {m}x{k}x{n}")
+
+
+def test_bad_input():
+    if not ext.cpu_panel_gemm_supported(torch.float32):
+        pytest.skip("no AVX-512 on this CPU")
+    packed = ext.PanelWeight(torch.randn(8, 16))
+    with pytest.raises(ValueError, match=r"x must be a CPU \[m, 16\]"):
+        ext.cpu_panel_gemm(torch.randn(2, 15), packed)
+    with pytest.raises(TypeError, match="x has dtype BFloat16"):
+        ext.cpu_panel_gemm(torch.randn(2, 16).bfloat16(), packed)
+    with pytest.raises(ValueError, match=r"bias must be \[8\]"):
+        ext.cpu_panel_gemm(torch.randn(2, 16), packed, torch.zeros(7))
+    with pytest.raises(TypeError, match="w must be float32 or bfloat16"):
+        ext.PanelWeight(torch.zeros(2, 2, dtype=torch.float64))
