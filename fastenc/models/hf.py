@@ -52,7 +52,7 @@ from transformers.models.electra.modeling_electra import ElectraModel
 from transformers.models.roberta.modeling_roberta import RobertaModel
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaModel
 
-from .._util import convertible
+from .._util import convertible, unsupported_hf_kwargs
 from ..backends import BackendSpec, check_spec
 from ..modules import TransformerEncoder, TransformerEncoderLayer, activation_name
 
@@ -240,7 +240,7 @@ def _check_call(head_mask, output_attentions, extra: dict) -> None:
     if output_attentions:
         raise ValueError("fastenc: output_attentions=True is not supported (the flash attention kernels never "
                          "materialise attention probabilities); call fastenc.models.to_hf(model) first")
-    bad = sorted(k for k, v in extra.items() if v is not None and v is not False)
+    bad = unsupported_hf_kwargs(extra)
     if bad:
         raise ValueError(f"fastenc: the optimized encoder does not support the arguments {bad} "
                          "(decoder, cache and cross-attention inputs)")
