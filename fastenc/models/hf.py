@@ -178,9 +178,15 @@ _HF_LAYER_KEY = re.compile(r"^layer\.(\d+)\.(.+)$")
 
 
 def _state_dict_to_hf(module: HFEncoder, state_dict, prefix: str, local_metadata) -> None:
-    """Rewrite this encoder's entries with HF names; the fused QKV is split (copies, so
+    rename_to_hf(state_dict, prefix, module.family)
+
+
+def rename_to_hf(state_dict, prefix: str, family: str) -> None:
+    """Rewrite (in place) the entries under ``prefix`` of a fastenc encoder stack's state dict
+    (``layers.{i}.self_attn.in_proj_weight``...) with the HF names of ``family``
+    (``layer.{i}.attention.self.query.weight``...); the fused QKV is split (copies, so
     safetensors sees no shared storage)."""
-    names = _FAMILIES[module.family].hf_names()
+    names = _FAMILIES[family].hf_names()
     ours = [k for k in state_dict if k.startswith(prefix)]
     items = [(k[len(prefix):], state_dict.pop(k)) for k in ours]
     for key, value in items:
