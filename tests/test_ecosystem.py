@@ -250,5 +250,8 @@ def test_hf_trainer_fine_tunes_an_optimized_model(tmp_path):
     fast = _trainer_losses(fast_model, tmp_path / "fast", data, steps)
     assert isinstance(fast_model.bert.encoder, fastenc.TransformerEncoder) and len(fast) == steps
     as_tensor = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    assert_parity(as_tensor(fast), as_tensor(ref), as_tensor(base), name="per-step training loss")
+    # slack: 4 float32 roundings of the loss (a float32 scalar), not the op-level atol of 1e-5, which let a
+    # 1e-3 relative noise planted in the CPU LayerNorm's input gradient pass (errors of 4e-6 vs 1e-7)
+    assert_parity(as_tensor(fast), as_tensor(ref), as_tensor(base), atol=0.0, rtol=4 * torch.finfo(torch.float32).eps,
+                  name="per-step training loss")
     assert sum(fast[-2:]) < 0.9 * sum(fast[:2]), fast  # it learns

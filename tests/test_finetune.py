@@ -133,7 +133,9 @@ def test_backends_agree_and_learn(tmp_path):
     assert len(fast["losses"]) == 30
     as_tensor = lambda r: torch.tensor(r["losses"] + [r["eval_loss_initial"], r["eval_loss"]],  # noqa: E731
                                        dtype=torch.float64)
-    assert_parity(as_tensor(fast), as_tensor(ref), as_tensor(base), name="training and held-out losses")
+    # slack: 4 float32 roundings of the loss (the losses are float32 scalars, the float64 run's too)
+    assert_parity(as_tensor(fast), as_tensor(ref), as_tensor(base), atol=0.0, rtol=4 * torch.finfo(torch.float32).eps,
+                  name="training and held-out losses")
     for r in (fast, base):
         assert r["eval_loss"] < 0.75 * r["eval_loss_initial"] and r["accuracy"] > 0.75, r
 
