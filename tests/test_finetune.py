@@ -8,6 +8,7 @@ from importlib import resources
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from fastenc.apps import finetune, text
 from fastenc.testing import assert_parity
@@ -97,6 +98,8 @@ def test_finetune_cli_smoke(tmp_path, capsys):
     assert "accuracy=" in printed and f"saved {out}/: sentence-transformers" in printed
     assert {"config.json", "model.safetensors", "modules.json", "tokenizer.json"} <= set(os.listdir(out))
     assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
+    with safe_open(out / "model.safetensors", "pt") as f:  # no BERT pooler (the model has none)
+        assert not [k for k in f.keys() if "pooler" in k] and "encoder.layer.0.attention.self.query.weight" in f.keys()
     with pytest.raises(ValueError, match="model should be"):
         finetune.build_model("gpt", 10, 2, d_model=8, nhead=2, num_layers=1, max_position=8, dropout=0.0)
 

@@ -110,12 +110,14 @@ class Pretrained:
 
 
 def _sentence_transformers_modules():
-    """(Transformer, Pooling, Dense) of sentence-transformers (their module path moved in version 6)."""
+    """(Transformer, Pooling, Dense, Transformer's keyword for the model's arguments) of sentence-transformers
+    (version 6 moved the modules and renamed the keyword)."""
     try:
         from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
+        return Transformer, Pooling, Dense, "model_kwargs"
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.models import Dense, Pooling, Transformer
-    return Transformer, Pooling, Dense
+        return Transformer, Pooling, Dense, "model_args"
 
 
 def save(out: str, model: nn.Module, tokenizer, *, source: Optional[str] = None) -> str:
@@ -132,14 +134,15 @@ def save(out: str, model: nn.Module, tokenizer, *, source: Optional[str] = None)
 
         from ..models import to_bert
 
-        Transformer, Pooling, Dense = _sentence_transformers_modules()
+        Transformer, Pooling, Dense, model_args = _sentence_transformers_modules()
         to_bert(model.encoder).save_pretrained(out)
         tokenizer.save_pretrained(out)
         d = model.encoder.d_model
         head = Dense(d, model.num_labels, activation_function=None)
         head.linear.load_state_dict(model.classifier.state_dict())
-        modules = [Transformer(out, max_seq_length=MAX_LENGTH), Pooling(d, pooling_mode=model.encoder.pooler.mode),
-                   head]
+        # no BERT pooler: the model has none (a reloaded one would be random weights saved as if trained)
+        encoder = Transformer(out, max_seq_length=MAX_LENGTH, **{model_args: {"add_pooling_layer": False}})
+        modules = [encoder, Pooling(d, pooling_mode=model.encoder.pooler.mode), head]
         SentenceTransformer(modules=modules, device="cpu").save(out)
         return ("sentence-transformers: SentenceTransformer(DIR).encode(texts) gives the logits; transformers: "
                 "AutoModel.from_pretrained(DIR) the encoder")
