@@ -1,15 +1,14 @@
 """fastenc.models.to_bert: EncoderModel -> BertModel and MaskedLM -> BertForMaskedLM, same outputs.
 
-In process: the transformers model computes what the fastenc one does (parity rule against the
-transformers model in fp64).  Saved with ``save_pretrained`` and loaded in a fresh process without
-fastenc (tests/without_fastenc.py): the same outputs again.  Configurations BERT cannot express raise.
+The transformers model computes what the fastenc one does (parity rule against the transformers model in
+fp64), also after ``save_pretrained`` and ``from_pretrained`` (transformers' own classes; the apps' tests
+load such folders in a process without fastenc).  Configurations BERT cannot express raise.
 """
 import pytest
 import torch
 
 from fastenc.models import EncoderModel, MaskedLM, SequenceClassifier, bert_init
 from fastenc.testing import assert_parity
-from tests import without_fastenc
 from tests.conftest import DEVICE
 
 pytest.importorskip("transformers", reason="to_bert builds transformers models (requirements/dev.txt)")
@@ -62,7 +61,7 @@ def test_encoder_model_as_bert_model(types):
     assert model.embeddings.word_embeddings.weight.abs().sum() > 0
 
 
-def test_masked_lm_as_bert_for_masked_lm_reloads_without_fastenc(tmp_path):
+def test_masked_lm_as_bert_for_masked_lm_saved_and_reloaded(tmp_path):
     from transformers import BertForMaskedLM, BertTokenizerFast
 
     from fastenc.models import to_bert
@@ -79,13 +78,18 @@ def test_masked_lm_as_bert_for_masked_lm_reloads_without_fastenc(tmp_path):
                       ).save_pretrained(tmp_path / "mlm")
     bert.save_pretrained(tmp_path / "mlm")
     texts = ["w1 w2 w3 w4 w5 w6 w7", "w9", "w40 w3 w3 [MASK] w7 w8 w11 w12 w13 w14 w15 w16"]
-    (got,) = without_fastenc.outputs([("masked-lm", tmp_path / "mlm", texts)], tmp_path)
-    ids, mask = got["input_ids"], got["attention_mask"]
+    enc = BertTokenizerFast.from_pretrained(tmp_path / "mlm")(texts, padding=True, return_tensors="pt",
+                                                             return_token_type_ids=False)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
     assert not mask.all() and ids.max() >= 5  # padded, real words
+    reloaded = BertForMaskedLM.from_pretrained(tmp_path / "mlm").eval()
+    assert type(reloaded.bert.encoder).__name__ == "BertEncoder"  # transformers' own code path
     with torch.no_grad():
         fast = model(ids, mask).logits
+        base = reloaded(**enc).logits
+        ref = reloaded.double()(**enc).logits
     keep = mask.bool()
-    assert_parity(fast[keep], got["fp64"][keep], got["fp32"][keep], name="masked-LM logits")
+    assert_parity(fast[keep], ref[keep], base[keep], name="masked-LM logits")
 
 
 def test_configurations_bert_cannot_express():
