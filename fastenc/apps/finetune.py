@@ -97,7 +97,9 @@ class Pretrained:
             torch.manual_seed(seed)  # the new head starts the same in every copy and every run
             self.base, self.tokenizer = load_hf(self.path, AutoModelForSequenceClassification, num_labels=num_labels)
         self.from_fastenc_pretrain = os.path.isfile(os.path.join(self.path, PRETRAIN_FACTS))
-        self.encode = tokenize(self.tokenizer, MAX_LENGTH)
+        # at most the model's positions (a `fastenc pretrain` model has 64)
+        positions = getattr(self.base.config, "max_position_embeddings", MAX_LENGTH)
+        self.encode = tokenize(self.tokenizer, min(MAX_LENGTH, positions))
 
     def make(self, *, hf: bool = False) -> nn.Module:
         from ..convert import optimize
