@@ -1,4 +1,4 @@
-"""fastenc command line: ``python -m fastenc {bench,inspect,report,ceilings,pretrain,finetune}`` (also the
+"""fastenc command line: ``python -m fastenc {bench,inspect,report,ceilings,embed,pretrain,finetune}`` (also the
 ``fastenc`` script).
 
   fastenc bench [--ops e2e,overhead,modernbert,attention,layer_norm,ffn,layer,encoder,train] [--size tiny|cpu|gpu]
@@ -6,8 +6,9 @@
   fastenc inspect [--arch sm_90] [--ops attention,layer_norm,padding,ffn] [--module FILE.py] [--json FILE]
   fastenc report [--device cuda] [--dtype fp16] [--head-dim 64]
   fastenc ceilings [--out DIR]
-  fastenc pretrain [--steps N] [--out CKPT]            (see `fastenc pretrain --help`)
-  fastenc finetune [--pretrained minilm|DIR|CKPT]      (see `fastenc finetune --help`)
+  fastenc embed [--model minilm|DIR] [--texts FILE] [--smoke]   (see `fastenc embed --help`)
+  fastenc pretrain [--steps N] [--out DIR]             (see `fastenc pretrain --help`)
+  fastenc finetune [--pretrained minilm|DIR] [--out DIR]   (see `fastenc finetune --help`)
 
 A bad argument, an unreadable or malformed input file, or an unavailable backend is reported in one
 line on stderr with exit status 2, as argparse does (``FASTENC_TRACEBACK=1`` shows the traceback).
@@ -177,7 +178,8 @@ def cmd_ceilings(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastenc", description="fastenc: benchmarks, kernel inspector, backend report, pretraining, fine-tuning")
+    p = argparse.ArgumentParser(prog="fastenc", description="fastenc: benchmarks, kernel inspector, backend report, "
+                                                            "embeddings, pretraining, fine-tuning")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="benchmark fastenc against PyTorch baselines; writes JSON, CSV, plots")
@@ -220,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_ceilings)
 
     # Parsed by the applications' own main (main() hands them over before this parser runs).
+    sub.add_parser("embed", help="sentence embeddings with sentence-transformers, unmodified vs optimized: "
+                                 "sentences/s and cosine (see `fastenc embed --help`)")
     sub.add_parser("pretrain", help="pretrain an encoder with masked-language modelling on fastenc's corpus "
                                     "(see `fastenc pretrain --help`)")
     sub.add_parser("finetune", help="fine-tune a text classifier per backend (see `fastenc finetune --help`)")
@@ -238,15 +242,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run one command; an argument or data error prints one line on stderr and returns 2 (as argparse exits)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["finetune"]:  # its own parser: fastenc.apps.finetune.main
-            from .apps.finetune import main as finetune_main
+        if argv[:1] in (["embed"], ["finetune"], ["pretrain"]):  # its own parser: fastenc.apps.<name>.main
+            import importlib
 
-            finetune_main(argv[1:])
-            return 0
-        if argv[:1] == ["pretrain"]:  # its own parser: fastenc.apps.pretrain.main
-            from .apps.pretrain import main as pretrain_main
-
-            pretrain_main(argv[1:])
+            importlib.import_module(f"fastenc.apps.{argv[0]}").main(argv[1:])
             return 0
         args = build_parser().parse_args(argv)
         args.argv = argv

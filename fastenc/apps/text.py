@@ -1,4 +1,4 @@
-"""Text data for the applications: labeled TSV files, fastenc's shipped sets, a word tokenizer.
+"""Text data for the applications: labeled TSV files, fastenc's shipped sets, WordPiece tokenizers.
 
 Shipped with fastenc (``fastenc/data/``, provenance in its README): ``reviews.tsv``, 944 short
 English reviews labeled negative/positive; ``corpus.tsv``, unlabeled English paragraphs for
@@ -8,7 +8,6 @@ package); nothing is downloaded.
 from __future__ import annotations
 
 import random
-import re
 from importlib import resources
 from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
@@ -76,56 +75,46 @@ def train_test_split(data: Sequence, test_every: int = TEST_EVERY):
     return train, test
 
 
-class WordTokenizer:
-    """Lower-cased word tokenizer with a vocabulary built from training texts.
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's, in BERT's order: [PAD] is id 0
 
-    Words are runs of letters/digits (with an apostrophe suffix: "isn't"), and each other
-    non-space character is a token of its own ("great," -> "great", ",").  Ids: 0 [PAD],
-    1 [CLS], 2 [UNK], 3 [SEP], 4 [MASK], then words seen at least ``min_count`` times, by
-    first appearance.  Every sequence starts with [CLS] (what "cls" pooling reads).
+
+def train_wordpiece(texts: Sequence[str], *, vocab_size: int = 4096, min_count: int = 2, max_length: int = 128):
+    """A lower-cased BERT WordPiece tokenizer whose vocabulary the `tokenizers` library trains on ``texts``,
+    returned as transformers' ``BertTokenizerFast`` (``save_pretrained`` writes a folder that
+    ``BertTokenizerFast.from_pretrained`` and ``AutoTokenizer`` load).
+
+    BERT's normalizer and pre-tokenizer (lower case, each punctuation mark a word of its own), then
+    WordPiece: the longest pieces of the vocabulary, ``##`` marking a piece inside a word, [UNK] for a
+    word no pieces spell.  At most ``vocab_size`` entries, pieces seen at least ``min_count`` times.
+    Sequences are ``[CLS] ... [SEP]``; ``max_length`` is the tokenizer's ``model_max_length``.
+    The same texts give the same vocabulary in every run (see below).
     """
+    from tokenizers import BertWordPieceTokenizer
+    from tokenizers.normalizers import BertNormalizer
+    from transformers import BertTokenizerFast
 
-    SPECIALS = ("[PAD]", "[CLS]", "[UNK]", "[SEP]", "[MASK]")
-    PAD, CLS, UNK, SEP, MASK = range(5)
-    _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts: a tokenizer needs at least one training text")
+    # The trainer numbers the word-inner characters ("##e") in hash-map order, and those numbers break
+    # ties between equally frequent merges: the vocabulary changed from run to run (tokenizers issue
+    # #1794).  Listing every "##c" up front numbers them in sorted order; they are ordinary vocabulary
+    # entries of the BertTokenizerFast built below (only SPECIAL_TOKENS are special there).
+    normalize = BertNormalizer(lowercase=True).normalize_str
+    inner = sorted({"##" + c for t in texts for c in normalize(t) if not c.isspace()})
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_count,
+                                  special_tokens=list(SPECIAL_TOKENS) + inner, show_progress=False)
+    return BertTokenizerFast(vocab=wordpiece.get_vocab(), do_lower_case=True, model_max_length=max_length)
 
-    def __init__(self, texts: Sequence[str], max_length: int = 64, min_count: int = 1) -> None:
-        counts: Dict[str, int] = {}
-        for t in texts:
-            for w in self.split(t):
-                counts[w] = counts.get(w, 0) + 1
-        self.vocab = {s: i for i, s in enumerate(self.SPECIALS)}
-        for w, c in counts.items():
-            if c >= min_count:
-                self.vocab.setdefault(w, len(self.vocab))
-        self.max_length = max_length
 
-    @classmethod
-    def split(cls, text: str) -> List[str]:
-        return cls._WORD.findall(text.lower())
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def to_dict(self) -> dict:
-        """What a checkpoint stores: the words in id order and the length limit."""
-        return {"words": list(self.vocab), "max_length": self.max_length}
-
-    @classmethod
-    def from_dict(cls, state: dict) -> "WordTokenizer":
-        words = list(state["words"])
-        if tuple(words[: len(cls.SPECIALS)]) != cls.SPECIALS:
-            raise ValueError(f"a WordTokenizer vocabulary starts with {cls.SPECIALS}, got {words[:5]}")
-        tok = cls([], max_length=int(state["max_length"]))
-        tok.vocab = {w: i for i, w in enumerate(words)}
-        return tok
-
-    def ids(self, text: str) -> List[int]:
-        """[CLS] then the word ids, cut at ``max_length``."""
-        return ([self.CLS] + [self.vocab.get(w, self.UNK) for w in self.split(text)])[: self.max_length]
-
-    def __call__(self, texts: Sequence[str]) -> Dict[str, Tensor]:
-        return pad_batch([self.ids(t) for t in texts], self.PAD)
+def tokenize(tokenizer, max_length: int):
+    """texts -> ``input_ids`` and ``attention_mask`` [B, longest] tensors from a transformers tokenizer,
+    padded and cut at ``max_length`` tokens; one segment, so no ``token_type_ids``."""
+    def encode(texts: Sequence[str]) -> Dict[str, Tensor]:
+        return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt", return_token_type_ids=False))
+    return encode
 
 
 def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> Dict[str, Tensor]:

@@ -2,7 +2,8 @@
 Hugging Face adapters.
 
 The Hugging Face adapters (``fastenc.models.hf`` for the BERT family, ``fastenc.models.modernbert``)
-import transformers, so they are loaded only on first use of one of their names.
+and the export of fastenc's own models to BERT (``fastenc.models.bert_export``) import transformers,
+so they are loaded only on first use of one of their names.
 """
 import importlib
 import sys
@@ -23,6 +24,7 @@ from .masking import mask_tokens
 
 _HF_NAMES = ("HFEncoder", "optimize_hf", "unsupported_reason")
 _MODERNBERT_NAMES = ("FastModernBertModel", "optimize_modernbert")
+_BERT_EXPORT_NAMES = ("bert_config", "to_bert")
 
 __all__ = [
     "ClassifierOutput",
@@ -47,6 +49,7 @@ __all__ = [
     "to_hf",
     *_HF_NAMES,
     *_MODERNBERT_NAMES,
+    *_BERT_EXPORT_NAMES,
 ]
 
 
@@ -55,6 +58,8 @@ def __getattr__(name):
         return getattr(importlib.import_module(".hf", __name__), name)
     if name in _MODERNBERT_NAMES:
         return getattr(importlib.import_module(".modernbert", __name__), name)
+    if name in _BERT_EXPORT_NAMES:
+        return getattr(importlib.import_module(".bert_export", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -52,7 +52,7 @@ from transformers.models.electra.modeling_electra import ElectraModel
 from transformers.models.roberta.modeling_roberta import RobertaModel
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaModel
 
-from .._util import convertible
+from .._util import convertible, unsupported_hf_kwargs
 from ..backends import BackendSpec, check_spec
 from ..activations import activation_name
 from ..modules import TransformerEncoder, TransformerEncoderLayer
@@ -176,9 +176,15 @@ _HF_LAYER_KEY = re.compile(r"^layer\.(\d+)\.(.+)$")
 
 
 def _state_dict_to_hf(module: HFEncoder, state_dict, prefix: str, local_metadata) -> None:
-    """Rewrite this encoder's entries with HF names; the fused QKV is split (copies, so
+    rename_to_hf(state_dict, prefix, module.family)
+
+
+def rename_to_hf(state_dict, prefix: str, family: str) -> None:
+    """Rewrite (in place) the entries under ``prefix`` of a fastenc encoder stack's state dict
+    (``layers.{i}.self_attn.in_proj_weight``...) with the HF names of ``family``
+    (``layer.{i}.attention.self.query.weight``...); the fused QKV is split (copies, so
     safetensors sees no shared storage)."""
-    names = _FAMILIES[module.family].hf_names()
+    names = _FAMILIES[family].hf_names()
     ours = [k for k in state_dict if k.startswith(prefix)]
     items = [(k[len(prefix):], state_dict.pop(k)) for k in ours]
     for key, value in items:
@@ -238,7 +244,7 @@ def _check_call(head_mask, output_attentions, extra: dict) -> None:
     if output_attentions:
         raise ValueError("fastenc: output_attentions=True is not supported (the flash attention kernels never "
                          "materialise attention probabilities); call fastenc.models.to_hf(model) first")
-    bad = sorted(k for k, v in extra.items() if v is not None and v is not False)
+    bad = unsupported_hf_kwargs(extra)
     if bad:
         raise ValueError(f"fastenc: the optimized encoder does not support the arguments {bad} "
                          "(decoder, cache and cross-attention inputs)")

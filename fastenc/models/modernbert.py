@@ -41,7 +41,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.modernbert.modeling_modernbert import ModernBertModel
 
 from .. import ops, stack
-from .._util import convertible
+from .._util import convertible, unsupported_hf_kwargs
 from ..backend_setting import BackendSetting
 from ..backends import BackendSpec, check_spec
 from ..layer import LayerSpec, LayerWeights, NormWeights
@@ -156,7 +156,7 @@ def _check_call(position_ids, output_attentions, extra: dict) -> None:
     if output_attentions:
         raise ValueError("fastenc: output_attentions=True is not supported (the flash attention kernels never "
                          "materialise attention probabilities); call fastenc.models.to_hf(model) first")
-    bad = sorted(k for k, v in extra.items() if v is not None and v is not False)
+    bad = unsupported_hf_kwargs(extra)
     if bad:
         raise ValueError(f"fastenc: the optimized ModernBERT does not support the arguments {bad}")
 
