@@ -151,7 +151,8 @@ def _cpu_inference(w: Workload, what: str) -> None:
     if w.mode != "fwd":
         raise Unavailable("inference only")
     if w.dtype != torch.float32:
-        raise Unavailable(f"the fp32 rows only (the model is exported in fp32; {what} picks its own precision)")
+        raise Unavailable(f"the fp32 rows only ({what} runs the model exported in fp32, at the precision its "
+                          "provider names)")
     if w.device.type != "cpu":
         raise Unavailable(f"{what}'s CPU runtime only")
 
