@@ -404,7 +404,7 @@ ROW_KINDS = {
     "about 50% padding": lambda r: r["sweep"] == "padding" and (r["padding"] or 0) >= 0.3,
     "0% padding": lambda r: r["sweep"] == "padding" and r["padding"] == 0,
     "batch 1": lambda r: r["sweep"] == "latency",
-    "BERT-base": lambda r: r["model"] == "BERT-base",
+    "BERT-base batches": lambda r: r["model"] == "BERT-base" and r["sweep"] == "padding",
     "real sentences": lambda r: r["sweep"] == "real",
 }
 
