@@ -25,7 +25,8 @@ from fastenc.bench.env import environment
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZE = os.environ.get("FASTENC_BENCH_SIZE", "gpu" if DEVICE.type == "cuda" else "tiny")
 DTYPES = [torch.bfloat16, torch.float16] if DEVICE.type == "cuda" else [torch.float32]
-ENV_TAGS = ("device_name", "torch", "triton", "cuda", "git_commit", "date")
+ENV_TAGS = ("device_name", "cpu_model", "cpu_family_model_stepping", "cpu_isa", "cpu_cores", "threads", "torch",
+            "triton", "cuda", "git_commit", "date")
 
 
 def cases(*suites):

@@ -20,7 +20,8 @@ import torch
 
 from . import ops as _suites  # noqa: F401  (each suite module registers itself in the registry)
 from . import output, registry, runner
-from .env import environment
+from .ceilings import calibrate_cpu, pct_of_ceiling
+from .env import environment, header
 from .registry import Entry, Provider, Suite, Unavailable
 from .runner import Result, run_one
 from .workload import dtype_name
@@ -91,8 +92,10 @@ def run(*, ops: Sequence[str], size: str, device: torch.device, dtypes: Sequence
         log=print) -> List[dict]:
     """Run a sweep and write results.json, results.csv, results.jsonl (streamed), table.txt, summary.txt and plots.
 
-    ceilings: ``fastenc ceilings`` output ({"copy_gbps", "matmul_tflops"}): adds each row's
-    percentage of the measured device ceiling (TFLOP/s over the matmul's, GB/s over the copy's).
+    ceilings: ``fastenc ceilings`` output: adds each row's percentage of the measured ceiling (FLOP rate
+    over the matmul's, or on CPU over the GEMM rate of the precision the row ran in; GB/s over the
+    copy's).  On a CPU without it, the run first measures them (``ceilings.calibrate_cpu``, a few seconds;
+    a smoke test of the same code at ``tiny``); the machine and its rates tag every row and file.
     best_effort: suites whose workloads start only while less than ``best_effort_s`` seconds
     have passed (the CPU main job's op-level points; with ``best_effort_s``, also the entries marked
     ``best_effort`` of any suite); the others are listed as skipped.
@@ -101,9 +104,13 @@ def run(*, ops: Sequence[str], size: str, device: torch.device, dtypes: Sequence
     unknown = [o for o in ops if o not in registry.suite_names()]
     if unknown:
         raise ValueError(f"unknown ops {unknown}; expected a subset of {registry.suite_names()}")
-    env = environment(device)
-    entries = registry.plan(size, device, dtypes, ops=ops)
     start = time.monotonic()
+    if ceilings is None and device.type == "cpu":
+        ceilings = {**calibrate_cpu(size), "seconds": round(time.monotonic() - start, 1)}
+    env = environment(device, ceilings if ceilings and ceilings.get("kind") == "cpu" else None)
+    for line in header(env):
+        log(line)
+    entries = registry.plan(size, device, dtypes, ops=ops)
     bar = _progress(len(entries), progress, log)
     stream = open(os.path.join(out_dir, "results.jsonl"), "w")
 
@@ -146,10 +153,7 @@ def run(*, ops: Sequence[str], size: str, device: torch.device, dtypes: Sequence
     rows = [r.row() for r in results]
     if ceilings:
         for row in rows:
-            if row["tflops"]:
-                row["pct_of_ceiling"] = 100 * row["tflops"] / ceilings["matmul_tflops"]
-            elif row["gbps"]:
-                row["pct_of_ceiling"] = 100 * row["gbps"] / ceilings["copy_gbps"]
+            row["pct_of_ceiling"] = pct_of_ceiling(row, ceilings)
     config = dict(ops=list(ops), size=size, device=str(device), dtypes=[dtype_name(d) for d in dtypes],
                   providers=list(providers_filter or []), time_budget_s=time_budget_s, min_time_s=min_time_s,
                   workloads_not_run=broken, ceilings=ceilings, best_effort=list(best_effort),
@@ -162,7 +166,7 @@ def run(*, ops: Sequence[str], size: str, device: torch.device, dtypes: Sequence
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write("\n\n".join([table, *summaries]) + "\n")
     with open(os.path.join(out_dir, "summary.txt"), "w") as f:
-        f.write("\n\n".join(summaries) + "\n")
+        f.write("\n\n".join(["\n".join([table.splitlines()[0], *header(env)]), *summaries]) + "\n")
     log(table)
     for s in summaries:
         log("\n" + s)

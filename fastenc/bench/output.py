@@ -8,14 +8,18 @@ import math
 import os
 from typing import Dict, List, Optional
 
+from .env import header
+
 COLUMNS = [
-    "suite", "mode", "sweep", "provider", "status", "dtype", "model", "op", "batch", "seqlen", "heads", "head_dim",
+    "suite", "mode", "sweep", "provider", "status", "dtype", "precision", "model", "op", "batch", "seqlen", "heads", "head_dim",
     "d_model", "d_ff", "activation", "layers", "padding", "dropout", "causal", "window", "tokens", "median_ms",
     "p20_ms", "p80_ms", "tflops", "gbps", "tokens_per_s", "pct_of_ceiling", "peak_mem_mb", "speedup_vs_eager",
-    "speedup_vs_best_baseline", "best_baseline", "speedups", "samples", "timing", "copies", "flops", "bytes", "note",
+    "speedup_vs_best_baseline", "best_baseline", "speedups", "min_cosine", "samples", "timing", "copies", "flops", "bytes", "note",
     "reason",
 ]
-ENV_COLUMNS = ["device_name", "torch", "triton", "cuda", "git_commit", "date"]
+ENV_COLUMNS = ["device_name", "cpu_model", "cpu_vendor", "cpu_family_model_stepping", "cpu_isa", "cpu_cores",
+               "threads", "aten_cpu_capability", "gemm_fp32_gflops", "gemm_bf16_gflops", "gemm_int8_gops",
+               "copy_gbps", "torch", "triton", "cuda", "git_commit", "date"]
 SHAPE_KEYS = ("batch", "seqlen", "heads", "head_dim", "d_model", "d_ff", "layers", "window", "padding", "dropout")
 
 
@@ -37,7 +41,8 @@ def shape_label(row: dict) -> str:
 def format_table(rows: List[dict], env: Dict[str, str]) -> str:
     """One block per suite/mode; each sweep point lists its providers, then the skipped ones with reasons."""
     out = [f"fastenc bench on {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
-           f"CUDA {env['cuda']} | {env.get('threads', '?')} threads | commit {env['git_commit']} | {env['date']}"]
+           f"CUDA {env['cuda']} | {env.get('threads', '?')} threads | commit {env['git_commit']} | {env['date']}",
+           *header(env)]
     blocks: Dict[tuple, Dict[str, List[dict]]] = {}
     for r in rows:
         blocks.setdefault((r["suite"], r["mode"]), {}).setdefault(shape_label(r), []).append(r)

@@ -41,6 +41,10 @@ class Impl:
     inference_only: bool = False
     note: str = ""
     probe: Optional[Callable[[], Tensor]] = None  # a parameter whose gradient a suite's own check compares
+    # What the provider computes in when not the workload's dtype ("bf16", "int8": a quantized or
+    # lower-precision deployment timed on an fp32 workload); its rate is compared with that precision's.
+    precision: Optional[str] = None
+    min_cosine: Optional[float] = None  # quality: min cosine against the fp32 reference (suites that measure it)
 
 
 @dataclasses.dataclass

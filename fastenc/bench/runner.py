@@ -34,6 +34,8 @@ class Result:
     note: str = ""
     baseline: bool = False
     speedups: Dict[str, float] = dataclasses.field(default_factory=dict)
+    precision: Optional[str] = None  # Impl.precision (None: the workload's dtype)
+    min_cosine: Optional[float] = None  # Impl.min_cosine, set by a suite's check
 
     def row(self) -> dict:
         w, t = self.workload, self.timing
@@ -41,7 +43,7 @@ class Result:
         p = w.params
         row = dict(
             suite=w.suite, mode=w.mode, sweep=w.sweep, provider=self.provider, status=self.status, reason=self.reason,
-            dtype=dtype_name(w.dtype), batch=p.get("batch"), seqlen=p.get("seqlen"), heads=p.get("heads"),
+            dtype=dtype_name(w.dtype), precision=self.precision or dtype_name(w.dtype), batch=p.get("batch"), seqlen=p.get("seqlen"), heads=p.get("heads"),
             head_dim=p.get("head_dim"), d_model=p.get("d_model"), d_ff=p.get("d_ff"), activation=p.get("activation"),
             layers=p.get("layers"), model=p.get("model"), op=p.get("op"),
             padding=p.get("padding"), dropout=p.get("dropout"), causal=p.get("causal"), window=p.get("window"),
@@ -53,6 +55,7 @@ class Result:
             peak_mem_mb=t.peak_mem_mb if t else None, pct_of_ceiling=None, samples=t.n if t else None,
             timing=t.method if t else None, copies=self.copies or None, flops=w.flops, bytes=w.bytes,
             speedup_vs_eager=self.speedups.get(PRIMARY_BASELINE), speedups=dict(self.speedups), note=self.note,
+            min_cosine=self.min_cosine,
         )
         if self.speedups and not self.baseline:
             # against the fastest baseline: the smallest of the ratios
@@ -214,7 +217,7 @@ def _prepare(w: Workload, provider: Provider, res: Result):
     with ``res`` saying why."""
     try:
         impl, first = build_checked(w, provider)
-        res.note = impl.note
+        res.note, res.precision, res.min_cosine = impl.note, impl.precision, impl.min_cosine
         if w.params.get("dropout"):
             res.note += ("; " if res.note else "") + "dropout: random masks, checked for finite values only"
         step, res.copies = build_step(w, impl, first)

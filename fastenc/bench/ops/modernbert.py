@@ -32,7 +32,6 @@ kernel points are best effort (``--ops modernbert`` runs them all).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Dict, List
 
@@ -40,13 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ... import backends, ops, reference
+from ... import ops, reference
 from ...ops.attention import attention_varlen_unchecked
 from .. import registry as R
+from ..model_workload import Goal, ModelSpec, ModelSuite, transformers
 from ..registry import Impl, Provider, Unavailable
-from ..workload import ModelCache, Workload, by_mode, randn
+from ..workload import Workload, by_mode, randn
 from .attention import BWD_FACTOR as BWD_ATTENTION
-from .e2e import _lengths, _transformers, mean_pool, model_check
 from .ffn import BWD_FACTOR as BWD_MATMUL
 
 LOCAL_ROPE_BASE = 10000.0  # HF's default rotary base of the local (sliding-window) layers
@@ -55,16 +54,10 @@ CHECK_MAX_SCORES = 2**25
 
 
 @dataclasses.dataclass(frozen=True)
-class Spec:
-    name: str
-    hidden: int
-    heads: int
-    layers: int
-    intermediate: int
-    local_attention: int = 128  # the window's width: local layers see local_attention // 2 tokens each side
+class Spec(ModelSpec):
     vocab: int = 50368
+    local_attention: int = 128  # the window's width: local layers see local_attention // 2 tokens each side
     max_positions: int = 8192
-    full_layers: int = 0  # the named model's depth when this runs fewer layers (0: all of them)
 
 
 MODELS = {s.name: s for s in (
@@ -72,41 +65,18 @@ MODELS = {s.name: s for s in (
     Spec("tiny-ModernBERT", 64, 2, 3, 96, local_attention=8, vocab=1000, max_positions=64),
 )}
 
-_CACHE = ModelCache()  # models built once per run (dropped by reset())
-_cached = _CACHE.get
-reset = _CACHE.clear
 
-
-def _spec(name: str, layers: int) -> Spec:
-    spec = MODELS[name]
-    return spec if layers == spec.layers else dataclasses.replace(spec, layers=layers, full_layers=spec.layers)
-
-
-def hf_model(spec: Spec, device, attn: str = "sdpa", dtype=torch.float32) -> nn.Module:
-    """The random (seeded) ModernBertModel of a spec in eval mode; every attention implementation and dtype
-    is a copy of the one fp32 SDPA model."""
-    if attn != "sdpa" or dtype != torch.float32:
-        def convert():
-            model = copy.deepcopy(hf_model(spec, device))
-            model.set_attn_implementation(attn)
-            return model.to(dtype)
-        return _cached(("hf", spec, str(device), attn, str(dtype)), convert)
-
-    def build():
-        tf = _transformers()
-        cfg = tf.ModernBertConfig(
-            vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-            num_hidden_layers=spec.layers, num_attention_heads=spec.heads, local_attention=spec.local_attention,
-            global_attn_every_n_layers=3, max_position_embeddings=spec.max_positions, hidden_activation="gelu",
-            pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
-            attn_implementation="sdpa")
-        torch.manual_seed(0)
-        return tf.ModernBertModel(cfg).to(device).eval()
-    return _cached(("hf", spec, str(device), attn, str(dtype)), build)
-
-
-def _embed(model: nn.Module, inputs: tuple) -> torch.Tensor:
-    return mean_pool(model(input_ids=inputs[0], attention_mask=inputs[1]).last_hidden_state, inputs[1])
+def _build(spec: Spec) -> nn.Module:
+    """The random (seeded) fp32 ModernBertModel of a spec."""
+    tf = transformers()
+    cfg = tf.ModernBertConfig(
+        vocab_size=spec.vocab, hidden_size=spec.d_model, intermediate_size=spec.d_ff,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, local_attention=spec.local_attention,
+        global_attn_every_n_layers=3, max_position_embeddings=spec.max_positions, hidden_activation="gelu",
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return tf.ModernBertModel(cfg)
 
 
 def _probe(model: nn.Module) -> torch.Tensor:
@@ -127,7 +97,7 @@ def visible_pairs(length: int, left: int, right: int) -> int:
 
 def model_flops(spec: Spec, lengths: List[int], mode: str) -> float:
     """The encoder layers' FLOPs on sequences of these real lengths (global layers: every pair, local: the window)."""
-    d, f, w = spec.hidden, spec.intermediate, spec.local_attention // 2
+    d, f, w = spec.d_model, spec.d_ff, spec.local_attention // 2
     tokens = sum(lengths)
     gemm = 2.0 * tokens * 4 * d * d + 2.0 * tokens * 3 * d * f
     total = 0.0
@@ -141,40 +111,18 @@ def model_flops(spec: Spec, lengths: List[int], mode: str) -> float:
 # --------------------------------------------------------------------------- workloads
 
 
-def _tokens(spec: Spec, lengths: List[int], device) -> tuple:
-    """input_ids (random real tokens, 0 = pad at padding) and attention_mask (1 = real), padded to the longest."""
-    seqlen = max(lengths)
-    ids = torch.randint(3, spec.vocab, (len(lengths), seqlen), generator=torch.Generator().manual_seed(1))
-    mask = (torch.arange(seqlen)[None, :] < torch.tensor(lengths)[:, None]).long()
-    return (ids * mask).to(device), mask.to(device)
+def _shape_classes(spec: Spec) -> Dict[str, tuple]:
+    """Each op's shape class in a local layer (what ``fastenc.backends.explain`` passes to its checks)."""
+    head_dim = spec.d_model // spec.heads
+    return {"attention": (head_dim, head_dim, False, True, True), "layer_norm": (spec.d_model,), "ffn": ("geglu",)}
 
 
-def _reference(spec: Spec, device, mode: str, inputs: tuple, cotangent: torch.Tensor):
-    """fp32 eager-attention model: embeddings, and in "train" the probe's gradient."""
-    if mode == "fwd":
-        with torch.inference_mode():
-            return _embed(hf_model(spec, device, "eager"), inputs), None
-    ref = copy.deepcopy(hf_model(spec, device, "eager")).train()
-    out = _embed(ref, inputs)
-    return out.detach(), torch.autograd.grad(out, [_probe(ref)], cotangent)[0]
-
-
-def e2e_workload(mode, sweep, device, dtype, *, model, layers, batch, seqlen, min_len=None) -> Workload:
-    """min_len: the shortest sequence (lengths spread over [min_len, seqlen]; default: no padding)."""
-    spec = _spec(model, layers)
-    ids, mask = _tokens(spec, _lengths(batch, seqlen, min_len or seqlen), device)
-    lengths = mask.sum(1).tolist()
-    cotangent = torch.randn((batch, spec.hidden), generator=torch.Generator().manual_seed(2)).to(device)
-    check = model_check(lambda inputs: _reference(spec, device, mode, inputs, cotangent), cotangent, mode, dtype,
-                        "embedding-norm gradient")
-    return Workload(
-        "modernbert", mode, sweep,
-        dict(op="e2e", model=spec.name, batch=batch, seqlen=seqlen, heads=spec.heads,
-             head_dim=spec.hidden // spec.heads, d_model=spec.hidden, d_ff=spec.intermediate, activation="geglu",
-             layers=spec.layers, window=spec.local_attention // 2, padding=round(1 - sum(lengths) / ids.numel(), 2)),
-        device, dtype, lambda: (ids, mask), (), flops=model_flops(spec, lengths, mode), tokens=sum(lengths),
-        check=check, inference_mode=True, model=dict(spec=spec),
-    )
+MODERNBERT = ModelSuite(
+    "modernbert", MODELS, _build, probe=_probe, probe_name="embedding-norm gradient", flops=model_flops,
+    shape_classes=_shape_classes, first_token=3,  # 0-2: pad, bos/cls, eos/sep
+    columns=lambda spec: dict(op="e2e", activation="geglu", window=spec.local_attention // 2),
+)
+hf_model, e2e_workload, reset = MODERNBERT.hf_model, MODERNBERT.workload, MODERNBERT.cache.clear
 
 
 def attention_workload(mode, sweep, device, dtype, *, batch, seqlen, heads, head_dim, window) -> Workload:
@@ -222,66 +170,6 @@ def ffn_workload(mode, sweep, device, dtype, *, batch, seqlen, d_model, d_ff) ->
         device, dtype, make_inputs, (0, 1, 3), ref, tokens=tokens,
         flops=by_mode(2.0 * tokens * d_model * 2 * d_ff + 2.0 * tokens * d_ff * d_model, mode, BWD_MATMUL),
     )
-
-
-# --------------------------------------------------------------------------- end-to-end providers
-
-
-def _shape_classes(spec: Spec) -> Dict[str, tuple]:
-    """Each op's shape class in a local layer (what ``fastenc.backends.explain`` passes to its checks)."""
-    head_dim = spec.hidden // spec.heads
-    return {"attention": (head_dim, head_dim, False, True, True), "layer_norm": (spec.hidden,), "ffn": ("geglu",)}
-
-
-def _auto_backends(spec: Spec, w: Workload) -> str:
-    """What ``auto`` runs here, per op; Unavailable where that is the Triton interpreter (CPU)."""
-    picks = []
-    for op, shape in _shape_classes(spec).items():
-        chosen = backends.explain(op, "auto", w.device, w.dtype, shape)[0]
-        if chosen == "triton" and w.device.type == "cpu":
-            raise Unavailable(f"auto runs {op} on the Triton interpreter here: a correctness tool, never timed")
-        picks.append(f"{op}={chosen}")
-    return "auto: " + ", ".join(picks)
-
-
-def _e2e_only(w: Workload, name: str) -> Spec:
-    if w.params["op"] != "e2e":
-        raise Unavailable(f"{name} runs the end-to-end rows only")
-    return w.model["spec"]
-
-
-def _fastenc(w: Workload) -> Impl:
-    import fastenc
-
-    spec = _e2e_only(w, "fastenc")
-    note = _auto_backends(spec, w)
-
-    def build():
-        return fastenc.optimize(copy.deepcopy(hf_model(spec, w.device, dtype=w.dtype))).eval()
-    model = build().train() if w.mode == "train" else _cached(("fastenc", spec, str(w.device), str(w.dtype)), build)
-    return Impl(lambda i: _embed(model, i), params=list(model.parameters()), probe=lambda: _probe(model), note=note)
-
-
-def _hf_sdpa(w: Workload) -> Impl:
-    spec = _e2e_only(w, "hf-sdpa")
-    model = hf_model(spec, w.device, dtype=w.dtype)
-    if w.mode == "train":
-        model = copy.deepcopy(model).train()
-    return Impl(lambda i: _embed(model, i), params=list(model.parameters()), probe=lambda: _probe(model),
-                note="ModernBertModel, attn_implementation=sdpa")
-
-
-def _torch_compile(w: Workload) -> Impl:
-    spec = _e2e_only(w, "torch-compile")
-    if w.mode != "fwd":
-        raise Unavailable("inference only here (a compile per training shape does not fit the time budget)")
-    if not hasattr(torch, "compile"):
-        raise Unavailable("this torch has no torch.compile")
-    # One compiled model per model and dtype: a static graph per input shape, well under dynamo's recompile limit.
-    compiled = _cached(("compile", spec, str(w.device), str(w.dtype)),
-                       lambda: torch.compile(hf_model(spec, w.device, dtype=w.dtype), dynamic=False))
-    return Impl(lambda i: _embed(compiled, i), inference_only=True,
-                note="torch.compile(ModernBertModel sdpa, dynamic=False), compiled in the untimed check call")
 
 
 # --------------------------------------------------------------------------- kernel-point providers
@@ -345,9 +233,7 @@ def _torch_eager(w: Workload) -> Impl:
 
 
 PROVIDERS = [
-    Provider("fastenc", _fastenc, False),
-    Provider("hf-sdpa", _hf_sdpa, True),
-    Provider("torch-compile", _torch_compile, True),
+    *MODERNBERT.providers(),
     Provider("fastenc-triton", _fastenc_kernel("triton"), False, triton=True),
     Provider("fastenc-cuda", _fastenc_kernel("cuda"), False),
     Provider("fastenc-cpu", _fastenc_kernel("cpu"), False),
@@ -426,41 +312,21 @@ def _gpu(dev, dt, extra):
 
 # --------------------------------------------------------------------------- summary: ratios and the goal
 
-BASELINES = ("hf-sdpa", "torch-compile")  # the end-to-end summary's columns
-GOAL = ("fwd", "fp32", "hf-sdpa", 1.5)  # issue #17: CPU inference at about 50% padding, >= 1.5x HF sdpa
-
-
-def workload_label(r: dict) -> str:
-    full = MODELS[r["model"]].layers
-    layers = "" if r["layers"] == full else f" ({r['layers']} of {full} layers)"
-    return f"{r['model']}{layers} B={r['batch']} L={r['seqlen']} pad={r['padding']:.0%}"
+GOALS = [Goal("#17", "fwd", "about 50% padding", "fastenc", "hf-sdpa", 1.5)]  # CPU inference, fp32
+ORDER = [p.name for p in PROVIDERS]
+workload_label = MODERNBERT.label
 
 
 def summary(rows: List[dict]) -> str:
-    """End to end: fastenc's time and each baseline's time over it (> 1: fastenc faster); then issue #17's goal."""
-    out = ["== modernbert summary: provider time / fastenc time (> 1: fastenc faster; interleaved medians) =="]
-    fast = [r for r in rows if r["op"] == "e2e" and r["provider"] == "fastenc"]
-    for mode in ("fwd", "train"):
-        for dtype in sorted({r["dtype"] for r in fast if r["mode"] == mode}):
-            group = [r for r in fast if r["mode"] == mode and r["dtype"] == dtype]
-            out += ["", f" {'inference' if mode == 'fwd' else 'training step'} ({dtype})",
-                    f"  {'workload':<52} {'fastenc ms':>10} {'hf-sdpa':>9} {'torch-compile':>14}"]
-            for r in group:
-                ms = r["status"] if r["status"] != "ok" else f"{r['median_ms']:.4g}"
-                cells = [f"{r['speedups'][b]:.3g}x" if b in r["speedups"] else "-" for b in BASELINES]
-                out.append(f"  {workload_label(r):<52} {ms:>10} {cells[0]:>9} {cells[1]:>14}")
-    mode, dtype, base, at_least = GOAL
-    out += ["", " goal (issue #17):"]
-    for r in fast:
-        if r["mode"] == mode and r["dtype"] == dtype and r["padding"] >= 0.3:
-            v = r["speedups"].get(base)
-            verdict = "not measured" if v is None else ("met" if v >= at_least else "NOT MET")
-            got = "-" if v is None else f"{v:.3g}x"
-            out.append(f"  {mode} {dtype} {workload_label(r)} vs {base} {got} (goal >= {at_least}x): {verdict}")
-    return "\n".join(out)
+    """End to end: each provider's time / fastenc's (> 1: fastenc faster), then issue #17's goal."""
+    return MODERNBERT.summary([r for r in rows if r["op"] == "e2e"], GOALS, ORDER)
+
+
+def plots(out_dir: str, rows: List[dict], env) -> List[str]:
+    return MODERNBERT.ratio_plots(out_dir, [r for r in rows if r["op"] == "e2e"], env, ORDER)
 
 
 SUITE = R.register(R.Suite(
     "modernbert", PROVIDERS, {"tiny": _tiny, "cpu": _cpu, "gpu": _gpu}, interleaved=True, min_rounds=3, max_rounds=15,
-    min_time_s={"tiny": 0.01, "cpu": 2.0, "gpu": 1.0}, pause_s=0.002, summary=summary, reset=reset,
+    min_time_s={"tiny": 0.01, "cpu": 2.0, "gpu": 1.0}, pause_s=0.002, summary=summary, plots=plots, reset=reset,
 ))
