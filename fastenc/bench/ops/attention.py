@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import ops, reference
+from ...ops import attention as attention_op
 from .. import registry as R
 from ..registry import Impl, Provider, Unavailable
 from ..workload import Workload, by_mode, key_padding_mask, padded_lengths, randn, valid_tokens
@@ -63,9 +64,8 @@ def workload(mode, sweep, device, dtype, *, batch, seqlen, heads, head_dim, padd
 
 
 def shape_class(w: Workload) -> tuple:
-    """What the attention backends' checks read: (head dim of q/k, of v, whether a mask needs a gradient,
-    windowed, rotary)."""
-    return w.params["head_dim"], w.params["head_dim"], False, False, False
+    """What the attention backends' checks read (``fastenc.ops.attention.shape_class``)."""
+    return attention_op.shape_class(w.params["head_dim"], w.params["head_dim"])
 
 
 def _fastenc(backend: str):

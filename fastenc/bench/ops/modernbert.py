@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import ops, reference
+from ...layer import LayerSpec
+from ...layer import shape_classes as layer_shape_classes
 from ...ops.attention import attention_varlen_unchecked
 from .. import registry as R
 from ..model_workload import Goal, ModelSpec, ModelSuite, transformers
@@ -113,8 +115,9 @@ def model_flops(spec: Spec, lengths: List[int], mode: str) -> float:
 
 def _shape_classes(spec: Spec) -> Dict[str, tuple]:
     """Each op's shape class in a local layer (what ``fastenc.backends.explain`` passes to its checks)."""
-    head_dim = spec.d_model // spec.heads
-    return {"attention": (head_dim, head_dim, False, True, True), "layer_norm": (spec.d_model,), "ffn": ("geglu",)}
+    w = spec.local_attention // 2
+    return layer_shape_classes(LayerSpec(spec.d_model, spec.heads, "geglu", norm_first=True, window=(w, w),
+                                         rotary=True))
 
 
 MODERNBERT = ModelSuite(
