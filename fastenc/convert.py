@@ -9,10 +9,10 @@ the converted model's ``state_dict`` has the same keys and the same storage.
 from __future__ import annotations
 
 import sys
+from typing import Iterable, Optional, Union
 
+import torch
 import torch.nn as nn
-
-from typing import Optional
 
 from .backends import BackendSpec, check_spec
 from .modules import (
@@ -23,7 +23,8 @@ from .modules import (
     layer_from_torch,
     layer_to_torch,
 )
-from .stack import QUANTIZE, StackOwner
+from .stack import QUANTIZE, StackOwner, recording_ranges
+from .weight_cache import cache_of
 
 
 def _convert_one(module: nn.Module, backend: BackendSpec):
@@ -38,7 +39,8 @@ def optimize(model: nn.Module, *, backend: BackendSpec = None, quantize: Optiona
     """Replace torch encoder modules inside ``model`` (in place) and return the model.
 
     backend: None (follow ``use_backend``/``FASTENC_BACKEND``), a name, or a per-op dict,
-    stored on every converted layer.  quantize: None, or ``"int8"`` (:func:`quantize`).
+    stored on every converted layer.  quantize: None, or ``"int8"`` (:func:`quantize`, calibrated on random
+    tokens).
     """
     check_spec(backend)
     _check_quantize(quantize)
@@ -51,25 +53,57 @@ def _check_quantize(mode: Optional[str]) -> None:
         raise ValueError(f"fastenc: quantize must be one of {QUANTIZE}, got {mode!r}")
 
 
-def quantize(model: nn.Module, mode: Optional[str] = "int8") -> nn.Module:
+def quantize(model: nn.Module, mode: Optional[str] = "int8", *,
+             calibration: Union[str, Iterable[dict], None] = "random") -> nn.Module:
     """Run every fastenc encoder stack inside ``model`` in int8 in inference (``mode="int8"``), or in its float
     dtype again (``mode=None``); in place, returns ``model``.
 
-    int8: weights per output channel, quantized once per weight generation (derived data, rebuilt after an
-    optimizer step); activations per token at run time; attention and LayerNorm in the model's dtype.
-    Training, and calls that need gradients, run the float weights.  Call after :func:`optimize`.
+    int8 (``fastenc.stack``, ``INT8_GEMMS``): weights per output channel, quantized once per weight generation
+    (derived data, rebuilt after an optimizer step), smoothed by SmoothQuant factors from the calibrated input
+    ranges of each GEMM; activations per token at run time; attention, LayerNorm and FFN2 in the model's dtype.
+    calibration: ``"random"`` runs the model's own embeddings on random token ids (every HF base model and
+    ``EncoderModel`` inside; a bare encoder stack is not calibrated: no smoothing); an iterable of input
+    dicts runs ``model(**batch)`` on each; None: no smoothing.  Training, and calls that need gradients, run
+    the float weights.  Call after :func:`optimize`.
     """
     _check_quantize(mode)
-    return _set_quantize(model, mode)
+    return _set_quantize(model, mode, calibration)
 
 
-def _set_quantize(model: nn.Module, mode: Optional[str]) -> nn.Module:
+def _set_quantize(model: nn.Module, mode: Optional[str], calibration="random") -> nn.Module:
     owners = [m for m in model.modules() if isinstance(m, StackOwner)]
     if not owners:
         raise ValueError("fastenc.quantize: the model holds no fastenc encoder stack (call fastenc.optimize first)")
     for m in owners:
+        m.quantize, m.int8_ranges = None, None
+    if mode == "int8" and calibration is not None:
+        _calibrate(model, owners, calibration)
+    for m in owners:
         m.quantize = mode
     return model
+
+
+def _calibrate(model: nn.Module, owners, calibration) -> None:
+    """Each stack's input ranges per int8 GEMM, from float forwards of the calibration inputs."""
+    from .models.calibration import random_token_calls
+
+    if isinstance(calibration, str):
+        if calibration != "random":
+            raise ValueError(f"fastenc.quantize: calibration must be 'random', an iterable of input dicts or None, "
+                             f"got {calibration!r}")
+        calls = random_token_calls(model)
+    else:
+        calls = [lambda b=b: model(**b) for b in calibration]
+    training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), recording_ranges() as ranges:
+            for call in calls:
+                call()
+    finally:
+        model.train(training)
+    for m in owners:
+        m.int8_ranges = ranges.get(id(cache_of(m)))
 
 
 def _optimize(model: nn.Module, backend: BackendSpec) -> nn.Module:

@@ -140,7 +140,7 @@ class TransformerEncoderLayer(BackendSetting, stack.StackOwner, nn.TransformerEn
         unpad = getattr(self, "unpad", None) if unpad is None else unpad
         out = stack.run([self.stack_layer()], x, setting=self, attn_mask=attn_mask, key_padding_mask=kpm,
                         is_causal=is_causal, unpad_=unpad, training=self.training, cache=cache_of(self),
-                        quantize=self.quantize).last
+                        quantize=self.quantize, int8_ranges=self.int8_ranges).last
         return restore(out)
 
 
@@ -192,7 +192,7 @@ class TransformerEncoder(BackendSetting, stack.StackOwner, nn.TransformerEncoder
                          final_norm=_final_norm(self.norm), attn_mask=attn_mask, key_padding_mask=kpm,
                          is_causal=is_causal, packed=packed, unpad_=unpad_, training=self.training,
                          cache=cache_of(self), hidden_states=hidden_states, checkpoint=checkpoint,
-                         quantize=self.quantize, input_norm=self.input_norm())
+                         quantize=self.quantize, int8_ranges=self.int8_ranges)
 
     def forward(
         self,
@@ -260,7 +260,7 @@ def layer_from_torch(layer: nn.TransformerEncoderLayer, backend: BackendSpec = N
 
 def layer_to_torch(layer: TransformerEncoderLayer) -> nn.TransformerEncoderLayer:
     new = _retype(layer, nn.TransformerEncoderLayer)
-    for attr in ("activation_name", "_backend_spec", "_op_backend", "quantize"):
+    for attr in ("activation_name", "_backend_spec", "_op_backend", "quantize", "int8_ranges"):
         new.__dict__.pop(attr, None)
     return new
 
@@ -274,7 +274,7 @@ def encoder_from_torch(encoder: nn.TransformerEncoder, backend: BackendSpec = No
 
 def encoder_to_torch(encoder: TransformerEncoder) -> nn.TransformerEncoder:
     new = _retype(encoder, nn.TransformerEncoder)
-    for attr in ("_backend_spec", "_op_backend", "quantize", "_input_norm"):
+    for attr in ("_backend_spec", "_op_backend", "quantize", "int8_ranges"):
         new.__dict__.pop(attr, None)
     new.layers = nn.ModuleList([layer_to_torch(layer) for layer in encoder.layers])
     return new

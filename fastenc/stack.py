@@ -17,8 +17,10 @@ lets ``auto`` decide (at least ``UNPAD_MIN_PADDING`` of the batch is padding), T
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -70,17 +72,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 class StackOwner:
     """Mixin of the modules that run a stack (the torch twins, ModernBERT): their ``quantize`` setting, None or
-    ``"int8"`` (``fastenc.quantize``), and the LayerNorm whose output their stack reads, when a front end
-    knows it (the embeddings'), are passed to :func:`run`."""
+    ``"int8"``, and the input ranges int8 calibrated (``fastenc.quantize``), passed to :func:`run`."""
 
     quantize: Optional[str] = None
-
-    def set_input_norm(self, norm: Optional[torch.nn.LayerNorm]) -> None:
-        self.__dict__["_input_norm"] = norm  # a reference, not a submodule: state_dict is unchanged
-
-    def input_norm(self) -> Optional[NormWeights]:
-        norm = self.__dict__.get("_input_norm")
-        return None if norm is None else NormWeights(norm.weight, norm.bias, norm.eps)
+    int8_ranges: Optional[List[dict]] = None  # per layer {"qkv" | "out" | "ffn1": max |input| per channel}
 
 
 class StackLayer(NamedTuple):
@@ -101,13 +96,12 @@ class Int8Layer(NamedTuple):
 
 QUANTIZE = (None, "int8")
 # The GEMMs an int8 model runs in int8; FFN2 keeps the model's dtype.  Chosen by the embeddings' quality on
-# real sentences (all-MiniLM-L6-v2, 200 texts, min cosine against fp32): all four in int8 0.9941; with
-# SmoothQuant on the LayerNorm-fed GEMMs and FFN2 in float 0.9984 (FFN2's input, the activated hidden, has
-# the outliers that neither per-token scales nor smoothing tame: Bondarenko et al., 2021).  README, "int8".
+# real sentences (all-MiniLM-L6-v2, 200 texts, min cosine against fp32): all four in int8 0.9941; smoothed
+# (SmoothQuant, alpha 0.5, input ranges calibrated on random tokens) 0.9976; smoothed with FFN2 in float
+# 0.9994.  FFN2's input, the activated hidden, has outliers that neither per-token scales nor smoothing
+# tame (Bondarenko et al., 2021).  README, "int8 inference".
 INT8_GEMMS = ("qkv", "out", "ffn1")
-# SmoothQuant without calibration data: a GEMM fed by a LayerNorm sees input channel k within about
-# |beta_k| + LN_RANGE |gamma_k| (normalized values rarely pass 4), with alpha 0.5 (reference.smoothing).
-LN_RANGE = 4.0
+SMOOTHING_ALPHA = 0.5
 
 
 class Packed(NamedTuple):
@@ -144,14 +138,43 @@ def padding_plan(unpad_: Optional[bool], attn_mask: Optional[Tensor],
     return info
 
 
+# Stack calls inside recording_ranges(): id of the stack's WeightCache -> per layer {gemm: max |input|}.
+_RECORDING: contextvars.ContextVar[Optional[Dict[int, List[dict]]]] = contextvars.ContextVar(
+    "fastenc_int8_ranges", default=None)
+
+
+@contextlib.contextmanager
+def recording_ranges() -> Iterator[Dict[int, List[dict]]]:
+    """Inside the block every stack call runs its float per-op path and records, per layer, the max |input| of
+    each channel of the GEMMs of ``INT8_GEMMS`` (int8's calibration); the dict maps id(the stack's cache) to
+    those ranges, the maxima over every call."""
+    store: Dict[int, List[dict]] = {}
+    token = _RECORDING.set(store)
+    try:
+        yield store
+    finally:
+        _RECORDING.reset(token)
+
+
+def _note(call: "_Call", layer: StackLayer, name: str, x: Tensor) -> None:
+    """Record a GEMM input's per-channel max |x| while calibrating int8 (a no-op otherwise)."""
+    if call.record is None or name not in INT8_GEMMS:
+        return
+    ranges = call.record[id(layer.weights)]
+    m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float() if x.numel() else x.new_zeros(x.shape[-1]).float()
+    ranges[name] = torch.maximum(ranges[name], m) if name in ranges else m
+
+
 class _Call(NamedTuple):
-    """What every layer of one call shares: the token layout, masks and rotary tables."""
+    """What every layer of one call shares: the token layout, masks and rotary tables (and, while int8 is being
+    calibrated, where each layer's input ranges go)."""
 
     packed: Optional[Packed]  # the layout when x is packed [T, d] (a Packed or a Padding)
     attn_mask: Optional[Tensor]  # dense [B, H, L, S] view (dense layout only)
     key_padding_mask: Optional[Tensor]  # [B, S] (dense layout only)
     is_causal: bool
     rotary: dict  # (id of inv_freq, scaling) -> (cos, sin) in the activations' dtype
+    record: Optional[dict] = None  # id(layer.weights) -> {gemm: max |input|}
 
 
 def _op_backend(setting: Optional[BackendSetting], op: str) -> Optional[str]:
@@ -171,11 +194,11 @@ def layer_forward(x: Tensor, layer: StackLayer, call: _Call) -> Tensor:
         h, x = residual_layer_norm_unchecked(x, _attention_block(h, layer, call), w.norm2_weight, w.norm2_bias,
                                              w.out_bias, spec.eps2, spec.dropout1, True, norm)
         if spec.dropout2 > 0:
-            return x + F.dropout(_ffn(h, layer, None), spec.dropout2, training=True)
-        return _ffn(h, layer, x)
+            return x + F.dropout(_ffn(h, layer, call, None), spec.dropout2, training=True)
+        return _ffn(h, layer, call, x)
     x = residual_layer_norm_unchecked(x, _attention_block(x, layer, call), w.norm1_weight, w.norm1_bias, w.out_bias,
                                       spec.eps1, spec.dropout1, False, norm)
-    return residual_layer_norm_unchecked(x, _ffn(x, layer, None), w.norm2_weight, w.norm2_bias, None, spec.eps2,
+    return residual_layer_norm_unchecked(x, _ffn(x, layer, call, None), w.norm2_weight, w.norm2_bias, None, spec.eps2,
                                          spec.dropout2, False, norm)
 
 
@@ -191,6 +214,7 @@ def _attention_block(h: Tensor, layer: StackLayer, call: _Call) -> Tensor:
     """Attention without the out projection's bias (the residual + LayerNorm op adds it)."""
     spec, w, s, q8 = layer
     att = _op_backend(s, "attention")
+    _note(call, layer, "qkv", h)
     qkv = _linear(h, w.qkv_weight, w.qkv_bias, q8 and q8.qkv, s)
     q, k, v = qkv.view(*h.shape[:-1], 3, spec.nhead, spec.head_dim).unbind(-3)
     rot = call.rotary[(id(w.rotary_inv_freq), spec.rotary_scaling)] if spec.rotary else None
@@ -201,11 +225,14 @@ def _attention_block(h: Tensor, layer: StackLayer, call: _Call) -> Tensor:
     else:
         o = attention_unchecked(q, k, v, call.attn_mask, call.key_padding_mask, call.is_causal, None,
                                 spec.attn_dropout, att, spec.window, rot)
-    return _linear(o.reshape(h.shape), w.out_weight, None, q8 and q8.out, s)
+    o = o.reshape(h.shape)
+    _note(call, layer, "out", o)
+    return _linear(o, w.out_weight, None, q8 and q8.out, s)
 
 
-def _ffn(h: Tensor, layer: StackLayer, residual: Optional[Tensor]) -> Tensor:
+def _ffn(h: Tensor, layer: StackLayer, call: _Call, residual: Optional[Tensor]) -> Tensor:
     spec, w, s, q8 = layer
+    _note(call, layer, "ffn1", h)
     if q8 is not None and (q8.ffn1 is not None or q8.ffn2 is not None):  # inference: no dropout
         if q8.ffn2 is not None:  # the activation goes into the quantization of GEMM2's input
             pre = _linear(h, w.ffn1_weight, w.ffn1_bias, q8.ffn1, s)
@@ -268,7 +295,7 @@ def run(layers: Sequence[StackLayer], x: Tensor, *, setting: Optional[BackendSet
         key_padding_mask: Optional[Tensor] = None, is_causal: bool = False, packed: Optional[Packed] = None,
         unpad_: Optional[bool] = None, training: bool = False, cache: Optional[WeightCache] = None,
         hidden_states: bool = False, checkpoint: Optional[Callable] = None,
-        quantize: Optional[str] = None, input_norm: Optional[NormWeights] = None) -> StackResult:
+        quantize: Optional[str] = None, int8_ranges: Optional[Sequence[dict]] = None) -> StackResult:
     """Run ``layers`` and the final norm on x: dense [B, L, d] (masks validated by the caller: attn_mask a
     [B, H, L, S] view, key_padding_mask [B, L]), or packed [T, d] laid out as ``packed`` (a :class:`Packed` or
     the ``Padding`` the caller packed with).
@@ -277,8 +304,10 @@ def run(layers: Sequence[StackLayer], x: Tensor, *, setting: Optional[BackendSet
     tokens).  setting: the stack owner's backend setting (``encoder`` and ``padding`` ops).  checkpoint: HF's
     gradient-checkpointing function, applied per layer in training.  quantize ``"int8"``: in inference, the
     GEMMs of ``INT8_GEMMS`` run in int8 on weights quantized once per weight generation (kept in ``cache``);
-    training, and calls that need gradients, run the float weights; input_norm: the LayerNorm whose output x
-    is (the embeddings'), which int8 uses to smooth the first QKV.  Dense input comes back dense (padding
+    training, and calls that need gradients, run the float weights; int8_ranges: per layer, the calibrated
+    max |input| per channel of its int8 GEMMs (their SmoothQuant factors), or None.  Under
+    :func:`recording_ranges` a call runs the float per-op path and records those ranges instead.  Dense input
+    comes back dense (padding
     removed inside when ``unpad_`` / ``auto`` says so), packed input packed.
     """
     global _RAN
@@ -286,21 +315,29 @@ def run(layers: Sequence[StackLayer], x: Tensor, *, setting: Optional[BackendSet
     if quantize not in QUANTIZE:
         raise ValueError(f"fastenc: quantize must be one of {QUANTIZE}, got {quantize!r}")
     cache = cache if cache is not None else WeightCache()
+    recording = _RECORDING.get()
+    record = None
+    if recording is not None:
+        ranges = recording.setdefault(id(cache), [{} for _ in layers])
+        record = {id(layer.weights): r for layer, r in zip(layers, ranges)}
     if not training:
         layers = [StackLayer(layer.spec.with_dropout(False), layer.weights, layer.setting) for layer in layers]
-        if quantize == "int8":
+        if quantize == "int8" and record is None:
             if _needs_grad(x, layers):
                 warn_once("fastenc: int8 runs without autograd; a call that needs gradients runs the float weights "
                           "(call the model under torch.no_grad() or torch.inference_mode())")
             else:
                 layers = [layer._replace(int8=q8) for layer, q8 in zip(layers, _int8_layers(layers, cache,
-                                                                                           input_norm))]
+                                                                                           int8_ranges))]
     # The fused stack runs on packed rows: a bool key padding mask is packed for it whatever the padding.
     packable = packed is not None or (attn_mask is None and unpad_ is not False and (
         key_padding_mask is None or key_padding_mask.dtype == torch.bool))
     ckpt = checkpoint if (checkpoint is not None and training) else None
-    fused, why = _decide(layers, x, setting, packable=packable, training=training,
-                         per_layer_outputs=hidden_states or ckpt is not None)
+    if record is not None:
+        fused, why = False, "recording int8's calibration ranges (the float per-op path)"
+    else:
+        fused, why = _decide(layers, x, setting, packable=packable, training=training,
+                             per_layer_outputs=hidden_states or ckpt is not None)
     cache.last_decision = ("fused" if fused else "per-op", why)
     info = packed
     if packed is None:
@@ -315,7 +352,7 @@ def run(layers: Sequence[StackLayer], x: Tensor, *, setting: Optional[BackendSet
                           None if fused_norm is not None else final_norm, setting)
     else:
         out, states = _per_op(tokens, info, layers, setting, final_norm, attn_mask, key_padding_mask, is_causal,
-                              hidden_states, ckpt)
+                              hidden_states, ckpt, record)
     if packed is None and info is not None:  # scatter back what this call packed
         back = (lambda t: pad(t, info, backend=_op_backend(setting, "padding")))  # noqa: E731
         out = back(out)
@@ -347,49 +384,35 @@ def _decide(layers: Sequence[StackLayer], x: Tensor, setting: Optional[BackendSe
 
 
 def _int8_layers(layers: Sequence[StackLayer], cache: WeightCache,
-                 input_norm: Optional[NormWeights]) -> List[Int8Layer]:
-    """The layers' GEMM weights of ``INT8_GEMMS`` in int8, quantized once per weight generation; QKV and FFN1
-    smoothed by the LayerNorm that feeds them (``input_norm``: the one before the stack, e.g. the embeddings')."""
-    before = None if input_norm is None else (input_norm.weight, input_norm.bias)
+                 ranges: Optional[Sequence[dict]]) -> List[Int8Layer]:
+    """The layers' GEMM weights of ``INT8_GEMMS`` in int8, quantized once per weight generation, smoothed
+    where calibrated input ranges exist."""
+    names = ("qkv", "out", "ffn1", "ffn2")
+    if ranges is not None and len(ranges) != len(layers):
+        raise ValueError(f"fastenc int8: calibrated ranges for {len(ranges)} layers, the stack has {len(layers)} "
+                         "(calibrate again: fastenc.quantize)")
+
+    def quantize(i, name, weight):
+        if name not in INT8_GEMMS:
+            return None
+        absmax = None if ranges is None else ranges[i].get(name)
+        smoothing = None if absmax is None else reference.smoothing(absmax, weight, SMOOTHING_ALPHA)
+        return quantize_weight(weight, smoothing)
 
     def build():
-        out = []
-        for i, layer in enumerate(layers):
-            spec, w = layer.spec, layer.weights
-            if spec.norm_first:  # LN1 before attention (unless skipped: then the stack's input), LN2 before FFN
-                qkv_norm = (w.norm1_weight, w.norm1_bias) if spec.attn_norm else (before if i == 0 else None)
-                ffn1_norm = (w.norm2_weight, w.norm2_bias)
-            else:  # the previous layer's LN2 (the stack's input for the first), then this layer's LN1
-                prev = layers[i - 1].weights if i else None
-                qkv_norm = (prev.norm2_weight, prev.norm2_bias) if prev is not None else before
-                ffn1_norm = (w.norm1_weight, w.norm1_bias)
-            out.append(Int8Layer(
-                _quantize("qkv", w.qkv_weight, qkv_norm, spec.d_model), _quantize("out", w.out_weight, None, 0),
-                _quantize("ffn1", w.ffn1_weight, ffn1_norm, spec.d_model), _quantize("ffn2", w.ffn2_weight, None, 0)))
-        return out
+        return [Int8Layer(*(quantize(i, n, getattr(layer.weights, f"{n}_weight")) for n in names))
+                for i, layer in enumerate(layers)]
     key = tuple(tensor_key(layer.weights.tensors()) for layer in layers)
-    key += (None if before is None else tensor_key(before),)
+    key += (None if ranges is None else tuple(tensor_key(r.values()) for r in ranges),)
     return cache.get(("int8", INT8_GEMMS), key, build)
-
-
-def _quantize(name: str, weight: Tensor, norm, d: int) -> Optional[QuantWeight]:
-    if name not in INT8_GEMMS:
-        return None
-    if norm is None:
-        return quantize_weight(weight)
-    gamma, beta = norm
-    absmax = (LN_RANGE * gamma.detach().float().abs()) if gamma is not None else torch.full((d,), LN_RANGE)
-    if beta is not None:
-        absmax = absmax + beta.detach().float().abs()
-    return quantize_weight(weight, reference.smoothing(absmax, weight))
 
 
 def _per_op(tokens: Tensor, info: Optional[Packed], layers: Sequence[StackLayer],
             setting: Optional[BackendSetting], final_norm: Optional[NormWeights], attn_mask, key_padding_mask,
-            is_causal: bool, hidden_states: bool, ckpt: Optional[Callable]):
+            is_causal: bool, hidden_states: bool, ckpt: Optional[Callable], record: Optional[dict]):
     length = info.max_seqlen if info is not None else tokens.shape[-2]
     call = _Call(info, None if info is not None else attn_mask, None if info is not None else key_padding_mask,
-                 is_causal, _rotary_tables(layers, length, tokens.dtype))
+                 is_causal, _rotary_tables(layers, length, tokens.dtype), record)
     states: List[Tensor] = [tokens]
     h = tokens
     for layer in layers:

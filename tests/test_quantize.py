@@ -71,6 +71,8 @@ def test_every_family_quantizes(family):
                         "distilbert": (transformers.DistilBertConfig, transformers.DistilBertModel),
                         "modernbert": (transformers.ModernBertConfig, transformers.ModernBertModel)}[family]
         kw = dict(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+        if family == "modernbert":
+            kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
         if family == "distilbert":
             kw = dict(vocab_size=500, dim=64, n_layers=2, n_heads=4, hidden_dim=128)
         model = cls(cfg_cls(**kw)).eval()
@@ -114,3 +116,28 @@ def test_quantize_needs_a_stack_and_a_known_mode():
         fastenc.quantize(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="quantize must be one of"):
         fastenc.optimize(nn.Linear(2, 2), quantize="int4")
+
+
+def test_calibration_records_each_int8_gemm_input_range():
+    cfg = transformers.BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128)
+    torch.manual_seed(0)
+    model = fastenc.optimize(transformers.BertModel(cfg, add_pooling_layer=False).eval(), quantize="int8")
+    ranges = model.encoder.int8_ranges
+    assert len(ranges) == 2 and all(set(r) == set(fastenc.stack.INT8_GEMMS) for r in ranges)
+    assert all(t.shape == (64,) and (t > 0).all() for r in ranges for t in r.values())
+    assert copy.deepcopy(model).encoder.int8_ranges[0]["qkv"].equal(ranges[0]["qkv"])  # a setting: copied
+    ids = torch.randint(5, 300, (2, 9))
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    fastenc.quantize(model, calibration=[batch])
+    mine = model.encoder.int8_ranges
+    assert not mine[0]["qkv"].equal(ranges[0]["qkv"])  # from these inputs, not random ones
+    with torch.inference_mode():
+        smoothed = model(**batch).last_hidden_state
+    fastenc.quantize(model, calibration=None)
+    assert model.encoder.int8_ranges is None
+    with torch.inference_mode():
+        plain = model(**batch).last_hidden_state
+    assert not torch.allclose(smoothed, plain)
+    with pytest.raises(ValueError, match="calibration must be 'random'"):
+        fastenc.quantize(model, calibration="real")

@@ -427,8 +427,6 @@ def _convert(model: nn.Module, backend: BackendSpec) -> None:
     layers = [_fast_layer(layer, family, nhead, _activation(model), backend) for layer in hf_encoder.layer]
     enc = _build_encoder(layers, family_name, type(hf_encoder), backend)
     enc.train(hf_encoder.training)
-    if getattr(model, "embeddings_project", None) is None:  # the stack reads the embeddings' LayerNorm output
-        enc.set_input_norm(model.embeddings.LayerNorm)
     setattr(model, family.encoder_attr, enc)
     model.__class__ = fast_cls
 

@@ -85,7 +85,7 @@ class FastModernBertModel(BackendSetting, stack.StackOwner, ModernBertModel):
         out = stack.run(self.stack_layers(), x, setting=self, final_norm=_norm_weights(self.final_norm),
                         key_padding_mask=None if info is not None else kpm, packed=info, unpad_=False,
                         training=self.training, cache=cache_of(self), hidden_states=bool(output_hidden_states),
-                        checkpoint=ckpt, quantize=self.quantize, input_norm=_norm_weights(self.embeddings.norm))
+                        checkpoint=ckpt, quantize=self.quantize, int8_ranges=self.int8_ranges)
         last, states = out.last, out.hidden_states
         if states is not None:
             states = states[:-1] + (last,)  # HF reports the normed output as the last state
@@ -209,6 +209,6 @@ def to_hf(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if type(m) is FastModernBertModel:
             m.__class__ = ModernBertModel
-            for attr in ("_backend_spec", "_op_backend", "unpad", "_weight_cache", "quantize"):
+            for attr in ("_backend_spec", "_op_backend", "unpad", "_weight_cache", "quantize", "int8_ranges"):
                 m.__dict__.pop(attr, None)
     return model
