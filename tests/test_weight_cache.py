@@ -314,3 +314,17 @@ def test_long_run_stays_correct_and_bounded(calls):
     assert len(cache_of(model.encoder)) == 1
     assert len(backends._DECISIONS) == decisions, "the decision cache grew with the shapes"
     assert_current(model)
+
+
+def test_int8_weights_follow_weight_changes():
+    """The int8 copies (and the C++ layers holding them) are rebuilt after a weight changes, as the float ones."""
+    model = _model()
+    fastenc.quantize(model)
+    before = _ran(model)
+    with torch.no_grad():
+        model.encoder.layers[0].linear1.weight.mul_(-1.5)
+    after = _ran(model)
+    with torch.inference_mode(), fastenc.use_backend(encoder="reference"):
+        per_op = _embed(model, _inputs())  # the same int8 math op by op, from the current weights
+    assert ((after - per_op).norm() / per_op.norm()).item() < 1e-3
+    assert ((after - before).norm() / before.norm()).item() > 1e-2

@@ -54,9 +54,10 @@ def uniform_cu(batch: int, length: int) -> Tensor:
 
 
 def layers_for(cache: WeightCache, layers: Sequence[Tuple[object, object, object]], dtype: torch.dtype) -> list:
-    """The ``fastenc._C.EncoderLayer`` of each (LayerSpec, LayerWeights, Int8Layer or None), built when a weight
-    or spec changed (the int8 weights derive from the float ones: their presence completes the key)."""
-    key = tuple((spec, tensor_key(w.tensors()), None if q8 is None else tuple(q is not None for q in q8))
+    """The ``fastenc._C.EncoderLayer`` of each (LayerSpec, LayerWeights, Int8Layer or None), built when a weight,
+    an int8 weight (re-quantized after a weight or a calibration change) or the spec changed."""
+    key = tuple((spec, tensor_key(w.tensors()),
+                 None if q8 is None else tuple(None if q is None else tensor_key(q[:3]) for q in q8))
                 for spec, w, q8 in layers)
     ext = extension()
 
