@@ -259,7 +259,11 @@ void bind_ffn(py::module_& m) {
 #endif
   m.def("cutlass_sm90_built", &fastenc::cutlass_sm90_built, "whether the CUTLASS sm90 kernels were compiled");
   m.def("cuda_archs", []() { return std::string(kCudaArchs); }, "the CUDA archs of the build, as 80_90a");
-  m.attr("FFN_ACTIVATIONS") = py::make_tuple("relu", "gelu", "gelu_tanh", "geglu", "swiglu");
+  py::list acts;  // fastenc/constants.py's ACTIVATIONS + GATED_ACTIVATIONS, as parse_activation takes them
+  for (int a = static_cast<int>(Act::kReLU); a <= static_cast<int>(Act::kSwiGLU); ++a) {
+    acts.append(activation_name(static_cast<Act>(a)));
+  }
+  m.attr("FFN_ACTIVATIONS") = py::tuple(acts);
 }
 
 }  // namespace fastenc

@@ -12,6 +12,7 @@
 
 namespace fastenc {
 
+// In the order of fastenc/constants.py's ACTIVATIONS then GATED_ACTIVATIONS (activation.cpp checks it).
 // kGeGLU / kSwiGLU are gated (GLU): GEMM1 gives [a, g] = x W1ᵀ + b1 (W1 [2f, d]: the rows of the
 // activated half first, HF ModernBERT's Wi) and the hidden is h = act(a) · g [.., f], act = erf-GELU
 // / SiLU; ActOp<A> of a gated A is that act.  Backward: da = dh · g · act'(a), dg = dh · act(a).

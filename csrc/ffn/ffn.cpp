@@ -20,6 +20,7 @@
 // bit (oneDNN's GELU rounds differently).  fp16/bf16 inference fuses the GELUs too: oneDNN applies
 // them to the fp32 accumulator (one rounding where the pass rounds pre first) and the pass over
 // the hidden goes (1.04-1.06x on bf16 768→3072).
+#include "fastenc_constants.h"
 #include "ffn/ffn.h"
 #include "linear/linear.h"
 
@@ -131,14 +132,11 @@ at::Tensor linear2_fused(const at::Tensor& h, const at::Tensor& w2, const std::o
 
 }  // namespace
 
-// Below this many multiply-adds per GEMM (tokens · d · f) the CPU path keeps ATen's GEMMs: oneDNN's
-// per-call cost (~20 µs: primitive lookup, tensor wrapping) outweighs its faster kernel there (measured:
-// MiniLM's 384→1536 at 1-2 tokens, 0.6-1.2 M; from 8 tokens, or 768→3072 at 1 token, oneDNN wins 1.6x).
-// Zero tokens also go to ATen (oneDNN takes no empty GEMM).
-constexpr int64_t kOneDnnMinMacs = int64_t(1) << 21;
-
+// Below constants::kOnednnMinMacs multiply-adds per GEMM (tokens · d · f) the CPU path keeps ATen's GEMMs: oneDNN's
+// per-call cost outweighs its faster kernel there (fastenc/constants.py).  Zero tokens also go to ATen (oneDNN
+// takes no empty GEMM).
 bool cpu_onednn_gemms(const Plan& plan, const at::Tensor& x, int64_t f) {
-  return plan.path == GemmPath::kCpu && x.size(0) > 0 && x.size(0) * x.size(1) * f >= kOneDnnMinMacs;
+  return plan.path == GemmPath::kCpu && x.size(0) > 0 && x.size(0) * x.size(1) * f >= constants::kOnednnMinMacs;
 }
 
 at::Tensor cpu_mm(bool onednn, const at::Tensor& a, const at::Tensor& b) {

@@ -29,10 +29,12 @@
 // declines the call at run time (no cuBLASLt algorithm) falls back to ATen GEMMs; a path
 // forced by FASTENC_FFN_GEMM raises instead, so a GPU test never passes on the fallback.
 #include <sstream>
+#include <string>
 #include <vector>
 
-#include "linear/linear.h"
+#include "fastenc_constants.h"
 #include "ffn/ffn.h"
+#include "linear/linear.h"
 
 namespace fastenc {
 
@@ -90,6 +92,13 @@ std::string ineligible(GemmPath path, const PlanQuery& q) {
   return "";
 }
 
+// constants::kOnednnMinMacs as text: 2^k for a power of two.
+std::string onednn_min_macs() {
+  const int64_t n = constants::kOnednnMinMacs;
+  if (n > 0 && (n & (n - 1)) == 0) return "2^" + std::to_string(63 - __builtin_clzll(static_cast<uint64_t>(n)));
+  return std::to_string(n);
+}
+
 GemmPath parse_path(const std::string& s) {
   if (s == "unfused") return GemmPath::kUnfused;
   if (s == "cublaslt") return GemmPath::kCublasLt;
@@ -126,7 +135,8 @@ Plan plan_gemm_path(const PlanQuery& q) {
     if (onednn_linear_supported(q.dtype)) {
       return {GemmPath::kCpu,
               "CPU tensors: oneDNN GEMMs (torch's mkldnn linear ops) with b1 (+ relu) and b2 + residual in their "
-              "epilogues, + the fused vectorised activation pass (ATen GEMMs below 2^21 multiply-adds)"};
+              "epilogues, + the fused vectorised activation pass (ATen GEMMs below " + onednn_min_macs() +
+                  " multiply-adds)"};
     }
     return {GemmPath::kUnfused, std::string("CPU tensors: ATen GEMMs + the fused vectorised bias-activation pass "
                                             "(no oneDNN kernels for ") +
