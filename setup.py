@@ -35,6 +35,7 @@ if int(setuptools.__version__.split(".")[0]) < 77:  # else an obscure error from
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)  # setuptools' PEP 517 backend runs this file without its folder on sys.path
 
+from build_tools import constants_header  # noqa: E402
 from build_tools import cutlass_objects as cutlass  # noqa: E402
 from build_tools.toolchain import (  # noqa: E402
     cpu_isa_flags, cublas_paths, cuda_arch_flags, cuda_archs, cuda_runtime_include, default_max_jobs, env_flag,
@@ -53,8 +54,9 @@ def build_temp_dir(torch_version: str) -> str:
 
 
 def _build_ext_class(BuildExtension, nvcc: str, cutlass_plan):
-    """BuildExtension (ninja) compiling in build_temp_dir(), after the CUTLASS objects (cached with their stamps
-    under it in cutlass_sm90/), which it links with the prebuilt ones."""
+    """BuildExtension (ninja) compiling in build_temp_dir(), with fastenc_constants.h generated under it (generated/,
+    from fastenc/constants.py), after the CUTLASS objects (cached with their stamps under it in cutlass_sm90/),
+    which it links with the prebuilt ones."""
     import torch
 
     class BuildExt(BuildExtension.with_options(use_ninja=True)):
@@ -62,6 +64,10 @@ def _build_ext_class(BuildExtension, nvcc: str, cutlass_plan):
             if os.access(ROOT, os.W_OK):
                 self.build_temp = build_temp_dir(torch.__version__)
             self.force = True  # ninja decides what to recompile; setuptools' own check ignores headers and flags
+            generated = os.path.join(os.path.abspath(self.build_temp), "generated")
+            constants_header.write_header(generated)
+            for ext in self.extensions:
+                ext.include_dirs = list(ext.include_dirs) + [generated]
             if cutlass_plan is not None:
                 prebuilt, to_compile, includes = cutlass_plan
                 objs = prebuilt + cutlass.build_cutlass_objects(

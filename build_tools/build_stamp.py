@@ -3,7 +3,8 @@
     python -m build_tools.build_stamp check STAMP   # exit 0: up to date; else says why, exit 1
     python -m build_tools.build_stamp commit STAMP  # after a successful install
 
-The inputs: every file under csrc/ and build_tools/, setup.py, pyproject.toml, requirements/; the build's
+The inputs: every file under csrc/ and build_tools/, setup.py, pyproject.toml, fastenc/constants.py (the source of
+the generated fastenc_constants.h), requirements/; the build's
 environment variables (toolchain.BUILD_ENV) and the CPU flags they resolve to on this machine; the Python
 interpreter; the versions of torch, setuptools, pybind11 and the nvidia-* wheels (cuBLAS, CUTLASS); nvcc and the
 C++ compiler (their --version); the prebuilt CUTLASS stamps.  The outputs: the fastenc distribution installed in
@@ -24,7 +25,7 @@ import sys
 from .cutlass_objects import ROOT, sha256_file
 from .toolchain import BUILD_ENV, cpu_isa_flags
 
-INPUT_FILES = ("setup.py", "pyproject.toml")
+INPUT_FILES = ("setup.py", "pyproject.toml", "fastenc/constants.py")
 INPUT_DIRS = ("csrc", "build_tools", "requirements")
 _PACKAGES = ("torch", "setuptools", "pybind11")  # and every nvidia-* distribution
 

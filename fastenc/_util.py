@@ -11,6 +11,12 @@ def warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+def either(names) -> str:
+    """"a, b or c" (the names as str)."""
+    names = [str(n) for n in names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def convertible(model: object, reason: "str | None", strict: bool) -> bool:
     """Whether a model can be optimized: True when ``reason`` is None; otherwise ``ValueError`` naming
     the reason when ``strict``, else a warning that the model is left unchanged and False."""

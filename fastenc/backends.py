@@ -32,6 +32,7 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple,
 
 import torch
 
+from . import constants
 from ._util import warn_once
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
@@ -309,8 +310,8 @@ def _cpu_check(dtype: torch.dtype) -> Optional[str]:
     ext = extension()
     if ext is None:
         return "the fastenc._C extension is not built (pip install without FASTENC_SKIP_NATIVE)"
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"dtype {dtype} is not one of float32, bfloat16, float16"
+    if str(dtype).replace("torch.", "") not in constants.KERNEL_DTYPES:
+        return f"dtype {dtype} is not one of {', '.join(constants.KERNEL_DTYPES)}"
     built = ext.cpu_isa()
     here = "avx512" if torch.cpu._is_avx512_supported() else "avx2" if torch.cpu._is_avx2_supported() else "default"
     if _ISA_RANK.get(built, 0) > _ISA_RANK[here]:

@@ -28,11 +28,14 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import constants
+
 Tensor = torch.Tensor
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
-# Gated FFNs: act(a) * g with [a, g] = (x W1ᵀ + b1).chunk(2, -1), the activated half first (HF ModernBERT's Wi).
-GATED_ACTIVATIONS = ("geglu", "swiglu")
+# The FFN activations, and the gated ones: act(a) * g with [a, g] = (x W1ᵀ + b1).chunk(2, -1), the activated half
+# first (HF ModernBERT's Wi); fastenc.constants, shared with the C++ extension.
+ACTIVATIONS = constants.ACTIVATIONS
+GATED_ACTIVATIONS = constants.GATED_ACTIVATIONS
 
 
 def _maybe_upcast(upcast: bool, *tensors: Optional[Tensor]):

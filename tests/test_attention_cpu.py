@@ -1,4 +1,4 @@
-"""CPU flash attention kernels of the extension (csrc/cpu/attention.cpp, bound in csrc/attention_api.cpp).
+"""CPU flash attention kernels of the extension (csrc/attention/cpu/, bound in csrc/bindings/attention_api.cpp).
 
 Called directly through ``fastenc._C`` on packed tokens with int32 ``cu_seqlens``, and through the
 op (``ops.attention`` / ``attention_varlen`` with ``backend="cpu"``) for sliding windows and rotary

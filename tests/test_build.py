@@ -27,8 +27,9 @@ _FLAGS = [v for v in ("FASTENC_SKIP_NATIVE", "FASTENC_FORCE_CPU")
 needs_cuda_build = pytest.mark.skipif(bool(_FLAGS),
                                       reason=f"extension deliberately built without CUDA ({', '.join(_FLAGS)})")
 
-# Name fragments of the handwritten kernels (csrc/ffn/cuda/act_*.cu).
-HANDWRITTEN = ("_ffn_act_fwd_kernel", "_ffn_dact_bgrad_kernel", "_ffn_dropout_mask_kernel")
+# Name fragments of the handwritten kernels (csrc/ffn/cuda/: act_kernels.cuh, glu_kernels.cuh, act_fwd.cu).
+HANDWRITTEN = ("_ffn_act_fwd_kernel", "_ffn_dact_bgrad_kernel", "_ffn_glu_fwd_kernel", "_ffn_dglu_bgrad_kernel",
+               "_ffn_dropout_mask_kernel")
 
 
 def _cuobjdump() -> str:
@@ -345,14 +346,16 @@ def build_tree(tmp_path):
     for d in build_stamp.INPUT_DIRS:
         shutil.copytree(os.path.join(ROOT, d), tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
     for f in build_stamp.INPUT_FILES:
+        os.makedirs(os.path.dirname(tmp_path / f), exist_ok=True)
         shutil.copy(os.path.join(ROOT, f), tmp_path / f)
-    (tmp_path / "fastenc").mkdir()
+    os.makedirs(tmp_path / "fastenc", exist_ok=True)
     (tmp_path / "fastenc" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"built")
     return tmp_path
 
 
 @pytest.mark.parametrize("change, why", [
     ("header", r"changed: csrc/ffn/ffn\.h$"),
+    ("constants", r"changed: fastenc/constants\.py$"),
     ("new_source", r"changed: csrc/cpu/new_kernel\.cpp$"),
     ("build_tools", r"changed: build_tools/toolchain\.py$"),
     ("env", r"env changed: .*'FASTENC_FORCE_CPU': '1'"),
@@ -372,6 +375,8 @@ def test_rebuild_stamp_sees_every_change(build_tree, monkeypatch, change, why):
     if change == "header":
         header = build_tree / "csrc" / "ffn" / "ffn.h"
         header.write_text(header.read_text() + "// edited\n")
+    elif change == "constants":  # the source of the generated fastenc_constants.h
+        (build_tree / "fastenc" / "constants.py").write_text("ONEDNN_MIN_MACS = 1 << 20\n")
     elif change == "new_source":
         (build_tree / "csrc" / "cpu").mkdir(exist_ok=True)
         (build_tree / "csrc" / "cpu" / "new_kernel.cpp").write_text("// new\n")

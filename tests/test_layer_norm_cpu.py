@@ -1,4 +1,4 @@
-"""CPU residual + LayerNorm kernels of fastenc._C (csrc/cpu/layer_norm.cpp, csrc/layer_norm_api.cpp).
+"""CPU residual + LayerNorm kernels of fastenc._C (csrc/layer_norm/cpu/layer_norm.cpp, csrc/bindings/layer_norm_api.cpp).
 
 Parity rule: fast vs fp32 reference <= 2 x (reference in the input dtype vs fp32) + atol, for y, the
 prenorm residual s and every gradient; the bindings are called directly (forward and backward) and the

@@ -1,4 +1,4 @@
-"""CPU oneDNN linear layer of fastenc._C (csrc/cpu/linear.cpp, csrc/linear_api.cpp): cpu_linear with plain
+"""CPU oneDNN linear layer of fastenc._C (csrc/linear/linear.cpp, csrc/bindings/linear_api.cpp): cpu_linear with plain
 and prepacked weights (cpu_pack_linear_weight).
 
 Parity rule against F.linear + fastenc.reference.apply_activation in fp32 (oracle) and in the input dtype

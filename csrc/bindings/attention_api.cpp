@@ -1,4 +1,4 @@
-// Python bindings of the CPU attention kernels (cpu/attention.cpp): argument checks
+// Python bindings of the CPU attention kernels (attention/attention.h): argument checks
 // (TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError) and one m.def per entry point.
 #include <torch/extension.h>
 

@@ -1,7 +1,6 @@
-// Python bindings of fastenc._C: argument checks (TORCH_CHECK_VALUE -> ValueError,
+// Python bindings of the FFN op: argument checks (TORCH_CHECK_VALUE -> ValueError,
 // TORCH_CHECK_TYPE -> TypeError) and one m.def per entry point.  The math is in
-// ffn_ops.cpp (gated activations: ffn_glu_ops.cpp), the path choice in ffn_dispatch.cpp, the kernels
-// in ffn_cpu.cpp, ffn_glu_cpu.cpp and cuda/.
+// ffn/ffn.cpp, the path choice in ffn/gemm_paths.cpp, the kernels in ffn/cpu/ and ffn/cuda/.
 #include <torch/extension.h>
 
 #ifdef FASTENC_WITH_CUDA
@@ -22,37 +21,6 @@ constexpr const char* kCudaArchs = "";
 #endif
 
 namespace fastenc {
-
-Act parse_activation(const std::string& name) {
-  if (name == "relu") return Act::kReLU;
-  if (name == "gelu") return Act::kGelu;
-  if (name == "gelu_tanh") return Act::kGeluTanh;
-  if (name == "geglu") return Act::kGeGLU;
-  if (name == "swiglu") return Act::kSwiGLU;
-  TORCH_CHECK_VALUE(false, "fastenc ffn: unknown activation '", name,
-                    "'; expected one of relu, gelu, gelu_tanh, geglu, swiglu");
-}
-
-const char* activation_name(Act act) {
-  switch (act) {
-    case Act::kReLU: return "relu";
-    case Act::kGelu: return "gelu";
-    case Act::kGeluTanh: return "gelu_tanh";
-    case Act::kGeGLU: return "geglu";
-    case Act::kSwiGLU: return "swiglu";
-  }
-  return "?";
-}
-
-DropoutParams make_dropout(double p, int64_t seed) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "fastenc ffn: dropout_p must be in [0, 1], got ", p);
-  DropoutParams dp;
-  dp.enabled = p > 0.0;
-  dp.seed = static_cast<uint64_t>(seed);
-  dp.threshold24 = dropout_threshold24(p);
-  dp.scale = dropout_scale(p);
-  return dp;
-}
 
 namespace {
 
@@ -160,8 +128,7 @@ std::vector<at::Tensor> ffn_forward(const at::Tensor& x, const at::Tensor& w1, c
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   const auto b1c = contiguous(b1), b2c = contiguous(b2);
   const Plan plan = plan_for(x2, {x2, w1c, b1c, w2c, b2c, r2}, d, f, b1.has_value(), act, dropout_p, save, gemm_path);
-  std::vector<at::Tensor> out = is_gated(act) ? ffn_glu_forward_2d(x2, w1c, b1c, w2c, b2c, r2, act, dp, plan, save)
-                                              : ffn_forward_2d(x2, w1c, b1c, w2c, b2c, r2, act, dp, plan, save);
+  std::vector<at::Tensor> out = ffn_forward_2d(x2, w1c, b1c, w2c, b2c, r2, act, dp, plan, save);
   out[0] = out[0].view(x.sizes());
   return out;
 }
@@ -188,8 +155,7 @@ std::vector<at::Tensor> ffn_backward(const at::Tensor& dy, const at::Tensor& x, 
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   const at::Tensor hc = h.contiguous(), prec = pre.contiguous();
   const Plan plan = plan_for(x2, {x2, dy2, w1c, w2c, hc, prec}, d, f, has_b1, act, dropout_p, true, gemm_path);
-  std::vector<at::Tensor> out = is_gated(act) ? ffn_glu_backward_2d(dy2, x2, w1c, w2c, hc, prec, act, dp, plan, has_b1, has_b2)
-                                              : ffn_backward_2d(dy2, x2, w1c, w2c, hc, prec, act, dp, plan, has_b1, has_b2);
+  std::vector<at::Tensor> out = ffn_backward_2d(dy2, x2, w1c, w2c, hc, prec, act, dp, plan, has_b1, has_b2);
   out[0] = out[0].view(x.sizes());
   return out;
 }
@@ -293,7 +259,11 @@ void bind_ffn(py::module_& m) {
 #endif
   m.def("cutlass_sm90_built", &fastenc::cutlass_sm90_built, "whether the CUTLASS sm90 kernels were compiled");
   m.def("cuda_archs", []() { return std::string(kCudaArchs); }, "the CUDA archs of the build, as 80_90a");
-  m.attr("FFN_ACTIVATIONS") = py::make_tuple("relu", "gelu", "gelu_tanh", "geglu", "swiglu");
+  py::list acts;  // fastenc/constants.py's ACTIVATIONS + GATED_ACTIVATIONS, as parse_activation takes them
+  for (int a = static_cast<int>(Act::kReLU); a <= static_cast<int>(Act::kSwiGLU); ++a) {
+    acts.append(activation_name(static_cast<Act>(a)));
+  }
+  m.attr("FFN_ACTIVATIONS") = py::tuple(acts);
 }
 
 }  // namespace fastenc

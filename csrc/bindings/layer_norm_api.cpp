@@ -1,4 +1,4 @@
-// Python bindings of the CPU residual + LayerNorm (cpu/layer_norm.h): argument checks that
+// Python bindings of the CPU residual + LayerNorm (layer_norm/layer_norm.h): argument checks that
 // name the argument (TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError), [..., N]
 // tensors viewed as [rows, N], and one m.def per entry point.
 #include <torch/extension.h>

@@ -1,4 +1,4 @@
-// Python bindings of the CPU oneDNN linear layer (cpu/linear.h): y = act(x wᵀ + b) (+ add), with
+// Python bindings of the CPU oneDNN linear layer (linear/linear.h): y = act(x wᵀ + b) (+ add), with
 // the weight either a plain [N, K] tensor or prepacked once into oneDNN's blocked layout
 // (cpu_pack_linear_weight: torch's mkldnn::_reorder_linear_weight, what torch.compile's CPU
 // freezing pass caches).  Packing pays for few rows (1-32 tokens: 1.1-2.3x, see benchmarks/README.md
@@ -8,8 +8,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "bindings/bindings.h"
+#include "common/activation.h"
 #include "linear/linear.h"
-#include "ffn/ffn.h"  // parse_activation
 
 namespace fastenc {
 

@@ -1,5 +1,5 @@
-// Math<at::vec::Vectorized<float>>: the lane-wise functions ffn_math.h's activation formulas need,
-// so the CPU passes (ffn_cpu.cpp, ffn_glu_cpu.cpp) run the formulas the CUDA kernels run.
+// Math<at::vec::Vectorized<float>>: the lane-wise functions activation.h's formulas need, so the CPU passes
+// (ffn/cpu/act_dropout.cpp) run the formulas the CUDA kernels run.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>

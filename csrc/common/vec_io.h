@@ -1,6 +1,6 @@
 // Row I/O of the CPU kernels: fp32 / fp16 / bf16 elements loaded as, and stored from, fp32
-// at::vec lanes (width fixed at build time by CPU_CAPABILITY, see setup.py), and the dropout
-// keep·scale factors of a run of elements drawn with ffn_math.h's Philox scheme (element i uses
+// at::vec lanes (width fixed at build time by CPU_CAPABILITY), and the dropout
+// keep·scale factors of a run of elements drawn with philox.h's scheme (element i uses
 // word i % 4 of philox(seed, i / 4)), 16 Philox calls at a time in AVX-512 builds; and the backward
 // passes' row loop with its bias-gradient reduction.
 #pragma once
@@ -17,7 +17,8 @@
 #include <immintrin.h>
 #endif
 
-#include "ffn/ffn.h"
+#include "common/dropout.h"
+#include "common/philox.h"
 
 namespace fastenc::cpu {
 
@@ -113,7 +114,7 @@ inline uint64_t spread4(uint64_t x) {
   return x;
 }
 
-// Keep bits of elements 4·b .. 4·b + 63 (bit j = element 4·b + j): philox4x32 (ffn_math.h) on the 16
+// Keep bits of elements 4·b .. 4·b + 63 (bit j = element 4·b + j): philox4x32 (philox.h) on the 16
 // counters b .. b + 15 in the lanes of four AVX-512 registers.
 inline uint64_t keep_bits64(const DropoutParams& dp, uint64_t b) {
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);

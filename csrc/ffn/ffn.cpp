@@ -1,35 +1,44 @@
-// Forward and backward of the FFN op on 2-D row-major operands, composed from the GEMM
-// path the dispatch table picked (ffn_dispatch.cpp) and the elementwise passes.
+// Forward and backward of the FFN op on 2-D row-major operands, one driver for the ungated and the gated
+// activations, composed from the GEMM path the dispatch table picked (gemm_paths.cpp) and the elementwise passes
+// (cpu/act_dropout.cpp, cuda/act_fwd.cu, cuda/act_bwd.cu).
 //
 // Forward:  pre = x W1ᵀ + b1;  h = dropout(act(pre));  y = h W2ᵀ + b2 (+ residual).
 // Backward: g = dy W2;  dpre = g · keep/(1-p) · act'(pre);  db1 = Σ_rows dpre;
 //           dW2 = dyᵀ h;  db2 = Σ_rows dy;  dx = dpre W1;  dW1 = dpreᵀ x.
+// Gated (geglu, swiglu): W1 [2f, d] gives pre = [a, g], h = dropout(act(a) · g) [T, f]; backward with gh = dy W2,
+// dh = gh · keep/(1-p): dpre = [dh · g · act'(a), dh · act(a)], the rest as above.  Gated FFNs run library GEMMs
+// and the GLU pass (no library epilogue multiplies the gate: the dispatch table never picks a fused path), and
+// save pre whenever they save.
 // Saved for backward: h (needed by dW2) and, for the GELUs, pre; relu needs no pre since
 // relu'(pre) = relu'(h) where the element is kept, and dropped elements get zero gradient
 // either way.  Dropout saves no mask: backward redraws it from the Philox seed.
 // In inference (save = false) pre is not kept: the fused paths never write it, the unfused
 // path overwrites the GEMM1 result with h in place.
-// CPU path (GemmPath::kCpu): every GEMM is a oneDNN inner product (cpu/linear.h) with b1 (and a
+// CPU path (GemmPath::kCpu): every GEMM is a oneDNN inner product (linear/linear.h) with b1 (and a
 // dropout-free relu) in GEMM1's epilogue and b2 + residual in GEMM2's.  In fp32 the GELUs stay in
 // the vectorised pass (in place in inference), so inference and training forwards agree bit for
 // bit (oneDNN's GELU rounds differently).  fp16/bf16 inference fuses the GELUs too: oneDNN applies
 // them to the fp32 accumulator (one rounding where the pass rounds pre first) and the pass over
 // the hidden goes (1.04-1.06x on bf16 768→3072).
-#include "linear/linear.h"
+#include "fastenc_constants.h"
 #include "ffn/ffn.h"
+#include "linear/linear.h"
 
 namespace fastenc {
 
 namespace {
 
+// h = dropout(act(pre)), or dropout(act(a) · g) when gated.
 void act_dropout(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp) {
-  if (pre.numel() == 0) return;
+  if (h.numel() == 0) return;
 #ifdef FASTENC_WITH_CUDA
   if (pre.is_cuda()) return act_dropout_cuda(pre, h, act, dp);
 #endif
   act_dropout_cpu(pre, h, act, dp);
 }
 
+// dpre = g · keep·scale · act'(saved) (saved: pre, or h for relu), or the GLU's [da, dg] when gated (saved: pre);
+// db1 = Σ_rows dpre when defined.
 void dact_dropout_bgrad(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre, const at::Tensor& db1,
                         Act act, const DropoutParams& dp) {
   if (g.numel() == 0) {
@@ -57,13 +66,20 @@ at::Tensor linear2_aten(const at::Tensor& h, const at::Tensor& w2, const std::op
   return linear_aten(h, w2, b2);
 }
 
+// The hidden h for GEMM1's output pre: pre itself (overwritten in place) unless pre is kept; gated: [T, f] (w2's
+// columns), half of pre's width.
+at::Tensor hidden_for(const at::Tensor& pre, const at::Tensor& w2, Act act, bool keep_pre) {
+  if (is_gated(act)) return at::empty({pre.size(0), w2.size(1)}, pre.options());
+  return keep_pre ? at::empty_like(pre) : pre;
+}
+
 std::vector<at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                                         const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                                         const std::optional<at::Tensor>& residual, Act act, const DropoutParams& dp,
                                         bool save) {
   const bool keep_pre = save && act != Act::kReLU;
   at::Tensor pre = linear_aten(x, w1, b1);
-  at::Tensor h = keep_pre ? at::empty_like(pre) : pre;
+  at::Tensor h = hidden_for(pre, w2, act, keep_pre);
   act_dropout(pre, h, act, dp);
   at::Tensor y = linear2_aten(h, w2, b2, residual);
   return {y, save ? h : x.new_empty({0}), keep_pre ? pre : x.new_empty({0})};
@@ -74,14 +90,16 @@ std::vector<at::Tensor> forward_onednn(const at::Tensor& x, const at::Tensor& w1
                                        const std::optional<at::Tensor>& residual, Act act, const DropoutParams& dp,
                                        bool save) {
   const bool keep_pre = save && act != Act::kReLU;
-  // relu is exact in any order (oneDNN's is ours, bit for bit); the GELUs fuse in fp16/bf16 inference.
-  const bool fuse_act = !dp.enabled && (act == Act::kReLU || (!save && x.scalar_type() != at::kFloat));
+  // relu is exact in any order (oneDNN's is ours, bit for bit); the GELUs fuse in fp16/bf16 inference; no oneDNN
+  // post-op multiplies a gate.
+  const bool fuse_act =
+      !dp.enabled && !is_gated(act) && (act == Act::kReLU || (!save && x.scalar_type() != at::kFloat));
   at::Tensor h, pre;
   if (fuse_act) {
     h = onednn_linear(x, w1, b1, act, at::Tensor());
   } else {
     pre = onednn_linear(x, w1, b1, std::nullopt, at::Tensor());
-    h = keep_pre ? at::empty_like(pre) : pre;
+    h = hidden_for(pre, w2, act, keep_pre);
     act_dropout(pre, h, act, dp);
   }
   at::Tensor y = onednn_linear(h, w2, b2, std::nullopt, residual ? *residual : at::Tensor());
@@ -114,14 +132,11 @@ at::Tensor linear2_fused(const at::Tensor& h, const at::Tensor& w2, const std::o
 
 }  // namespace
 
-// Below this many multiply-adds per GEMM (tokens · d · f) the CPU path keeps ATen's GEMMs: oneDNN's
-// per-call cost (~20 µs: primitive lookup, tensor wrapping) outweighs its faster kernel there (measured:
-// MiniLM's 384→1536 at 1-2 tokens, 0.6-1.2 M; from 8 tokens, or 768→3072 at 1 token, oneDNN wins 1.6x).
-// Zero tokens also go to ATen (oneDNN takes no empty GEMM).
-constexpr int64_t kOneDnnMinMacs = int64_t(1) << 21;
-
+// Below constants::kOnednnMinMacs multiply-adds per GEMM (tokens · d · f) the CPU path keeps ATen's GEMMs: oneDNN's
+// per-call cost outweighs its faster kernel there (fastenc/constants.py).  Zero tokens also go to ATen (oneDNN
+// takes no empty GEMM).
 bool cpu_onednn_gemms(const Plan& plan, const at::Tensor& x, int64_t f) {
-  return plan.path == GemmPath::kCpu && x.size(0) > 0 && x.size(0) * x.size(1) * f >= kOneDnnMinMacs;
+  return plan.path == GemmPath::kCpu && x.size(0) > 0 && x.size(0) * x.size(1) * f >= constants::kOnednnMinMacs;
 }
 
 at::Tensor cpu_mm(bool onednn, const at::Tensor& a, const at::Tensor& b) {
@@ -165,7 +180,7 @@ std::vector<at::Tensor> ffn_forward_2d(const at::Tensor& x, const at::Tensor& w1
 std::vector<at::Tensor> ffn_backward_2d(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w1,
                                         const at::Tensor& w2, const at::Tensor& h, const at::Tensor& pre, Act act,
                                         const DropoutParams& dp, const Plan& plan, bool has_b1, bool has_b2) {
-  const at::Tensor& saved = act == Act::kReLU ? h : pre;
+  const at::Tensor& saved = act == Act::kReLU ? h : pre;  // gated: pre
   at::Tensor dpre, db1, dw2, db2;
 #ifdef FASTENC_WITH_CUDA
   if (plan.path == GemmPath::kCublasLt && x.size(0) > 0) {
@@ -187,9 +202,10 @@ std::vector<at::Tensor> ffn_backward_2d(const at::Tensor& dy, const at::Tensor& 
   const bool onednn = cpu_onednn_gemms(plan, x, w1.size(0)) && x.scalar_type() == at::kFloat;
   auto mm = [&](const at::Tensor& a, const at::Tensor& b) { return cpu_mm(onednn, a, b); };
   if (!dpre.defined()) {
-    dpre = mm(dy, w2);
+    const at::Tensor g = mm(dy, w2);
+    dpre = is_gated(act) ? at::empty_like(pre) : g;  // gated: [T, 2f] from g [T, f]; else in place
     at::Tensor db1_f32 = has_b1 ? at::empty({w1.size(0)}, x.options().dtype(at::kFloat)) : at::Tensor();
-    dact_dropout_bgrad(dpre, saved, dpre, db1_f32, act, dp);
+    dact_dropout_bgrad(g, saved, dpre, db1_f32, act, dp);
     db1 = has_b1 ? db1_f32.to(x.scalar_type()) : x.new_empty({0});
   }
   if (!dw2.defined()) {

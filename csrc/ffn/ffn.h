@@ -1,7 +1,7 @@
 // Feed-forward op: y = dropout(act(x W1ᵀ + b1)) W2ᵀ + b2 (+ residual), nn.Linear layouts
-// (W1 [f, d], W2 [d, f]).  Declarations shared by the bindings (ffn_api.cpp), the
-// GEMM-path dispatch table (ffn_dispatch.cpp), the CPU passes (ffn_cpu.cpp) and the
-// CUDA code (cuda/*.cu, cuda/*.cpp, compiled only with FASTENC_WITH_CUDA).
+// (W1 [f, d], W2 [d, f]; gated activations: W1 [2f, d]).  Declarations shared by the bindings
+// (bindings/ffn_api.cpp), the GEMM-path dispatch table (gemm_paths.cpp), the driver (ffn.cpp), the CPU
+// passes (cpu/act_dropout.cpp) and the CUDA code (cuda/, compiled only with FASTENC_WITH_CUDA).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,22 +11,11 @@
 #include <string>
 #include <vector>
 
-#include "common/dtype.h"
 #include "common/activation.h"
+#include "common/dropout.h"
+#include "common/dtype.h"
 
 namespace fastenc {
-
-Act parse_activation(const std::string& name);
-
-const char* activation_name(Act act);
-
-struct DropoutParams {
-  bool enabled = false;      // p > 0
-  uint64_t seed = 0;         // Philox key
-  uint32_t threshold24 = 0;  // keep an element when its 24 random bits are >= this
-  float scale = 1.f;         // 1 / (1 - p) (0 when p = 1)
-};
-DropoutParams make_dropout(double p, int64_t seed);
 
 // ------------------------------------------------------------------ GEMM-path dispatch table
 enum class GemmPath : int { kCpu = 0, kUnfused = 1, kCublasLt = 2, kCutlassSm90 = 3 };
@@ -55,9 +44,9 @@ Plan plan_gemm_path(const PlanQuery& q);
 std::string dispatch_table_description();
 bool cutlass_sm90_built();
 
-// ------------------------------------------------------------------ forward / backward (ffn_ops.cpp)
-// 2-D contiguous operands: x [T, d], w1 [f, d], w2 [d, f], residual [T, d].
-// Returns {y [T, d], h [T, f], pre [T, f]}; h and pre are empty unless `save` (pre stays
+// ------------------------------------------------------------------ forward / backward (ffn.cpp)
+// 2-D contiguous operands: x [T, d], w1 [f, d] (gated: [2f, d]), w2 [d, f], residual [T, d].
+// Returns {y [T, d], h [T, f], pre [T, f] (gated: [T, 2f])}; h and pre are empty unless `save` (pre stays
 // empty for relu, whose backward reads h).
 std::vector<at::Tensor> ffn_forward_2d(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                                        const at::Tensor& w2, const std::optional<at::Tensor>& b2,
@@ -74,49 +63,27 @@ std::vector<at::Tensor> ffn_backward_2d(const at::Tensor& dy, const at::Tensor& 
 bool cpu_onednn_gemms(const Plan& plan, const at::Tensor& x, int64_t f);
 at::Tensor cpu_mm(bool onednn, const at::Tensor& a, const at::Tensor& b);
 
-// Gated activations (ffn_glu_ops.cpp): w1 [2f, d] (b1 [2f]), w2 [d, f]; GEMM1 gives pre [T, 2f],
-// h = dropout(act(pre[:, :f]) · pre[:, f:]) [T, f].  Returns {y, h, pre} (h, pre empty unless save)
-// and {dx, dW1, db1, dW2, db2}.  Library GEMMs (ATen's on CUDA; on CPU oneDNN's as the ungated
-// path's, else ATen's) and the GLU pass: no library epilogue multiplies the gate, so a forced fused
-// GEMM path is refused by the dispatch table.
-std::vector<at::Tensor> ffn_glu_forward_2d(const at::Tensor& x, const at::Tensor& w1,
-                                           const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-                                           const std::optional<at::Tensor>& b2,
-                                           const std::optional<at::Tensor>& residual, Act act,
-                                           const DropoutParams& dp, const Plan& plan, bool save);
-std::vector<at::Tensor> ffn_glu_backward_2d(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w1,
-                                            const at::Tensor& w2, const at::Tensor& h, const at::Tensor& pre, Act act,
-                                            const DropoutParams& dp, const Plan& plan, bool has_b1, bool has_b2);
-
 // ------------------------------------------------------------------ elementwise passes
 // Forward epilogue of the unfused path: h = dropout(act(pre)), pre [T, f] = x W1ᵀ + b1 from
-// the GEMM (bias in the GEMM's epilogue: one rounding, so sign(pre) and relu' are exact).
-// h may alias pre (inference: pre is overwritten, never kept).
+// the GEMM (bias in the GEMM's epilogue: one rounding, so sign(pre) and relu' are exact);
+// h may alias pre (inference: pre is overwritten, never kept).  Gated (geglu, swiglu): pre [T, 2f] =
+// [a, g] per row, h [T, f] = dropout(act(a) · g), the dropout mask the [T, f] hidden's.
 void act_dropout_cpu(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp);
 // Backward: g [T, f] = dy W2.  Writes dpre = g · keep · scale · act'(saved) into `dpre`
 // (may alias g) and, when db1 (fp32 [f]) is defined, db1 = Σ_rows dpre.  `saved` is the
-// pre-activation, or for relu the activation output h (relu'(pre) = relu'(h)).
+// pre-activation, or for relu the activation output h (relu'(pre) = relu'(h)).  Gated: saved = pre
+// [T, 2f], dpre [T, 2f] = [dh · g · act'(a), dh · act(a)] with dh = g · keep · scale, db1 fp32 [2f].
 void dact_dropout_bgrad_cpu(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre,
                             const at::Tensor& db1, Act act, const DropoutParams& dp);
-// The keep mask (bool [rows, cols]) the kernels draw for this seed and p.
-at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, const DropoutParams& dp);
-// GLU passes (gated act): h [T, f] = dropout(act(a) · g) for pre [T, 2f] = [a, g]; backward from
-// gh [T, f] = dy W2: dpre [T, 2f] = [gh · keep · scale · g · act'(a), gh · keep · scale · act(a)] and,
-// when db1 (fp32 [2f]) is defined, db1 = Σ_rows dpre.  The dropout mask is the [T, f] hidden's.
-void glu_dropout_cpu(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp);
-void dglu_dropout_bgrad_cpu(const at::Tensor& gh, const at::Tensor& pre, const at::Tensor& dpre, const at::Tensor& db1,
-                            Act act, const DropoutParams& dp);
 
 #ifdef FASTENC_WITH_CUDA
+// The CUDA twins of the passes above (gated included), and the keep-mask replay (cuda/act_fwd.cu, act_bwd.cu).
 void act_dropout_cuda(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp);
 void dact_dropout_bgrad_cuda(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre,
                              const at::Tensor& db1, Act act, const DropoutParams& dp);
 at::Tensor dropout_keep_mask_cuda(int64_t rows, int64_t cols, const DropoutParams& dp, const at::Device& device);
-void glu_dropout_cuda(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp);
-void dglu_dropout_bgrad_cuda(const at::Tensor& gh, const at::Tensor& pre, const at::Tensor& dpre,
-                             const at::Tensor& db1, Act act, const DropoutParams& dp);
 
-// cuBLASLt GEMM with a fused epilogue on row-major operands (see cuda/ffn_cublaslt.cpp):
+// cuBLASLt GEMM with a fused epilogue on row-major operands (see cuda/cublaslt.cpp):
 // out[M, N] = a[M, K] · b[N, K]ᵀ (+ bias[N]) (+ c[M, N]) -> act, storing the
 // pre-activation in aux [M, N] when aux is defined.  Returns false (nothing written) when
 // cuBLASLt has no algorithm for this problem; the caller then falls back to ATen GEMMs.

@@ -1,10 +1,10 @@
 // The one dispatch table of the FFN's GEMM paths, per architecture and activation.
 //
 //   cpu       : CPU tensors whose dtype has oneDNN kernels on this CPU (fp32; bf16 with
-//               AVX512-BF16/AMX): oneDNN GEMMs with fused epilogues (cpu/linear.h).  Other CPU
+//               AVX512-BF16/AMX): oneDNN GEMMs with fused epilogues (linear/linear.h).  Other CPU
 //               dtypes, and FASTENC_FFN_GEMM=unfused, take ATen GEMMs + the vectorised pass.
 //   unfused   : ATen GEMMs (cuBLAS) + the handwritten fused bias+act+dropout pass
-//               (cuda/ffn_act_kernels.cu).  Runs every shape, dtype, activation and
+//               (cuda/act_kernels.cuh).  Runs every shape, dtype, activation and
 //               dropout; writes x W1ᵀ once and reads it back once (the pass the others save).
 //   cublaslt  : cuBLASLt epilogues: RELU_BIAS, GELU_BIAS / GELU_AUX_BIAS (tanh-GELU only),
 //               BIAS with beta·C for b2 + residual; backward DGELU_BGRAD and BGRADB.
@@ -21,18 +21,20 @@
 //   sm_90 relu      : cublaslt, unfused (same reasoning; the ReLU epilogue is trivial).
 //   sm_8x gelu      : unfused (no fused erf-GELU epilogue in cuBLASLt; CUTLASS sm90 only).
 //   sm_8x gelu_tanh : cublaslt, unfused.     sm_8x relu : cublaslt, unfused.
-//   geglu, swiglu   : unfused (ATen GEMMs + the GLU pass, cuda/ffn_glu.cu) on every arch; on CPU
-//                     the cpu row (oneDNN GEMMs + the GLU pass, ffn_glu_cpu.cpp).
+//   geglu, swiglu   : unfused (ATen GEMMs + the GLU pass, cuda/glu_kernels.cuh) on every arch; on CPU
+//                     the cpu row (oneDNN GEMMs + the GLU pass, cpu/act_dropout.cpp).
 // Every fused path needs fp16/bf16, no dropout (no library epilogue draws dropout),
 // d and f multiples of 8 (16-byte rows: TMA and cuBLASLt's aux ld) and 16-byte aligned
 // operands; otherwise the next entry runs.  Under `auto` a fused path whose library
 // declines the call at run time (no cuBLASLt algorithm) falls back to ATen GEMMs; a path
 // forced by FASTENC_FFN_GEMM raises instead, so a GPU test never passes on the fallback.
 #include <sstream>
+#include <string>
 #include <vector>
 
-#include "linear/linear.h"
+#include "fastenc_constants.h"
 #include "ffn/ffn.h"
+#include "linear/linear.h"
 
 namespace fastenc {
 
@@ -90,6 +92,13 @@ std::string ineligible(GemmPath path, const PlanQuery& q) {
   return "";
 }
 
+// constants::kOnednnMinMacs as text: 2^k for a power of two.
+std::string onednn_min_macs() {
+  const int64_t n = constants::kOnednnMinMacs;
+  if (n > 0 && (n & (n - 1)) == 0) return "2^" + std::to_string(63 - __builtin_clzll(static_cast<uint64_t>(n)));
+  return std::to_string(n);
+}
+
 GemmPath parse_path(const std::string& s) {
   if (s == "unfused") return GemmPath::kUnfused;
   if (s == "cublaslt") return GemmPath::kCublasLt;
@@ -126,7 +135,8 @@ Plan plan_gemm_path(const PlanQuery& q) {
     if (onednn_linear_supported(q.dtype)) {
       return {GemmPath::kCpu,
               "CPU tensors: oneDNN GEMMs (torch's mkldnn linear ops) with b1 (+ relu) and b2 + residual in their "
-              "epilogues, + the fused vectorised activation pass (ATen GEMMs below 2^21 multiply-adds)"};
+              "epilogues, + the fused vectorised activation pass (ATen GEMMs below " + onednn_min_macs() +
+                  " multiply-adds)"};
     }
     return {GemmPath::kUnfused, std::string("CPU tensors: ATen GEMMs + the fused vectorised bias-activation pass "
                                             "(no oneDNN kernels for ") +

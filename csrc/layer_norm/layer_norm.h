@@ -1,5 +1,5 @@
 // Residual + LayerNorm on CPU tensors (kernels in cpu/layer_norm.cpp, Python bindings in
-// layer_norm_api.cpp).  Per row of N columns, statistics in fp32:
+// bindings/layer_norm_api.cpp).  Per row of N columns, statistics in fp32:
 //   s = x + dropout(branch + branch_bias);  y = (s - mean) · rstd · weight + bias,
 //   mean = Σ s / N,  rstd = 1 / √(Σ (s - mean)² / N + eps).
 // The _out functions write into tensors the caller allocated (for C++ callers that reuse
@@ -9,7 +9,7 @@
 
 #include <ATen/ATen.h>
 
-#include "ffn/ffn.h"  // DropoutParams, make_dropout: the FFN's Philox dropout (element i of [rows, N])
+#include "common/dropout.h"  // DropoutParams: the Philox dropout of element r·N + c of [rows, N]
 
 namespace fastenc {
 

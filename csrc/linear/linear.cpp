@@ -1,4 +1,4 @@
-// oneDNN linear layers through torch's registered mkldnn ops (see cpu/linear.h).
+// oneDNN linear layers through torch's registered mkldnn ops (see linear.h).
 #include "linear/linear.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -17,13 +17,18 @@ import operator
 
 import torch
 
+from .. import constants
+from .._util import either
+
 Tensor = torch.Tensor
 
 SEED_BOUND = 2**62
 
-# The floating dtypes every backend of every op accepts (the reference computes in them; fast kernels
-# that lack one report it as unavailable).  float8 and complex are rejected by validation.
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The floating dtypes of the fast kernels (constants.KERNEL_DTYPES), and those every backend of every op accepts:
+# those and float64 (the reference computes in them; fast kernels that lack one report it as unavailable).
+# float8 and complex are rejected by validation.
+KERNEL_DTYPES = tuple(getattr(torch, name) for name in constants.KERNEL_DTYPES)
+FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 def draw_seed(device: torch.device) -> Tensor:
@@ -51,8 +56,8 @@ def check_float(t: object, name: str, where: str, *, optional: bool = False) -> 
     if not isinstance(t, Tensor):
         raise TypeError(f"{where}: {name} must be a tensor{' or None' if optional else ''}, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{where}: {name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
-                        f"got {t.dtype}")
+        raise TypeError(f"{where}: {name} must be a floating-point tensor "
+                        f"({either(str(d).replace('torch.', '') for d in FLOAT_DTYPES)}), got {t.dtype}")
 
 
 def check_number(value: object, name: str, where: str, *, positive: bool = False) -> float:

@@ -6,7 +6,7 @@ every key masked outputs zeros (and zero gradients), never NaN.
 
 Backends: ``reference`` (``fastenc.reference``), ``triton`` (``fastenc.triton_kernels.attention``:
 FlashAttention-2 forward + two deterministic backward kernels), ``cpu`` (the extension's C++ flash
-attention on packed rows, ``csrc/cpu/attention.cpp``).  The fast kernels run through the
+attention on packed rows, ``csrc/attention/cpu/``).  The fast kernels run through the
 custom ops ``fastenc::attention_fwd`` / ``fastenc::attention_bwd`` (fake functions, so
 ``torch.compile(fullgraph=True)`` traces them) under an ``autograd.Function``; eagerly the same
 functions are called without the dispatcher.  attn_mask and key_padding_mask get no gradient
@@ -29,11 +29,11 @@ import torch
 
 from .. import reference
 from ..backends import cpu_check, extension, register_op, resolve, triton_check
-from ._common import FLOAT_DTYPES, check_count, check_dropout, check_number, compiling, draw_seed, needs_grad
+from .. import constants
+from ._common import (FLOAT_DTYPES, KERNEL_DTYPES, check_count, check_dropout, check_number, compiling, draw_seed,
+                      needs_grad)
 
 Tensor = torch.Tensor
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _triton_kernels():
@@ -53,8 +53,8 @@ def _triton_available(device: torch.device, dtype: torch.dtype, shape: tuple) ->
     if reason is not None:
         return reason
     head_dim, head_dim_v, mask_grad = shape[:3]  # the kernels run every window and rotary (shape[3:])
-    if dtype not in _KERNEL_DTYPES:
-        return f"dtype {dtype} is not one of float16, bfloat16, float32"
+    if dtype not in KERNEL_DTYPES:
+        return f"dtype {dtype} is not one of {', '.join(constants.KERNEL_DTYPES)}"
     lo, hi = _triton_kernels().MIN_HEAD_DIM, _triton_kernels().MAX_HEAD_DIM
     if not (lo <= head_dim <= hi and head_dim % 8 == 0):
         return f"head dim {head_dim} is unsupported (multiples of 8 from {lo} to {hi})"

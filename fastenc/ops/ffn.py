@@ -2,11 +2,11 @@
 
 y = dropout(act(x W1ᵀ + b1)) W2ᵀ + b2 (+ residual), act in relu / gelu (erf) / gelu_tanh, or a gated
 activation (geglu, swiglu: act(a) · g with [a, g] = (x W1ᵀ + b1).chunk(2, -1), so W1 is [2f, d] and W2
-[d, f]; see ``reference.GATED_ACTIVATIONS``).
+[d, f]; see ``fastenc.constants.GATED_ACTIVATIONS``).
 
 Backends: ``reference`` (``fastenc.reference``) and the C++ extension ``fastenc._C`` (``csrc/``):
 ``cuda`` on CUDA tensors, whose GEMM path comes from the per-architecture dispatch table in
-``csrc/ffn_dispatch.cpp`` (CUTLASS sm90, cuBLASLt epilogues, or cuBLAS GEMMs + handwritten fused
+``csrc/ffn/gemm_paths.cpp`` (CUTLASS sm90, cuBLASLt epilogues, or cuBLAS GEMMs + handwritten fused
 bias-activation-dropout kernels); ``cpu`` on CPU tensors: ATen GEMMs and a vectorised fused pass
 with the same activation math.  ``FASTENC_FFN_GEMM=auto|unfused|cublaslt|cutlass`` forces a CUDA
 GEMM path (read at every call), so a GPU session can measure each path and flip the table.
@@ -26,18 +26,19 @@ import torch
 
 from .. import reference
 from ..backends import cpu_check, extension, register_op, resolve
-from ._common import autocast_dtype, check_dropout, compiling, draw_seed, needs_grad
+from .. import constants
+from .._util import either
+from ._common import KERNEL_DTYPES, autocast_dtype, check_dropout, compiling, draw_seed, needs_grad
 
 Tensor = torch.Tensor
 
 GEMM_PATH_ENV = "FASTENC_FFN_GEMM"
 GEMM_PATHS = ("auto", "unfused", "cublaslt", "cutlass")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _gated_missing(ext, activation: str) -> Optional[str]:
     """Why the extension cannot run a gated activation (None when it can, or for ungated ones)."""
-    if activation in reference.GATED_ACTIVATIONS and activation not in getattr(ext, "FFN_ACTIVATIONS", ()):
+    if activation in constants.GATED_ACTIVATIONS and activation not in getattr(ext, "FFN_ACTIVATIONS", ()):
         return f"this fastenc._C has no {activation} FFN kernel"
     return None
 
@@ -49,8 +50,8 @@ def _cuda_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> O
         return "the fastenc._C extension is not built (pip install without FASTENC_SKIP_NATIVE)"
     if _gated_missing(ext, shape[0]):
         return _gated_missing(ext, shape[0])
-    if dtype not in _DTYPES:
-        return f"dtype {dtype} is not supported (float32, float16, bfloat16)"
+    if dtype not in KERNEL_DTYPES:
+        return f"dtype {dtype} is not supported ({', '.join(constants.KERNEL_DTYPES)})"
     if device.type != "cuda":
         return f"the CUDA kernels run on CUDA tensors, not {device.type} (the C++ CPU path is backend 'cpu')"
     if not ext.has_cuda():
@@ -221,19 +222,19 @@ def _check_args(x, w1, b1, w2, b2, activation, residual) -> None:
             raise TypeError(f"fastenc ffn: {name} must be a Tensor, got None")
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"fastenc ffn: {name} must be a Tensor, got {type(t).__name__}")
-    known = reference.ACTIVATIONS + reference.GATED_ACTIVATIONS
+    known = constants.ACTIVATIONS + constants.GATED_ACTIVATIONS
     if activation not in known:
         raise ValueError(f"fastenc ffn: unknown activation {activation!r}; expected one of {known}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"fastenc ffn: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"fastenc ffn: x must be {either(constants.KERNEL_DTYPES)}, got {x.dtype}")
     if x.dim() < 1 or w1.dim() != 2 or w2.dim() != 2:
         raise ValueError(f"fastenc ffn: x must be [..., d], w1 [f, d], w2 [d, f]; got x {tuple(x.shape)}, "
                          f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
     f, d = w1.shape
     if f < 1 or d < 1:
         raise ValueError(f"fastenc ffn: w1 must be [f, d] with f, d >= 1, got shape {list(w1.shape)}")
-    hidden = f // 2 if activation in reference.GATED_ACTIVATIONS else f  # gated: w1 stacks [activated; gate]
-    if activation in reference.GATED_ACTIVATIONS and f % 2:
+    hidden = f // 2 if activation in constants.GATED_ACTIVATIONS else f  # gated: w1 stacks [activated; gate]
+    if activation in constants.GATED_ACTIVATIONS and f % 2:
         raise ValueError(f"fastenc ffn: a gated activation ({activation}) needs w1 [2f, d] with an even row count, "
                          f"got {list(w1.shape)}")
     expected = {"x": (x, (*x.shape[:-1], d)), "w2": (w2, (d, hidden)), "b1": (b1, (f,)), "b2": (b2, (d,)),

@@ -4,7 +4,7 @@ y = LayerNorm(x + dropout(branch + branch_bias)) · weight + bias; with ``prenor
 un-normalised sum is returned too, as the new residual stream.
 
 Backends: ``reference`` (``fastenc.reference``), ``triton`` (``fastenc.triton_kernels.layer_norm``),
-``cpu`` (the extension's C++ kernel, ``csrc/cpu/layer_norm.cpp``).
+``cpu`` (the extension's C++ kernel, ``csrc/layer_norm/cpu/layer_norm.cpp``).
 The fast kernels run through the custom ops ``fastenc::residual_layer_norm_fwd`` / ``..._bwd``
 (fake functions, so ``torch.compile(fullgraph=True)`` traces them) under an ``autograd.Function``;
 eagerly the same functions are called without the dispatcher.  The dropout key comes from
@@ -18,11 +18,11 @@ import torch
 
 from .. import reference
 from ..backends import cpu_check, extension, register_op, resolve, triton_check
-from ._common import check_dropout, check_float, check_number, compiling, draw_seed, needs_grad
+from .. import constants
+from .._util import either
+from ._common import KERNEL_DTYPES, check_dropout, check_float, check_number, compiling, draw_seed, needs_grad
 
 Tensor = torch.Tensor
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _triton_kernels():
@@ -36,8 +36,8 @@ def _triton_available(device: torch.device, dtype: torch.dtype, shape: tuple) ->
     reason = triton_check(device, dtype)
     if reason is not None:
         return reason
-    if dtype not in _FLOAT_DTYPES:
-        return f"the Triton LayerNorm takes float16, bfloat16 or float32, not {dtype}"
+    if dtype not in KERNEL_DTYPES:
+        return f"the Triton LayerNorm takes {either(constants.KERNEL_DTYPES)}, not {dtype}"
     from ..triton_kernels.layer_norm_config import MAX_HIDDEN
 
     (hidden,) = shape

@@ -1,7 +1,7 @@
 """Linear op: y = x Wᵀ + b (``nn.Linear``), the attention projections of fastenc's layers.
 
 Backends: ``reference`` (``fastenc.reference.linear``: torch's GEMM) and ``cpu``: oneDNN inner
-products (the extension's ``cpu_linear``, ``csrc/cpu/linear.cpp``) for the forward (bias in the
+products (the extension's ``cpu_linear``, ``csrc/linear/linear.cpp``) for the forward (bias in the
 epilogue) and, in fp32, the backward's dx = dy W and dW = dyᵀ x.  Why: torch's default fp32 CPU GEMM
 is MKL's sgemm, which on the AMD build machine runs about half oneDNN's rate (benchmarks/README.md,
 "CPU GEMMs"); in bf16 torch's mm is oneDNN's matmul already, so the backward keeps it.  Below 2²¹
@@ -22,12 +22,11 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..backends import cpu_check, extension, register_op, resolve
+from ..constants import ONEDNN_MIN_MACS  # multiply-adds per GEMM from which oneDNN beats ATen's GEMM
 from ._common import autocast_dtype, check_float, compiling, needs_grad
 
 Tensor = torch.Tensor
 
-# Multiply-adds per GEMM from which oneDNN's inner product beats ATen's GEMM (ffn_ops.cpp's kOneDnnMinMacs).
-ONEDNN_MIN_MACS = 1 << 21
 
 
 def _cpu_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:

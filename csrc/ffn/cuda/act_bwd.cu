@@ -1,16 +1,18 @@
-// Launcher of the FFN backward pass: dpre = g · keep/(1-p) · act'(saved) and db1 = Σ_rows dpre.
+// Launcher of the FFN backward pass: dpre = g · keep/(1-p) · act'(saved) or, gated (saved = pre = [a, g], g the
+// gradient of the hidden), dpre = [dh · g · act'(a), dh · act(a)] with dh = g · keep/(1-p); and db1 = Σ_rows dpre.
 
 #include <limits>
 
 #include "ffn/cuda/act_kernels.cuh"
+#include "ffn/cuda/glu_kernels.cuh"
 
 namespace fastenc {
 
 void dact_dropout_bgrad_cuda(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre,
                              const at::Tensor& db1, Act act, const DropoutParams& dp) {
-  const int64_t rows = g.size(0), f = g.size(1);
+  const int64_t rows = g.size(0), f = g.size(1), width = is_gated(act) ? 2 * f : f;  // dpre's columns
   const int64_t row_blocks = (rows + kBwdRowsPerBlock - 1) / kBwdRowsPerBlock;
-  at::Tensor partial = db1.defined() ? at::empty({row_blocks, f}, g.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor partial = db1.defined() ? at::empty({row_blocks, width}, g.options().dtype(at::kFloat)) : at::Tensor();
   dispatch_dtype(g.scalar_type(), [&](auto t_) {
     using T = decltype(t_);
     constexpr int kVec = 16 / sizeof(T);
@@ -23,13 +25,21 @@ void dact_dropout_bgrad_cuda(const at::Tensor& g, const at::Tensor& saved, const
     const dim3 block(kBwdThreadsX, kBwdThreadsY);
     const int vec_width = vec ? kVec : 1;
     const int64_t col_blocks = (f / vec_width + kBwdThreadsX - 1) / kBwdThreadsX;
-    TORCH_CHECK(col_blocks <= 65535 && row_blocks <= std::numeric_limits<int32_t>::max(),
-                "fastenc ffn: the backward activation pass takes f <= ", 65535 * kBwdThreadsX * vec_width,
+    TORCH_CHECK(col_blocks <= 65535 && row_blocks <= std::numeric_limits<int32_t>::max(), "fastenc ffn: the backward ",
+                is_gated(act) ? "GLU" : "activation", " pass takes f <= ", 65535 * kBwdThreadsX * vec_width,
                 " and fewer than 2^31 row blocks of ", kBwdRowsPerBlock, " tokens, got f=", f, ", tokens=", rows);
     const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(col_blocks));
     dispatch_act_cuda(act, [&](auto a_) {
       constexpr Act A = decltype(a_)::value;
-      if (vec) {
+      if constexpr (is_gated(A)) {
+        if (vec) {
+          _ffn_dglu_bgrad_kernel<T, A, kVec><<<grid, block, 0, stream>>>(gp, sp, out, part, rows, f, dp.enabled,
+                                                                        dp.seed, dp.threshold24, dp.scale);
+        } else {
+          _ffn_dglu_bgrad_kernel<T, A, 1><<<grid, block, 0, stream>>>(gp, sp, out, part, rows, f, dp.enabled,
+                                                                     dp.seed, dp.threshold24, dp.scale);
+        }
+      } else if (vec) {
         _ffn_dact_bgrad_kernel<T, A, kVec><<<grid, block, 0, stream>>>(gp, sp, out, part, rows, f, dp.enabled,
                                                                       dp.seed, dp.threshold24, dp.scale);
       } else {

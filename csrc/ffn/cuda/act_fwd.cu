@@ -1,8 +1,10 @@
-// Launchers of the FFN forward activation + dropout pass and of the keep-mask replay.
+// Launchers of the FFN forward pass, h = dropout(act(pre)) or, gated, dropout(act(a) · g), and of the keep-mask
+// replay.
 
 #include <algorithm>
 
 #include "ffn/cuda/act_kernels.cuh"
+#include "ffn/cuda/glu_kernels.cuh"
 
 namespace fastenc {
 
@@ -24,7 +26,7 @@ __global__ void _ffn_dropout_mask_kernel(bool* mask, int64_t n, uint64_t seed, u
 }  // namespace
 
 void act_dropout_cuda(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp) {
-  const int64_t rows = pre.size(0), f = pre.size(1);
+  const int64_t rows = h.size(0), f = h.size(1);
   dispatch_dtype(pre.scalar_type(), [&](auto t_) {
     using T = decltype(t_);
     constexpr int kVec = 16 / sizeof(T);
@@ -35,7 +37,21 @@ void act_dropout_cuda(const at::Tensor& pre, const at::Tensor& h, Act act, const
     constexpr int kThreads = 256;
     dispatch_act_cuda(act, [&](auto a_) {
       constexpr Act A = decltype(a_)::value;
-      if (vec) {
+      if constexpr (is_gated(A)) {
+        // x: enough blocks for one row's chunks (capped); y: rows, up to ~16 blocks per SM in all.
+        const int width = vec ? kVec : 1;
+        const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        const int64_t gx = std::min<int64_t>((f / width + kThreads - 1) / kThreads, 64);
+        const int64_t gy = std::max<int64_t>(1, std::min<int64_t>({rows, int64_t(sms) * 16 / gx + 1, 65535}));
+        const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+        if (vec) {
+          _ffn_glu_fwd_kernel<T, A, kVec><<<grid, kThreads, 0, stream>>>(p, out, rows, f, dp.enabled, dp.seed,
+                                                                          dp.threshold24, dp.scale);
+        } else {
+          _ffn_glu_fwd_kernel<T, A, 1><<<grid, kThreads, 0, stream>>>(p, out, rows, f, dp.enabled, dp.seed,
+                                                                       dp.threshold24, dp.scale);
+        }
+      } else if (vec) {
         _ffn_act_fwd_kernel<T, A, kVec><<<grid_for(rows * f / kVec, kThreads), kThreads, 0, stream>>>(
             p, out, rows, f, dp.enabled, dp.seed, dp.threshold24, dp.scale);
       } else {

@@ -5,8 +5,9 @@
 //                              column sums of dpre for the b1 gradient (deterministic:
 //                              the host adds the [row_blocks, f] partials).
 // Memory-bound: VEC elements (16 bytes) per thread and access when f % VEC == 0 and every
-// pointer is 16-byte aligned, else VEC = 1.  The activation and dropout math is
-// ffn_math.h, shared with the CPU path.  Launchers are in ffn_act_fwd.cu / ffn_act_bwd.cu.
+// pointer is 16-byte aligned, else VEC = 1.  The activation and dropout math is common/activation.h
+// and common/philox.h, shared with the CPU path.  The gated twins: glu_kernels.cuh.  Launchers (one for
+// both, per direction) are in act_fwd.cu / act_bwd.cu.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +15,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "common/philox.h"
 #include "ffn/ffn.h"
 
 namespace fastenc {
@@ -141,8 +143,8 @@ void dispatch_act_cuda(Act act, Fn&& fn) {
     case Act::kReLU: fn(std::integral_constant<Act, Act::kReLU>{}); break;
     case Act::kGelu: fn(std::integral_constant<Act, Act::kGelu>{}); break;
     case Act::kGeluTanh: fn(std::integral_constant<Act, Act::kGeluTanh>{}); break;
-    case Act::kGeGLU:
-    case Act::kSwiGLU: TORCH_CHECK(false, "fastenc ffn: gated activations run the GLU passes (cuda/ffn_glu.cu)");
+    case Act::kGeGLU: fn(std::integral_constant<Act, Act::kGeGLU>{}); break;
+    case Act::kSwiGLU: fn(std::integral_constant<Act, Act::kSwiGLU>{}); break;
   }
 }
 

@@ -1,4 +1,4 @@
-// ATen wrapper of the torch-free CUTLASS sm90 GEMMs (cuda/cutlass/ffn_sm90.h): checks the
+// ATen wrapper of the torch-free CUTLASS sm90 GEMMs (cutlass/ffn_sm90.h): checks the
 // tensors, takes the workspace from the caching allocator, launches on the current stream and
 // turns a failed status into a TORCH_CHECK.  Picks the instantiation: whether pre is kept for
 // backward (bf16 only).

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <vector>
 
+#include "common/dtype.h"
 #include "common/vec_io.h"
 
 namespace fastenc {

@@ -1,19 +1,17 @@
-// CUDA passes of the gated FFN (geglu, swiglu), the GLU twins of ffn_act_kernels.cuh:
+// The gated FFN's CUDA passes (geglu, swiglu), the GLU twins of act_kernels.cuh's:
 //   _ffn_glu_fwd_kernel        : h = dropout(act(a) · g) for pre [T, 2f] = [a, g] (GEMM1 + b1);
 //   _ffn_dglu_bgrad_kernel     : dpre = [dh · g · act'(a), dh · act(a)], dh = gh · keep/(1-p),
 //                                with per-block column sums of both halves for the b1 gradient
 //                                (deterministic: the host adds the [row_blocks, 2f] partials).
 // Memory-bound: VEC elements (16 bytes) per thread and access when f % VEC == 0 and every pointer
-// is 16-byte aligned, else VEC = 1.  The math (ActOp, Philox dropout) is ffn_math.h, shared with
-// the CPU passes (ffn_glu_cpu.cpp); the dropout mask is the [T, f] hidden's, as the ungated op's.
-#include <algorithm>
-#include <limits>
+// is 16-byte aligned, else VEC = 1.  The math (ActOp, Philox dropout) is common/activation.h and
+// common/philox.h, shared with the CPU passes (ffn/cpu/act_dropout.cpp); the dropout mask is the [T, f]
+// hidden's, as the ungated op's.  Launched by act_fwd.cu / act_bwd.cu with the ungated kernels.
+#pragma once
 
 #include "ffn/cuda/act_kernels.cuh"
 
 namespace fastenc {
-
-namespace {
 
 // Rows on grid axis y, VEC-element column chunks of the [rows, f] hidden on x (f % VEC == 0), both
 // grid-strided: no 64-bit division per element (its out-of-line call made the kernels spill).
@@ -94,81 +92,6 @@ __global__ void __launch_bounds__(kBwdThreadsX* kBwdThreadsY) _ffn_dglu_bgrad_ke
     }
     __syncthreads();
   }
-}
-
-template <typename Fn>
-void dispatch_glu_cuda(Act act, Fn&& fn) {
-  if (act == Act::kGeGLU) return fn(std::integral_constant<Act, Act::kGeGLU>{});
-  TORCH_CHECK(act == Act::kSwiGLU, "fastenc ffn: the GLU passes take geglu or swiglu, got ", activation_name(act));
-  fn(std::integral_constant<Act, Act::kSwiGLU>{});
-}
-
-}  // namespace
-
-void glu_dropout_cuda(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp) {
-  const int64_t rows = h.size(0), f = h.size(1);
-  dispatch_dtype(pre.scalar_type(), [&](auto t_) {
-    using T = decltype(t_);
-    constexpr int kVec = 16 / sizeof(T);
-    const T* p = pre.const_data_ptr<T>();
-    T* out = h.data_ptr<T>();
-    const bool vec = f % kVec == 0 && aligned16(p) && aligned16(out);
-    const int width = vec ? kVec : 1;
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    constexpr int kThreads = 256;
-    // x: enough blocks for one row's chunks (capped); y: rows, up to ~16 blocks per SM in all.
-    const int64_t gx = std::min<int64_t>((f / width + kThreads - 1) / kThreads, 64);
-    const int64_t gy = std::max<int64_t>(1, std::min<int64_t>({rows, int64_t(sms) * 16 / gx + 1, 65535}));
-    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
-    const auto stream = at::cuda::getCurrentCUDAStream();
-    dispatch_glu_cuda(act, [&](auto a_) {
-      constexpr Act A = decltype(a_)::value;
-      if (vec) {
-        _ffn_glu_fwd_kernel<T, A, kVec><<<grid, kThreads, 0, stream>>>(p, out, rows, f, dp.enabled, dp.seed,
-                                                                        dp.threshold24, dp.scale);
-      } else {
-        _ffn_glu_fwd_kernel<T, A, 1><<<grid, kThreads, 0, stream>>>(p, out, rows, f, dp.enabled, dp.seed,
-                                                                     dp.threshold24, dp.scale);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-}
-
-void dglu_dropout_bgrad_cuda(const at::Tensor& gh, const at::Tensor& pre, const at::Tensor& dpre,
-                             const at::Tensor& db1, Act act, const DropoutParams& dp) {
-  const int64_t rows = gh.size(0), f = gh.size(1);
-  const int64_t row_blocks = (rows + kBwdRowsPerBlock - 1) / kBwdRowsPerBlock;
-  at::Tensor partial = db1.defined() ? at::empty({row_blocks, 2 * f}, gh.options().dtype(at::kFloat)) : at::Tensor();
-  dispatch_dtype(gh.scalar_type(), [&](auto t_) {
-    using T = decltype(t_);
-    constexpr int kVec = 16 / sizeof(T);
-    const T* gp = gh.const_data_ptr<T>();
-    const T* sp = pre.const_data_ptr<T>();
-    T* out = dpre.data_ptr<T>();
-    float* part = partial.defined() ? partial.data_ptr<float>() : nullptr;
-    const bool vec = f % kVec == 0 && aligned16(gp) && aligned16(sp) && aligned16(out);
-    const int width = vec ? kVec : 1;
-    const int64_t col_blocks = (f / width + kBwdThreadsX - 1) / kBwdThreadsX;
-    TORCH_CHECK(col_blocks <= 65535 && row_blocks <= std::numeric_limits<int32_t>::max(),
-                "fastenc ffn: the backward GLU pass takes f <= ", 65535 * kBwdThreadsX * width,
-                " and fewer than 2^31 row blocks of ", kBwdRowsPerBlock, " tokens, got f=", f, ", tokens=", rows);
-    const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(col_blocks));
-    const dim3 block(kBwdThreadsX, kBwdThreadsY);
-    const auto stream = at::cuda::getCurrentCUDAStream();
-    dispatch_glu_cuda(act, [&](auto a_) {
-      constexpr Act A = decltype(a_)::value;
-      if (vec) {
-        _ffn_dglu_bgrad_kernel<T, A, kVec><<<grid, block, 0, stream>>>(gp, sp, out, part, rows, f, dp.enabled,
-                                                                      dp.seed, dp.threshold24, dp.scale);
-      } else {
-        _ffn_dglu_bgrad_kernel<T, A, 1><<<grid, block, 0, stream>>>(gp, sp, out, part, rows, f, dp.enabled, dp.seed,
-                                                                   dp.threshold24, dp.scale);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  if (db1.defined()) db1.copy_(partial.sum(0));
 }
 
 }  // namespace fastenc
