@@ -8,7 +8,7 @@
 // bias and residual in its epilogue and the FFN's activation in the quantization of GEMM2's input.  q, k and v are strided
 // views of the QKV projection (no copies); attention applies the window and the rotary embeddings; the
 // out-projection bias is added inside the residual + LayerNorm pass; the attention output and the
-// LayerNorm outputs reuse two buffers allocated once per call.  Small GEMMs (below kOneDnnMinMacs
+// LayerNorm outputs reuse two buffers allocated once per call.  Small GEMMs (below constants::kOnednnMinMacs
 // multiply-adds, where oneDNN's per-call cost dominates) run ATen's GEMM and the vectorised activation
 // pass instead.
 #include "encoder/encoder.h"
@@ -18,13 +18,13 @@
 #include <utility>
 
 #include "attention/attention.h"
+#include "fastenc_constants.h"
 #include "layer_norm/layer_norm.h"
 #include "linear/linear.h"
 
 namespace fastenc::cpu {
 namespace {
 
-constexpr int64_t kOneDnnMinMacs = int64_t(1) << 21;  // as the FFN op's CPU path (ffn_ops.cpp)
 // Rows up to which the panel GEMM (linear/panel_gemm.h) beats oneDNN's inner product (a single request's
 // tokens); measured with scripts/cpu_gemm_bench.py, see benchmarks/README.md "CPU GEMMs".
 constexpr int64_t kPanelMaxRows = 64;
@@ -43,7 +43,7 @@ at::Tensor linear(const at::Tensor& a, const EncoderLinear& lin, std::optional<A
     if (act) act_dropout_cpu(y, y, *act, DropoutParams{});
     return y;
   }
-  if (M > 0 && K > 0 && M * N * K >= kOneDnnMinMacs && onednn_linear_supported(a.scalar_type())) {
+  if (M > 0 && K > 0 && M * N * K >= constants::kOnednnMinMacs && onednn_linear_supported(a.scalar_type())) {
     return onednn_linear(a, lin.packed.defined() ? lin.packed : lin.weight,
                          lin.bias.defined() ? std::optional<at::Tensor>(lin.bias) : std::nullopt, act, add);
   }
