@@ -68,7 +68,7 @@ at::Tensor ffn(const at::Tensor& h, const EncoderLayer& w, const at::Tensor& add
   } else {
     const at::Tensor pre = linear(h, w.ffn1, std::nullopt, at::Tensor());
     hidden = at::empty({pre.size(0), pre.size(1) / 2}, pre.options());
-    glu_dropout_cpu(pre, hidden, w.act, DropoutParams{});
+    act_dropout_cpu(pre, hidden, w.act, DropoutParams{});
   }
   return linear(hidden, w.ffn2, std::nullopt, add);
 }
