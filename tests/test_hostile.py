@@ -34,9 +34,8 @@ from fastenc.testing import assert_close
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEV = torch.device(DEVICE)
 FAST = [b for b in BACKENDS if b not in ("auto", "reference")]
-# A typical shape class per op (what each op's availability checks read).
-EXAMPLE = {"attention": (16, 16, False, False, False), "layer_norm": (32,), "ffn": ("gelu",), "linear": (), "padding": (),
-           "encoder": (False,)}
+# A typical shape class per op (what each op's availability checks read), as each op declares it.
+EXAMPLE = {op: fastenc.backends._OPS[op].example(16) for op in registered_ops()}
 
 
 def usable(op: str, backend: str, device: torch.device = DEV, dtype: torch.dtype = torch.float32) -> bool:
@@ -855,6 +854,7 @@ def _op_call(op: str) -> Callable[[Optional[str]], torch.Tensor]:
         "padding": lambda b: ops.pad(rand(1, 4), ops.padding_info(torch.tensor([[False, True]], device=DEV)),
                                      backend=b),
         "encoder": lambda b: _stack_call(b),
+        "linear_int8": lambda b: _int8_call(b),
     }
     return calls[op]
 
@@ -867,10 +867,17 @@ def _stack_call(backend):
                                      [(spec, weights)] * 2, backend=backend)
 
 
+def _int8_call(backend):
+    """The int8 GEMM (inference only) on a quantized [24, 16] weight."""
+    with torch.no_grad():
+        return ops.linear_int8.linear_int8(rand(3, 16), ops.linear_int8.quantize_weight(rand(24, 16)), rand(24),
+                                           backend=backend)
+
+
 # Where each op's reference lives: the encoder's is the per-op composition of the layer.
 REFERENCE_OF = {"attention": (reference, "attention"), "layer_norm": (reference, "residual_layer_norm"),
                 "ffn": (reference, "ffn"), "linear": (reference, "linear"), "padding": (reference, "pad"),
-                "encoder": (fastenc.stack, "layer_forward")}
+                "encoder": (fastenc.stack, "layer_forward"), "linear_int8": (reference, "linear_int8")}
 _FORCED = [(op, b) for op in registered_ops() for b in FAST]
 
 
@@ -915,7 +922,8 @@ def test_forced_backend_runs_or_raises(op, backend, monkeypatch):
             else:
                 with pytest.raises(BackendUnavailableError, match=f"fastenc {op}: "):
                     _op_call(op)(arg)
-    if op != "padding":  # a layer given {op: backend} (the encoder op runs inference only)
+    if op not in ("padding", "linear_int8"):  # a layer given {op: backend} (the encoder op runs inference only;
+        # int8 runs only in a quantized model)
         layer, x = _layer({op: backend}), rand(2, 3, 32)
         grad = contextlib.nullcontext()
         if op == "encoder":

@@ -3,12 +3,12 @@
 The fused encoder stack (``encoder``) is reached through ``fastenc.stack`` (``fastenc.encoder_stack``), whose
 per-op composition is its reference.
 """
-from . import encoder
+from . import encoder, linear_int8
 from .attention import attention, attention_varlen
 from .ffn import ffn
 from .layer_norm import residual_layer_norm
 from .linear import linear
 from .padding import Padding, pad, padding_info, unpad
 
-__all__ = ["Padding", "attention", "attention_varlen", "encoder", "ffn", "linear", "pad", "padding_info",
+__all__ = ["Padding", "attention", "attention_varlen", "encoder", "ffn", "linear", "linear_int8", "pad", "padding_info",
            "residual_layer_norm", "unpad"]
