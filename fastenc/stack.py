@@ -244,6 +244,7 @@ def _ffn(h: Tensor, layer: StackLayer, call: _Call, residual: Optional[Tensor]) 
     if spec.fused_activation:
         return ffn_unchecked(h, w.ffn1_weight, w.ffn1_bias, w.ffn2_weight, w.ffn2_bias, spec.activation,
                              spec.ffn_dropout, residual, _op_backend(s, "ffn"))
+    warn_once(f"fastenc: activation {spec.activation!r} has no fused FFN kernel; running it in PyTorch")
     lin = _op_backend(s, "linear")  # a callable activation runs in PyTorch between the two linears
     y = spec.activation(linear_unchecked(h, w.ffn1_weight, w.ffn1_bias, lin))
     y = linear_unchecked(F.dropout(y, spec.ffn_dropout, training=spec.ffn_dropout > 0), w.ffn2_weight, w.ffn2_bias,

@@ -179,7 +179,7 @@ def test_calibration_and_machine_tag_every_result_file(tmp_path):
         assert head[2].startswith("calibration") and f"fp32 {env_['gemm_fp32_gflops']} GFLOP/s" in head[2]
     # each timed row: GFLOP/s as a fraction of the rate of the precision it ran in
     ok = [r for r in rows if r["status"] == "ok"]
-    assert {r["precision"] for r in ok} == {"fp32", "bf16"}  # "fastenc" selects fastenc-bf16 too
+    assert {r["precision"] for r in ok} == {"fp32", "bf16", "int8"}  # "fastenc" selects fastenc-bf16 and -int8 too
     for r in ok:
         assert r["pct_of_ceiling"] == pytest.approx(100 * r["tflops"] * 1e3 / calib["gemm_gflops"][r["precision"]])
 

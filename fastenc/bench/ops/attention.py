@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import ops, reference
-from ...ops import attention as attention_op
+from ...ops.attention import shape_class as attention_shape_class
 from .. import registry as R
 from ..registry import Impl, Provider, Unavailable
 from ..workload import Workload, by_mode, key_padding_mask, padded_lengths, randn, valid_tokens
@@ -65,7 +65,7 @@ def workload(mode, sweep, device, dtype, *, batch, seqlen, heads, head_dim, padd
 
 def shape_class(w: Workload) -> tuple:
     """What the attention backends' checks read (``fastenc.ops.attention.shape_class``)."""
-    return attention_op.shape_class(w.params["head_dim"], w.params["head_dim"])
+    return attention_shape_class(w.params["head_dim"], w.params["head_dim"])
 
 
 def _fastenc(backend: str):
