@@ -532,6 +532,19 @@ def test_op_dropout_seed_from_torch_rng():
     assert not torch.equal(a, c), "another torch seed gives another dropout mask"
 
 
+def test_bf16_rotary_backward_scores_are_the_forwards():
+    """bf16 with rotary: the forward (AVX512-BF16 pair products) multiplies q and k rotated and rounded back to bf16;
+    the backward's recomputed scores must be those, or P = exp(s - lse) is not the forward's softmax.  With a
+    window of (0, 0) each query sees one key, P is 1 and dV must be dO; it was 2.5% off (scale 1: a bf16 rounding
+    of each score).  Found by tests/test_attention_random.py's long profile."""
+    B, L, H, D = 1, 17, 2, 24
+    q, k, v = (torch.randn(B, L, H, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, window=(0, 0), rotary=_tables(L, D), scale=1.0, backend="cpu")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    assert torch.equal(v.grad, dout)
+
+
 def test_auto_picks_the_cpu_kernels_for_window_and_rotary():
     chosen = explain("attention", "auto", torch.device("cpu"), torch.float32, (64, 64, False, True, True))[0]
     assert chosen == "cpu"
