@@ -245,6 +245,16 @@ def test_op_dropout_replays_the_mask_forward_and_backward(prenorm, n, dtype):
         assert_parity(leaves[name].grad, r, b, rtol=rtol, name="d" + name)
 
 
+def test_post_norm_dropout_recomputes_the_forwards_sum():
+    """Post-norm keeps no s: the backward recomputes x + dropout(branch) and must round it as the forward did, or
+    rstd (316 here: one column, eps 1e-5) multiplies a 1-ulp difference into xhat.  A row of one column has
+    y = bias and dx = 0 exactly; it was 1e-4 (found by tests/test_layer_norm_random.py's long profile)."""
+    x, br = (8 + torch.randn(64, 1)).requires_grad_(), torch.randn(64, 1).requires_grad_()
+    y = ops.residual_layer_norm(x, br, None, None, dropout_p=0.25, backend="cpu")
+    y.backward(torch.randn_like(y))
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(br.grad, torch.zeros_like(br))
+
+
 def test_op_dropout_reproducible_per_torch_seed():
     x, br = torch.randn(7, 384), torch.randn(7, 384)
     outs = []
