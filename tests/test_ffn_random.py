@@ -93,4 +93,4 @@ def test_cpu(c):
     with S.env(ffn_mod.GEMM_PATH_ENV, c.gemm):
         for o in outs:
             o.backward(dy.to(o.dtype))
-    S.check_grads(NAMES, fast_in, oracle_in, base_in)
+    S.check_grads(NAMES, fast_in, oracle_in, base_in, c.dtype)

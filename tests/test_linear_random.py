@@ -68,4 +68,4 @@ def test_cpu(c):
     dy = S.randn(g, *y.shape, dtype=y.dtype)  # what the fast backward sees, for all three
     for o in (y, oracle, base):
         o.backward(dy.to(o.dtype))
-    S.check_grads(("x", "w", "b"), fast_in, oracle_in, base_in)
+    S.check_grads(("x", "w", "b"), fast_in, oracle_in, base_in, y.dtype)

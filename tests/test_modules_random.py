@@ -73,7 +73,14 @@ def configs(draw, backend: str) -> Config:
     # smooth activation keeps gradients continuous, so the parity rule can judge them.
     activations = ["gelu", "gelu_tanh"] if dtype == torch.bfloat16 and mode == "train" else ["relu", "gelu",
                                                                                               "gelu_tanh"]
-    return Config(dtype, draw(st.sampled_from(head_dims)), draw(st.integers(1, 4)),
+    # Nor a width under 16 when training in bf16 (found by the long profile: Config(bf16, head_dim 4, nhead 1, ...,
+    # seeds 391086 and 42559799)): a LayerNorm of a few features amplifies bf16 rounding chaotically (width 4, two
+    # layers: the kernels' and plain PyTorch's gradient errors both spread from 0.3% to 5%, which of the two is
+    # worse for a given tensor is chance), so the rule could not tell a defect from noise.
+    head_dim = draw(st.sampled_from(head_dims))
+    nhead = draw(st.integers(1, 4) if dtype != torch.bfloat16 or mode != "train" or head_dim >= 16 else
+                 st.integers(-(-16 // head_dim), 4))
+    return Config(dtype, head_dim, nhead,
                   draw(st.sampled_from([8, 24, 64, 100, 256])), draw(st.sampled_from(activations)),
                   draw(st.booleans()), draw(st.booleans()), draw(st.booleans()), layers,
                   layers > 0 and draw(st.booleans()), draw(st.integers(1, 4)), draw(S.lengths(max_len)), mask, unpad,
