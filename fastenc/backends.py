@@ -20,6 +20,8 @@ Unknown backend or op names raise ``ValueError`` wherever they appear.
 
 The decision is cached per (op, request, device, dtype, shape class): a call costs a context
 lookup and a dict lookup.  The shape class is what an op's checks read (head dim, hidden size...).
+``with record() as seen:`` collects which backend each op resolved to inside a block (tests use it
+to check that the intended kernels ran).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import contextvars
 import dataclasses
 import functools
 import os
-from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -58,6 +60,7 @@ class OpSpec:
 
 _OPS: Dict[str, OpSpec] = {}
 _DECISIONS: Dict[tuple, Tuple[str, str, bool]] = {}  # key -> (backend or error text, why, is_error)
+_RECORDERS: List[Dict[str, Set[str]]] = []  # the open record() blocks' {op: backends resolved}
 
 
 def register_op(name: str, checks: Mapping[str, Check], auto: Mapping[str, Sequence[str]],
@@ -192,7 +195,26 @@ def resolve(op: str, backend: Optional[str], device: torch.device, dtype: torch.
         hit = _DECISIONS[key] = _decide(op, want, named, device, dtype, shape)
     if hit[2]:
         raise BackendUnavailableError(hit[0])
+    if _RECORDERS:  # only while a record() block is open: the hot path stays one dict lookup
+        for seen in _RECORDERS:
+            seen.setdefault(op, set()).add(hit[0])
     return hit[0]
+
+
+@contextlib.contextmanager
+def record() -> Iterator[Dict[str, Set[str]]]:
+    """Collect the backend each op resolves to inside the block: ``{op: {"cpu", ...}}``.
+
+    Every resolved call is recorded, from any thread (a process-wide list, not a context variable:
+    a model served by a thread pool is recorded too); an auto call that fell back records
+    ``"reference"``.  The fused encoder stack records ``"encoder"`` only: its layers make no op calls.
+    """
+    seen: Dict[str, Set[str]] = {}
+    _RECORDERS.append(seen)
+    try:
+        yield seen
+    finally:
+        del _RECORDERS[next(i for i, r in enumerate(_RECORDERS) if r is seen)]  # by identity: dicts compare by value
 
 
 def explain(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype,

@@ -266,7 +266,10 @@ def residual_layer_norm(
     if branch is not None:
         h = branch if branch_bias is None else branch + branch_bias
         s = x + _dropout(h, dropout_p, dropout_mask)
-    y = F.layer_norm(s, s.shape[-1:], _ln_param(weight, s.dtype), _ln_param(bias, s.dtype), eps)
+    weight, bias = _ln_param(weight, s.dtype), _ln_param(bias, s.dtype)
+    if weight is None and bias is not None and bias.dtype != s.dtype:
+        weight = torch.ones_like(bias)  # torch 2.14's backward rejects a float32 bias without a weight on half rows
+    y = F.layer_norm(s, s.shape[-1:], weight, bias, eps)
     if prenorm:
         return y.to(out_dtype), s.to(out_dtype)
     return y.to(out_dtype)

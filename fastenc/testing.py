@@ -2,7 +2,9 @@
 
 Parity rule (flash-attention's): the fast result's error against an fp32 reference
 must be at most ``factor`` times the error of plain PyTorch in the same low
-precision, plus a per-dtype atol.  NaN or inf where the reference is finite fails.
+precision, plus a per-dtype atol.  Non-finite values must sit where the reference has
+them: NaN where the reference has NaN, +inf / -inf where it has the same infinity (the
+reference as the result's dtype holds it: past that dtype's range it is an infinity).
 """
 from __future__ import annotations
 
@@ -15,26 +17,56 @@ Tensor = torch.Tensor
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
+def rounded(ref: Tensor, dtype: torch.dtype) -> Tensor:
+    """The reference as ``dtype`` holds it, where ``dtype`` has a narrower range: a value past that range is an
+    infinity there (fp16 overflows above 65504), which a correctly rounded result must show too."""
+    if ref.is_floating_point() and dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(ref.dtype).max:
+        return ref.detach().to(dtype)
+    return ref.detach()
+
+
+def nonfinite_mismatch(fast: Tensor, ref: Tensor) -> Optional[str]:
+    """None when fast's NaN and inf sit exactly where ref's do (same sign of inf; ref rounded to fast's dtype),
+    else a diagnostic."""
+    f, r = fast.detach(), rounded(ref, fast.dtype)
+    bad = (torch.isnan(f) != torch.isnan(r)) | (torch.isposinf(f) != torch.isposinf(r)) | \
+        (torch.isneginf(f) != torch.isneginf(r))
+    if not bad.any():
+        return None
+    idx = bad.nonzero()[0].tolist()
+    return (f"NaN/inf mismatch: {int(bad.sum())} non-finite values where the reference is finite or another "
+            f"non-finite, or the reverse (first at {idx}: got {f[tuple(idx)].item():.6g}, reference "
+            f"{r[tuple(idx)].item():.6g})")
+
+
 def parity_error(fast: Tensor, ref: Tensor, base: Tensor, *, factor: float = 2.0, atol: Optional[float] = None,
-                 rtol: float = 0.0):
+                 rtol: float = 0.0, scaled: bool = False):
     """Return None if fast passes the parity rule, else a diagnostic message.
 
-    fast: the tested result; ref: the fp32 reference; base: plain PyTorch in fast's dtype.
+    fast: the tested result; ref: the fp32 (or fp64) reference; base: plain PyTorch in fast's dtype.
     rtol scales with the reference's largest magnitude (for fp32, where base is the reference
-    itself and only a summation-order error is left).
+    itself and only a summation-order error is left).  scaled: the atol too is relative to the
+    reference's largest finite magnitude (for model outputs and gradients, whose size depends on
+    the width and the token count: a flat atol is meaningless there).
     """
     if atol is None:
         atol = ATOL.get(fast.dtype, 1e-5)
     if fast.shape != ref.shape:
         return f"shape {tuple(fast.shape)} != reference {tuple(ref.shape)}"
-    f, r, b = fast.detach().float(), ref.detach().float(), base.detach().float()
-    bad_nonfinite = ~torch.isfinite(f) & torch.isfinite(r)
-    if bad_nonfinite.any():
-        idx = bad_nonfinite.nonzero()[0].tolist()
-        return f"{int(bad_nonfinite.sum())} non-finite values where the reference is finite (first at {idx})"
-    err = (f - r).abs().nan_to_num(0.0)
-    base_err = (b - r).abs().nan_to_num(0.0).max().item() if b.numel() else 0.0
-    bound = factor * base_err + atol + (rtol * r.abs().max().item() if r.numel() else 0.0)
+    msg = nonfinite_mismatch(fast, ref)
+    if msg is not None:
+        return msg
+    wide = torch.float64 if ref.dtype == torch.float64 else torch.float32  # an fp64 oracle is not rounded
+    f, r, b = (t.detach().to(wide) for t in (fast, ref, base))
+    finite = torch.isfinite(rounded(ref, fast.dtype))  # elsewhere fast agrees with the reference (checked above)
+    err = torch.where(finite, f - r, 0.0).abs()
+    # Where plain PyTorch itself overflowed or gave NaN its error is no measure: left out, not an infinite bound.
+    base_ok = finite & torch.isfinite(b)
+    base_err = torch.where(base_ok, b - r, 0.0).abs().max().item() if b.numel() else 0.0
+    magnitude = torch.where(finite, r, 0.0).abs().max().item() if r.numel() else 0.0
+    if scaled:
+        atol *= magnitude
+    bound = factor * base_err + atol + rtol * magnitude
     if err.numel() and err.max().item() > bound:
         worst = err.flatten().argmax().item()
         idx = list(torch.unravel_index(torch.tensor(worst), f.shape)) if f.dim() else []
@@ -48,19 +80,20 @@ def parity_error(fast: Tensor, ref: Tensor, base: Tensor, *, factor: float = 2.0
 
 
 def assert_parity(fast: Tensor, ref: Tensor, base: Tensor, *, factor: float = 2.0, atol: Optional[float] = None,
-                  rtol: float = 0.0, name: str = "") -> None:
-    msg = parity_error(fast, ref, base, factor=factor, atol=atol, rtol=rtol)
+                  rtol: float = 0.0, scaled: bool = False, name: str = "") -> None:
+    msg = parity_error(fast, ref, base, factor=factor, atol=atol, rtol=rtol, scaled=scaled)
     assert msg is None, f"{name}: {msg}" if name else msg
 
 
 def assert_close(actual: Tensor, expected: Tensor, *, atol: float, rtol: float = 0.0, name: str = "") -> None:
-    """Elementwise |a - e| <= atol + rtol |e| with the same diagnostics; NaN never passes."""
+    """Elementwise |a - e| <= atol + rtol |e| with the same diagnostics; NaN and inf must sit where expected's do."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    msg = nonfinite_mismatch(actual, expected)
+    assert msg is None, f"{name}: {msg}"
+    finite = torch.isfinite(rounded(expected, actual.dtype))
     a, e = actual.detach().float(), expected.detach().float()
-    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-    nonfinite = ~torch.isfinite(a) & torch.isfinite(e)
-    assert not nonfinite.any(), f"{name}: {int(nonfinite.sum())} non-finite values where expected is finite"
-    err = (a - e).abs().nan_to_num(0.0)
-    tol = atol + rtol * e.abs().nan_to_num(0.0)
+    err = torch.where(finite, a - e, 0.0).abs()
+    tol = atol + rtol * torch.where(finite, e, 0.0).abs()
     bad = err > tol
     if bad.any():
         worst = (err - tol).flatten().argmax().item()

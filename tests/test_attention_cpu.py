@@ -15,6 +15,7 @@ import torch
 from fastenc import reference
 from fastenc.backends import explain
 from fastenc.ops import attention, attention_varlen
+from fastenc.ops._common import draw_seed
 from fastenc.testing import assert_parity
 
 if os.environ.get("FASTENC_SKIP_NATIVE", "0").lower() in ("1", "true", "yes", "on"):
@@ -471,6 +472,77 @@ def test_op_varlen_window_rotary(dtype):
     _op_parity(lambda q, k, v: attention_varlen(q, k, v, cu, cu, max(lens), max(lens), backend="cpu", **kw),
                lambda q, k, v, upcast: reference.attention_varlen(q, k, v, cu, cu, upcast=upcast, **kw), qkv,
                f"op varlen window rotary {dtype}")
+
+
+# Dropout through the op (ops.attention / attention_varlen, backend "cpu"): the op draws a Philox key from torch's
+# generator and its autograd Function hands it to the backward.  The forward, the inference path and the backward
+# must all use the mask _C.attention_dropout_mask_cpu draws for that key: a backward that drew another mask (or
+# another key) fails the dq / dk / dv parity against the reference fed the mask.
+
+
+def _op_keep(torch_seed, batch, heads, lq, lk, p):
+    torch.manual_seed(torch_seed)
+    return _C.attention_dropout_mask_cpu(batch, heads, lq, lk, p, int(draw_seed(torch.device("cpu"))))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal,padded,window", [(False, False, None), (True, True, None), (False, True, (4, 9))],
+                         ids=str)
+def test_op_dropout_replays_the_mask_forward_and_backward(causal, padded, window, dtype):
+    B, L, S, H, D, p = 2, 19, 37, 2, 32, 0.2
+    keep = _op_keep(2024, B, H, L, S, p)
+    kpm = (torch.arange(S) >= torch.tensor([[37], [20]])) if padded else None
+    kw = dict(key_padding_mask=kpm, is_causal=causal, window=window, dropout_p=p)
+
+    def fast(q, k, v):
+        torch.manual_seed(2024)
+        return attention(q, k, v, backend="cpu", **kw)
+
+    qkv = [torch.randn(B, L, H, D, dtype=dtype), torch.randn(B, S, H, D, dtype=dtype),
+           torch.randn(B, S, H, D, dtype=dtype)]
+    _op_parity(fast, lambda q, k, v, upcast: reference.attention(q, k, v, upcast=upcast, dropout_mask=keep, **kw),
+               qkv, f"op dropout causal={causal} padded={padded} window={window} {dtype}")
+
+
+def test_op_varlen_dropout_replays_the_mask_forward_and_backward():
+    lq, lk, H, D, p = [5, 0, 66, 1], [7, 3, 40, 1], 2, 32, 0.3
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    keep = _op_keep(77, len(lq), H, max(lq), max(lk), p)
+    masks = [keep[b:b + 1, :, :lq[b], :lk[b]] for b in range(len(lq))]  # relative to each sequence's start
+
+    def fast(q, k, v):
+        torch.manual_seed(77)
+        return attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), dropout_p=p, backend="cpu")
+
+    qkv = [torch.randn(sum(lq), H, D), torch.randn(sum(lk), H, D), torch.randn(sum(lk), H, D)]
+    _op_parity(fast, lambda q, k, v, upcast: reference.attention_varlen(q, k, v, cu_q, cu_k, dropout_p=p,
+                                                                        dropout_masks=masks, upcast=upcast),
+               qkv, "op varlen dropout")
+
+
+def test_op_dropout_seed_from_torch_rng():
+    q, k, v = (torch.randn(1, 8, 2, 32) for _ in range(3))
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return attention(q, k, v, dropout_p=0.5, backend="cpu")
+
+    a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a, b), "torch.manual_seed makes dropout reproducible"
+    assert not torch.equal(a, c), "another torch seed gives another dropout mask"
+
+
+def test_bf16_rotary_backward_scores_are_the_forwards():
+    """bf16 with rotary: the forward (AVX512-BF16 pair products) multiplies q and k rotated and rounded back to bf16;
+    the backward's recomputed scores must be those, or P = exp(s - lse) is not the forward's softmax.  With a
+    window of (0, 0) each query sees one key, P is 1 and dV must be dO; it was 2.5% off (scale 1: a bf16 rounding
+    of each score).  Found by tests/test_attention_random.py's long profile."""
+    B, L, H, D = 1, 17, 2, 24
+    q, k, v = (torch.randn(B, L, H, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, window=(0, 0), rotary=_tables(L, D), scale=1.0, backend="cpu")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    assert torch.equal(v.grad, dout)
 
 
 def test_auto_picks_the_cpu_kernels_for_window_and_rotary():

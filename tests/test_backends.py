@@ -132,3 +132,29 @@ def test_auto_fallback_on_a_device_with_a_fast_backend_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         backends.explain("attention", None, CUDA, torch.float16, (300, 300, False, False, False))
+
+
+def test_record_collects_the_backend_each_op_resolved_to():
+    """record(): what ran, per op, inside the block only; nested blocks each see their calls; nothing is
+    recorded (and the recorder list is empty) outside."""
+    x = torch.randn(4, 8)
+    w = torch.randn(8)
+    with backends.record() as outer:
+        fastenc.ops.residual_layer_norm(x, None, w, None, backend="reference")
+        with backends.record() as inner:
+            with fastenc.use_backend(layer_norm="reference"):
+                fastenc.ops.residual_layer_norm(x, None, w, None)
+            fastenc.ops.linear(x, torch.randn(3, 8), backend="reference")
+    fastenc.ops.linear(x, torch.randn(3, 8), backend="reference")  # after the blocks: not recorded
+    assert inner == {"layer_norm": {"reference"}, "linear": {"reference"}}
+    assert outer == inner
+    assert backends._RECORDERS == []
+    if backends.extension() is not None:
+        with backends.record() as seen:
+            fastenc.ops.residual_layer_norm(x, None, w, None)
+            fastenc.ops.residual_layer_norm(x, None, w, None, backend="reference")
+        assert seen == {"layer_norm": {"cpu", "reference"}}
+    with backends.record() as seen:  # a refused forced backend records nothing
+        with pytest.raises(fastenc.BackendUnavailableError):
+            fastenc.ops.ffn(x, torch.randn(16, 8), None, torch.randn(8, 16), None, backend="triton")
+    assert seen == {}

@@ -19,12 +19,13 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from typing import Callable, List, Optional, Tuple
 
 import pytest
 import torch
 
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, ON_GPU
 
 import fastenc  # noqa: E402  (after conftest: TRITON_INTERPRET)
 from fastenc import BackendUnavailableError, ops, reference
@@ -118,7 +119,21 @@ def assert_same(got: List[torch.Tensor], want: List[torch.Tensor], name: str) ->
 _REFERENCE: dict = {}  # id(case) -> the reference backend's result
 
 
+def falls_back(case: Case, backend: str) -> bool:
+    """auto on a case the fast backends say they cannot run: the reference stands in, with fastenc's fallback
+    warning (an error elsewhere in the tests: conftest.py)."""
+    return backend == "auto" and any(e is not None and len(e) == 3 for e in map(case.expect, FAST))
+
+
 def check(case: Case, backend: str) -> None:
+    if falls_back(case, backend):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "fastenc [a-z_]+: falling back to the PyTorch reference", UserWarning)
+            return _check(case, backend)
+    return _check(case, backend)
+
+
+def _check(case: Case, backend: str) -> None:
     expected = case.expect(backend)
     gen()
     if expected is not None and len(expected) == 2:
@@ -137,8 +152,27 @@ def check(case: Case, backend: str) -> None:
     assert_same(got, _REFERENCE[id(case)], case.name)
 
 
+def columns(case: Case, op: str) -> List[str]:
+    """The backends a case runs on: all of backends_for(op), except the reference where the case computes a
+    result (its expectation is the reference's own result: a column comparing it with itself checks nothing;
+    check() still runs it, as the oracle of the other columns)."""
+    return [b for b in backends_for(op) if not (b == "reference" and case.expect(b) is None)]
+
+
+# (case, backend) pairs known to differ from the reference, each with why: strict xfails, so that the fix shows.
+KNOWN_DIFFERENCES = {
+    # Found when the parity helpers stopped passing a finite answer where the reference is NaN (issue #22): the
+    # reference and the C++ kernel add -inf to a NaN score (NaN out), the Triton kernel never reads a padded key
+    # block (and masks with where(), so a NaN score at a masked key is dropped). Which is right is undecided.
+    **{("NaN key at a padding position", b): "Triton ignores a NaN key at a padded position; the reference and the "
+                                             "CPU kernel return NaN" for b in ("triton", "auto" if ON_GPU else "")},
+}
+
+
 def matrix(cases: List[Case], op: str):
-    return [pytest.param(c, b, id=f"{c.name}-{b}") for c in cases for b in backends_for(op)]
+    return [pytest.param(c, b, id=f"{c.name}-{b}", marks=[pytest.mark.xfail(strict=True, reason=why)
+                                                          for why in [KNOWN_DIFFERENCES.get((c.name, b))] if why])
+            for c in cases for b in columns(c, op)]
 
 
 # ----------------------------------------------------------------- attention
@@ -634,7 +668,7 @@ _CHILD_OPS = {"attention_varlen": "attention", "padding maps": "padding"}
 
 def child_cases() -> List[Tuple[Case, str, str]]:
     return [(c, b, f"{group}: {c.name}-{b}") for group, cases in CHILD.items() for c in cases
-            for b in backends_for(_CHILD_OPS[group])]
+            for b in columns(c, _CHILD_OPS[group])]
 
 
 def run_child_cases() -> int:

@@ -7,8 +7,9 @@ gradients compared with autograd through fastenc.reference.residual_layer_norm.
 import pytest
 import torch
 
-from fastenc import reference
+from fastenc import ops, reference
 from fastenc.backends import extension
+from fastenc.ops._common import draw_seed
 from fastenc.testing import assert_close, assert_parity
 
 C = extension()
@@ -207,6 +208,61 @@ def test_dropout_mask_statistics_and_scheme():
     t = _inputs((4, 9), torch.float32)
     y, s, _, _ = _fwd(t, p=1.0, prenorm=True)
     assert torch.equal(s, t["x"]), "p = 1 drops the whole branch"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prenorm,n", [(False, 1000), (True, 1000), (False, 768), (True, 7)])
+def test_op_dropout_replays_the_mask_forward_and_backward(prenorm, n, dtype):
+    """Through ops.residual_layer_norm (backend "cpu"): the op draws its Philox key from torch's generator and
+    its autograd Function hands it to the backward (post-norm recomputes s from x and branch, prenorm reads the
+    saved s).  Output, residual and every gradient equal the reference fed the mask
+    residual_layer_norm_dropout_mask draws for that key: a backward that drew another mask fails dx / dbranch."""
+    p = 0.3
+    t = _inputs((3, 29, n), dtype)
+    torch.manual_seed(1234)
+    keep = C.residual_layer_norm_dropout_mask(3 * 29, n, p, int(draw_seed(torch.device("cpu")))).view(3, 29, n)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in t.items()}
+
+    def fast():
+        torch.manual_seed(1234)
+        return ops.residual_layer_norm(leaves["x"], leaves["branch"], leaves["weight"], leaves["bias"],
+                                       branch_bias=leaves["branch_bias"], dropout_p=p, prenorm=prenorm, backend="cpu")
+
+    outs = list(fast()) if prenorm else [fast()]
+    with torch.no_grad():  # the inference path draws the same mask
+        again = fast()
+        assert all(torch.equal(a, b) for a, b in zip(list(again) if prenorm else [again], outs))
+    r_outs, r_leaves = _reference(t, True, eps=1e-5, p=p, keep=keep, prenorm=prenorm)
+    b_outs, b_leaves = _reference(t, False, eps=1e-5, p=p, keep=keep, prenorm=prenorm)
+    rtol = 4e-6 if dtype == torch.float32 else 0.0
+    for name, f, r, b in zip(("y", "s"), outs, r_outs, b_outs):
+        assert_parity(f, r, b, rtol=rtol, name=name)
+    grads_out = [torch.randn(f.shape).to(dtype) for f in outs]
+    torch.autograd.backward(outs, grads_out)
+    r_grads = torch.autograd.grad(r_outs, [r_leaves[k] for k in NAMES], [g.float() for g in grads_out])
+    b_grads = torch.autograd.grad(b_outs, [b_leaves[k] for k in NAMES], grads_out)
+    for name, r, b in zip(NAMES, r_grads, b_grads):
+        assert_parity(leaves[name].grad, r, b, rtol=rtol, name="d" + name)
+
+
+def test_post_norm_dropout_recomputes_the_forwards_sum():
+    """Post-norm keeps no s: the backward recomputes x + dropout(branch) and must round it as the forward did, or
+    rstd (316 here: one column, eps 1e-5) multiplies a 1-ulp difference into xhat.  A row of one column has
+    y = bias and dx = 0 exactly; it was 1e-4 (found by tests/test_layer_norm_random.py's long profile)."""
+    x, br = (8 + torch.randn(64, 1)).requires_grad_(), torch.randn(64, 1).requires_grad_()
+    y = ops.residual_layer_norm(x, br, None, None, dropout_p=0.25, backend="cpu")
+    y.backward(torch.randn_like(y))
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(br.grad, torch.zeros_like(br))
+
+
+def test_op_dropout_reproducible_per_torch_seed():
+    x, br = torch.randn(7, 384), torch.randn(7, 384)
+    outs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        outs.append(ops.residual_layer_norm(x, br, None, None, dropout_p=0.5, backend="cpu"))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
 
 
 # --------------------------------------------------------------------------- determinism, shapes

@@ -80,15 +80,27 @@ def test_only_the_needed_gradients():
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_autocast_casts_every_operand(x_dtype):
-    """Under autocast the GEMM runs in its dtype whatever the operands' (a bf16 x with fp32 weights too)."""
-    x = torch.randn(130, 384, device=DEVICE, dtype=x_dtype, requires_grad=True)
-    w = torch.randn(1000, 384, device=DEVICE, requires_grad=True)
-    b = torch.randn(1000, device=DEVICE, requires_grad=True)
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        y, expected = ops.linear(x, w, b), torch.nn.functional.linear(x, w, b)
-    assert y.dtype == expected.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert w.grad.dtype == torch.float32 and x.grad.dtype == x_dtype
+    """Under autocast the GEMM runs in its dtype whatever the operands' (a bf16 x with fp32 weights too): the
+    values are those of the operands rounded to bf16 (oracle: their product in fp64; baseline: F.linear under
+    autocast), forward and backward, and each gradient comes back in its operand's dtype."""
+    inputs = [torch.randn(130, 384, device=DEVICE, dtype=x_dtype), torch.randn(1000, 384, device=DEVICE) / 384**0.5,
+              torch.randn(1000, device=DEVICE)]
+    dy = torch.randn(130, 1000, device=DEVICE)
+
+    def run(fn, autocast, cast=None):
+        leaves = [(t if cast is None else t.to(torch.bfloat16).to(cast)).detach().requires_grad_() for t in inputs]
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            y = fn(*leaves)
+        y.backward(dy.to(y.dtype))
+        return [y] + [t.grad for t in leaves]
+
+    fast = run(ops.linear, True)
+    base = run(torch.nn.functional.linear, True)
+    oracle = run(reference.linear, False, cast=torch.float64)
+    assert fast[0].dtype == base[0].dtype == torch.bfloat16
+    assert [g.dtype for g in fast[1:]] == [x_dtype, torch.float32, torch.float32]
+    for name, f, r, b in zip(["y", "dx", "dw", "db"], fast, oracle, base):
+        assert_parity(f, r, b, rtol=_rtol(torch.bfloat16), name=name)
 
 
 def test_compile_fullgraph_traces_the_op():

@@ -23,8 +23,9 @@ from fastenc.models import (
     pool,
     sinusoidal_positions,
 )
+from fastenc import backends
 from fastenc.testing import assert_close, assert_parity
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, assert_auto_kernels, assert_grads_parity
 
 VOCAB = 53
 
@@ -88,20 +89,22 @@ def test_encoder_model_parity(case):
     fast_model = model.to(dtype)
     ids, mask, types = ragged_batch()
     keep = mask.bool()
-    out = fast_model(ids, mask, types)
+    with backends.record() as seen:
+        out = fast_model(ids, mask, types)
+    assert_auto_kernels(seen)
     ref_h, ref_p = plain_forward(ref_model, ids, mask, types)
     base_h, base_p = plain_forward(base_model, ids, mask, types)
     assert out.last_hidden_state.shape == (3, 13, case["d_model"]) and out.pooled.shape == (3, case["d_model"])
-    assert_parity(out.last_hidden_state[keep], ref_h[keep], base_h[keep], name="hidden")
-    assert_parity(out.pooled, ref_p, base_p, name="pooled")
+    assert_parity(out.last_hidden_state[keep], ref_h[keep], base_h[keep], name="hidden", scaled=True)
+    assert_parity(out.pooled, ref_p, base_p, name="pooled", scaled=True)
     w = torch.randn_like(ref_p)
     for p in (out.pooled, ref_p, base_p):
         (p.double() * w).sum().backward()
     ref_g = {n: p.grad for n, p in ref_model.named_parameters()}
     base_g = {n: p.grad for n, p in base_model.named_parameters()}
-    for n, p in fast_model.named_parameters():
-        assert p.grad is not None, n
-        assert_parity(p.grad, ref_g[n], base_g[n], name=f"grad {n}")
+    fast_g = {n: p.grad for n, p in fast_model.named_parameters()}
+    assert all(g is not None for g in fast_g.values()) and set(fast_g) == set(ref_g)
+    assert_grads_parity(fast_g, ref_g, base_g)
 
 
 def test_pooling_over_padded_batch():

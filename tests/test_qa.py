@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+from fastenc import backends
 from fastenc.apps import qa, text
+from tests.conftest import ON_GPU, assert_auto_kernels
 
 
 def test_qa_dataset_and_split():
@@ -54,6 +56,8 @@ def test_qa_smoke_learns(monkeypatch):
     raise F1 above the untrained head's."""
     _minilm_tokenizer()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    row = qa.run(epochs=1, train_size=48, batch_size=16, lr=5e-4, progress=False)
+    with backends.record() as seen:
+        row = qa.run(epochs=1, train_size=48, batch_size=16, lr=5e-4, progress=False)
+    assert_auto_kernels(seen, must_run=("attention", "layer_norm", "ffn", "linear") + (() if ON_GPU else ("encoder",)))
     assert row["train_questions"] == 48 and row["held_out_questions"] == 40
     assert row["loss"] < row["loss_initial"] and row["f1"] > row["f1_initial"], row

@@ -3,7 +3,9 @@ import random
 
 import pytest
 
+from fastenc import backends
 from fastenc.apps import translate
+from tests.conftest import assert_auto_kernels
 
 
 def test_grammar_rules():
@@ -35,7 +37,9 @@ def test_bleu():
 def test_translate_smoke_learns():
     """CI's reduced run of examples/translate.py: loss falls, teacher-forced token accuracy far above chance
     (1 in ~60 words), and greedy decoding returns sentences of the target vocabulary."""
-    row = translate.run(steps=200, d_model=64, num_layers=1, train_pairs=2000, test_pairs=64, progress=False)
+    with backends.record() as seen:
+        row = translate.run(steps=200, d_model=64, num_layers=1, train_pairs=2000, test_pairs=64, progress=False)
+    assert_auto_kernels(seen, must_run=("attention", "layer_norm", "ffn", "linear"))
     assert row["loss"] < 0.6 * row["loss_initial"] and row["token_accuracy"] > 0.3, row
     tgt = set(translate.vocabularies()[1].words)
     assert all(set(s["greedy"].split()) <= tgt for s in row["samples"])

@@ -159,7 +159,12 @@ def _ln_fwd_kernel(
     s = _residual_sum(X, BRANCH, BRANCH_BIAS, rows, cols, mask, keep, N, INNER, stride_x_outer, stride_x_inner,
                       stride_br_outer, stride_br_inner, dropout_scale, HAS_BRANCH, HAS_BRANCH_BIAS, HAS_DROPOUT)
     if STORE_RESID:
-        tl.store((RESID + rows64 * N)[:, None] + cols[None, :], s.to(RESID.dtype.element_ty), mask=mask)
+        # The backward reads s back from RESID: normalise s as stored there (rounded to its dtype), so that its
+        # xhat = (s - mean) * rstd is the forward's (with fp16 rows of one column, the fp32 sum against the
+        # rounded one had made xhat ~0.3 instead of 0, and dx wrong by rstd times that).
+        s = s.to(RESID.dtype.element_ty)
+        tl.store((RESID + rows64 * N)[:, None] + cols[None, :], s, mask=mask)
+        s = s.to(tl.float32)
 
     # Shift by the row's first element, then two-pass centred statistics.
     shift = tl.sum(tl.where(cols[None, :] == 0, s, 0.0), axis=1)

@@ -83,6 +83,15 @@ T* row_mut(const at::Tensor& t) {
 }
 int64_t row_stride(const at::Tensor& t) { return t.defined() ? t.stride(0) : 0; }
 
+// s = x + h · keep (keep: the row's dropout factors at this column, or null), rounded to T: the one expression
+// of the forward and of the backward's recompute, with an explicit fma so that both round alike (two copies of
+// h * keep then + x had not: post-norm with dropout recomputed s 1 ulp off, which rstd multiplies into xhat;
+// rows of one column got dx = 1e-4 instead of 0).
+template <typename T>
+Vec residual_sum(const Vec& x, const Vec& h, const float* keep, int64_t n) {
+  return cpu::round_to<T>(keep ? at::vec::fmadd(h, Vec::loadu(keep, n), x) : x + h);
+}
+
 template <typename T>
 void fwd_impl(const at::Tensor& x, const at::Tensor& branch, const float* w, const float* b, const float* bb,
               float eps, const DropoutParams& dp, const at::Tensor& y, const at::Tensor& s, float* mean,
@@ -106,11 +115,7 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& branch, const float* w, con
       for (int64_t c = 0; c < N; c += kW) {
         const int64_t n = std::min(kW, N - c);
         Vec v = load_f32(xr + c, n);
-        if (br) {
-          Vec h = load_f32(br + c, n) + Vec::loadu(bb + c, n);
-          if (drop) h = h * Vec::loadu(keep.data() + c, n);
-          v = cpu::round_to<T>(v + h);
-        }
+        if (br) v = residual_sum<T>(v, load_f32(br + c, n) + Vec::loadu(bb + c, n), drop ? keep.data() + c : nullptr, n);
         if (sr) store_f32(v, sr + c, n);
         v.store(buf.data() + c);
         if (c == 0) k = Vec(buf[0]);
@@ -180,9 +185,8 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& dresid, const at::Tensor& 
           } else {
             s = load_f32(xp + r * sx + c, n);
             if (bp) {
-              Vec h = load_f32(bp + r * sb + c, n) + Vec::loadu(bb + c, n);
-              if (drop) h = h * Vec::loadu(keep.data() + c, n);
-              s = cpu::round_to<T>(s + h);
+              s = residual_sum<T>(s, load_f32(bp + r * sb + c, n) + Vec::loadu(bb + c, n),
+                                  drop ? keep.data() + c : nullptr, n);
             }
           }
           const Vec xhat = (s - mu) * rs;
