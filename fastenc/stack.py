@@ -315,7 +315,11 @@ def run(layers: Sequence[StackLayer], x: Tensor, *, setting: Optional[BackendSet
     _RAN = True
     if quantize not in QUANTIZE:
         raise ValueError(f"fastenc: quantize must be one of {QUANTIZE}, got {quantize!r}")
-    cache = cache if cache is not None else WeightCache()
+    compiling = torch.compiler.is_compiling()  # traced code keeps no state: no cache, no recorded decision
+    if compiling and quantize == "int8":
+        raise RuntimeError("fastenc: an int8-quantized model cannot be traced by torch.compile (its weights are "
+                           "quantized once, outside the graph); run it eagerly")
+    cache = cache if (cache is not None or compiling) else WeightCache()
     recording = _RECORDING.get()
     record = None
     if recording is not None:
@@ -339,7 +343,8 @@ def run(layers: Sequence[StackLayer], x: Tensor, *, setting: Optional[BackendSet
     else:
         fused, why = _decide(layers, x, setting, packable=packable, training=training,
                              per_layer_outputs=hidden_states or ckpt is not None)
-    cache.last_decision = ("fused" if fused else "per-op", why)
+    if cache is not None:
+        cache.last_decision = ("fused" if fused else "per-op", why)
     info = packed
     if packed is None:
         info = padding_plan(True if fused and key_padding_mask is not None else unpad_, attn_mask, key_padding_mask)

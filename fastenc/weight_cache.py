@@ -81,8 +81,11 @@ class WeightCache:
         return (WeightCache, ())
 
 
-def cache_of(module: torch.nn.Module) -> WeightCache:
-    """The module's cache (created on first use; kept out of ``state_dict``, parameters and buffers)."""
+def cache_of(module: torch.nn.Module) -> Optional[WeightCache]:
+    """The module's cache (created on first use; kept out of ``state_dict``, parameters and buffers); None while
+    torch.compile traces (the traced per-op path keeps no derived weights, and a lock cannot be traced)."""
+    if torch.compiler.is_compiling():
+        return None
     cache = module.__dict__.get("_weight_cache")
     if cache is None:
         cache = module.__dict__["_weight_cache"] = WeightCache()

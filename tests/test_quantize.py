@@ -141,3 +141,11 @@ def test_calibration_records_each_int8_gemm_input_range():
     assert not torch.allclose(smoothed, plain)
     with pytest.raises(ValueError, match="calibration must be 'random'"):
         fastenc.quantize(model, calibration="real")
+
+
+def test_int8_refuses_torch_compile():
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    fast = fastenc.optimize(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval(), quantize="int8")
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(Exception, match="cannot be traced by torch.compile"):
+        torch.compile(fast, backend="eager", fullgraph=True)(torch.randn(2, 9, 32))
