@@ -55,16 +55,17 @@ _FUSED_OPS = ("attention", "layer_norm", "ffn", "linear", "linear_int8")
 
 # A process forked after OpenMP's thread pool started (GNU libgomp, PyTorch's CPU threads) hangs in its first
 # parallel region: PyTorch's DataLoader runs its workers on one thread for this reason.  Once a stack has run
-# here, a forked child does the same (it can raise the count again if it knows its parent never ran OpenMP).
+# here, a forked child does the same (it can raise the count again if it knows its parent never ran OpenMP), and
+# says so when it first runs a stack (children that never do, say a compiler's worker pool, stay quiet).
 _RAN = False
+_FORKED = False
 
 
 def _after_fork_in_child() -> None:
+    global _FORKED
     if _RAN and torch.get_num_threads() > 1:
         torch.set_num_threads(1)
-        warn_once("fastenc: this process was forked after fastenc ran (OpenMP's thread pool is not usable after a "
-                  "fork): torch.set_num_threads(1) in the child, as PyTorch's DataLoader workers do; use the "
-                  "'spawn' or 'forkserver' start method for multi-threaded children")
+        _FORKED = True
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -313,6 +314,10 @@ def run(layers: Sequence[StackLayer], x: Tensor, *, setting: Optional[BackendSet
     """
     global _RAN
     _RAN = True
+    if _FORKED:
+        warn_once("fastenc: this process was forked after fastenc ran (OpenMP's thread pool is not usable after a "
+                  "fork): it runs on one thread (torch.set_num_threads(1)), as PyTorch's DataLoader workers do; use "
+                  "the 'spawn' or 'forkserver' start method for multi-threaded children")
     if quantize not in QUANTIZE:
         raise ValueError(f"fastenc: quantize must be one of {QUANTIZE}, got {quantize!r}")
     compiling = torch.compiler.is_compiling()  # traced code keeps no state: no cache, no recorded decision

@@ -1,6 +1,6 @@
 """The few-row CPU GEMM (csrc/linear/panel_gemm.cpp) against torch's GEMM: the parity rule against fp64, odd
-shapes (one row, one column, panel edges, odd k), bias and residual, fp32 and bf16; and its use in the fused
-stack for a single request's tokens."""
+shapes (one row, one column, panel edges, odd k), bias and residual, fp32 and bf16.  Its use in the fused stack
+(up to 128 tokens) is checked by tests/test_encoder.py's small stacks (53 tokens)."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -25,9 +25,10 @@
 namespace fastenc::cpu {
 namespace {
 
-// Rows up to which the panel GEMM (linear/panel_gemm.h) beats oneDNN's inner product (a single request's
-// tokens); measured with scripts/cpu_gemm_bench.py, see benchmarks/README.md "CPU GEMMs".
-constexpr int64_t kPanelMaxRows = 64;
+// Rows up to which the panel GEMM (linear/panel_gemm.h) beats oneDNN's inner product on prepacked weights
+// (a single request's tokens, small batches): at 32, 64 and 128 rows on 15 of 16 encoder shapes in fp32 and
+// all 16 in bf16, level at 4096 (scripts/cpu_gemm_bench.py, benchmarks/README.md "CPU GEMMs").
+constexpr int64_t kPanelMaxRows = 128;
 
 // act(a Wᵀ + bias) (+ add); act and add exclude each other.  An int8 GEMM quantizes a per row first.
 at::Tensor linear(const at::Tensor& a, const EncoderLinear& lin, std::optional<Act> act, const at::Tensor& add) {

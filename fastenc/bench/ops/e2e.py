@@ -12,8 +12,9 @@ One random model per size (seeded), the same weights for every provider
 * ``fastenc``: ``fastenc.optimize(copy of the model)``, ``auto`` backends (named in the row): the
   yardstick of the summary;
 * ``fastenc-bf16``: the same on the model in bf16 (fp32 rows, inference);
-* ``fastenc-int8``: ``fastenc.optimize(copy, quantize="int8")`` (fp32 rows, inference), where this
-  fastenc has it;
+* ``fastenc-int8``: ``fastenc.optimize(copy, quantize="int8")`` (fp32 rows, inference): the int8 GEMMs, and
+  the rest (FFN2, attention, LayerNorm) in bf16 on the model in bf16 where the CPU has AVX512-BF16 (what the
+  README's int8 section recommends for speed), else in fp32;
 * ``hf-sdpa``: the model as it is (``attn_implementation="sdpa"``);
 * ``torch-fastpath``: HF's embeddings, then ``nn.TransformerEncoder`` holding the same weights
   (mapped by fastenc's own HF adapter: ``fastenc.to_torch`` of the optimized layers) in eval +
@@ -42,7 +43,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .. import peers
+from .. import env, peers
 from .. import registry as R
 from ..model_workload import Goal, ModelSpec, ModelSuite, embed, mean_pool, quiet_transformers, transformers
 from ..registry import Impl, Provider, Unavailable
@@ -146,10 +147,11 @@ def _fastenc_int8(w: Workload) -> Impl:
     spec = _lowp_inference(w, "fastenc-int8")
     if "quantize" not in inspect.signature(fastenc.optimize).parameters:
         raise Unavailable("fastenc.optimize() takes no quantize= argument here (issue #23's int8 path not built)")
-    note = BERT.auto_backends(spec, w, torch.float32)
-    model = BERT.fastenc_model(spec, w, torch.float32, quantize="int8")
+    dtype = torch.bfloat16 if "AVX512_BF16" in env.cpu_info()["cpu_isa"].split() else torch.float32
+    note = BERT.auto_backends(spec, w, dtype)
+    model = BERT.fastenc_model(spec, w, dtype, quantize="int8")
     return Impl(lambda i: embed(model, i), inference_only=True, precision="int8",
-                note=f"fastenc.optimize(quantize='int8'); {note}")
+                note=f"fastenc.optimize(model in {str(dtype)[6:]}, quantize='int8'); {note}")
 
 
 def torch_encoder(bert: nn.Module, *, nested: bool) -> nn.TransformerEncoder:
