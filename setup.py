@@ -9,7 +9,9 @@ Environment variables (the README's "Build options"):
   FASTENC_FORCE_CPU=1        build fastenc._C without its CUDA part even when nvcc is found
   FASTENC_CUDA_ARCHS="80;90a" CUDA architectures to compile (default sm_80 and sm_90a); the
                              CUTLASS sm90 FFN kernels are built only when 90a is listed
-  FASTENC_CPU_ISA=auto       x86 ISA of the CPU kernels: auto (the build machine's best), avx512, avx2, default
+  FASTENC_CPU_CAPABILITIES="avx2;avx512;avx512_bf16;amx"  the x86 capabilities the CPU kernels are compiled for (the
+                             default; "default" elsewhere), one object each, chosen at run time (build_tools/cpu_kernels.py;
+                             the run-time cap: FASTENC_CPU_CAPABILITY)
   FASTENC_CUTLASS_DIR=...    CUTLASS checkout (its include/ and tools/util/include/); default:
                              the headers of the ``nvidia-cutlass`` wheel (cutlass_library)
   FASTENC_NO_CUTLASS=1       build without the CUTLASS kernels (the FFN uses cuBLASLt / unfused)
@@ -19,7 +21,8 @@ Environment variables (the README's "Build options"):
   MAX_JOBS                   parallel compile jobs (default: cores, capped by memory)
 
 Objects live in build/ext-<python>-<torch>/ (ignored), so ninja recompiles only what changed (a header, a flag)
-and the CUTLASS objects are cached there with their stamps (build_tools/cutlass_objects.py).
+and the CUTLASS objects are cached there with their stamps (build_tools/cutlass_objects.py), the CPU kernel objects
+in cpu_kernels/<capability>/.  Without a CUDA toolkit (and without a GPU) the build is CPU-only and says so.
 """
 from __future__ import annotations
 
@@ -35,10 +38,10 @@ if int(setuptools.__version__.split(".")[0]) < 77:  # else an obscure error from
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)  # setuptools' PEP 517 backend runs this file without its folder on sys.path
 
-from build_tools import constants_header  # noqa: E402
+from build_tools import constants_header, cpu_kernels  # noqa: E402
 from build_tools import cutlass_objects as cutlass  # noqa: E402
 from build_tools.toolchain import (  # noqa: E402
-    cpu_isa_flags, cublas_paths, cuda_arch_flags, cuda_archs, cuda_runtime_include, default_max_jobs, env_flag,
+    cublas_paths, cuda_arch_flags, cuda_archs, cuda_runtime_include, default_max_jobs, env_flag,
 )
 
 # The package layout lives here, not in pyproject.toml: the Triton kernels of the top-level triton_kernels/
@@ -53,11 +56,14 @@ def build_temp_dir(torch_version: str) -> str:
     return os.path.join(ROOT, "build", f"ext-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch_version}")
 
 
-def _build_ext_class(BuildExtension, nvcc: str, cutlass_plan):
+def _build_ext_class(BuildExtension, nvcc: str, cutlass_plan, kernel_plan):
     """BuildExtension (ninja) compiling in build_temp_dir(), with fastenc_constants.h generated under it (generated/,
     from fastenc/constants.py), after the CUTLASS objects (cached with their stamps under it in cutlass_sm90/),
-    which it links with the prebuilt ones."""
+    which it links with the prebuilt ones; and the CPU kernel objects, one per (kernel file, capability) in
+    kernel_plan, compiled under it in cpu_kernels/ with the extension's own flags (build_tools/cpu_kernels.py) and
+    linked after the extension's objects."""
     import torch
+    from torch.utils.cpp_extension import get_cxx_compiler
 
     class BuildExt(BuildExtension.with_options(use_ninja=True)):
         def build_extensions(self):
@@ -77,11 +83,23 @@ def _build_ext_class(BuildExtension, nvcc: str, cutlass_plan):
                     ext.extra_objects = list(ext.extra_objects or []) + objs
             super().build_extensions()
 
+        def build_extension(self, ext):
+            # Called by BuildExtension after it added its flags to ext: the kernel objects get the same ones.
+            cxx_args = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+            includes = [f"-I{d}" for d in list(ext.include_dirs) + list(self.compiler.include_dirs)]
+            objs = cpu_kernels.build_objects(os.path.join(os.path.abspath(self.build_temp), "cpu_kernels"), kernel_plan,
+                                             get_cxx_compiler(), self.compiler.compiler_so[1:] + includes, cxx_args,
+                                             int(os.environ["MAX_JOBS"]), ROOT)
+            ext.extra_objects = list(ext.extra_objects or []) + objs
+            super().build_extension(ext)
+
     return BuildExt
 
 
 def _ext_modules():
-    cpp_sources = sorted(s for s in glob.glob("csrc/**/*.cpp", recursive=True) if "/cuda/" not in s)
+    # Baseline sources (compiled once, no -m flags) and the CPU kernel files (compiled per capability).
+    cpp_sources = sorted(s for s in glob.glob("csrc/**/*.cpp", recursive=True)
+                         if "/cuda/" not in s and s not in cpu_kernels.KERNEL_SOURCES)
     if env_flag("FASTENC_SKIP_NATIVE") or not cpp_sources:
         return [], {}
     import torch
@@ -97,12 +115,19 @@ def _ext_modules():
     cutlass_cu = {os.path.relpath(s, ROOT) for s in cutlass.cutlass_sources()}
     cu_sources = [s for s in sorted(glob.glob("csrc/**/*.cu", recursive=True)) if s not in cutlass_cu]
     # -fopenmp: at::parallel_for only runs in parallel under _OPENMP; libgomp.so.1 resolves to the one torch loaded.
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"] + cpu_isa_flags()
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    kernel_plan = cpu_kernels.plan(cpu_kernels.build_capabilities(log=print))
     use_cuda = not env_flag("FASTENC_FORCE_CPU") and torch.version.cuda is not None and CUDA_HOME is not None
     if not (use_cuda and cu_sources):
+        if not env_flag("FASTENC_FORCE_CPU"):
+            gpu = torch.cuda.is_available()
+            why = ("this torch has no CUDA" if torch.version.cuda is None else
+                   f"no CUDA toolkit (nvcc) found{', although a GPU is present' if gpu else ''}: set CUDA_HOME to "
+                   "build the CUDA kernels")
+            print(f"fastenc: building fastenc._C without its CUDA part ({why})", flush=True)
         ext = CppExtension("fastenc._C", cpp_sources, include_dirs=[os.path.join(ROOT, "csrc")],
                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
-        return [ext], {"build_ext": _build_ext_class(BuildExtension, "", None)}
+        return [ext], {"build_ext": _build_ext_class(BuildExtension, "", None, kernel_plan)}
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
     rel, _ = cutlass.nvcc_release(nvcc)
     if rel.split(".")[0] != torch.version.cuda.split(".")[0]:
@@ -129,7 +154,7 @@ def _ext_modules():
         # cuBLASLt by file: torch's wheels ship only the versioned libcublasLt.so.N.
         extra_link_args=[cublaslt_lib, "-Wl,-rpath," + os.path.dirname(cublaslt_lib), "-fopenmp"],
     )
-    return [ext], {"build_ext": _build_ext_class(BuildExtension, nvcc, cutlass_plan)}
+    return [ext], {"build_ext": _build_ext_class(BuildExtension, nvcc, cutlass_plan, kernel_plan)}
 
 
 if __name__ == "__main__":  # pip and `python setup.py` run this file as __main__

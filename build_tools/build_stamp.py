@@ -5,7 +5,7 @@
 
 The inputs: every file under csrc/ and build_tools/, setup.py, pyproject.toml, fastenc/constants.py (the source of
 the generated fastenc_constants.h), requirements/; the build's
-environment variables (toolchain.BUILD_ENV) and the CPU flags they resolve to on this machine; the Python
+environment variables (toolchain.BUILD_ENV) and the CPU capabilities they resolve to with this compiler; the Python
 interpreter; the versions of torch, setuptools, pybind11 and the nvidia-* wheels (cuBLAS, CUTLASS); nvcc and the
 C++ compiler (their --version); the prebuilt CUTLASS stamps.  The outputs: the fastenc distribution installed in
 this interpreter (editable, from this folder) and the sha256 of each fastenc/_C*.so.  `check` compares both and, on
@@ -23,7 +23,8 @@ import subprocess
 import sys
 
 from .cutlass_objects import ROOT, sha256_file
-from .toolchain import BUILD_ENV, cpu_isa_flags
+from .cpu_kernels import build_capabilities
+from .toolchain import BUILD_ENV
 
 INPUT_FILES = ("setup.py", "pyproject.toml", "fastenc/constants.py")
 INPUT_DIRS = ("csrc", "build_tools", "requirements")
@@ -62,9 +63,9 @@ def _nvcc():
 
 def inputs(root: str = ROOT) -> dict:
     try:
-        isa = cpu_isa_flags()
-    except RuntimeError as e:  # a bad FASTENC_CPU_ISA: the build reports it
-        isa = [str(e)]
+        caps = build_capabilities()
+    except RuntimeError as e:  # a bad FASTENC_CPU_CAPABILITIES: the build reports it
+        caps = [str(e)]
     packages = {}
     for dist in importlib.metadata.distributions():
         name = (dist.metadata["Name"] or "").lower()
@@ -73,7 +74,7 @@ def inputs(root: str = ROOT) -> dict:
     prebuilt = os.environ.get("FASTENC_CUTLASS_PREBUILT")
     stamps = sorted(glob.glob(os.path.join(prebuilt, "*.stamp.json"))) if prebuilt else []
     return {"root": root, "files": _files(root), "env": {k: os.environ.get(k) for k in BUILD_ENV},
-            "cpu_isa_flags": isa, "python": [sys.executable, sys.version], "packages": dict(sorted(packages.items())),
+            "cpu_capabilities": caps, "python": [sys.executable, sys.version], "packages": dict(sorted(packages.items())),
             "nvcc": _nvcc(), "cxx": _version_of(os.environ.get("CXX", "c++")),
             "cutlass_prebuilt": {os.path.basename(s): sha256_file(s) for s in stamps}}
 

@@ -7,41 +7,13 @@ import re
 
 # Every environment variable that changes what the build makes: ours, where torch finds CUDA, and the compiler's
 # own (MAX_JOBS only changes how fast). The rebuild stamp (build_stamp.py) records their values.
-BUILD_ENV = ("FASTENC_SKIP_NATIVE", "FASTENC_FORCE_CPU", "FASTENC_CUDA_ARCHS", "FASTENC_CPU_ISA", "FASTENC_NO_CUTLASS",
+BUILD_ENV = ("FASTENC_SKIP_NATIVE", "FASTENC_FORCE_CPU", "FASTENC_CUDA_ARCHS", "FASTENC_CPU_CAPABILITIES", "FASTENC_NO_CUTLASS",
              "FASTENC_CUTLASS_DIR", "FASTENC_CUTLASS_PREBUILT", "CUDA_HOME", "CUDA_PATH", "CC", "CXX", "CFLAGS",
              "CPPFLAGS", "CXXFLAGS", "LDFLAGS")
 
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
-
-
-# CPU kernels (csrc/cpu/) use ATen's at::vec types, whose width is fixed at compile time by these macros
-# (as torch.compile's C++ code does): FASTENC_CPU_ISA=avx512|avx2|default|auto (auto: the build machine's best).
-_CPU_ISAS = {
-    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"], "AVX512"),
-    "avx2": (["-mavx2", "-mfma", "-mf16c"], "AVX2"),
-    "default": ([], None),
-}
-
-
-def cpu_isa_flags():
-    isa = os.environ.get("FASTENC_CPU_ISA", "auto").lower()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            have = set(f.read().split())
-    except OSError:
-        have = set()
-    if isa == "auto":
-        isa = ("avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= have
-               else "avx2" if {"avx2", "fma", "f16c"} <= have else "default")
-    if isa not in _CPU_ISAS:
-        raise RuntimeError(f"FASTENC_CPU_ISA={isa!r}: expected one of auto, {', '.join(_CPU_ISAS)}")
-    flags, cap = _CPU_ISAS[isa]
-    flags = list(flags) + ([f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"] if cap else [])
-    if isa == "avx512" and "avx512_bf16" in have:  # dot products on bf16 pairs (vdpbf16ps)
-        flags += ["-mavx512bf16", "-DFASTENC_AVX512BF16"]
-    return flags + [f"-DFASTENC_CPU_ISA={isa}"]
 
 
 def cuda_archs():

@@ -260,6 +260,8 @@ def backend_report(device: Optional[str] = None, dtype: torch.dtype = torch.floa
     if dev.type == "cpu" and dtype == torch.float16:
         dtype = torch.float32  # CPU encoders run fp32 (bf16 opt-in)
     lines = [f"fastenc backends for device={dev}, dtype={str(dtype).replace('torch.', '')}, head_dim={head_dim}"]
+    if dev.type == "cpu":
+        lines.append("  " + cpu_kernels_summary())
     for op, spec in _OPS.items():
         shape = spec.example(head_dim)
         try:
@@ -317,9 +319,6 @@ def extension():
     return _C
 
 
-_ISA_RANK = {"default": 0, "avx2": 1, "avx512": 2}
-
-
 def cpu_check(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """Can the extension's C++ CPU kernels run on this device/dtype?"""
     if device.type != "cpu":
@@ -334,9 +333,24 @@ def _cpu_check(dtype: torch.dtype) -> Optional[str]:
         return "the fastenc._C extension is not built (pip install without FASTENC_SKIP_NATIVE)"
     if str(dtype).replace("torch.", "") not in constants.KERNEL_DTYPES:
         return f"dtype {dtype} is not one of {', '.join(constants.KERNEL_DTYPES)}"
-    built = ext.cpu_isa()
-    here = "avx512" if torch.cpu._is_avx512_supported() else "avx2" if torch.cpu._is_avx2_supported() else "default"
-    if _ISA_RANK.get(built, 0) > _ISA_RANK[here]:
-        return (f"fastenc._C's CPU kernels were compiled for {built}, which this CPU lacks (rebuild with "
-                f"FASTENC_CPU_ISA={here})")
+    # Run-time dispatch (csrc/common/cpu_kernels.h): each kernel runs its variant for the highest instruction set
+    # this CPU has and FASTENC_CPU_CAPABILITY allows (a bad value is a ValueError naming it).
+    report = ext.cpu_capability()
+    missing = sorted(name for name, k in report["kernels"].items() if k["runs"] is None)
+    if missing:
+        built = sorted({c for k in report["kernels"].values() for c in k["compiled"]},
+                       key=("default", "avx2", "avx512", "avx512_bf16", "amx").index)
+        return (f"fastenc._C has no CPU kernels for the instruction set {report['selected']} (this CPU: "
+                f"{report['cpu']}, FASTENC_CPU_CAPABILITY: {report['limit'] or 'unset'}; built for {', '.join(built)})")
     return None
+
+
+def cpu_kernels_summary() -> str:
+    """One line: the instruction set the C++ CPU kernels run at, why, and each kernel's variant."""
+    ext = extension()
+    if ext is None:
+        return "CPU kernels: the fastenc._C extension is not built"
+    r = ext.cpu_capability()
+    runs = ", ".join(f"{name} {k['runs'] or 'none'}" for name, k in r["kernels"].items())
+    return (f"CPU kernels: {r['selected']} (this CPU: {r['cpu']}; FASTENC_CPU_CAPABILITY: {r['limit'] or 'unset'}): "
+            f"{runs}")

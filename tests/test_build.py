@@ -1,7 +1,9 @@
 """Build health of fastenc._C: CUDA code for every requested arch, no register spills in the
-handwritten kernels (the built .so read with cuobjdump, no GPU needed), one OpenMP runtime.  Also the
-stamps that keep a stale prebuilt CUTLASS object from being linked (build_tools/cutlass_objects.py, no
-nvcc run), the rebuild stamp of scripts/run.sh, the wheel's contents and the linter.
+handwritten kernels (the built .so read with cuobjdump, no GPU needed), one OpenMP runtime, no vector
+instruction outside the CPU kernels compiled for it (the .so disassembled).  Also the plan of the CPU kernel
+objects (build_tools/cpu_kernels.py), the stamps that keep a stale prebuilt CUTLASS object from being linked
+(build_tools/cutlass_objects.py, no nvcc run), the rebuild stamp of scripts/run.sh, the wheel's contents and
+the linter.
 
 The .so tests skip only when the extension was deliberately built without CUDA
 (FASTENC_SKIP_NATIVE=1 or FASTENC_FORCE_CPU=1 in the environment); CI builds with CUDA.
@@ -20,7 +22,7 @@ from fastenc.backends import extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # build_tools/ is not installed
-from build_tools import build_stamp, toolchain  # noqa: E402
+from build_tools import build_stamp, cpu_kernels, toolchain  # noqa: E402
 from build_tools import cutlass_objects as co  # noqa: E402
 _FLAGS = [v for v in ("FASTENC_SKIP_NATIVE", "FASTENC_FORCE_CPU")
           if os.environ.get(v, "0").lower() in ("1", "true", "yes", "on")]
@@ -339,6 +341,97 @@ def test_parallel_for_splits_work_across_threads(omp_probe):
     assert busy[1] >= 0.25 * sum(busy), f"per-thread CPU ticks {busy}: at::parallel_for ran on one thread"
 
 
+# ---------------------------------------------------------------- CPU kernels per capability
+def test_kernel_plan_clamps_each_file_to_its_range():
+    sources = {"a.cpp": ("default", "avx512"), "b.cpp": ("avx2", "avx512_bf16"), "c.cpp": ("avx512_bf16", "amx")}
+    caps = ["avx2", "avx512", "avx512_bf16", "amx"]
+    assert cpu_kernels.plan(caps, sources) == [
+        ("a.cpp", "avx2"), ("b.cpp", "avx2"), ("a.cpp", "avx512"), ("b.cpp", "avx512"), ("b.cpp", "avx512_bf16"),
+        ("c.cpp", "avx512_bf16"), ("c.cpp", "amx")]  # lowest capability first: the link order
+    assert cpu_kernels.plan(["avx512_bf16"], sources) == [("a.cpp", "avx512"), ("b.cpp", "avx512_bf16"),
+                                                           ("c.cpp", "avx512_bf16")]
+    assert cpu_kernels.plan(["default"], sources) == [("a.cpp", "default")]
+
+
+def test_capability_flags_are_cumulative():
+    flags = cpu_kernels.capability_flags("avx512_bf16")
+    assert {"-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
+            "-mavx512vnni"} <= set(flags)
+    assert {"-DCPU_CAPABILITY=AVX512_BF16", "-DCPU_CAPABILITY_AVX512", "-DFASTENC_CPU_AVX2", "-DFASTENC_CPU_AVX512",
+            "-DFASTENC_CPU_AVX512_BF16"} <= set(flags) and "-DFASTENC_CPU_AMX" not in flags
+    assert cpu_kernels.capability_flags("default") == ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+
+
+def test_build_capabilities_checks_the_request_and_the_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTENC_CPU_CAPABILITIES", "avx512; avx2,avx3")
+    with pytest.raises(RuntimeError, match=r"FASTENC_CPU_CAPABILITIES=.*avx3.*expected"):
+        cpu_kernels.requested_capabilities()
+    monkeypatch.setenv("FASTENC_CPU_CAPABILITIES", "amx;avx2")
+    assert cpu_kernels.requested_capabilities() == ["avx2", "amx"]
+    fake = tmp_path / "cxx"  # a compiler without AMX flags
+    fake.write_text('#!/bin/sh\ncase "$*" in *-mamx*) exit 1 ;; esac\nexit 0\n')
+    fake.chmod(0o755)
+    said = []
+    assert cpu_kernels.build_capabilities(str(fake), log=said.append) == ["avx2"]
+    assert said and "amx" in said[0]
+
+
+def _functions(so: str):
+    """{mangled name: (binding, ISA level of its instructions)} of the .so's functions: 0 baseline x86-64, 1 AVX
+    (VEX encoding, ymm), 2 AVX-512 (zmm, opmask, xmm/ymm 16-31); binding from nm: T global, W/V weak, t local."""
+    nm = subprocess.run(["nm", "--defined-only", so], check=True, capture_output=True, text=True).stdout
+    binding = {parts[2]: parts[1] for parts in (line.split() for line in nm.splitlines()) if len(parts) == 3}
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-j", ".text", so], check=True, capture_output=True,
+                         text=True).stdout
+    avx512 = re.compile(r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2\d|3[01])\b|\{1to\d+\}")
+    out, fn = {}, None
+    for line in asm.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            fn = m.group(1)
+            out[fn] = (binding.get(fn, "?"), 0)
+            continue
+        if fn is None or "\t" not in line:
+            continue
+        insn = line.split("\t", 1)[1].strip()
+        level = 2 if avx512.search(insn) else 1 if insn.startswith("v") or "%ymm" in insn else 0
+        if level > out[fn][1]:
+            out[fn] = (out[fn][0], level)
+    return out
+
+
+def test_no_vector_instruction_outside_its_kernels():
+    """The baseline code must run on any x86-64 and each kernel only on a CPU of its capability.  Functions in a
+    capability namespace (fastenc::cpu::<NAME>, at::vec::<NAME>) may use its instructions.  A strong global
+    function outside them comes from a baseline source (a kernel file defines everything in its namespace): no
+    AVX at all.  A weak one (an inline function or template instance, one copy kept by the linker) or a local
+    clone may come from a kernel object: the baseline and kernel objects are linked in that order, lowest
+    capability first, and the linker keeps the first copy, so a copy with wider instructions than the baseline is
+    one that no baseline source instantiates, called by kernels only: at most the lowest compiled capability's
+    instructions (here AVX for avx2).  An AVX-512 instruction in an AVX2 kernel or in such a copy means a kernel
+    of a higher capability won the link, and an AVX2 CPU would fault on it."""
+    ext = extension()
+    if ext is None:
+        pytest.skip("fastenc._C is not built")
+    if cpu_kernels.platform.machine() != "x86_64" or not (shutil.which("objdump") and shutil.which("nm")):
+        pytest.skip("needs an x86-64 extension, objdump and nm")
+    caps = cpu_kernels.CAPABILITIES
+    lowest = min((c for k in ext.cpu_capability()["kernels"].values() for c in k["compiled"]), key=caps.index)
+    isa = {"default": 0, "avx2": 1}.get(lowest, 2)  # the ISA level its objects may use
+    # A capability's namespace in a mangled name: <length><NAME> (4AVX2, 11AVX512_BF16).
+    names = [re.compile(rf"(?<![0-9]){len(n)}{n}(?![a-z])") for n in (c.upper() for c in caps)]
+    bad, seen = {}, set()
+    for fn, (bind, level) in _functions(ext.__file__).items():
+        cap = max((i for i, n in enumerate(names) if n.search(fn)), default=-1)
+        seen.add(cap)
+        allowed = {-1: 0 if bind == "T" else isa, 0: 0, 1: 1}.get(cap, 2)
+        if level > allowed:
+            bad[fn] = (bind, level)
+    assert {-1, 1} <= seen, f"no baseline or no avx2 functions found: {sorted(seen)}"
+    assert not bad, f"{len(bad)} functions use wider instructions than they may: " + "; ".join(
+        f"{f[:160]} ({b}, level {lv})" for f, (b, lv) in list(bad.items())[:8])
+
+
 # ---------------------------------------------------------------- rebuild stamp (scripts/run.sh)
 @pytest.fixture
 def build_tree(tmp_path):
@@ -359,7 +452,7 @@ def build_tree(tmp_path):
     ("new_source", r"changed: csrc/cpu/new_kernel\.cpp$"),
     ("build_tools", r"changed: build_tools/toolchain\.py$"),
     ("env", r"env changed: .*'FASTENC_FORCE_CPU': '1'"),
-    ("isa", r"env changed: .*'FASTENC_CPU_ISA': 'default'"),
+    ("capabilities", r"env changed: .*'FASTENC_CPU_CAPABILITIES': 'avx2'"),
     ("extension", r"extension changed"),
     ("no_extension", r"extension changed: .* -> \{\}"),
     ("bad_stamp", r"no usable stamp"),
@@ -367,7 +460,7 @@ def build_tree(tmp_path):
 def test_rebuild_stamp_sees_every_change(build_tree, monkeypatch, change, why):
     root, stamp = str(build_tree), str(build_tree / "stamp.json")
     monkeypatch.delenv("FASTENC_FORCE_CPU", raising=False)
-    monkeypatch.delenv("FASTENC_CPU_ISA", raising=False)
+    monkeypatch.delenv("FASTENC_CPU_CAPABILITIES", raising=False)
     assert re.search(r"no usable stamp", build_stamp.check(stamp, root))  # first build
     build_stamp.commit(stamp, root)
     assert build_stamp.check(stamp, root) is None, "an unchanged tree must not rebuild"
@@ -384,8 +477,8 @@ def test_rebuild_stamp_sees_every_change(build_tree, monkeypatch, change, why):
         (build_tree / "build_tools" / "toolchain.py").write_text("# edited\n")
     elif change == "env":
         monkeypatch.setenv("FASTENC_FORCE_CPU", "1")
-    elif change == "isa":
-        monkeypatch.setenv("FASTENC_CPU_ISA", "default")
+    elif change == "capabilities":
+        monkeypatch.setenv("FASTENC_CPU_CAPABILITIES", "avx2")
     elif change == "extension":  # e.g. rebuilt by hand with other flags
         so.write_bytes(b"rebuilt")
     elif change == "no_extension":
@@ -405,7 +498,7 @@ def test_rebuild_stamp_lists_every_build_variable():
     paths = [os.path.join(ROOT, "setup.py")] + glob.glob(os.path.join(ROOT, "build_tools", "*.py"))
     text = "".join(open(p, encoding="utf-8").read() for p in paths)
     read = set(re.findall(r'(?:environ\.get\(|environ\[|environ\.setdefault\(|env_flag\()\s*"(\w+)"', text))
-    assert {"FASTENC_SKIP_NATIVE", "FASTENC_CPU_ISA", "CUDA_HOME"} <= read, read  # the regex still finds them
+    assert {"FASTENC_SKIP_NATIVE", "FASTENC_CPU_CAPABILITIES", "CUDA_HOME"} <= read, read  # the regex finds them
     assert read - {"MAX_JOBS", "PATH"} <= set(toolchain.BUILD_ENV), read - set(toolchain.BUILD_ENV)
 
 

@@ -1,11 +1,15 @@
-// The CPU attention's entry points besides the kernels (attention.h; the kernels: cpu/flash_fwd.cpp and
-// cpu/flash_bwd.cpp): the masks as the kernels read them, and the replay of the dropout mask.
+// The CPU attention's entry points (attention.h), baseline code: the forward and backward of the kernels compiled
+// for the capability in use (cpu/flash_fwd.cpp, cpu/flash_bwd.cpp; common/cpu_kernels.h), the masks as the
+// kernels read them, and the replay of the dropout mask.
 #include <ATen/Parallel.h>
 
 #include "attention/attention.h"
 #include "common/philox.h"
 
 namespace fastenc::cpu {
+
+FASTENC_REGISTER_CPU_KERNELS(AttentionFwdKernels);
+FASTENC_REGISTER_CPU_KERNELS(AttentionBwdKernels);
 
 AttnMask make_mask(const std::optional<at::Tensor>& mask, bool key_padding) {
   AttnMask m;
@@ -21,6 +25,19 @@ AttnMask make_mask(const std::optional<at::Tensor>& mask, bool key_padding) {
     m.sj = mask->stride(3);
   }
   return m;
+}
+
+void attention_forward_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const AttnParams& p,
+                           const at::Tensor& out, const at::Tensor& lse) {
+  cpu_kernels<AttentionFwdKernels>().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, p, out, lse);
+}
+
+void attention_backward_out(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+                            const at::Tensor& cu_seqlens_k, const AttnParams& p, const at::Tensor& dq,
+                            const at::Tensor& dk, const at::Tensor& dv) {
+  cpu_kernels<AttentionBwdKernels>().backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, p, dq, dk, dv);
 }
 
 at::Tensor attention_dropout_mask(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k, double p,

@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <optional>
 
+#include "common/cpu_kernels.h"
+
 namespace fastenc::cpu {
 
 // An optional bool (True = masked) or floating (additive) mask; element (b, h, i, j) at
@@ -77,5 +79,16 @@ void attention_backward_out(const at::Tensor& dout, const at::Tensor& q, const a
 // scaled by 1 / (1 - p).  A pure function of (seed, b, h, i, j): the backward replays it.
 at::Tensor attention_dropout_mask(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k, double p,
                                   uint64_t seed);
+
+// The kernels of cpu/flash_fwd.cpp and cpu/flash_bwd.cpp, one table per capability they are compiled for (the
+// entry points above call the table of the capability in use: common/cpu_kernels.h).
+struct AttentionFwdKernels {
+  decltype(&attention_forward_out) forward;
+};
+struct AttentionBwdKernels {
+  decltype(&attention_backward_out) backward;
+};
+FASTENC_DECLARE_CPU_KERNELS(AttentionFwdKernels)
+FASTENC_DECLARE_CPU_KERNELS(AttentionBwdKernels)
 
 }  // namespace fastenc::cpu

@@ -2,16 +2,20 @@
 // (ffn/cpu/act_dropout.cpp) run the formulas the CUDA kernels run.
 #pragma once
 
+#ifndef CPU_CAPABILITY
+#error "a CPU kernel header: include it only from kernel files (compiled per capability: build_tools/cpu_kernels.py)"
+#endif
+
 #include <ATen/cpu/vec/vec.h>
 
 #include "common/activation.h"
 
 namespace fastenc {
 
-using Vec = at::vec::Vectorized<float>;
-
+// Vectorized<float> of the capability this file is compiled for (at::vec::CPU_CAPABILITY): one specialisation each.
 template <>
-struct Math<Vec> {
+struct Math<at::vec::Vectorized<float>> {
+  using Vec = at::vec::Vectorized<float>;
   static Vec erf(Vec x) { return x.erf(); }
   static Vec exp(Vec x) { return x.exp(); }
   static Vec tanh(Vec x) { return x.tanh(); }

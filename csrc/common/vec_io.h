@@ -1,9 +1,13 @@
 // Row I/O of the CPU kernels: fp32 / fp16 / bf16 elements loaded as, and stored from, fp32
-// at::vec lanes (width fixed at build time by CPU_CAPABILITY), and the dropout
+// at::vec lanes (width fixed by the capability the kernel file is compiled for), and the dropout
 // keep·scale factors of a run of elements drawn with philox.h's scheme (element i uses
 // word i % 4 of philox(seed, i / 4)), 16 Philox calls at a time in AVX-512 builds; and the backward
 // passes' row loop with its bias-gradient reduction.
 #pragma once
+
+#ifndef CPU_CAPABILITY
+#error "a CPU kernel header: include it only from kernel files (compiled per capability: build_tools/cpu_kernels.py)"
+#endif
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -20,7 +24,7 @@
 #include "common/dropout.h"
 #include "common/philox.h"
 
-namespace fastenc::cpu {
+namespace fastenc::cpu::CPU_CAPABILITY {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
@@ -209,4 +213,4 @@ void rows_with_bias_grad(int64_t rows, int64_t cols, int64_t width, const Dropou
   if (db1.defined()) db1.copy_(partial.sum(0));
 }
 
-}  // namespace fastenc::cpu
+}  // namespace fastenc::cpu::CPU_CAPABILITY

@@ -1,6 +1,7 @@
 // Forward and backward of the FFN op on 2-D row-major operands, one driver for the ungated and the gated
 // activations, composed from the GEMM path the dispatch table picked (gemm_paths.cpp) and the elementwise passes
-// (cpu/act_dropout.cpp, cuda/act_fwd.cu, cuda/act_bwd.cu).
+// (cpu/act_dropout.cpp, cuda/act_fwd.cu, cuda/act_bwd.cu); and the CPU passes' entry points, which call the kernels
+// compiled for the capability in use (common/cpu_kernels.h).
 //
 // Forward:  pre = x W1ᵀ + b1;  h = dropout(act(pre));  y = h W2ᵀ + b2 (+ residual).
 // Backward: g = dy W2;  dpre = g · keep/(1-p) · act'(pre);  db1 = Σ_rows dpre;
@@ -25,6 +26,19 @@
 #include "linear/linear.h"
 
 namespace fastenc {
+
+namespace cpu {
+FASTENC_REGISTER_CPU_KERNELS(FfnPassKernels);
+}  // namespace cpu
+
+void act_dropout_cpu(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp) {
+  cpu::cpu_kernels<cpu::FfnPassKernels>().act_dropout(pre, h, act, dp);
+}
+
+void dact_dropout_bgrad_cpu(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre,
+                            const at::Tensor& db1, Act act, const DropoutParams& dp) {
+  cpu::cpu_kernels<cpu::FfnPassKernels>().dact_dropout_bgrad(g, saved, dpre, db1, act, dp);
+}
 
 namespace {
 

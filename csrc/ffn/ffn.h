@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/activation.h"
+#include "common/cpu_kernels.h"
 #include "common/dropout.h"
 #include "common/dtype.h"
 
@@ -75,6 +76,15 @@ void act_dropout_cpu(const at::Tensor& pre, const at::Tensor& h, Act act, const 
 // [T, 2f], dpre [T, 2f] = [dh · g · act'(a), dh · act(a)] with dh = g · keep · scale, db1 fp32 [2f].
 void dact_dropout_bgrad_cpu(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre,
                             const at::Tensor& db1, Act act, const DropoutParams& dp);
+namespace cpu {
+// The passes of cpu/act_dropout.cpp, one table per capability it is compiled for (the two entry points above, in
+// ffn.cpp, call the table of the capability in use: common/cpu_kernels.h).
+struct FfnPassKernels {
+  decltype(&act_dropout_cpu) act_dropout;
+  decltype(&dact_dropout_bgrad_cpu) dact_dropout_bgrad;
+};
+FASTENC_DECLARE_CPU_KERNELS(FfnPassKernels)
+}  // namespace cpu
 
 #ifdef FASTENC_WITH_CUDA
 // The CUDA twins of the passes above (gated included), and the keep-mask replay (cuda/act_fwd.cu, act_bwd.cu).

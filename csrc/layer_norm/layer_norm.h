@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 
+#include "common/cpu_kernels.h"
 #include "common/dropout.h"  // DropoutParams: the Philox dropout of element r·N + c of [rows, N]
 
 namespace fastenc {
@@ -41,4 +42,15 @@ void residual_layer_norm_bwd_out(const at::Tensor& dy, const at::Tensor& dresid,
                                  const DropoutParams& dp, const at::Tensor& dx, const at::Tensor& dbranch,
                                  const at::Tensor& dweight, const at::Tensor& dbias, const at::Tensor& dbranch_bias);
 
+namespace cpu {
+
+// The kernels of cpu/layer_norm.cpp, one table per capability it is compiled for (the entry points above call the
+// table of the capability in use: common/cpu_kernels.h).
+struct LayerNormKernels {
+  decltype(&residual_layer_norm_fwd_out) fwd;
+  decltype(&residual_layer_norm_bwd_out) bwd;
+};
+FASTENC_DECLARE_CPU_KERNELS(LayerNormKernels)
+
+}  // namespace cpu
 }  // namespace fastenc

@@ -1,5 +1,6 @@
-// Int8 linear layers on CPU (see int8_linear.h).  The VNNI kernels carry their instruction set in a
-// target attribute and run after a cpuid check, so this file builds for any x86-64 baseline.
+// Int8 linear layers on CPU (see int8_linear.h), baseline code: the VNNI kernels carry their instruction set in a
+// target attribute and run after a cpuid check; the activations' quantization is a kernel file compiled per
+// capability (cpu/int8_quantize.cpp), called through its table (common/cpu_kernels.h).
 #include "linear/int8_linear.h"
 
 #include <ATen/Parallel.h>
@@ -9,8 +10,6 @@
 #include <cstring>
 #include <vector>
 
-#include "common/activation_vec.h"
-#include "common/vec_io.h"
 #include "linear/panel_tiles.h"
 
 namespace fastenc::cpu {
@@ -19,48 +18,6 @@ namespace {
 using panel::kMR;
 using panel::kNR;
 static_assert(kNR == kInt8PanelCols);
-
-// ------------------------------------------------------------------ activation quantization
-
-// One row: v = act_in(x) · smooth in fp32 (scratch), then q = round(v · 127 / max|v|) + 128 as u8.
-template <typename T>
-void quantize_row(const T* x, int64_t k, std::optional<Act> act, const float* smooth, float* v, uint8_t* q,
-                  int64_t k_pad, float* s) {
-  const bool gated = act && (*act == Act::kGeGLU || *act == Act::kSwiGLU);
-  Vec amax(0.f);
-  for (int64_t c = 0; c < k; c += kW) {
-    const int64_t n = std::min<int64_t>(kW, k - c);
-    Vec y = load_f32(x + c, n);
-    if (gated) {
-      const Vec g = load_f32(x + k + c, n);
-      y = (*act == Act::kGeGLU ? ActOp<Act::kGeGLU, Vec>::fwd(y) : ActOp<Act::kSwiGLU, Vec>::fwd(y)) * g;
-    } else if (act) {
-      switch (*act) {
-        case Act::kReLU: y = ActOp<Act::kReLU, Vec>::fwd(y); break;
-        case Act::kGelu: y = ActOp<Act::kGelu, Vec>::fwd(y); break;
-        case Act::kGeluTanh: y = ActOp<Act::kGeluTanh, Vec>::fwd(y); break;
-        default: break;
-      }
-    }
-    if (smooth) y = y * Vec::loadu(smooth + c, n);
-    y.store(v + c, n);
-    amax = at::vec::maximum(amax, y.abs());  // lanes past n are act(0) · 0 = 0
-  }
-  float m = 0.f;
-  float lanes[kW];
-  amax.store(lanes);
-  for (int64_t i = 0; i < kW; ++i) m = std::max(m, lanes[i]);
-  const float inv = m > 0.f ? 127.f / m : 0.f;
-  *s = m / 127.f;
-  // q + 128 = clamp(round_half_even(v · inv), -127, 127) + 128, in place in v, then narrowed to u8.
-  const Vec vinv(inv), lo(-127.f), hi(127.f), offset(128.f);
-  for (int64_t c = 0; c < k; c += kW) {
-    const int64_t n = std::min<int64_t>(kW, k - c);
-    (at::vec::clamp(Vec::loadu(v + c, n) * vinv, lo, hi).round() + offset).store(v + c, n);
-  }
-  for (int64_t c = 0; c < k; ++c) q[c] = static_cast<uint8_t>(static_cast<int>(v[c]));
-  std::memset(q + k, 128, static_cast<size_t>(k_pad - k));
-}
 
 // ------------------------------------------------------------------ the VNNI GEMM
 
@@ -148,12 +105,16 @@ void gemm_vnni(const GemmArgs& g) {
 
 }  // namespace
 
+FASTENC_REGISTER_CPU_KERNELS(Int8QuantizeKernels);
+
+Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth) {
+  return cpu_kernels<Int8QuantizeKernels>().quantize_rows(x, act_in, smooth);
+}
+
 bool int8_vnni_supported() {
 #if defined(FASTENC_PANEL_X86)
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512vnni");
-  return ok;
+  // avx512_bf16 and up include AVX512-VNNI (common/cpu_kernels.h); capped by FASTENC_CPU_CAPABILITY.
+  return capability() >= Capability::kAvx512Bf16;
 #else
   return false;
 #endif
@@ -193,37 +154,6 @@ Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const 
     }
   });
   return w;
-}
-
-Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth) {
-  const bool gated = act_in && (*act_in == Act::kGeGLU || *act_in == Act::kSwiGLU);
-  const int64_t m = x.size(0), k = x.size(1) / (gated ? 2 : 1), k_pad = (k + 3) / 4 * 4;
-  Int8Rows out;
-  out.k = k;
-  out.q = at::empty({m, k_pad}, x.options().dtype(at::kByte));
-  out.scale = at::empty({m}, x.options().dtype(at::kFloat));
-  uint8_t* q = out.q.data_ptr<uint8_t>();
-  float* s = out.scale.data_ptr<float>();
-  const int64_t ld = x.stride(0);
-  const float* sm = smooth.defined() ? smooth.const_data_ptr<float>() : nullptr;
-  AT_DISPATCH_SWITCH(x.scalar_type(), "fastenc int8 quantize_rows",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      const float* src = x.const_data_ptr<float>();
-      at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
-        std::vector<float> v(k);
-        for (int64_t r = r0; r < r1; ++r) quantize_row(src + r * ld, k, act_in, sm, v.data(), q + r * k_pad, k_pad,
-                                                     s + r);
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      const at::BFloat16* src = x.const_data_ptr<at::BFloat16>();
-      at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
-        std::vector<float> v(k);
-        for (int64_t r = r0; r < r1; ++r) quantize_row(src + r * ld, k, act_in, sm, v.data(), q + r * k_pad, k_pad,
-                                                     s + r);
-      });
-    }));
-  return out;
 }
 
 at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor& bias, const at::Tensor& residual,

@@ -18,6 +18,7 @@
 #include <optional>
 
 #include "common/activation.h"  // Act
+#include "common/cpu_kernels.h"
 
 namespace fastenc::cpu {
 
@@ -58,5 +59,11 @@ at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor&
 
 // Whether the VNNI micro-kernel runs on this CPU (else the ATen fallback).
 bool int8_vnni_supported();
+
+// quantize_rows of cpu/int8_quantize.cpp, one table per capability it is compiled for (common/cpu_kernels.h).
+struct Int8QuantizeKernels {
+  decltype(&quantize_rows) quantize_rows;
+};
+FASTENC_DECLARE_CPU_KERNELS(Int8QuantizeKernels)
 
 }  // namespace fastenc::cpu

@@ -3,6 +3,7 @@
 
 #include <cstring>
 
+#include "common/cpu_kernels.h"
 #include "linear/panel_tiles.h"
 
 namespace fastenc::cpu {
@@ -130,11 +131,9 @@ void gemm(const Args& g) {
 
 bool panel_gemm_supported(at::ScalarType dtype) {
 #if defined(FASTENC_PANEL_X86)
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                             __builtin_cpu_supports("fma");
-  static const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
-  return dtype == at::kFloat ? avx512 : dtype == at::kBFloat16 ? bf16 : false;
+  // The capability in use (the CPU's, capped by FASTENC_CPU_CAPABILITY: common/cpu_kernels.h).
+  const Capability c = capability();
+  return dtype == at::kFloat ? c >= Capability::kAvx512 : dtype == at::kBFloat16 ? c >= Capability::kAvx512Bf16 : false;
 #else
   (void)dtype;
   return false;

@@ -1,9 +1,13 @@
 // The AVX512-BF16 products of the CPU flash attention's forward (flash_fwd.cpp), for bf16 inputs with an even head
-// dim, in builds with AVX512-BF16 (FASTENC_AVX512BF16) on CPUs that have it: the Dots policy that replaces Fp32Dots
-// there.
+// dim, in the objects compiled for avx512_bf16 and up (FASTENC_CPU_AVX512_BF16, build_tools/cpu_kernels.py; chosen
+// only on CPUs that have it): the Dots policy that replaces Fp32Dots there.
 #pragma once
 
-#if defined(FASTENC_AVX512BF16) && defined(CPU_CAPABILITY_AVX512)
+#ifndef CPU_CAPABILITY
+#error "a CPU kernel header: include it only from kernel files (compiled per capability: build_tools/cpu_kernels.py)"
+#endif
+
+#if defined(FASTENC_CPU_AVX512_BF16)
 #include <immintrin.h>
 
 #include <algorithm>
@@ -15,7 +19,7 @@
 #include "attention/cpu/staging.h"
 #include "attention/cpu/work.h"
 
-namespace fastenc::cpu {
+namespace fastenc::cpu::CPU_CAPABILITY {
 
 // bf16 products with AVX512-BF16 (vdpbf16ps: C += a₀b₀ + a₁b₁ on pairs of bf16, fp32 accumulation),
 // for bf16 inputs with an even head dim.  Operands are staged as 32-bit pairs along the reduction:
@@ -212,10 +216,5 @@ struct Bf16Dots {
   }
 };
 
-inline bool has_avx512_bf16() {
-  static const bool yes = __builtin_cpu_supports("avx512bf16");
-  return yes;
-}
-
-}  // namespace fastenc::cpu
+}  // namespace fastenc::cpu::CPU_CAPABILITY
 #endif

@@ -3,13 +3,17 @@
 // draws, vectorised across the query lanes with AVX-512.
 #pragma once
 
+#ifndef CPU_CAPABILITY
+#error "a CPU kernel header: include it only from kernel files (compiled per capability: build_tools/cpu_kernels.py)"
+#endif
+
 #include <cstdint>
 
 #include "attention/attention.h"
 #include "attention/cpu/micro_kernels.h"
 #include "common/philox.h"
 
-namespace fastenc::cpu {
+namespace fastenc::cpu::CPU_CAPABILITY {
 
 struct Dropout {
   bool on = false;
@@ -73,4 +77,4 @@ inline void dropout_block(const Dropout& dr, int64_t b, int64_t h, int64_t ib, i
 }
 #endif
 
-}  // namespace fastenc::cpu
+}  // namespace fastenc::cpu::CPU_CAPABILITY

@@ -19,7 +19,7 @@
 #include "attention/cpu/work.h"
 #include "common/dtype.h"
 
-namespace fastenc::cpu {
+namespace fastenc::cpu::CPU_CAPABILITY {
 namespace {
 
 // Whether the forward of T rows with head dim D runs Bf16Dots, which multiplies q and k rotated and rounded back
@@ -155,10 +155,10 @@ void backward_task(const AttnParams& p, const Dropout& dr, const Shape& sh, cons
 
 }  // namespace
 
-void attention_backward_out(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
-                            const at::Tensor& cu_seqlens_k, const AttnParams& p, const at::Tensor& dq,
-                            const at::Tensor& dk, const at::Tensor& dv) {
+void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+              const at::Tensor& cu_seqlens_k, const AttnParams& p, const at::Tensor& dq, const at::Tensor& dk,
+              const at::Tensor& dv) {
   const std::vector<Seq> seqs = sequences(cu_seqlens_q, cu_seqlens_k);
   const Shape sh{q.size(1), q.size(2), v.size(2)};
   const Dropout dr = make_dropout(p);
@@ -185,4 +185,6 @@ void attention_backward_out(const at::Tensor& dout, const at::Tensor& q, const a
   });
 }
 
-}  // namespace fastenc::cpu
+FASTENC_DEFINE_CPU_KERNELS(AttentionBwdKernels) = {&backward};
+
+}  // namespace fastenc::cpu::CPU_CAPABILITY

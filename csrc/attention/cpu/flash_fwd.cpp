@@ -11,8 +11,8 @@
 // register-blocked micro-kernels on fp32 buffers:
 //   abt: C[r][i] = Σ_d A[r][d] · Bt[d][i]           (scores, dP = dO Vᵀ)
 //   acc: C[r][:] += Σ_c W(c, r) · R[c][:]           (P V, dV = Pᵀ dO, dK = dSᵀ Q, dQ = dS K)
-// q/k/v/dout are staged into fp32 buffers (bf16/fp16 widened there), accumulation is fp32.  With
-// AVX512-BF16 (FASTENC_AVX512BF16), the forward of bf16 inputs with an even head dim runs both
+// q/k/v/dout are staged into fp32 buffers (bf16/fp16 widened there), accumulation is fp32.  Compiled for
+// avx512_bf16 and up (FASTENC_CPU_AVX512_BF16), the forward of bf16 inputs with an even head dim runs both
 // products as bf16 pair dot products instead (bf16_dots.h: P rounded to bf16 before P V, as torch's
 // bf16 attention does).  Rows whose keys are all masked output zeros with lse = +inf, so the
 // backward's P = exp(s - lse) and every gradient of theirs are zero.
@@ -49,7 +49,7 @@
 #include "attention/cpu/work.h"
 #include "common/dtype.h"
 
-namespace fastenc::cpu {
+namespace fastenc::cpu::CPU_CAPABILITY {
 namespace {
 
 // The forward's products, fp32: q, k, v widened to fp32 when staged (q and k rotated there), Qᵀ
@@ -185,9 +185,8 @@ void forward_item(const AttnParams& p, const Dropout& dr, const Shape& sh, const
 
 }  // namespace
 
-void attention_forward_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const AttnParams& p,
-                           const at::Tensor& out, const at::Tensor& lse) {
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+             const at::Tensor& cu_seqlens_k, const AttnParams& p, const at::Tensor& out, const at::Tensor& lse) {
   const std::vector<Seq> seqs = sequences(cu_seqlens_q, cu_seqlens_k);
   const Shape sh{q.size(1), q.size(2), v.size(2)};
   const Dropout dr = make_dropout(p);
@@ -203,8 +202,8 @@ void attention_forward_out(const at::Tensor& q, const at::Tensor& k, const at::T
     for (int64_t r = 0; r < seqs[b].L; r += G * kQC)
       groups.push_back({static_cast<int32_t>(b), static_cast<int32_t>(r),
                         static_cast<int32_t>(std::min(seqs[b].L, r + G * kQC))});
-#if defined(FASTENC_AVX512BF16) && defined(CPU_CAPABILITY_AVX512)
-  const bool bf16_dots = sh.D % 2 == 0 && has_avx512_bf16();
+#if defined(FASTENC_CPU_AVX512_BF16)
+  const bool bf16_dots = sh.D % 2 == 0;
 #endif
   dispatch_dtype(q.scalar_type(), [&](auto t_) {
     using T = decltype(t_);
@@ -225,7 +224,7 @@ void attention_forward_out(const at::Tensor& q, const at::Tensor& k, const at::T
           prefetch_rows<true>(ov.row(0, h), ov.st, s.q0 + r0, qend, sh.Dv);
         }
         const auto [b, r0, r1] = groups[w / sh.H];
-#if defined(FASTENC_AVX512BF16) && defined(CPU_CAPABILITY_AVX512)
+#if defined(FASTENC_CPU_AVX512_BF16)
         if constexpr (std::is_same_v<T, at::BFloat16>) {
           if (bf16_dots) {
             forward_item<T, Bf16Dots>(p, dr, sh, qv, kv, vv, ov, lp, lse_sh, lse_st, seqs[b], b, w % sh.H, r0, r1);
@@ -239,4 +238,6 @@ void attention_forward_out(const at::Tensor& q, const at::Tensor& k, const at::T
   });
 }
 
-}  // namespace fastenc::cpu
+FASTENC_DEFINE_CPU_KERNELS(AttentionFwdKernels) = {&forward};
+
+}  // namespace fastenc::cpu::CPU_CAPABILITY

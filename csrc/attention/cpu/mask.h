@@ -3,6 +3,10 @@
 // (key) block can see through the window and the causal bound, so that blocks outside are skipped.
 #pragma once
 
+#ifndef CPU_CAPABILITY
+#error "a CPU kernel header: include it only from kernel files (compiled per capability: build_tools/cpu_kernels.py)"
+#endif
+
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -12,7 +16,7 @@
 #include "attention/attention.h"
 #include "attention/cpu/micro_kernels.h"
 
-namespace fastenc::cpu {
+namespace fastenc::cpu::CPU_CAPABILITY {
 
 template <typename Fn>
 void dispatch_mask(at::ScalarType t, Fn&& fn) {
@@ -113,4 +117,4 @@ inline void apply_masks(const AttnParams& p, int64_t b, int64_t h, int64_t i0, i
   }
 }
 
-}  // namespace fastenc::cpu
+}  // namespace fastenc::cpu::CPU_CAPABILITY

@@ -5,6 +5,10 @@
 // the tile and block sizes of both passes, and the exp of the softmax.
 #pragma once
 
+#ifndef CPU_CAPABILITY
+#error "a CPU kernel header: include it only from kernel files (compiled per capability: build_tools/cpu_kernels.py)"
+#endif
+
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -13,7 +17,7 @@
 
 #define FASTENC_UNROLL_ALL _Pragma("GCC unroll 16")
 
-namespace fastenc::cpu {
+namespace fastenc::cpu::CPU_CAPABILITY {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int kW = Vec::size();
@@ -144,4 +148,4 @@ inline void acc(const float* w, int64_t wc, int64_t wr, int64_t rows, const floa
 // 20-ulp exp (as torch's CPU flash attention); exp(-inf) = 0, and a NaN stays NaN (exp_u20 clamps it).
 inline Vec vexp(Vec x) { return Vec::blendv(x.exp_u20(), x, x != x); }
 
-}  // namespace fastenc::cpu
+}  // namespace fastenc::cpu::CPU_CAPABILITY

@@ -2,13 +2,17 @@
 // to the gradients dq and dk (backward); the tables get no gradient.
 #pragma once
 
+#ifndef CPU_CAPABILITY
+#error "a CPU kernel header: include it only from kernel files (compiled per capability: build_tools/cpu_kernels.py)"
+#endif
+
 #include <algorithm>
 #include <cstdint>
 
 #include "attention/attention.h"
 #include "attention/cpu/micro_kernels.h"
 
-namespace fastenc::cpu {
+namespace fastenc::cpu::CPU_CAPABILITY {
 
 // Rotary embedding of one fp32 row x [2·half] at position pos (HF's rotate_half, (x1, x2) its halves):
 //   forward  y1 = x1 c - x2 s,  y2 = x2 c + x1 s;   inverse (Rᵀ, for gradients)  y1 = x1 c + x2 s,  y2 = x2 c - x1 s.
@@ -36,4 +40,4 @@ struct Rotary {
   }
 };
 
-}  // namespace fastenc::cpu
+}  // namespace fastenc::cpu::CPU_CAPABILITY

@@ -3,6 +3,10 @@
 // those buffers are carved from (grows to the largest request, then reused: no per-call allocation).
 #pragma once
 
+#ifndef CPU_CAPABILITY
+#error "a CPU kernel header: include it only from kernel files (compiled per capability: build_tools/cpu_kernels.py)"
+#endif
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -13,7 +17,7 @@
 
 #include "attention/cpu/micro_kernels.h"
 
-namespace fastenc::cpu {
+namespace fastenc::cpu::CPU_CAPABILITY {
 
 // dst[0, n) = src · mul in fp32, dst[n, npad) = 0.
 template <typename T>
@@ -65,4 +69,4 @@ struct Carver {
   }
 };
 
-}  // namespace fastenc::cpu
+}  // namespace fastenc::cpu::CPU_CAPABILITY

@@ -3,6 +3,10 @@
 // the next item's rows.
 #pragma once
 
+#ifndef CPU_CAPABILITY
+#error "a CPU kernel header: include it only from kernel files (compiled per capability: build_tools/cpu_kernels.py)"
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -11,7 +15,7 @@
 #include <cstdint>
 #include <vector>
 
-namespace fastenc::cpu {
+namespace fastenc::cpu::CPU_CAPABILITY {
 
 struct Seq {
   int64_t q0, k0, L, S;  // first row in q and in k/v, lengths
@@ -67,4 +71,4 @@ inline void prefetch_rows(const T* base, int64_t st, int64_t t0, int64_t t1, int
       __builtin_prefetch(base + t * st + e, WRITE ? 1 : 0, 2);
 }
 
-}  // namespace fastenc::cpu
+}  // namespace fastenc::cpu::CPU_CAPABILITY

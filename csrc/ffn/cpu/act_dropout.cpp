@@ -18,14 +18,8 @@
 #include "common/vec_io.h"
 #include "ffn/ffn.h"
 
-namespace fastenc {
-
+namespace fastenc::cpu::CPU_CAPABILITY {
 namespace {
-
-using cpu::kW;
-using cpu::load_f32;
-using cpu::store_f32;
-using cpu::Vec;
 
 template <typename T, Act A>
 void act_impl(const at::Tensor& pre, const at::Tensor& h, const DropoutParams& dp) {
@@ -35,7 +29,7 @@ void act_impl(const at::Tensor& pre, const at::Tensor& h, const DropoutParams& d
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), [&](int64_t r0, int64_t r1) {
     std::vector<float> keep(dp.enabled ? f : 0);
     for (int64_t r = r0; r < r1; ++r) {
-      if (dp.enabled) cpu::dropout_keep_scale(dp, static_cast<uint64_t>(r * f), f, keep.data());
+      if (dp.enabled) dropout_keep_scale(dp, static_cast<uint64_t>(r * f), f, keep.data());
       const T* a = src + r * width;
       for (int64_t c = 0; c < f; c += kW) {
         const int64_t n = std::min<int64_t>(kW, f - c);
@@ -55,7 +49,7 @@ void dact_impl(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& d
   const T* gp = g.const_data_ptr<T>();
   const T* sp = saved.const_data_ptr<T>();
   T* out = dpre.data_ptr<T>();
-  cpu::rows_with_bias_grad(rows, f, width, dp, db1, [&](int64_t r, const float* keep, float* part) {
+  rows_with_bias_grad(rows, f, width, dp, db1, [&](int64_t r, const float* keep, float* part) {
     const T* a = sp + r * width;
     T* d = out + r * width;
     for (int64_t c = 0; c < f; c += kW) {
@@ -92,19 +86,21 @@ void dispatch_act(Act act, Fn&& fn) {
   }
 }
 
-}  // namespace
-
-void act_dropout_cpu(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp) {
+void act_dropout(const at::Tensor& pre, const at::Tensor& h, Act act, const DropoutParams& dp) {
   dispatch_dtype(pre.scalar_type(), [&](auto t_) {
     dispatch_act(act, [&](auto a) { act_impl<decltype(t_), decltype(a)::value>(pre, h, dp); });
   });
 }
 
-void dact_dropout_bgrad_cpu(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre,
-                            const at::Tensor& db1, Act act, const DropoutParams& dp) {
+void dact_dropout_bgrad(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre, const at::Tensor& db1,
+                        Act act, const DropoutParams& dp) {
   dispatch_dtype(g.scalar_type(), [&](auto t_) {
     dispatch_act(act, [&](auto a) { dact_impl<decltype(t_), decltype(a)::value>(g, saved, dpre, db1, dp); });
   });
 }
 
-}  // namespace fastenc
+}  // namespace
+
+FASTENC_DEFINE_CPU_KERNELS(FfnPassKernels) = {&act_dropout, &dact_dropout_bgrad};
+
+}  // namespace fastenc::cpu::CPU_CAPABILITY

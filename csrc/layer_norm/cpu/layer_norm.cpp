@@ -15,7 +15,7 @@
 //     partial sums; a last pass sums the partial rows column by column in chunk order.
 //   Traffic: read dy, s or x (+ branch) (+ dresid), write dx (+ dbranch), plus 3·N·4 bytes of
 //   partial sums per chunk of up to 64 rows.
-// Dropout factors come from cpu::dropout_keep_scale (vectorised Philox), one row at a time.
+// Dropout factors come from dropout_keep_scale (vectorised Philox), one row at a time.
 #include "layer_norm/layer_norm.h"
 
 #include <ATen/Parallel.h>
@@ -27,14 +27,9 @@
 #include "common/dtype.h"
 #include "common/vec_io.h"
 
-namespace fastenc {
+namespace fastenc::cpu::CPU_CAPABILITY {
 
 namespace {
-
-using cpu::kW;
-using cpu::load_f32;
-using cpu::store_f32;
-using cpu::Vec;
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -89,7 +84,7 @@ int64_t row_stride(const at::Tensor& t) { return t.defined() ? t.stride(0) : 0; 
 // rows of one column got dx = 1e-4 instead of 0).
 template <typename T>
 Vec residual_sum(const Vec& x, const Vec& h, const float* keep, int64_t n) {
-  return cpu::round_to<T>(keep ? at::vec::fmadd(h, Vec::loadu(keep, n), x) : x + h);
+  return round_to<T>(keep ? at::vec::fmadd(h, Vec::loadu(keep, n), x) : x + h);
 }
 
 template <typename T>
@@ -109,7 +104,7 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& branch, const float* w, con
       const T* xr = xp + r * sx;
       const T* br = bp ? bp + r * sb : nullptr;
       T* sr = sp ? sp + r * ss : nullptr;
-      if (drop) cpu::dropout_keep_scale(dp, static_cast<uint64_t>(r * N), N, keep.data());
+      if (drop) dropout_keep_scale(dp, static_cast<uint64_t>(r * N), N, keep.data());
       // Pass 1: s into the buffer (and out), Σ (s - s[0]).
       Vec acc(0.f), k(0.f);
       for (int64_t c = 0; c < N; c += kW) {
@@ -121,7 +116,7 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& branch, const float* w, con
         if (c == 0) k = Vec(buf[0]);
         acc = acc + Vec::set(Vec(0.f), v - k, n);
       }
-      const float mu = buf[0] + cpu::sum_lanes(acc) / static_cast<float>(N);
+      const float mu = buf[0] + sum_lanes(acc) / static_cast<float>(N);
       // Pass 2: Σ (s - mean)².
       const Vec m(mu);
       Vec acc2(0.f);
@@ -130,7 +125,7 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& branch, const float* w, con
         const Vec d = Vec::loadu(buf.data() + c) - m;
         acc2 = acc2 + Vec::set(Vec(0.f), d * d, n);
       }
-      const float rs = 1.f / std::sqrt(cpu::sum_lanes(acc2) / static_cast<float>(N) + eps);
+      const float rs = 1.f / std::sqrt(sum_lanes(acc2) / static_cast<float>(N) + eps);
       // Pass 3: y.
       const Vec rv(rs);
       T* yr = yp + r * sy;
@@ -172,7 +167,7 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& dresid, const at::Tensor& 
       float* pbb = part ? part + (3 * k + 2) * N : nullptr;
       if (part) std::fill(pw, pw + 3 * N, 0.f);
       for (int64_t r = k * crows; r < std::min(rows, (k + 1) * crows); ++r) {
-        if (drop) cpu::dropout_keep_scale(dp, static_cast<uint64_t>(r * N), N, keep.data());
+        if (drop) dropout_keep_scale(dp, static_cast<uint64_t>(r * N), N, keep.data());
         const T* dyr = dyp + r * sdy;
         const Vec mu(mean[r]), rs(rstd[r]);
         // Pass 1: xhat and g into the buffers, Σ g · xhat, Σ g.
@@ -196,7 +191,7 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& dresid, const at::Tensor& 
           acc_gx = at::vec::fmadd(gg, xhat, acc_gx);
           acc_g = acc_g + gg;
         }
-        const Vec a(cpu::sum_lanes(acc_gx) * inv_n), bsum(cpu::sum_lanes(acc_g) * inv_n);
+        const Vec a(sum_lanes(acc_gx) * inv_n), bsum(sum_lanes(acc_g) * inv_n);
         // Pass 2: ds, dx, dbranch and the partial sums.
         const T* drr = drp ? drp + r * sdr : nullptr;
         T* dxr = dxp + r * sdx;
@@ -238,10 +233,9 @@ void reduce_partials(const float* part, int64_t chunks, int64_t N, float* const 
 
 }  // namespace
 
-void residual_layer_norm_fwd_out(const at::Tensor& x, const at::Tensor& branch, const at::Tensor& weight,
-                                 const at::Tensor& bias, const at::Tensor& branch_bias, double eps,
-                                 const DropoutParams& dp, const at::Tensor& y, const at::Tensor& s,
-                                 const at::Tensor& mean, const at::Tensor& rstd) {
+void fwd_out(const at::Tensor& x, const at::Tensor& branch, const at::Tensor& weight, const at::Tensor& bias,
+             const at::Tensor& branch_bias, double eps, const DropoutParams& dp, const at::Tensor& y,
+             const at::Tensor& s, const at::Tensor& mean, const at::Tensor& rstd) {
   TORCH_CHECK_VALUE(x.dim() == 2, "fastenc layer_norm: x must be [rows, N], got ", x.sizes());
   check_rows(x, "x", x, "x");
   const int64_t rows = x.size(0), N = x.size(1);
@@ -266,11 +260,10 @@ void residual_layer_norm_fwd_out(const at::Tensor& x, const at::Tensor& branch, 
   });
 }
 
-void residual_layer_norm_bwd_out(const at::Tensor& dy, const at::Tensor& dresid, const at::Tensor& x,
-                                 const at::Tensor& branch, const at::Tensor& resid, const at::Tensor& weight,
-                                 const at::Tensor& branch_bias, const at::Tensor& mean, const at::Tensor& rstd,
-                                 const DropoutParams& dp, const at::Tensor& dx, const at::Tensor& dbranch,
-                                 const at::Tensor& dweight, const at::Tensor& dbias, const at::Tensor& dbranch_bias) {
+void bwd_out(const at::Tensor& dy, const at::Tensor& dresid, const at::Tensor& x, const at::Tensor& branch,
+             const at::Tensor& resid, const at::Tensor& weight, const at::Tensor& branch_bias, const at::Tensor& mean,
+             const at::Tensor& rstd, const DropoutParams& dp, const at::Tensor& dx, const at::Tensor& dbranch,
+             const at::Tensor& dweight, const at::Tensor& dbias, const at::Tensor& dbranch_bias) {
   TORCH_CHECK_VALUE(dy.dim() == 2, "fastenc layer_norm: dy must be [rows, N], got ", dy.sizes());
   check_rows(dy, "dy", dy, "dy");
   const int64_t rows = dy.size(0), N = dy.size(1);
@@ -323,4 +316,6 @@ void residual_layer_norm_bwd_out(const at::Tensor& dy, const at::Tensor& dresid,
   }
 }
 
-}  // namespace fastenc
+FASTENC_DEFINE_CPU_KERNELS(LayerNormKernels) = {&fwd_out, &bwd_out};
+
+}  // namespace fastenc::cpu::CPU_CAPABILITY

@@ -1,0 +1,92 @@
+// Per-row int8 quantization of the activations (int8_linear.h: quantize_rows), a kernel file compiled once per CPU
+// capability (build_tools/cpu_kernels.py): at::vec's width is the capability's.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/activation_vec.h"
+#include "common/vec_io.h"
+#include "linear/int8_linear.h"
+
+namespace fastenc::cpu::CPU_CAPABILITY {
+namespace {
+
+// One row: v = act_in(x) · smooth in fp32 (scratch), then q = round(v · 127 / max|v|) + 128 as u8.
+template <typename T>
+void quantize_row(const T* x, int64_t k, std::optional<Act> act, const float* smooth, float* v, uint8_t* q,
+                  int64_t k_pad, float* s) {
+  const bool gated = act && (*act == Act::kGeGLU || *act == Act::kSwiGLU);
+  Vec amax(0.f);
+  for (int64_t c = 0; c < k; c += kW) {
+    const int64_t n = std::min<int64_t>(kW, k - c);
+    Vec y = load_f32(x + c, n);
+    if (gated) {
+      const Vec g = load_f32(x + k + c, n);
+      y = (*act == Act::kGeGLU ? ActOp<Act::kGeGLU, Vec>::fwd(y) : ActOp<Act::kSwiGLU, Vec>::fwd(y)) * g;
+    } else if (act) {
+      switch (*act) {
+        case Act::kReLU: y = ActOp<Act::kReLU, Vec>::fwd(y); break;
+        case Act::kGelu: y = ActOp<Act::kGelu, Vec>::fwd(y); break;
+        case Act::kGeluTanh: y = ActOp<Act::kGeluTanh, Vec>::fwd(y); break;
+        default: break;
+      }
+    }
+    if (smooth) y = y * Vec::loadu(smooth + c, n);
+    y.store(v + c, n);
+    amax = at::vec::maximum(amax, y.abs());  // lanes past n are act(0) · 0 = 0
+  }
+  float m = 0.f;
+  float lanes[kW];
+  amax.store(lanes);
+  for (int64_t i = 0; i < kW; ++i) m = std::max(m, lanes[i]);
+  const float inv = m > 0.f ? 127.f / m : 0.f;
+  *s = m / 127.f;
+  // q + 128 = clamp(round_half_even(v · inv), -127, 127) + 128, in place in v, then narrowed to u8.
+  const Vec vinv(inv), lo(-127.f), hi(127.f), offset(128.f);
+  for (int64_t c = 0; c < k; c += kW) {
+    const int64_t n = std::min<int64_t>(kW, k - c);
+    (at::vec::clamp(Vec::loadu(v + c, n) * vinv, lo, hi).round() + offset).store(v + c, n);
+  }
+  for (int64_t c = 0; c < k; ++c) q[c] = static_cast<uint8_t>(static_cast<int>(v[c]));
+  std::memset(q + k, 128, static_cast<size_t>(k_pad - k));
+}
+
+}  // namespace
+
+Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth) {
+  const bool gated = act_in && (*act_in == Act::kGeGLU || *act_in == Act::kSwiGLU);
+  const int64_t m = x.size(0), k = x.size(1) / (gated ? 2 : 1), k_pad = (k + 3) / 4 * 4;
+  Int8Rows out;
+  out.k = k;
+  out.q = at::empty({m, k_pad}, x.options().dtype(at::kByte));
+  out.scale = at::empty({m}, x.options().dtype(at::kFloat));
+  uint8_t* q = out.q.data_ptr<uint8_t>();
+  float* s = out.scale.data_ptr<float>();
+  const int64_t ld = x.stride(0);
+  const float* sm = smooth.defined() ? smooth.const_data_ptr<float>() : nullptr;
+  AT_DISPATCH_SWITCH(x.scalar_type(), "fastenc int8 quantize_rows",
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      const float* src = x.const_data_ptr<float>();
+      at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+        std::vector<float> v(k);
+        for (int64_t r = r0; r < r1; ++r) quantize_row(src + r * ld, k, act_in, sm, v.data(), q + r * k_pad, k_pad,
+                                                     s + r);
+      });
+    })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      const at::BFloat16* src = x.const_data_ptr<at::BFloat16>();
+      at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+        std::vector<float> v(k);
+        for (int64_t r = r0; r < r1; ++r) quantize_row(src + r * ld, k, act_in, sm, v.data(), q + r * k_pad, k_pad,
+                                                     s + r);
+      });
+    }));
+  return out;
+}
+
+FASTENC_DEFINE_CPU_KERNELS(Int8QuantizeKernels) = {&quantize_rows};
+
+}  // namespace fastenc::cpu::CPU_CAPABILITY
