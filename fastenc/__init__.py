@@ -5,8 +5,8 @@ Drop-in: replace ``torch.nn.TransformerEncoderLayer`` / ``TransformerEncoder`` b
 ``fastenc.optimize(model)`` on an existing model.
 """
 from . import models, ops, reference, stack
-from .backends import BACKENDS, BackendUnavailableError, backend_report, use_backend
-from .convert import optimize, quantize, to_torch
+from .backends import BACKENDS, BackendUnavailableError, use_backend
+from .convert import backend_report, optimize, quantize, to_torch
 from .models import EncoderModel, Embeddings, SequenceClassifier
 from .layer import LayerSpec, LayerWeights, NormWeights
 from .modules import TransformerEncoder, TransformerEncoderLayer

@@ -14,6 +14,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
+from . import backends
 from .backends import BackendSpec, check_spec
 from .modules import (
     TransformerEncoder,
@@ -23,7 +24,7 @@ from .modules import (
     layer_from_torch,
     layer_to_torch,
 )
-from .stack import QUANTIZE, StackOwner, recording_ranges
+from .stack import QUANTIZE, StackOwner, explain, recording_ranges
 from .weight_cache import cache_of
 
 
@@ -137,3 +138,12 @@ def to_torch(model: nn.Module) -> nn.Module:
         if new is not child:
             setattr(model, name, new)
     return model
+
+
+def backend_report(device: Optional[str] = None, dtype: torch.dtype = torch.float16, head_dim: int = 64, *,
+                   model: Optional[nn.Module] = None) -> str:
+    """Which backend each op takes for a typical call on ``device``, and why (``backends.backend_report``); with
+    ``model``, also how each encoder stack inside it ran its last call: the fused C++ stack or op by op, and why
+    (the one decision ``fastenc.stack`` makes per call)."""
+    report = backends.backend_report(device, dtype, head_dim)
+    return report if model is None else f"{report}\nencoder stacks of the model (last call):\n{explain(model)}"

@@ -53,6 +53,7 @@ def test_module_inference_takes_the_fused_stack(norm_first, monkeypatch):
         expected_dense = ref(x)
     assert len(calls) == 2, "inference on CPU runs the whole stack in one C++ call"
     assert cache_of(fast).last_decision[0] == "fused"
+    assert "TransformerEncoder: fused (" in fastenc.backend_report("cpu", model=fast)
     keep = ~kpm
     torch.testing.assert_close(out[keep], expected[keep], atol=2e-5, rtol=1e-4)
     assert not out[kpm].any(), "zeros at padding positions"
@@ -98,6 +99,8 @@ def test_per_op_when_the_fused_stack_cannot_run(case, why, monkeypatch):
     assert not calls, "the fused stack must not run here"
     path, reason = cache_of(fast).last_decision
     assert path == "per-op" and why in reason
+    report = fastenc.backend_report("cpu", model=fast)
+    assert "fastenc backends for device=cpu" in report and f"per-op ({reason})" in report
 
 
 def test_named_cpu_encoder_raises_instead_of_running_per_op():

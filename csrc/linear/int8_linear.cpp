@@ -13,8 +13,10 @@
 #include "linear/panel_tiles.h"
 
 namespace fastenc::cpu {
+namespace AVX512_BF16 {  // the VNNI kernels below run only at capability avx512_bf16 (which includes VNNI) and up
 namespace {
 
+namespace panel = AVX512::panel;
 using panel::kMR;
 using panel::kNR;
 static_assert(kNR == kInt8PanelCols);
@@ -104,11 +106,12 @@ void gemm_vnni(const GemmArgs& g) {
 #endif  // FASTENC_PANEL_X86
 
 }  // namespace
+}  // namespace AVX512_BF16
 
 FASTENC_REGISTER_CPU_KERNELS(Int8QuantizeKernels);
 
 Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth) {
-  return cpu_kernels<Int8QuantizeKernels>().quantize_rows(x, act_in, smooth);
+  return cpu_kernels<Int8QuantizeKernels>().quantize(x, act_in, smooth);
 }
 
 bool int8_vnni_supported() {
@@ -133,8 +136,8 @@ Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const 
                 "fastenc int8: smooth must be fp32 [k]");
     w.smooth = smooth.contiguous();
   }
-  const int64_t panels = w.panels(), k4 = w.k4(), np = panels * kNR;
-  w.packed = at::zeros({panels, k4, kNR, 4}, q.options());
+  const int64_t panels = w.panels(), k4 = w.k4(), np = panels * kInt8PanelCols;
+  w.packed = at::zeros({panels, k4, kInt8PanelCols, 4}, q.options());
   w.scale = at::zeros({np}, scale.options());
   w.scale.narrow(0, 0, w.n).copy_(scale);
   w.comp = at::zeros({np}, q.options().dtype(at::kInt));
@@ -143,11 +146,11 @@ Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const 
   int32_t* comp = w.comp.data_ptr<int32_t>();
   at::parallel_for(0, w.n, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      const int64_t p = n / kNR, c = n % kNR;
+      const int64_t p = n / kInt8PanelCols, c = n % kInt8PanelCols;
       int32_t sum = 0;
       for (int64_t k = 0; k < w.k; ++k) {
         const int8_t v = src[n * w.k + k];
-        dst[((p * k4 + k / 4) * kNR + c) * 4 + k % 4] = v;
+        dst[((p * k4 + k / 4) * kInt8PanelCols + c) * 4 + k % 4] = v;
         sum += v;
       }
       comp[n] = 128 * sum;
@@ -164,11 +167,11 @@ at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor&
   if (m == 0 || w.n == 0) return y;
 #if defined(FASTENC_PANEL_X86)
   if (int8_vnni_supported()) {
-    GemmArgs g{x.q.const_data_ptr<uint8_t>(), x.q.size(1), x.scale.const_data_ptr<float>(), &w,
+    AVX512_BF16::GemmArgs g{x.q.const_data_ptr<uint8_t>(), x.q.size(1), x.scale.const_data_ptr<float>(), &w,
                bias.defined() ? bias.const_data_ptr<float>() : nullptr,
                residual.defined() ? residual.const_data_ptr() : nullptr, y.data_ptr(), out_dtype == at::kBFloat16, m,
                w.n};
-    gemm_vnni(g);
+    AVX512_BF16::gemm_vnni(g);
     return y;
   }
 #endif

@@ -62,7 +62,7 @@ bool int8_vnni_supported();
 
 // quantize_rows of cpu/int8_quantize.cpp, one table per capability it is compiled for (common/cpu_kernels.h).
 struct Int8QuantizeKernels {
-  decltype(&quantize_rows) quantize_rows;
+  decltype(&quantize_rows) quantize;
 };
 FASTENC_DECLARE_CPU_KERNELS(Int8QuantizeKernels)
 

@@ -7,6 +7,7 @@
 #include "linear/panel_tiles.h"
 
 namespace fastenc::cpu {
+namespace AVX512 {  // the kernels below run only at capability avx512 and up (bf16: avx512_bf16)
 namespace {
 
 using panel::kMR;
@@ -128,6 +129,7 @@ void gemm(const Args& g) {
 #endif  // FASTENC_PANEL_X86
 
 }  // namespace
+}  // namespace AVX512
 
 bool panel_gemm_supported(at::ScalarType dtype) {
 #if defined(FASTENC_PANEL_X86)
@@ -147,19 +149,19 @@ PanelWeight pack_panel_weight(const at::Tensor& w) {
   out.n = w.size(0);
   out.k = w.size(1);
   out.dtype = w.scalar_type();
-  const int64_t np = panel::panels(out.n);
+  const int64_t np = AVX512::panel::panels(out.n);
   const at::Tensor src = w.contiguous();
   if (out.dtype == at::kFloat) {
     // [panels, k, 64]: element (p, kk, c) = w[64p + c, kk]
-    at::Tensor padded = at::zeros({np * kNR, out.k}, w.options());
+    at::Tensor padded = at::zeros({np * AVX512::panel::kNR, out.k}, w.options());
     padded.narrow(0, 0, out.n).copy_(src);
-    out.packed = padded.view({np, kNR, out.k}).transpose(1, 2).contiguous();
+    out.packed = padded.view({np, AVX512::panel::kNR, out.k}).transpose(1, 2).contiguous();
   } else {
     // [panels, k2, 64, 2]: element (p, kk, c, t) = w[64p + c, 2kk + t]
     const int64_t k2 = (out.k + 1) / 2;
-    at::Tensor padded = at::zeros({np * kNR, 2 * k2}, w.options());
+    at::Tensor padded = at::zeros({np * AVX512::panel::kNR, 2 * k2}, w.options());
     padded.narrow(0, 0, out.n).narrow(1, 0, out.k).copy_(src);
-    out.packed = padded.view({np, kNR, k2, 2}).transpose(1, 2).contiguous();
+    out.packed = padded.view({np, AVX512::panel::kNR, k2, 2}).transpose(1, 2).contiguous();
   }
   return out;
 }
@@ -174,12 +176,12 @@ at::Tensor panel_gemm(const at::Tensor& x, const PanelWeight& w, const at::Tenso
   const at::Tensor b = bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor r = residual.defined() ? residual.contiguous() : at::Tensor();
 #if defined(FASTENC_PANEL_X86)
-  const Args g{x.const_data_ptr(), x.stride(0), &w, b.defined() ? b.const_data_ptr<float>() : nullptr,
+  const AVX512::Args g{x.const_data_ptr(), x.stride(0), &w, b.defined() ? b.const_data_ptr<float>() : nullptr,
                r.defined() ? r.const_data_ptr() : nullptr, y.data_ptr(), w.dtype == at::kBFloat16, m, w.n};
   if (g.bf16) {
-    gemm<true>(g);
+    AVX512::gemm<true>(g);
   } else {
-    gemm<false>(g);
+    AVX512::gemm<false>(g);
   }
 #endif
   return y;

@@ -16,7 +16,9 @@
 #define FASTENC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #endif
 
-namespace fastenc::cpu::panel {
+// In namespace AVX512: code of that capability, called only after the capability check (panel_gemm_supported,
+// int8_vnni_supported); tests/test_build.py reads the namespace to allow its instructions.
+namespace fastenc::cpu::AVX512::panel {
 
 constexpr int64_t kNR = 64;              // output columns per panel: 4 zmm of 16 lanes
 constexpr int kMR = 6;                   // rows per tile: 6 x 4 accumulators + 4 weight vectors + 1 broadcast
@@ -65,4 +67,4 @@ void for_each_tile(int64_t m, int64_t n, const Tile& tile) {
 
 #endif  // FASTENC_PANEL_X86
 
-}  // namespace fastenc::cpu::panel
+}  // namespace fastenc::cpu::AVX512::panel

@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "attention/attention.h"
-#include "attention/cpu/bf16_dots.h"
 #include "attention/cpu/dropout.h"
 #include "attention/cpu/mask.h"
 #include "attention/cpu/micro_kernels.h"
@@ -24,11 +23,13 @@ namespace {
 
 // Whether the forward of T rows with head dim D runs Bf16Dots, which multiplies q and k rotated and rounded back
 // to bf16: the backward's scores must be taken from the same rounded rows, or its P = exp(s - lse) is not the
-// forward's softmax (a bf16 rounding of each score, times scale: dV was 2.5% off with one visible key).
+// forward's softmax (a bf16 rounding of each score, times scale: dV was 2.5% off with one visible key).  The forward
+// does so in its avx512_bf16 objects; this file is compiled for that capability too, and both tables follow the one
+// capability in use, so the backward rounds exactly when the forward did.
 template <typename T>
 bool rounds_rotated_rows(int64_t D) {
-#if defined(FASTENC_AVX512BF16) && defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, at::BFloat16>) return D % 2 == 0 && has_avx512_bf16();
+#if defined(FASTENC_CPU_AVX512_BF16)
+  if constexpr (std::is_same_v<T, at::BFloat16>) return D % 2 == 0;
 #endif
   (void)D;
   return false;
