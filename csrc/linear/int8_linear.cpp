@@ -175,9 +175,18 @@ at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor&
     return y;
   }
 #endif
-  // ATen's int8 GEMM (s8 x s8 -> s32) and the same epilogue in ATen ops.
-  const at::Tensor a = (x.q.narrow(1, 0, x.k).to(at::kInt) - 128).to(at::kChar);
-  const at::Tensor acc = at::_int_mm(a, w.q.t());
+  // Without the VNNI kernel: the integer products by fp32 GEMMs over chunks of kExactK columns, each exact
+  // (|partial sums| <= kExactK · 127² < 2^24), summed in int32; then the same epilogue in ATen ops.  Not
+  // torch._int_mm: oneDNN's int8 GEMM without VNNI adds byte pairs in int16 (vpmaddubsw) and saturates (measured
+  // under ONEDNN_MAX_CPU_ISA=AVX512_CORE: sums off by up to 6e4).
+  constexpr int64_t kExactK = 1024;
+  const at::Tensor a = x.q.narrow(1, 0, x.k).to(at::kFloat) - 128.f;
+  const at::Tensor b = w.q.to(at::kFloat);
+  at::Tensor acc = at::zeros({m, w.n}, x.q.options().dtype(at::kInt));
+  for (int64_t k0 = 0; k0 < x.k; k0 += kExactK) {
+    const int64_t kc = std::min(kExactK, x.k - k0);
+    acc.add_(at::mm(a.narrow(1, k0, kc), b.narrow(1, k0, kc).t()).to(at::kInt));
+  }
   at::Tensor f = acc.to(at::kFloat) * (x.scale.unsqueeze(1) * w.scale.narrow(0, 0, w.n).unsqueeze(0));
   if (bias.defined()) f.add_(bias);
   if (residual.defined()) f.add_(residual.to(at::kFloat));

@@ -8,8 +8,8 @@
 // instruction) on an MR = 6 rows x NR = 64 columns tile held in 24 zmm accumulators, the weight prepacked
 // into 64-column panels (pack_int8_weight), the activations stored as u8 (q + 128; the offset's
 // contribution 128 · Σ_k q_w[n, k] is subtracted in the epilogue).  The epilogue dequantizes (s_x s_w),
-// adds the bias and the residual and stores fp32 or bf16.  CPUs without AVX512-VNNI run ATen's int8
-// GEMM (torch._int_mm, oneDNN) and the same epilogue math in ATen ops.
+// adds the bias and the residual and stores fp32 or bf16.  Below the avx512_bf16 capability (no VNNI kernel)
+// the integer products run as exact fp32 GEMMs over column chunks, with the same epilogue math in ATen ops.
 #pragma once
 
 #include <ATen/ATen.h>

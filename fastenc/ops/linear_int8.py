@@ -38,7 +38,8 @@ def _describe(device: torch.device, dtype: torch.dtype):
     ext = extension()
     if ext is None or not hasattr(ext, "cpu_int8_vnni"):
         return []
-    return ["int8 GEMM: " + ("AVX512-VNNI kernel" if ext.cpu_int8_vnni() else "ATen's int8 GEMM (no AVX512-VNNI)")]
+    return ["int8 GEMM: " + ("AVX512-VNNI kernel" if ext.cpu_int8_vnni() else
+                             "exact fp32 GEMMs of the int8 values (below the avx512_bf16 capability: no VNNI kernel)")]
 
 
 register_op("linear_int8", {"cpu": _cpu_available}, auto={"cpu": ("cpu",)}, describe=_describe)
