@@ -69,6 +69,8 @@ def test_capability_in_use():
 def test_tables_hold_the_planned_objects():
     """Every csrc/<op>/cpu/*.cpp is a kernel file of the plan, and the built tables have exactly the planned
     variants (with this environment's FASTENC_CPU_CAPABILITIES, the build's)."""
+    if not os.path.isdir(os.path.join(ROOT, "csrc")):
+        pytest.skip("compares the build plan with csrc/: not in a run of the installed wheel's tests")
     on_disk = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*", "cpu", "*.cpp"))}
     assert on_disk == set(cpu_kernels.KERNEL_SOURCES)
     planned = {}
