@@ -156,6 +156,10 @@ def _run(backend: str, c: Call) -> None:
 # the computation's dtype (strategies.check_grads).
 @example(c=Call(torch.float16, (2,), 7, torch.float16, False, True, False, torch.float32, False, 0.0, 1e-12, 1.0, 0.0,
                 True, False, 0))
+# (long profile) fp16 prenorm rows with all-zero ones at eps 1e-12: dx at the fp16 overflow edge, -65504 from the
+# kernel's fp32 value and -inf from the fp64 oracle's (the parity rule's overflow edge, fastenc/testing.py)
+@example(c=Call(torch.float16, (3, 62), 127, None, False, True, True, torch.float16, True, 0.0, 1e-12, 1.0, 0.0,
+                True, True, 2405621))
 # (long profile) rows of one column, post-norm, dropout: dx 1e-4 where it is exactly 0.  The CPU backward's
 # recomputed s rounded 1 ulp off the forward's, times rstd 316; fixed in csrc/cpu/layer_norm.cpp.
 @example(c=Call(torch.float32, (2,), 1, torch.float32, False, False, False, torch.float32, False, 0.25, 1e-5, 1.0, 8.0,

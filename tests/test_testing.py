@@ -80,6 +80,21 @@ def test_a_reference_past_the_dtype_range_is_an_infinity_there():
     assert parity_error(torch.tensor([-1.4e6, 1.0]), ref, ref.float()) is None  # fp32 holds it
 
 
+def test_a_value_at_the_overflow_edge_may_round_either_way():
+    """An fp64 oracle of -65530 is -inf in fp16 while an fp32 result of -65515 rounds to -65504: the same value up
+    to rounding (found by the long profile of tests/test_layer_norm_random.py).  Only within 2 ulps of the edge,
+    only with the same sign, and the finite rest is still compared."""
+    base = torch.tensor([-INF, 1.0], dtype=torch.float16)
+    for ref, fast in ((-65530.0, -65504.0), (-65510.0, -INF)):
+        ref64 = torch.tensor([ref, 1.0], dtype=torch.float64)
+        assert parity_error(torch.tensor([fast, 1.0], dtype=torch.float16), ref64, base) is None
+        assert parity_error(torch.tensor([fast, 2.0], dtype=torch.float16), ref64, base) is not None
+    far = torch.tensor([-1.4e6, 1.0], dtype=torch.float64)
+    assert parity_error(torch.tensor([-65504.0, 1.0], dtype=torch.float16), far, base) is not None  # saturated
+    assert parity_error(torch.tensor([65504.0, 1.0], dtype=torch.float16),
+                        torch.tensor([-65530.0, 1.0], dtype=torch.float64), base) is not None  # wrong sign
+
+
 def test_a_baseline_that_overflowed_does_not_widen_the_bound():
     """Plain PyTorch's inf or NaN where the reference is finite measures nothing: the bound comes from the rest."""
     ref = torch.tensor([1.0, 2.0], dtype=torch.float64)
