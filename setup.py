@@ -18,6 +18,7 @@ Environment variables (the README's "Build options"):
   FASTENC_CUTLASS_PREBUILT=DIR  link the CUTLASS sm90 objects prebuilt in DIR (scripts/prebuild_cutlass.py)
                              when their stamps match this checkout; a stale one is rebuilt from source
                              (needs the CUTLASS headers; without them the build says so and goes on without CUTLASS)
+  FASTENC_DEBUG_INFO=1       keep debug information (-g; the default build has none: half the compile time)
   MAX_JOBS                   parallel compile jobs (default: cores, capped by memory)
 
 Objects live in build/ext-<python>-<torch>/ (ignored), so ninja recompiles only what changed (a header, a flag)
@@ -38,7 +39,7 @@ if int(setuptools.__version__.split(".")[0]) < 77:  # else an obscure error from
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)  # setuptools' PEP 517 backend runs this file without its folder on sys.path
 
-from build_tools import constants_header, cpu_kernels  # noqa: E402
+from build_tools import constants_header, cpu_kernels, precompiled_header  # noqa: E402
 from build_tools import cutlass_objects as cutlass  # noqa: E402
 from build_tools.toolchain import (  # noqa: E402
     cublas_paths, cuda_arch_flags, cuda_archs, cuda_runtime_include, default_max_jobs, env_flag,
@@ -87,9 +88,14 @@ def _build_ext_class(BuildExtension, nvcc: str, cutlass_plan, kernel_plan):
             # Called by BuildExtension after it added its flags to ext: the kernel objects get the same ones.
             cxx_args = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
             includes = [f"-I{d}" for d in list(ext.include_dirs) + list(self.compiler.include_dirs)]
-            objs = cpu_kernels.build_objects(os.path.join(os.path.abspath(self.build_temp), "cpu_kernels"), kernel_plan,
-                                             get_cxx_compiler(), self.compiler.compiler_so[1:] + includes, cxx_args,
-                                             int(os.environ["MAX_JOBS"]), ROOT)
+            temp = os.path.abspath(self.build_temp)
+            cflags = self.compiler.compiler_so[1:] + includes
+            pch = precompiled_header.start(os.path.join(temp, "generated"), os.path.join(temp, "pch"),
+                                           get_cxx_compiler(), cflags, cxx_args)  # beside the kernel objects
+            objs = cpu_kernels.build_objects(os.path.join(temp, "cpu_kernels"), kernel_plan, get_cxx_compiler(),
+                                             cflags, cxx_args, int(os.environ["MAX_JOBS"]), ROOT)
+            if pch is not None and pch.wait() != 0:
+                raise RuntimeError("fastenc: compiling the precompiled torch/extension.h failed (see above)")
             ext.extra_objects = list(ext.extra_objects or []) + objs
             super().build_extension(ext)
 
@@ -115,7 +121,9 @@ def _ext_modules():
     cutlass_cu = {os.path.relpath(s, ROOT) for s in cutlass.cutlass_sources()}
     cu_sources = [s for s in sorted(glob.glob("csrc/**/*.cu", recursive=True)) if s not in cutlass_cu]
     # -fopenmp: at::parallel_for only runs in parallel under _OPENMP; libgomp.so.1 resolves to the one torch loaded.
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    # -g0: no debug information (Python's CFLAGS bring -g): it doubles the compile time and the size of the
+    # extension; FASTENC_DEBUG_INFO=1 keeps it.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"] + ([] if env_flag("FASTENC_DEBUG_INFO") else ["-g0"])
     kernel_plan = cpu_kernels.plan(cpu_kernels.build_capabilities(log=print))
     use_cuda = not env_flag("FASTENC_FORCE_CPU") and torch.version.cuda is not None and CUDA_HOME is not None
     if not (use_cuda and cu_sources):

@@ -12,6 +12,7 @@ import ast
 import os
 
 from .cutlass_objects import ROOT
+from .files import write_if_changed
 
 SOURCE = os.path.join("fastenc", "constants.py")
 HEADER = "fastenc_constants.h"
@@ -62,16 +63,4 @@ def header_text(constants: dict) -> str:
 
 def write_header(out_dir: str, root: str = ROOT) -> str:
     """out_dir/fastenc_constants.h from root's constants.py, rewritten only when it changed; returns its path."""
-    path = os.path.join(out_dir, HEADER)
-    text = header_text(read_constants(os.path.join(root, SOURCE)))
-    try:
-        with open(path, encoding="utf-8") as f:
-            if f.read() == text:
-                return path
-    except OSError:
-        pass
-    os.makedirs(out_dir, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-    return path
+    return write_if_changed(os.path.join(out_dir, HEADER), header_text(read_constants(os.path.join(root, SOURCE))))

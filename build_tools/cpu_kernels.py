@@ -28,6 +28,8 @@ import shlex
 import shutil
 import subprocess
 
+from .files import ninja_path, write_if_changed
+
 # Lowest first; each implies every one before it (what the CPU must have to run its objects).
 CAPABILITIES = ("default", "avx2", "avx512", "avx512_bf16", "amx")
 _ADDED_FLAGS = {
@@ -129,24 +131,9 @@ def write_ninja(out_dir: str, objects, cxx: str, cflags, post_cflags, root: str)
              "  depfile = $out.d", "  deps = gcc", ""]
     for src, cap in objects:
         obj = object_path(out_dir, src, cap)
-        lines += [f"build {_ninja_path(obj)}: compile {_ninja_path(os.path.join(root, src))}",
+        lines += [f"build {ninja_path(obj)}: compile {ninja_path(os.path.join(root, src))}",
                   f"  cap_flags = {q(shlex.quote(f) for f in capability_flags(cap))}"]
-    path = os.path.join(out_dir, "build.ninja")
-    os.makedirs(out_dir, exist_ok=True)
-    text = "\n".join(lines) + "\n"
-    try:
-        with open(path, encoding="utf-8") as f:
-            if f.read() == text:
-                return path
-    except OSError:
-        pass
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    return path
-
-
-def _ninja_path(p: str) -> str:
-    return p.replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+    return write_if_changed(os.path.join(out_dir, "build.ninja"), "\n".join(lines) + "\n")
 
 
 def build_objects(out_dir: str, objects, cxx: str, cflags, post_cflags, jobs: int, root: str) -> list:

@@ -8,7 +8,7 @@ import re
 # Every environment variable that changes what the build makes: ours, where torch finds CUDA, and the compiler's
 # own (MAX_JOBS only changes how fast). The rebuild stamp (build_stamp.py) records their values.
 BUILD_ENV = ("FASTENC_SKIP_NATIVE", "FASTENC_FORCE_CPU", "FASTENC_CUDA_ARCHS", "FASTENC_CPU_CAPABILITIES", "FASTENC_NO_CUTLASS",
-             "FASTENC_CUTLASS_DIR", "FASTENC_CUTLASS_PREBUILT", "CUDA_HOME", "CUDA_PATH", "CC", "CXX", "CFLAGS",
+             "FASTENC_DEBUG_INFO", "FASTENC_CUTLASS_DIR", "FASTENC_CUTLASS_PREBUILT", "CUDA_HOME", "CUDA_PATH", "CC", "CXX", "CFLAGS",
              "CPPFLAGS", "CXXFLAGS", "LDFLAGS")
 
 

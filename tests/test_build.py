@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from fastenc.backends import extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # build_tools/ is not installed
-from build_tools import build_stamp, cpu_kernels, toolchain  # noqa: E402
+from build_tools import build_stamp, cpu_kernels, precompiled_header, toolchain  # noqa: E402
 from build_tools import cutlass_objects as co  # noqa: E402
 _FLAGS = [v for v in ("FASTENC_SKIP_NATIVE", "FASTENC_FORCE_CPU")
           if os.environ.get(v, "0").lower() in ("1", "true", "yes", "on")]
@@ -430,6 +431,31 @@ def test_no_vector_instruction_outside_its_kernels():
     assert {-1, 1} <= seen, f"no baseline or no avx2 functions found: {sorted(seen)}"
     assert not bad, f"{len(bad)} functions use wider instructions than they may: " + "; ".join(
         f"{f[:160]} ({b}, level {lv})" for f, (b, lv) in list(bad.items())[:8])
+
+
+def _ninja_var(text: str, name: str) -> list:
+    return shlex.split(re.search(rf"^{name} = (.*)$", text, re.M).group(1))
+
+
+def test_binding_sources_use_the_precompiled_header():
+    """Each binding source includes the generated torch/extension.h first (GCC uses a .gch only there), and the
+    built tree's .gch is valid for the build's own flags: GCC's -H marks a precompiled header it used with '!'."""
+    for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "bindings", "*.cpp"))):
+        first = re.search(r"^#include\s+\S+", open(src, encoding="utf-8").read(), re.M).group(0)
+        assert precompiled_header.HEADER in first, f"{src}: first include is {first}"
+    import torch
+
+    ninja = os.path.join(ROOT, "build", f"ext-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}",
+                         "build.ninja")
+    if not os.path.exists(ninja) or not precompiled_header.is_gcc("c++"):
+        pytest.skip("no GCC build tree here (an installed wheel, or another compiler)")
+    text = open(ninja, encoding="utf-8").read()
+    cflags = [f for f in _ninja_var(text, "cflags") if f != "-c"]
+    src = os.path.join(ROOT, "csrc", "bindings", "module.cpp")
+    out = subprocess.run(["c++", *cflags, "-fsyntax-only", "-H", src, *_ninja_var(text, "post_cflags")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.match(rf"! \S*{precompiled_header.HEADER}\.gch\n", out.stderr), out.stderr[:500]
 
 
 # ---------------------------------------------------------------- rebuild stamp (scripts/run.sh)

@@ -1,11 +1,11 @@
 // Python bindings of the CPU attention kernels (attention/attention.h): argument checks
 // (TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError) and one m.def per entry point.
-#include <torch/extension.h>
+#include "fastenc_torch_extension.h"  // first: GCC uses a precompiled header only there
+#include "bindings/bindings.h"
 
 #include <cmath>
 #include <limits>
 
-#include "bindings/bindings.h"
 #include "attention/attention.h"
 
 namespace fastenc {

@@ -2,7 +2,7 @@
 // is the extension's only PYBIND11_MODULE and calls them all.
 #pragma once
 
-#include <torch/extension.h>
+#include "fastenc_torch_extension.h"  // <torch/extension.h>, precompiled by the build
 
 namespace fastenc {
 

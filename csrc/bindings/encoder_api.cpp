@@ -2,7 +2,8 @@
 // fastenc.layer's LayerSpec and LayerWeights (checked then, weights prepacked for oneDNN), and one m.def
 // for the forward, which checks only what a call can change (x, cu_seqlens, the rotary tables).
 // TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError, each naming the argument.
-#include <torch/extension.h>
+#include "fastenc_torch_extension.h"  // first: GCC uses a precompiled header only there
+#include "bindings/bindings.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -11,7 +12,6 @@
 #include <string>
 #include <vector>
 
-#include "bindings/bindings.h"
 #include "encoder/encoder.h"
 #include "linear/linear.h"
 

@@ -1,14 +1,14 @@
 // Python bindings of the FFN op: argument checks (TORCH_CHECK_VALUE -> ValueError,
 // TORCH_CHECK_TYPE -> TypeError) and one m.def per entry point.  The math is in
 // ffn/ffn.cpp, the path choice in ffn/gemm_paths.cpp, the kernels in ffn/cpu/ and ffn/cuda/.
-#include <torch/extension.h>
+#include "fastenc_torch_extension.h"  // first: GCC uses a precompiled header only there
+#include "bindings/bindings.h"
 
 #ifdef FASTENC_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
-#include "bindings/bindings.h"
 #include "ffn/ffn.h"
 
 // setup.py passes the archs as one token (-DFASTENC_CUDA_ARCHS=80_90a).

@@ -1,12 +1,12 @@
 // Python bindings of the CPU int8 linear layer (linear/int8_linear.h): the packed weight class, the quantized
 // GEMM with its run-time activation quantization, and whether the VNNI kernel runs here.
-#include <torch/extension.h>
+#include "fastenc_torch_extension.h"  // first: GCC uses a precompiled header only there
+#include "bindings/bindings.h"
 
 #include <memory>
 #include <optional>
 #include <string>
 
-#include "bindings/bindings.h"
 #include "ffn/ffn.h"  // parse_activation
 #include "linear/int8_linear.h"
 

@@ -1,11 +1,11 @@
 // Python bindings of the CPU residual + LayerNorm (layer_norm/layer_norm.h): argument checks that
 // name the argument (TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError), [..., N]
 // tensors viewed as [rows, N], and one m.def per entry point.
-#include <torch/extension.h>
+#include "fastenc_torch_extension.h"  // first: GCC uses a precompiled header only there
+#include "bindings/bindings.h"
 
 #include <cmath>
 
-#include "bindings/bindings.h"
 #include "layer_norm/layer_norm.h"
 
 namespace fastenc {

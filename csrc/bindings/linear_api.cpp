@@ -3,11 +3,11 @@
 // (cpu_pack_linear_weight: torch's mkldnn::_reorder_linear_weight, what torch.compile's CPU
 // freezing pass caches).  Packing pays for few rows (1-32 tokens: 1.1-2.3x, see benchmarks/README.md
 // "CPU GEMMs") and is inference-only: a packed weight has no strides and no autograd.
-#include <torch/extension.h>
+#include "fastenc_torch_extension.h"  // first: GCC uses a precompiled header only there
+#include "bindings/bindings.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
-#include "bindings/bindings.h"
 #include "common/activation.h"
 #include "linear/linear.h"
 

@@ -1,4 +1,5 @@
 // The fastenc._C Python module: the bindings of every op (see bindings.h).
+#include "fastenc_torch_extension.h"  // first: GCC uses a precompiled header only there
 #include "bindings/bindings.h"
 #include "common/cpu_kernels.h"
 #include "fastenc_constants.h"

@@ -1,10 +1,10 @@
 // Python bindings of the few-row CPU GEMM (linear/panel_gemm.h): its packed weight class and the GEMM.
-#include <torch/extension.h>
+#include "fastenc_torch_extension.h"  // first: GCC uses a precompiled header only there
+#include "bindings/bindings.h"
 
 #include <memory>
 #include <optional>
 
-#include "bindings/bindings.h"
 #include "linear/panel_gemm.h"
 
 namespace fastenc {
