@@ -279,13 +279,17 @@ def fused_blocker(layers: Sequence[StackLayer], x: Tensor, *, dense_masks: bool,
                "stack runs on packed tokens: a bool key padding mask with padding removal)"
     if per_layer_outputs:
         return "per-layer outputs were asked for (output_hidden_states or gradient checkpointing)"
+    asked = set()  # (op, the layer's own setting for it): most layers share theirs
     for i, layer in enumerate(layers):
         if not layer.spec.fused_activation:
             return f"layer {i}'s activation {layer.spec.activation!r} has no kernel (it runs in PyTorch)"
         for op in _FUSED_OPS:
-            forced = requested_backend(op, _op_backend(layer.setting, op))[0]
-            if forced not in ("auto", "cpu"):
-                return f"{op} is set to {forced!r}"
+            own = _op_backend(layer.setting, op)
+            if (op, own) not in asked:
+                asked.add((op, own))
+                forced = requested_backend(op, own)[0]
+                if forced not in ("auto", "cpu"):
+                    return f"{op} is set to {forced!r}"
     return None
 
 
@@ -330,15 +334,20 @@ def run(layers: Sequence[StackLayer], x: Tensor, *, setting: Optional[BackendSet
     if recording is not None:
         ranges = recording.setdefault(id(cache), [{} for _ in layers])
         record = {id(layer.weights): r for layer, r in zip(layers, ranges)}
+    weights_key = None  # what the derived weights of this call are a function of (their caches' key)
     if not training:
         layers = [StackLayer(layer.spec.with_dropout(False), layer.weights, layer.setting) for layer in layers]
+        weights_key = (tuple(tensor_key(layer.weights.tensors()) for layer in layers), None)  # once per call
         if quantize == "int8" and record is None:
             if _needs_grad(x, layers):
                 warn_once("fastenc: int8 runs without autograd; a call that needs gradients runs the float weights "
                           "(call the model under torch.no_grad() or torch.inference_mode())")
             else:
-                layers = [layer._replace(int8=q8) for layer, q8 in zip(layers, _int8_layers(layers, cache,
-                                                                                           int8_ranges))]
+                # the int8 weights are a function of the float weights and the calibration
+                weights_key = (weights_key[0], None if int8_ranges is None else
+                               tuple(tensor_key(r.values()) for r in int8_ranges))
+                layers = [layer._replace(int8=q8) for layer, q8 in zip(layers, _int8_layers(
+                    layers, cache, int8_ranges, weights_key))]
     # The fused stack runs on packed rows: a bool key padding mask is packed for it whatever the padding.
     packable = packed is not None or (attn_mask is None and unpad_ is not False and (
         key_padding_mask is None or key_padding_mask.dtype == torch.bool))
@@ -351,15 +360,14 @@ def run(layers: Sequence[StackLayer], x: Tensor, *, setting: Optional[BackendSet
     if cache is not None:
         cache.last_decision = ("fused" if fused else "per-op", why)
     info = packed
-    if packed is None:
+    if packed is None and not (fused and key_padding_mask is not None and not key_padding_mask.any()):
+        # (fused without padding: the dense rows are the packed rows, no maps to build)
         info = padding_plan(True if fused and key_padding_mask is not None else unpad_, attn_mask, key_padding_mask)
-        if fused and info is not None and info.padding_ratio == 0:
-            info = None  # nothing to remove: the dense rows are the packed rows
     tokens = x if (packed is not None or info is None) else unpad(x, info, backend=_op_backend(setting, "padding"))
     states = None
     if fused:
         fused_norm = final_norm if isinstance(final_norm, NormWeights) else None
-        out = _apply_norm(_fused(tokens, info, layers, fused_norm, is_causal, cache),
+        out = _apply_norm(_fused(tokens, info, layers, fused_norm, is_causal, cache, weights_key),
                           None if fused_norm is not None else final_norm, setting)
     else:
         out, states = _per_op(tokens, info, layers, setting, final_norm, attn_mask, key_padding_mask, is_causal,
@@ -394,10 +402,10 @@ def _decide(layers: Sequence[StackLayer], x: Tensor, setting: Optional[BackendSe
     return True, "one C++ call for the whole stack"
 
 
-def _int8_layers(layers: Sequence[StackLayer], cache: WeightCache,
-                 ranges: Optional[Sequence[dict]]) -> List[Int8Layer]:
+def _int8_layers(layers: Sequence[StackLayer], cache: WeightCache, ranges: Optional[Sequence[dict]],
+                 key: Tuple) -> List[Int8Layer]:
     """The layers' GEMM weights of ``INT8_GEMMS`` in int8, quantized once per weight generation, smoothed
-    where calibrated input ranges exist."""
+    where calibrated input ranges exist; ``key``: the tensor keys of the layers' weights and of ``ranges``."""
     names = ("qkv", "out", "ffn1", "ffn2")
     if ranges is not None and len(ranges) != len(layers):
         raise ValueError(f"fastenc int8: calibrated ranges for {len(ranges)} layers, the stack has {len(layers)} "
@@ -413,8 +421,6 @@ def _int8_layers(layers: Sequence[StackLayer], cache: WeightCache,
     def build():
         return [Int8Layer(*(quantize(i, n, getattr(layer.weights, f"{n}_weight")) for n in names))
                 for i, layer in enumerate(layers)]
-    key = tuple(tensor_key(layer.weights.tensors()) for layer in layers)
-    key += (None if ranges is None else tuple(tensor_key(r.values()) for r in ranges),)
     return cache.get(("int8", INT8_GEMMS), key, build)
 
 
@@ -468,7 +474,7 @@ def _rotary_tables(layers: Sequence[StackLayer], length: int, dtype: torch.dtype
 
 
 def _fused(tokens: Tensor, info: Optional[Packed], layers: Sequence[StackLayer],
-           final_norm: Optional[NormWeights], is_causal: bool, cache: WeightCache) -> Tensor:
+           final_norm: Optional[NormWeights], is_causal: bool, cache: WeightCache, weights_key: Tuple) -> Tensor:
     """The stack in one C++ call on packed rows (a dense batch without masks is B sequences of L rows)."""
     if info is not None:
         rows, cu, max_len = tokens, info.cu_seqlens, info.max_seqlen
@@ -476,7 +482,7 @@ def _fused(tokens: Tensor, info: Optional[Packed], layers: Sequence[StackLayer],
         B, L, d = tokens.shape
         rows, cu, max_len = tokens.reshape(B * L, d), fused_encoder.uniform_cu(B, L), L
     handles = fused_encoder.layers_for(cache, [(layer.spec, layer.weights, layer.int8) for layer in layers],
-                                       rows.dtype)
+                                       rows.dtype, weights_key)
     tables = _rotary_tables(layers, max_len, rows.dtype)
     rotary = [tables[(id(layer.weights.rotary_inv_freq), layer.spec.rotary_scaling)] if layer.spec.rotary else None
               for layer in layers]

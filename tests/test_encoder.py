@@ -8,6 +8,7 @@ import fastenc
 from fastenc import backends, ops
 from fastenc.ops.linear import ONEDNN_MIN_MACS
 from fastenc.testing import assert_parity
+from fastenc.weight_cache import tensor_key
 from tests.layer_cases import cu_seqlens, random_layer, to_dtype
 
 pytestmark = pytest.mark.skipif(backends.cpu_check(torch.device("cpu"), torch.float32) is not None,
@@ -43,6 +44,11 @@ def test_small_stack_matches_reference(dtype, norm_first, activation, bias, caus
     _check(layers, [7, 1, 0, 33, 12], dtype, final, causal)
 
 
+def _weights_key(layers):
+    """The caches' key fastenc.stack.run computes for (spec, weights) layers, uncalibrated."""
+    return tuple(tensor_key(w.tensors()) for _, w in layers), None
+
+
 # Above the threshold: every GEMM runs oneDNN with the prepacked weights and its fused epilogue (bias,
 # activation; pre-norm: the residual add in GEMM2); head dims 64 and 80.
 LARGE = [(384, 6, 1536, False, "gelu"), (480, 6, 1920, True, "gelu_tanh"), (384, 6, 1536, True, "relu")]
@@ -55,8 +61,9 @@ def test_large_stack_runs_prepacked_onednn_gemms(dtype, d, nhead, f, norm_first,
     assert min(sum(lengths) * d * d, sum(lengths) * d * f) >= ONEDNN_MIN_MACS  # every GEMM takes oneDNN
     g = torch.Generator().manual_seed(0)
     layers = [random_layer(d, nhead, f, activation=activation, norm_first=norm_first, generator=g) for _ in range(2)]
-    built = ops.encoder.layers_for(fastenc.stack.WeightCache(), [(s, w, None) for s, w in to_dtype(layers, dtype)],
-                                   dtype)
+    typed = to_dtype(layers, dtype)
+    built = ops.encoder.layers_for(fastenc.stack.WeightCache(), [(s, w, None) for s, w in typed], dtype,
+                                   _weights_key(typed))
     if backends.extension().cpu_linear_supported(dtype):
         assert all(layer.prepacked for layer in built)
     _check(layers, lengths, dtype)
@@ -167,5 +174,6 @@ def test_int8_stack_matches_its_reference(dtype, norm_first, activation):
         assert _rel(fast, ref) < 0.5 * quant_error, (_rel(fast, ref), quant_error)
     built = ops.encoder.layers_for(fastenc.stack.WeightCache(), [(s, w, q) for (s, w), q in zip(
         typed, fastenc.stack._int8_layers([fastenc.stack.StackLayer(s, w) for s, w in typed],
-                                          fastenc.stack.WeightCache(), None))], dtype)
+                                          fastenc.stack.WeightCache(), None, _weights_key(typed)))], dtype,
+        _weights_key(typed))
     assert [layer.int8_gemms for layer in built] == [list(fastenc.stack.INT8_GEMMS)] * 2

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..backends import cpu_check, extension, register_op
-from ..weight_cache import WeightCache, tensor_key
+from ..weight_cache import WeightCache
 
 Tensor = torch.Tensor
 
@@ -53,12 +53,12 @@ def uniform_cu(batch: int, length: int) -> Tensor:
     return torch.arange(batch + 1, dtype=torch.int32) * length
 
 
-def layers_for(cache: WeightCache, layers: Sequence[Tuple[object, object, object]], dtype: torch.dtype) -> list:
-    """The ``fastenc._C.EncoderLayer`` of each (LayerSpec, LayerWeights, Int8Layer or None), built when a weight,
-    an int8 weight (re-quantized after a weight or a calibration change) or the spec changed."""
-    key = tuple((spec, tensor_key(w.tensors()),
-                 None if q8 is None else tuple(None if q is None else tensor_key(q[:3]) for q in q8))
-                for spec, w, q8 in layers)
+def layers_for(cache: WeightCache, layers: Sequence[Tuple[object, object, object]], dtype: torch.dtype,
+               weights_key: Tuple) -> list:
+    """The ``fastenc._C.EncoderLayer`` of each (LayerSpec, LayerWeights, Int8Layer or None), built when a spec or
+    ``weights_key`` changed: what the weights and int8 weights are a function of (``fastenc.stack.run`` computes
+    it once per call: the layers' weights' ``tensor_key`` and, for int8, the calibration's)."""
+    key = (tuple(spec for spec, _, _ in layers), weights_key)
     ext = extension()
 
     def build():
