@@ -15,7 +15,7 @@ a line in KERNEL_SOURCES giving the lowest and highest capability it is built fo
 change its code: say, ``amx`` for an AMX GEMM, with ``avx512_bf16`` as its lowest if it has no code below VNNI).
 
 FASTENC_CPU_CAPABILITIES (default ``avx2;avx512;avx512_bf16;amx`` on x86-64, ``default`` elsewhere) lists the
-capabilities of the build; a file is compiled for each of them clamped to its range, and the ones its compiler
+capabilities of the build (``native``: this machine's highest one, for a quick local build); a file is compiled for each of them clamped to its range, and the ones its compiler
 lacks flags for are left out (said in one line).
 """
 from __future__ import annotations
@@ -81,14 +81,37 @@ def compiler_has_flags(cxx: str, flags: tuple) -> bool:
     return out.returncode == 0
 
 
+# /proc/cpuinfo flags each capability needs (on top of the ones below it).
+_CPUINFO_FLAGS = {"avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
+                  "avx512_bf16": {"avx512_bf16", "avx512_vnni"}, "amx": {"amx_tile", "amx_bf16", "amx_int8"}}
+
+
+def native_capability(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The highest capability this machine's CPU has, from the kernel's flags (``default`` where none can be read:
+    not Linux, not x86-64)."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        line = ""
+    flags, best = set(line.partition(":")[2].split()), "default"
+    for cap in CAPABILITIES[1:]:
+        if not _CPUINFO_FLAGS[cap] <= flags:
+            break
+        best = cap
+    return best
+
+
 def requested_capabilities() -> list:
-    """FASTENC_CPU_CAPABILITIES as a list (lowest first), checked."""
+    """FASTENC_CPU_CAPABILITIES as a list (lowest first), checked; ``native``: this machine's highest capability
+    only (a quick local build, whose kernels run on this CPU and the ones that have all it has)."""
     default = _DEFAULT_X86 if platform.machine().lower() in ("x86_64", "amd64") else "default"
     caps = [c.lower() for c in re.split(r"[;, ]+", os.environ.get("FASTENC_CPU_CAPABILITIES", default)) if c]
+    caps = [native_capability() if c == "native" else c for c in caps]
     bad = [c for c in caps if c not in CAPABILITIES]
     if bad or not caps:
-        raise RuntimeError(f"FASTENC_CPU_CAPABILITIES={os.environ.get('FASTENC_CPU_CAPABILITIES')!r}: expected a "
-                           f"';'-separated list of {', '.join(CAPABILITIES)}")
+        raise RuntimeError(f"FASTENC_CPU_CAPABILITIES={os.environ.get('FASTENC_CPU_CAPABILITIES')!r}: expected "
+                           f"native or a ';'-separated list of {', '.join(CAPABILITIES)}")
     return sorted(set(caps), key=rank)
 
 

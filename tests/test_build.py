@@ -363,6 +363,24 @@ def test_capability_flags_are_cumulative():
     assert cpu_kernels.capability_flags("default") == ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
 
 
+@pytest.mark.parametrize("flags, cap", [
+    ("fpu sse2", "default"),
+    ("avx2 fma f16c", "avx2"),
+    ("avx2 fma f16c avx512f avx512bw avx512vl avx512dq", "avx512"),
+    ("avx2 fma avx512f avx512bw avx512vl avx512dq avx512_bf16 avx512_vnni", "default"),  # no f16c: not even avx2
+    ("avx2 fma f16c avx512f avx512bw avx512vl avx512dq avx512_bf16 avx512_vnni amx_tile amx_bf16", "avx512_bf16"),
+    ("avx2 fma f16c avx512f avx512bw avx512vl avx512dq avx512_bf16 avx512_vnni amx_tile amx_bf16 amx_int8", "amx"),
+])
+def test_native_capability_reads_the_cpu_flags(tmp_path, monkeypatch, flags, cap):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert cpu_kernels.native_capability(str(info)) == cap
+    assert cpu_kernels.native_capability(str(tmp_path / "missing")) == "default"
+    monkeypatch.setattr(cpu_kernels, "native_capability", lambda: cap)
+    monkeypatch.setenv("FASTENC_CPU_CAPABILITIES", "native")
+    assert cpu_kernels.requested_capabilities() == [cap]
+
+
 def test_build_capabilities_checks_the_request_and_the_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTENC_CPU_CAPABILITIES", "avx512; avx2,avx3")
     with pytest.raises(RuntimeError, match=r"FASTENC_CPU_CAPABILITIES=.*avx3.*expected"):
