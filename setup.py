@@ -90,14 +90,29 @@ def _build_ext_class(BuildExtension, nvcc: str, cutlass_plan, kernel_plan):
             includes = [f"-I{d}" for d in list(ext.include_dirs) + list(self.compiler.include_dirs)]
             temp = os.path.abspath(self.build_temp)
             cflags = self.compiler.compiler_so[1:] + includes
+            # Three ninjas at once, so that no core idles at one's tail: the precompiled header (the binding
+            # sources wait for it), the kernel objects (the link waits for them) and torch's, of the other sources.
             pch = precompiled_header.start(os.path.join(temp, "generated"), os.path.join(temp, "pch"),
-                                           get_cxx_compiler(), cflags, cxx_args)  # beside the kernel objects
-            objs = cpu_kernels.build_objects(os.path.join(temp, "cpu_kernels"), kernel_plan, get_cxx_compiler(),
-                                             cflags, cxx_args, int(os.environ["MAX_JOBS"]), ROOT)
+                                           get_cxx_compiler(), cflags, cxx_args)
+            kernels, objs = cpu_kernels.start_objects(os.path.join(temp, "cpu_kernels"), kernel_plan,
+                                                      get_cxx_compiler(), cflags, cxx_args,
+                                                      int(os.environ["MAX_JOBS"]), ROOT)
             if pch is not None and pch.wait() != 0:
+                kernels.wait()
                 raise RuntimeError("fastenc: compiling the precompiled torch/extension.h failed (see above)")
             ext.extra_objects = list(ext.extra_objects or []) + objs
-            super().build_extension(ext)
+            link = self.compiler.link_shared_object
+
+            def link_after_kernels(*args, **kwargs):
+                if kernels.wait() != 0:
+                    raise RuntimeError("fastenc: compiling the CPU kernel objects failed (see above)")
+                return link(*args, **kwargs)
+            self.compiler.link_shared_object = link_after_kernels
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler.link_shared_object = link
+                kernels.wait()  # a failed compile of the other sources: no ninja left running
 
     return BuildExt
 

@@ -159,12 +159,13 @@ def write_ninja(out_dir: str, objects, cxx: str, cflags, post_cflags, root: str)
     return write_if_changed(os.path.join(out_dir, "build.ninja"), "\n".join(lines) + "\n")
 
 
-def build_objects(out_dir: str, objects, cxx: str, cflags, post_cflags, jobs: int, root: str) -> list:
-    """Compiles the kernel objects with ninja (only the stale ones); returns their paths in link order."""
+def start_objects(out_dir: str, objects, cxx: str, cflags, post_cflags, jobs: int, root: str):
+    """Starts ninja on the kernel objects (it compiles only the stale ones); returns (the process, the objects'
+    paths in link order): wait() for it before they are linked."""
     write_ninja(out_dir, objects, cxx, cflags, post_cflags, root)
     ninja = shutil.which("ninja") or "ninja"
-    subprocess.run([ninja, "-C", out_dir, "-j", str(max(1, jobs))], check=True)
-    return [object_path(out_dir, src, cap) for src, cap in objects]
+    return (subprocess.Popen([ninja, "-C", out_dir, "-j", str(max(1, jobs))]),
+            [object_path(out_dir, src, cap) for src, cap in objects])
 
 
 def lower_capabilities(report: dict) -> list:
