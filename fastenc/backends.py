@@ -326,6 +326,7 @@ def cpu_check(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return _cpu_check(dtype)
 
 
+@torch.compiler.assume_constant_result  # read eagerly when first met while torch.compile traces (a pybind call)
 @functools.lru_cache(maxsize=None)
 def _cpu_check(dtype: torch.dtype) -> Optional[str]:
     ext = extension()

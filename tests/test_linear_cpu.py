@@ -43,6 +43,15 @@ def test_parity(shape, activation, packed, dtype):
     assert_parity(y, ref, base, rtol=4e-6 if dtype == torch.float32 else 0.0)
 
 
+def test_onednn_is_preferred_on_unpacked_weights_only_with_avx512():
+    """Below AVX-512 ATen's GEMMs are faster on weights oneDNN has not prepacked (csrc/linear/linear.h): the
+    linear and FFN ops' training and per-op inference GEMMs take them; the capped CI runs check the AVX2 side."""
+    avx512 = C.cpu_capability()["selected"] in ("avx512", "avx512_bf16", "amx")
+    for dt in DTYPES:
+        assert C.cpu_linear_preferred(dt) == avx512, dt
+    assert not C.cpu_linear_preferred(torch.int32)
+
+
 def test_no_bias_strided_input_and_empty():
     x = torch.randn(384, 9).t()  # [9, 384], column stride 9
     w = torch.randn(2 * 200, 384)[::2]  # [200, 384], row stride 768

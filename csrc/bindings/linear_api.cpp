@@ -92,6 +92,9 @@ void bind_linear(py::module_& m) {
         "w [N, K] reordered once into oneDNN's blocked layout for cpu_linear (inference only)", py::arg("w"));
   m.def("cpu_linear_supported", &onednn_linear_supported,
         "whether cpu_linear has oneDNN kernels for this torch dtype on this CPU", py::arg("dtype"));
+  m.def("cpu_linear_preferred", &onednn_unpacked_preferred,
+        "whether cpu_linear (oneDNN) is faster than ATen's GEMM on unpacked weights of this dtype here: with "
+        "AVX-512", py::arg("dtype"));
 }
 
 }  // namespace fastenc

@@ -1,8 +1,9 @@
 // The one dispatch table of the FFN's GEMM paths, per architecture and activation.
 //
 //   cpu       : CPU tensors whose dtype has oneDNN kernels on this CPU (fp32; bf16 with
-//               AVX512-BF16/AMX): oneDNN GEMMs with fused epilogues (linear/linear.h).  Other CPU
-//               dtypes, and FASTENC_FFN_GEMM=unfused, take ATen GEMMs + the vectorised pass.
+//               AVX512-BF16/AMX), with AVX-512 (onednn_unpacked_preferred): oneDNN GEMMs with fused
+//               epilogues (linear/linear.h).  Other CPU dtypes, CPUs below AVX-512 (ATen's GEMMs are
+//               faster there), and FASTENC_FFN_GEMM=unfused take ATen GEMMs + the vectorised pass.
 //   unfused   : ATen GEMMs (cuBLAS) + the handwritten fused bias+act+dropout pass
 //               (cuda/act_kernels.cuh).  Runs every shape, dtype, activation and
 //               dropout; writes x W1ᵀ once and reads it back once (the pass the others save).
@@ -132,15 +133,18 @@ Plan plan_gemm_path(const PlanQuery& q) {
       return {GemmPath::kUnfused, "requested: ATen GEMMs + the fused vectorised bias-activation pass", true};
     }
     if (q.requested != "auto") parse_path(q.requested);  // reject typos on CPU too
-    if (onednn_linear_supported(q.dtype)) {
+    if (onednn_unpacked_preferred(q.dtype)) {
       return {GemmPath::kCpu,
               "CPU tensors: oneDNN GEMMs (torch's mkldnn linear ops) with b1 (+ relu) and b2 + residual in their "
               "epilogues, + the fused vectorised activation pass (ATen GEMMs below " + onednn_min_macs() +
                   " multiply-adds)"};
     }
     return {GemmPath::kUnfused, std::string("CPU tensors: ATen GEMMs + the fused vectorised bias-activation pass "
-                                            "(no oneDNN kernels for ") +
-                                    c10::toString(q.dtype) + " on this CPU)"};
+                                            "(oneDNN: ") +
+                                    (onednn_linear_supported(q.dtype)
+                                         ? "slower than ATen's GEMMs below AVX-512"
+                                         : std::string("no kernels for ") + c10::toString(q.dtype) + " on this CPU") +
+                                    ")"};
   }
   if (q.requested != "auto") {
     const GemmPath p = parse_path(q.requested);

@@ -5,6 +5,8 @@
 
 #include <string_view>
 
+#include "common/cpu_kernels.h"
+
 namespace fastenc {
 
 namespace {
@@ -51,6 +53,10 @@ bool onednn_linear_supported(at::ScalarType dtype) {
     }
     default: return false;
   }
+}
+
+bool onednn_unpacked_preferred(at::ScalarType dtype) {
+  return onednn_linear_supported(dtype) && cpu::capability() >= cpu::Capability::kAvx512;
 }
 
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,

@@ -22,6 +22,13 @@ namespace fastenc {
 // _is_mkldnn_fp16_supported: AVX512-BF16 or AMX, AVX512-FP16 or AMX-FP16).
 bool onednn_linear_supported(at::ScalarType dtype);
 
+// Whether oneDNN's GEMM is the faster one on weights it has not prepacked (training; per-op inference): where it
+// runs `dtype` and the CPU capability in use (run-time dispatch, capped by FASTENC_CPU_CAPABILITY) has AVX-512.
+// Measured, a BERT-base training step (2 layers, B=16 x 128, 0% padding) against HF sdpa's ATen (MKL) GEMMs:
+// oneDNN 1.24x with AVX-512, 0.90x capped to AVX2, where ATen's GEMMs take it to 1.02x.  The fused inference
+// stack keeps oneDNN with prepacked weights at every capability.
+bool onednn_unpacked_preferred(at::ScalarType dtype);
+
 // y [M, N] = act(x [M, K] · w [N, K]ᵀ + b [N]) (+ add [M, N]), in x's dtype; act and add exclude each
 // other (oneDNN applies the add after the bias).  x and w may be strided views (a transposed x is
 // copied to rows by torch's wrapper; w is read through its strides); b and add in x's dtype.

@@ -38,7 +38,8 @@ register_op("linear", {"cpu": _cpu_available}, auto={"cpu": ("cpu",)})
 
 @functools.lru_cache(maxsize=None)
 def _onednn_dtype(dtype: torch.dtype) -> bool:
-    return extension().cpu_linear_supported(dtype)
+    """oneDNN runs dtype here and beats ATen's GEMM on unpacked weights (with AVX-512: csrc/linear/linear.h)."""
+    return extension().cpu_linear_preferred(dtype)
 
 
 def _onednn(x: Tensor, n: int) -> bool:
