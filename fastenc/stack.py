@@ -334,17 +334,16 @@ def run(layers: Sequence[StackLayer], x: Tensor, *, setting: Optional[BackendSet
     if recording is not None:
         ranges = recording.setdefault(id(cache), [{} for _ in layers])
         record = {id(layer.weights): r for layer, r in zip(layers, ranges)}
-    weights_key = None  # what the derived weights of this call are a function of (their caches' key)
+    weights_key = None  # what this call's derived weights are a function of (their caches' key), once per call
     if not training:
         layers = [StackLayer(layer.spec.with_dropout(False), layer.weights, layer.setting) for layer in layers]
-        weights_key = (tuple(tensor_key(layer.weights.tensors()) for layer in layers), None)  # once per call
         if quantize == "int8" and record is None:
             if _needs_grad(x, layers):
                 warn_once("fastenc: int8 runs without autograd; a call that needs gradients runs the float weights "
                           "(call the model under torch.no_grad() or torch.inference_mode())")
             else:
                 # the int8 weights are a function of the float weights and the calibration
-                weights_key = (weights_key[0], None if int8_ranges is None else
+                weights_key = (_weights_key(layers), None if int8_ranges is None else
                                tuple(tensor_key(r.values()) for r in int8_ranges))
                 layers = [layer._replace(int8=q8) for layer, q8 in zip(layers, _int8_layers(
                     layers, cache, int8_ranges, weights_key))]
@@ -367,7 +366,8 @@ def run(layers: Sequence[StackLayer], x: Tensor, *, setting: Optional[BackendSet
     states = None
     if fused:
         fused_norm = final_norm if isinstance(final_norm, NormWeights) else None
-        out = _apply_norm(_fused(tokens, info, layers, fused_norm, is_causal, cache, weights_key),
+        out = _apply_norm(_fused(tokens, info, layers, fused_norm, is_causal, cache,
+                                 weights_key or (_weights_key(layers), None)),
                           None if fused_norm is not None else final_norm, setting)
     else:
         out, states = _per_op(tokens, info, layers, setting, final_norm, attn_mask, key_padding_mask, is_causal,
@@ -400,6 +400,11 @@ def _decide(layers: Sequence[StackLayer], x: Tensor, setting: Optional[BackendSe
     if resolve("encoder", want if named else None, x.device, x.dtype, shape) != "cpu":
         return False, explain_backend("encoder", want if named else None, x.device, x.dtype, shape)[1]
     return True, "one C++ call for the whole stack"
+
+
+def _weights_key(layers: Sequence[StackLayer]) -> Tuple:
+    """The layers' weights' cache keys (each holding its tensors: ``fastenc.weight_cache.TensorKey``)."""
+    return tuple(tensor_key(layer.weights.tensors()) for layer in layers)
 
 
 def _int8_layers(layers: Sequence[StackLayer], cache: WeightCache, ranges: Optional[Sequence[dict]],

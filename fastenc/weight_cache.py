@@ -27,11 +27,29 @@ import torch
 Tensor = torch.Tensor
 
 
-def tensor_key(tensors: Iterable[Optional[Tensor]]) -> Tuple:
-    """What identifies the values of ``tensors`` while the tensors are alive (see the module docstring).
+class TensorKey:
+    """What identifies the values of some tensors while they are alive: equal when their data pointers,
+    versions, dtypes and shapes are.  It holds the tensors, so that an entry keyed by it keeps their memory from
+    being taken by a new tensor (whose pointer, fresh version, dtype and shape could all match: a stale hit).
     Inference tensors (made under ``torch.inference_mode``) have no version counter: only their identity."""
-    return tuple(None if t is None else (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.shape)
-                 for t in tensors)
+
+    __slots__ = ("key", "tensors")
+
+    def __init__(self, tensors: Iterable[Optional[Tensor]]) -> None:
+        self.tensors = tuple(tensors)
+        self.key = tuple(None if t is None else (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype,
+                                                 t.shape) for t in self.tensors)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TensorKey) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+def tensor_key(tensors: Iterable[Optional[Tensor]]) -> TensorKey:
+    """The cache key of ``tensors`` (see :class:`TensorKey` and the module docstring)."""
+    return TensorKey(tensors)
 
 
 class WeightCache:

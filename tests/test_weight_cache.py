@@ -96,9 +96,17 @@ def test_key_sees_in_place_updates_and_new_tensors_not_recycled_addresses():
     with torch.no_grad():
         w.mul_(2)
     assert tensor_key([w]) != key  # the version counter
-    held = w  # an entry holds its source tensors: a new tensor cannot take their address
-    fresh = [torch.randn(4, 4) for _ in range(50)]
-    assert all(tensor_key([t]) != tensor_key([held]) for t in fresh)
+    # An entry holds its source tensors: a new tensor made the same way cannot take the freed address of the
+    # old one and match its pointer, fresh version, dtype and shape (without the hold, it does here: a stale hit).
+    cache = WeightCache()
+    for n in (64, 384):
+        old = torch.empty(n, n).normal_()
+        cache.get("k", (tensor_key([old]),), lambda: "old")
+        address = old.data_ptr()
+        del old
+        new = torch.empty(n, n).normal_()
+        assert new.data_ptr() != address
+        assert cache.get("k", (tensor_key([new]),), lambda: "new") == "new"
 
 
 def test_threads_build_an_entry_once():
