@@ -4,7 +4,7 @@ Every binding file includes torch/extension.h (pybind11 and the whole C++ API of
 half of such a file's compile time, eight times over. The build writes ``fastenc_torch_extension.h`` (that one
 include) into its generated folder, which is on the include path, and compiles it with the extension's own flags
 into ``fastenc_torch_extension.h.gch`` beside it; GCC reads the .gch instead of parsing the header in every
-source whose first include leads to it (``csrc/bindings/bindings.h``, first in each binding file). A .gch built
+source that includes it first (each binding file: GCC uses a .gch only for a source's own first include). A .gch built
 with other flags is ignored and the header parsed (slower, never wrong); other compilers get no .gch.
 ``tests/test_build.py`` checks that the built tree's binding sources do use it.
 """
