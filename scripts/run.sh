@@ -76,7 +76,12 @@ case "$job" in
     rm -rf "$WV"
     "$PYTHON" -m venv "$WV"
     torch_pin=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+    # The pinned torch with its nvidia-* and triton wheels (5.3 GB) hard-linked from this environment, where pip
+    # unpacked the same wheels: a second copy filled CI's disk.  pip finds torch==pin met and installs the rest.
+    "$PY" -m build_tools.link_installed "torch==$torch_pin" \
+      --into "$("$WV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
     "$WV/bin/python" -m pip install -q dist/fastenc-*.whl "torch==$torch_pin" -r requirements/test.txt
+    "$WV/bin/python" -m pip check
     echo "fastenc wheel $(basename dist/fastenc-*.whl): built and installed in $(( $(date +%s) - start )) s"
     run=$(mktemp -d)
     cp -r tests build_tools pyproject.toml "$run/"

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -23,7 +24,7 @@ from fastenc.backends import extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # build_tools/ is not installed
-from build_tools import build_stamp, cpu_kernels, precompiled_header, toolchain  # noqa: E402
+from build_tools import build_stamp, cpu_kernels, link_installed, precompiled_header, toolchain  # noqa: E402
 from build_tools import cutlass_objects as co  # noqa: E402
 _FLAGS = [v for v in ("FASTENC_SKIP_NATIVE", "FASTENC_FORCE_CPU")
           if os.environ.get(v, "0").lower() in ("1", "true", "yes", "on")]
@@ -596,6 +597,41 @@ def test_sdist_and_wheel_contents(tmp_path):
     missing = (tree("csrc", "csrc/") | tree("build_tools", "build_tools/") | {"LICENSE", "setup.py"}) - sdist
     assert not missing, f"not in the sdist: {sorted(missing)}"
 
+
+
+def _names(dists):
+    return {d.metadata["Name"].lower() for d in dists}
+
+
+def test_link_installed_follows_requirements_markers_and_versions():
+    import importlib.metadata as md
+    assert {"pytest", "pluggy", "iniconfig", "packaging"} <= _names(link_installed.closure("pytest"))
+    assert "colorama" not in _names(link_installed.closure("pytest"))  # `sys_platform == "win32"`: not here
+    with pytest.raises(SystemExit, match="0.0.1"):
+        link_installed.closure("pytest==0.0.1")
+    with pytest.raises(SystemExit, match="not installed"):
+        link_installed.closure("fastenc-no-such-distribution")
+    if any("extra ==" in r for r in md.distribution("torch").requires or ()) and sys.platform == "linux" \
+            and "+cu" in md.version("torch"):  # a CUDA build: its CUDA libraries come through cuda-toolkit's extras
+        assert {"triton", "nvidia-cublas", "nvidia-cuda-runtime"} <= _names(link_installed.closure("torch"))
+
+
+def test_link_installed_hard_links_files_and_metadata():
+    import importlib.metadata as md
+    into = tempfile.mkdtemp(dir=sys.prefix)  # beside this environment: one file system
+    try:
+        dists = link_installed.closure("iniconfig")
+        files, size = link_installed.link(dists, into)
+        assert files >= 3 and size > 0
+        (linked,) = [d for d in md.distributions(path=[into]) if d.metadata["Name"] == "iniconfig"]
+        assert linked.version == md.version("iniconfig")
+        src = md.distribution("iniconfig").locate_file("iniconfig/__init__.py")
+        dst = os.path.join(into, "iniconfig", "__init__.py")
+        assert os.path.samefile(src, dst) and os.stat(dst).st_nlink >= 2  # a link, not a copy
+        with pytest.raises(SystemExit, match="not a folder"):
+            link_installed.main(["iniconfig", "--into", os.path.join(into, "missing")])
+    finally:
+        shutil.rmtree(into)
 
 def test_ruff_passes():
     pytest.importorskip("ruff", reason="ruff is a dev requirement (requirements/dev.txt)")
