@@ -5,7 +5,7 @@ pickle (``torch.save(model)``) or ``copy.copy`` of the module gets an empty cach
 never sees them.  An entry is rebuilt when any source tensor changes, which the key sees as:
 
 * a new tensor (``param.data = t``, ``load_state_dict(..., assign=True)``, ``model.to(dtype)``,
-  ``share_memory()``): a new data pointer.  The entry holds the tensors it was built from, so their
+  ``share_memory()``): a new data pointer, or new strides on the same memory (``param.data = param.data.t()``).  The entry holds the tensors it was built from, so their
   memory cannot be reused by a new tensor while the entry lives: an address cannot be recycled into a
   false hit;
 * an in-place update through the parameter (an optimizer step, ``load_state_dict`` copying, ``nn.init``,
@@ -29,7 +29,8 @@ Tensor = torch.Tensor
 
 class TensorKey:
     """What identifies the values of some tensors while they are alive: equal when their data pointers,
-    versions, dtypes and shapes are.  It holds the tensors, so that an entry keyed by it keeps their memory from
+    versions, dtypes, shapes and strides are (``w.data = w.data.t()`` keeps a square weight's pointer, version
+    and shape: only the strides tell).  It holds the tensors, so that an entry keyed by it keeps their memory from
     being taken by a new tensor (whose pointer, fresh version, dtype and shape could all match: a stale hit).
     Inference tensors (made under ``torch.inference_mode``) have no version counter: only their identity."""
 
@@ -38,7 +39,7 @@ class TensorKey:
     def __init__(self, tensors: Iterable[Optional[Tensor]]) -> None:
         self.tensors = tuple(tensors)
         self.key = tuple(None if t is None else (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype,
-                                                 t.shape) for t in self.tensors)
+                                                 t.shape, t.stride()) for t in self.tensors)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TensorKey) and self.key == other.key

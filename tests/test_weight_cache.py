@@ -196,6 +196,12 @@ def _data_assign(model):
     lin.weight.data = torch.randn_like(lin.weight) * 0.05
 
 
+def _data_assign_transposed(model):
+    """A square weight replaced by its own transpose: the same pointer, version, dtype and shape."""
+    out = model.encoder.layers[0].self_attn.out_proj
+    out.weight.data = out.weight.data.t()
+
+
 def _load_copy(model):
     model.load_state_dict(_model(seed=11).state_dict())
 
@@ -220,6 +226,7 @@ def _replace_module(model):
 
 
 WAYS = {"optimizer step": _optimizer_step, "in-place under no_grad": _in_place, ".data =": _data_assign,
+        ".data = its transpose": _data_assign_transposed,
         "load_state_dict": _load_copy, "load_state_dict(assign=True)": _load_assign, "nn.init": _init,
         "dtype round trip": _dtype_round_trip, "a replaced module": _replace_module}
 
