@@ -61,12 +61,13 @@ def quantize(model: nn.Module, mode: Optional[str] = "int8", *,
     dtype again (``mode=None``); in place, returns ``model``.
 
     int8 (``fastenc.stack``, ``INT8_GEMMS``): weights per output channel, quantized once per weight generation
-    (derived data, rebuilt after an optimizer step), smoothed by SmoothQuant factors from the calibrated input
-    ranges of each GEMM; activations per token at run time; attention, LayerNorm and FFN2 in the model's dtype.
-    calibration: ``"random"`` runs the model's own embeddings on random token ids (every HF base model and
-    ``EncoderModel`` inside; a bare encoder stack is not calibrated: no smoothing); an iterable of input
-    dicts runs ``model(**batch)`` on each; None: no smoothing.  Training, and calls that need gradients, run
-    the float weights.  Call after :func:`optimize`.
+    (derived data, rebuilt after an optimizer step); QKV, out and FFN1 smoothed by SmoothQuant factors from the
+    calibrated input ranges of each GEMM; FFN2 with its widest input channels (by calibrated range) in float;
+    activations per token at run time; attention and LayerNorm in the model's dtype.  calibration:
+    ``"random"`` runs the model's own embeddings on random token ids (every HF base model and ``EncoderModel``
+    inside; a bare encoder stack is not calibrated); an iterable of input dicts runs ``model(**batch)`` on
+    each; None: none.  Without calibrated ranges the GEMMs are not smoothed and FFN2 stays in the model's
+    dtype.  Training, and calls that need gradients, run the float weights.  Call after :func:`optimize`.
     """
     _check_quantize(mode)
     return _set_quantize(model, mode, calibration)

@@ -361,21 +361,27 @@ def smoothing(input_absmax: Tensor, weight: Tensor, alpha: float = 0.5) -> Tenso
 
 
 def linear_int8(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None, *,
-                act_in: Optional[str] = None, residual: Optional[Tensor] = None,
-                smooth: Optional[Tensor] = None) -> Tensor:
+                act_in: Optional[str] = None, residual: Optional[Tensor] = None, smooth: Optional[Tensor] = None,
+                float_channels: Optional[Tensor] = None, float_weight: Optional[Tensor] = None) -> Tensor:
     """y = (q_x q_wᵀ) · s_x s_wᵀ + bias (+ residual), in x's dtype: an int8 GEMM with int32 accumulation.
 
     The activations are quantized per token at run time (``quantize_int8`` of ``act_in(x) · smooth``: the
     previous GEMM's activation, gated ones halving the width, applied in fp32 first; smooth fp32 [K] = 1/s
     when the weight was quantized smoothed, as W · diag(s)); weight_q int8 [N, K] and weight_scale fp32 [N]
     come from ``quantize_int8`` of the (smoothed) weight, per output channel.  The integer products are
-    summed exactly (in float64, |sum| < 2^53), converted to fp32 and scaled."""
+    summed exactly (in float64, |sum| < 2^53), converted to fp32 and scaled.
+
+    float_channels (int64 [F]) and float_weight ([N, F]): input channels kept in float (their smooth entries
+    and weight_q's columns are 0), adding ``act_in(x)[..., float_channels] float_weightᵀ`` in fp32."""
     a = x.float() if act_in is None else apply_activation(x.float(), act_in)
+    wide = None if float_channels is None else a[..., float_channels]
     if smooth is not None:
         a = a * smooth
     q, s = quantize_int8(a)
     acc = torch.matmul(q.double(), weight_q.double().t()).float()
     y = acc * (s[..., None] * weight_scale.float())
+    if wide is not None:
+        y = y + wide @ float_weight.float().t()
     if bias is not None:
         y = y + bias.float()
     if residual is not None:

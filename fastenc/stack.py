@@ -96,12 +96,16 @@ class Int8Layer(NamedTuple):
 
 
 QUANTIZE = (None, "int8")
-# The GEMMs an int8 model runs in int8; FFN2 keeps the model's dtype.  Chosen by the embeddings' quality on
-# real sentences (all-MiniLM-L6-v2, 200 texts, min cosine against fp32): all four in int8 0.9941; smoothed
-# (SmoothQuant, alpha 0.5, input ranges calibrated on random tokens) 0.9976; smoothed with FFN2 in float
-# 0.9994.  FFN2's input, the activated hidden, has outliers that neither per-token scales nor smoothing
-# tame (Bondarenko et al., 2021).  README, "int8 inference".
-INT8_GEMMS = ("qkv", "out", "ffn1")
+# The GEMMs an int8 model runs in int8, chosen by the embeddings' quality on real text (all-MiniLM-L6-v2, 200
+# texts, min cosine against fp32, ranges calibrated on random tokens; scripts/int8_placement.py): QKV, out and
+# FFN1 smoothed (SmoothQuant, alpha 0.5) 0.99911; all four smoothed 0.99722: FFN2's input, the activated
+# hidden, has outliers that neither per-token scales nor smoothing tame (Bondarenko et al., 2021); FFN2 not
+# smoothed, its INT8_FFN2_FLOAT_CHANNELS widest input channels (by calibrated range) in float, 0.99879.  FFN2
+# runs in int8 only where its input ranges were calibrated (they pick those channels), else in the model's
+# dtype.  README, "int8 inference".
+INT8_GEMMS = ("qkv", "out", "ffn1", "ffn2")
+INT8_SMOOTHED = ("qkv", "out", "ffn1")
+INT8_FFN2_FLOAT_CHANNELS = 32
 SMOOTHING_ALPHA = 0.5
 
 
@@ -234,6 +238,12 @@ def _attention_block(h: Tensor, layer: StackLayer, call: _Call) -> Tensor:
 def _ffn(h: Tensor, layer: StackLayer, call: _Call, residual: Optional[Tensor]) -> Tensor:
     spec, w, s, q8 = layer
     _note(call, layer, "ffn1", h)
+    if call.record is not None and spec.fused_activation:  # calibrating: GEMM2's input is recorded, so unfused
+        hidden = reference.apply_activation(linear_unchecked(h, w.ffn1_weight, w.ffn1_bias, _op_backend(s, "linear")),
+                                            spec.activation)
+        _note(call, layer, "ffn2", hidden)
+        y = linear_unchecked(hidden, w.ffn2_weight, w.ffn2_bias, _op_backend(s, "linear"))
+        return y if residual is None else residual + y
     if q8 is not None and (q8.ffn1 is not None or q8.ffn2 is not None):  # inference: no dropout
         if q8.ffn2 is not None:  # the activation goes into the quantization of GEMM2's input
             pre = _linear(h, w.ffn1_weight, w.ffn1_bias, q8.ffn1, s)
@@ -420,6 +430,11 @@ def _int8_layers(layers: Sequence[StackLayer], cache: WeightCache, ranges: Optio
         if name not in INT8_GEMMS:
             return None
         absmax = None if ranges is None else ranges[i].get(name)
+        if name not in INT8_SMOOTHED:  # FFN2: its widest channels in float, which needs its calibrated ranges
+            if absmax is None:
+                return None
+            n = min(INT8_FFN2_FLOAT_CHANNELS, weight.shape[1] // 2)
+            return quantize_weight(weight, None, absmax.topk(n).indices.sort().values if n else None)
         smoothing = None if absmax is None else reference.smoothing(absmax, weight, SMOOTHING_ALPHA)
         return quantize_weight(weight, smoothing)
 
@@ -499,13 +514,15 @@ def _fused(tokens: Tensor, info: Optional[Packed], layers: Sequence[StackLayer],
 
 def encoder_stack(x: Tensor, cu_seqlens: Tensor, max_seqlen: int, layers: Sequence[Tuple[LayerSpec, LayerWeights]],
                   *, final_norm: Optional[NormWeights] = None, is_causal: bool = False,
-                  quantize: Optional[str] = None, backend: Optional[str] = None) -> Tensor:
+                  quantize: Optional[str] = None, int8_ranges: Optional[Sequence[dict]] = None,
+                  backend: Optional[str] = None) -> Tensor:
     """Inference of a stack of layers on packed tokens x [T, d] (sequence b = rows cu_seqlens[b]:cu_seqlens[b+1],
     int32; no sequence longer than max_seqlen); returns [T, d].
 
     backend ``"cpu"``: the fused C++ stack (raises ``BackendUnavailableError`` when it cannot run);
     ``"reference"``: the per-op composition with every op on its reference backend (the stack's reference);
-    None: ``auto`` (and the context's ``use_backend``).  quantize: as for :func:`run`.
+    None: ``auto`` (and the context's ``use_backend``).  quantize, int8_ranges: as for :func:`run` (a float
+    call inside :func:`recording_ranges` records the ranges: the one entry of its dict).
     """
     if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise TypeError(f"encoder_stack: x must be a floating-point [tokens, d_model] tensor, got "
@@ -526,7 +543,8 @@ def encoder_stack(x: Tensor, cu_seqlens: Tensor, max_seqlen: int, layers: Sequen
     check_cu_seqlens((("cu_seqlens", cu_seqlens, x.shape[0], max_seqlen),), "encoder_stack")
     setting = _Fixed(backend)
     return run([StackLayer(s, w, setting) for s, w in layers], x, setting=setting, final_norm=final_norm,
-               is_causal=is_causal, packed=Packed(cu_seqlens, max_seqlen), quantize=quantize).last
+               is_causal=is_causal, packed=Packed(cu_seqlens, max_seqlen), quantize=quantize,
+               int8_ranges=int8_ranges).last
 
 
 class _Fixed(BackendSetting):

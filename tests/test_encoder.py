@@ -150,11 +150,13 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("norm_first,activation", [(False, "gelu"), (True, "geglu"), (False, "relu")])
-def test_int8_stack_matches_its_reference(dtype, norm_first, activation):
+@pytest.mark.parametrize("calibrated", [False, True], ids=["uncalibrated", "calibrated"])
+def test_int8_stack_matches_its_reference(dtype, norm_first, activation, calibrated):
     """The fused int8 stack against the per-op composition on the int8 reference: within the parity rule of the
     exact float stack, and in fp32 closer to the same quantized math than int8 is to float.  (Exact agreement
     is checked per GEMM in test_linear_int8.py; through layers, a last-bit difference of attention or an
-    activation moves some operand across a rounding tie of the next quantization, and that spreads.)"""
+    activation moves some operand across a rounding tie of the next quantization, and that spreads.)
+    Calibrated: smoothed GEMMs, and FFN2 in int8 with its widest input channels in float."""
     g = torch.Generator().manual_seed(0)
     layers = [random_layer(128, 4, 256, activation=activation, norm_first=norm_first, rotary=norm_first,
                            generator=g) for _ in range(2)]
@@ -162,9 +164,15 @@ def test_int8_stack_matches_its_reference(dtype, norm_first, activation):
     x = torch.randn(sum(lengths), 128, generator=g).to(dtype)
     cu, mx = cu_seqlens(lengths), max(lengths)
     typed = to_dtype(layers, dtype)
+    ranges = None
     with torch.inference_mode():
-        fast = fastenc.encoder_stack(x, cu, mx, typed, quantize="int8", backend="cpu")
-        ref = fastenc.encoder_stack(x, cu, mx, typed, quantize="int8", backend="reference")
+        if calibrated:
+            with fastenc.stack.recording_ranges() as store:
+                fastenc.encoder_stack(x, cu, mx, typed, quantize="int8")
+            (ranges,) = store.values()
+            assert all(set(r) == set(fastenc.stack.INT8_GEMMS) for r in ranges), ranges
+        fast = fastenc.encoder_stack(x, cu, mx, typed, quantize="int8", int8_ranges=ranges, backend="cpu")
+        ref = fastenc.encoder_stack(x, cu, mx, typed, quantize="int8", int8_ranges=ranges, backend="reference")
         exact = fastenc.encoder_stack(x.double(), cu, mx, to_dtype(layers, torch.float64), backend="reference")
     assert fast.dtype == dtype and torch.isfinite(fast).all()
     quant_error = _rel(ref, exact)
@@ -174,6 +182,7 @@ def test_int8_stack_matches_its_reference(dtype, norm_first, activation):
         assert _rel(fast, ref) < 0.5 * quant_error, (_rel(fast, ref), quant_error)
     built = ops.encoder.layers_for(fastenc.stack.WeightCache(), [(s, w, q) for (s, w), q in zip(
         typed, fastenc.stack._int8_layers([fastenc.stack.StackLayer(s, w) for s, w in typed],
-                                          fastenc.stack.WeightCache(), None, _weights_key(typed)))], dtype,
+                                          fastenc.stack.WeightCache(), ranges, _weights_key(typed)))], dtype,
         _weights_key(typed))
-    assert [layer.int8_gemms for layer in built] == [list(fastenc.stack.INT8_GEMMS)] * 2
+    gemms = fastenc.stack.INT8_GEMMS if calibrated else fastenc.stack.INT8_SMOOTHED  # FFN2 needs its ranges
+    assert [layer.int8_gemms for layer in built] == [list(gemms)] * 2

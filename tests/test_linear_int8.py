@@ -75,6 +75,36 @@ def test_smoothing():
     assert (ref.double() - exact).norm() < 0.8 * (unsmoothed.double() - exact).norm()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act_in", [None, "gelu", "geglu"])
+def test_float_channels(dtype, act_in):
+    """Input channels kept in float (FFN2's widest): the int8 GEMM runs without them (their weight columns and
+    activation multipliers 0, so their outliers set no token's scale) and a float GEMM of those columns is
+    added; the cpu backend agrees with the reference, closer to the float GEMM than int8 over every channel."""
+    x, w, b, r = _operands(41, 200, 96, dtype, act_in)
+    k_in = x.shape[1]
+    x = x.float()
+    x[:, 50] *= 40.0  # an outlier channel (both halves when gated: the activated hidden's channel 50 too)
+    if k_in != 200:
+        x[:, 250] *= 40.0
+    x = x.to(dtype)
+    keep = torch.tensor([3, 50, 199])
+    w_before = w.clone()
+    qw = quantize_weight(w.to(dtype), None, keep)
+    assert torch.equal(w, w_before), "quantize_weight must not write to the weight"
+    assert qw.float_weight.dtype == dtype and torch.equal(qw.float_weight, w.to(dtype)[:, keep])
+    assert (qw.q[:, keep] == 0).all() and (qw.smooth[keep] == 0).all() and (qw.smooth.sum() == 200 - 3)
+    with torch.no_grad():
+        fast = linear_int8(x, qw, b, act_in=act_in, residual=r, backend="cpu")
+        ref = linear_int8(x, qw, b, act_in=act_in, residual=r, backend="reference")
+        every = linear_int8(x, quantize_weight(w.to(dtype)), b, act_in=act_in, residual=r, backend="reference")
+    assert fast.dtype == dtype and torch.isfinite(fast).all()
+    _agree(fast, ref, flips_ok=True)
+    a = x.double() if act_in is None else reference.apply_activation(x.double(), act_in)
+    exact = F.linear(a, w.to(dtype).double(), b.double()) + r.double()
+    assert (ref.double() - exact).norm() < 0.5 * (every.double() - exact).norm()
+
+
 def test_reference_is_a_float_gemm_within_the_quantization_error():
     """Per-token and per-channel scales: each operand is off by at most half its row's quantum (max|row| / 254);
     with three outlier channels 8x the others in every token (as real activations have), the output's relative
@@ -126,4 +156,13 @@ def test_bad_input():
         linear_int8(x.requires_grad_(), qw)
     with pytest.raises(TypeError, match="weight_q must be int8"):
         backends.extension().Int8Weight(torch.zeros(2, 2), torch.ones(2))
+    Int8Weight = backends.extension().Int8Weight
+    with pytest.raises(ValueError, match="float_channels and float_weight come together"):
+        Int8Weight(qw.q, qw.scale, None, torch.tensor([1]))
+    with pytest.raises(TypeError, match="float_channels must be an int64"):
+        Int8Weight(qw.q, qw.scale, None, torch.tensor([1], dtype=torch.int32), torch.zeros(8, 1))
+    with pytest.raises(RuntimeError, match=r"float_weight \[8, f\]"):
+        Int8Weight(qw.q, qw.scale, None, torch.tensor([1]), torch.zeros(7, 1))
+    with pytest.raises(RuntimeError, match=r"float_channels must lie in \[0, 16\)"):
+        Int8Weight(qw.q, qw.scale, None, torch.tensor([16]), torch.zeros(8, 1))
     assert isinstance(qw, QuantWeight) and tuple(qw.packed.shape) == (8, 16)

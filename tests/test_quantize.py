@@ -125,7 +125,8 @@ def test_calibration_records_each_int8_gemm_input_range():
     model = fastenc.optimize(transformers.BertModel(cfg, add_pooling_layer=False).eval(), quantize="int8")
     ranges = model.encoder.int8_ranges
     assert len(ranges) == 2 and all(set(r) == set(fastenc.stack.INT8_GEMMS) for r in ranges)
-    assert all(t.shape == (64,) and (t > 0).all() for r in ranges for t in r.values())
+    assert all(t.shape == ((128,) if name == "ffn2" else (64,)) and (t > 0).all() for r in ranges
+               for name, t in r.items())  # FFN2's input: the activated hidden
     assert copy.deepcopy(model).encoder.int8_ranges[0]["qkv"].equal(ranges[0]["qkv"])  # a setting: copied
     ids = torch.randint(5, 300, (2, 9))
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
@@ -134,11 +135,19 @@ def test_calibration_records_each_int8_gemm_input_range():
     assert not mine[0]["qkv"].equal(ranges[0]["qkv"])  # from these inputs, not random ones
     with torch.inference_mode():
         smoothed = model(**batch).last_hidden_state
-    fastenc.quantize(model, calibration=None)
+    assert _fused_int8_gemms(model) == [list(fastenc.stack.INT8_GEMMS)] * 2  # FFN2 too: its ranges pick its
+    fastenc.quantize(model, calibration=None)                               # float channels
     assert model.encoder.int8_ranges is None
     with torch.inference_mode():
         plain = model(**batch).last_hidden_state
     assert not torch.allclose(smoothed, plain)
+    assert _fused_int8_gemms(model) == [list(fastenc.stack.INT8_SMOOTHED)] * 2  # uncalibrated: FFN2 in float
+
+
+def _fused_int8_gemms(model):
+    """The GEMMs each C++ layer of the encoder's last fused int8 call ran in int8."""
+    (layers,) = [v for kind, (_, v) in cache_of(model.encoder)._entries.items() if kind[0] == "fused" and kind[2]]
+    return [layer.int8_gemms for layer in layers]
     with pytest.raises(ValueError, match="calibration must be 'random'"):
         fastenc.quantize(model, calibration="real")
 

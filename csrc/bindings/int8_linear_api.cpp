@@ -17,7 +17,9 @@ namespace {
 constexpr const char* kOp = "fastenc linear_int8 (cpu): ";
 
 std::shared_ptr<cpu::Int8Weight> pack(const at::Tensor& q, const at::Tensor& scale,
-                                      const std::optional<at::Tensor>& smooth) {
+                                      const std::optional<at::Tensor>& smooth,
+                                      const std::optional<at::Tensor>& float_channels,
+                                      const std::optional<at::Tensor>& float_weight) {
   TORCH_CHECK_TYPE(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, kOp,
                    "weight_q must be int8 and weight_scale float32, got ", q.scalar_type(), " and ",
                    scale.scalar_type());
@@ -31,8 +33,17 @@ std::shared_ptr<cpu::Int8Weight> pack(const at::Tensor& q, const at::Tensor& sca
                       kOp, "smooth must be a float32 CPU [", q.size(1), "] tensor, got ", smooth->scalar_type(), " ",
                       smooth->sizes());
   }
-  return std::make_shared<cpu::Int8Weight>(
-      cpu::pack_int8_weight(q, scale.contiguous(), smooth.value_or(at::Tensor())));
+  TORCH_CHECK_VALUE(float_channels.has_value() == float_weight.has_value(), kOp,
+                    "float_channels and float_weight come together (both or neither)");
+  if (float_channels) {
+    TORCH_CHECK_TYPE(float_channels->scalar_type() == at::kLong && float_channels->device().is_cpu() &&
+                         float_weight->device().is_cpu(),
+                     kOp, "float_channels must be an int64 CPU tensor and float_weight on the CPU, got ",
+                     float_channels->scalar_type(), " on ", float_channels->device());
+  }
+  return std::make_shared<cpu::Int8Weight>(cpu::pack_int8_weight(
+      q, scale.contiguous(), smooth.value_or(at::Tensor()), float_channels.value_or(at::Tensor()),
+      float_weight.value_or(at::Tensor())));
 }
 
 at::Tensor linear(const at::Tensor& x, const cpu::Int8Weight& w, const std::optional<at::Tensor>& bias,
@@ -58,7 +69,7 @@ at::Tensor linear(const at::Tensor& x, const cpu::Int8Weight& w, const std::opti
                       "residual must be a CPU [", x.size(0), ", ", w.n, "] tensor, got ", residual->sizes());
     r = residual->to(x.scalar_type()).contiguous();
   }
-  return cpu::int8_linear(cpu::quantize_rows(x, act, w.smooth), w, b, r, x.scalar_type());
+  return cpu::int8_linear(cpu::quantize_rows(x, act, w.smooth, w.float_channels), w, b, r, x.scalar_type());
 }
 
 }  // namespace
@@ -67,8 +78,10 @@ void bind_int8_linear(py::module_& m) {
   py::class_<cpu::Int8Weight, std::shared_ptr<cpu::Int8Weight>>(
       m, "Int8Weight",
       "an int8 weight [n, k] with per-channel scales (and optionally the 1/s of its SmoothQuant smoothing, which "
-      "multiplies the activations before they are quantized), packed for cpu_int8_linear")
-      .def(py::init(&pack), py::arg("weight_q"), py::arg("weight_scale"), py::arg("smooth") = py::none())
+      "multiplies the activations before they are quantized, and input channels kept in float: float_channels "
+      "int64 [f] with their columns float_weight [n, f]), packed for cpu_int8_linear")
+      .def(py::init(&pack), py::arg("weight_q"), py::arg("weight_scale"), py::arg("smooth") = py::none(),
+           py::arg("float_channels") = py::none(), py::arg("float_weight") = py::none())
       .def_property_readonly("shape", [](const cpu::Int8Weight& w) { return py::make_tuple(w.n, w.k); });
   m.def("cpu_int8_linear", &linear,
         "y = (q_x q_w^T) s_x s_w + bias (+ residual): x quantized per row after act_in (none, relu, gelu, gelu_tanh, "

@@ -5,7 +5,8 @@
 // GEMMs are oneDNN inner products (linear/linear.h: about 2x MKL's fp32 GEMM on AMD) with their epilogue
 // fused: b_qkv; b1 and an ungated activation; b2 (and, pre-norm, the residual add); or, for the GEMMs a
 // layer holds in int8, the int8 kernel (linear/int8_linear.h) on activations quantized per token, with the
-// bias and residual in its epilogue and the FFN's activation in the quantization of GEMM2's input.  q, k and v are strided
+// bias and residual in its epilogue and the FFN's activation in the quantization of GEMM2's input (GEMM2's
+// input channels kept in float gathered by the quantization, their small GEMM added in the int8 epilogue).  q, k and v are strided
 // views of the QKV projection (no copies); attention applies the window and the rotary embeddings; the
 // out-projection bias is added inside the residual + LayerNorm pass; the attention output and the
 // LayerNorm outputs reuse two buffers allocated once per call.  Small GEMMs (below constants::kOnednnMinMacs
@@ -33,8 +34,8 @@ constexpr int64_t kPanelMaxRows = 128;
 // act(a Wᵀ + bias) (+ add); act and add exclude each other.  An int8 GEMM quantizes a per row first.
 at::Tensor linear(const at::Tensor& a, const EncoderLinear& lin, std::optional<Act> act, const at::Tensor& add) {
   if (lin.int8) {
-    at::Tensor y = int8_linear(quantize_rows(a, std::nullopt, lin.int8->smooth), *lin.int8, lin.bias_f32, add,
-                               a.scalar_type());
+    at::Tensor y = int8_linear(quantize_rows(a, std::nullopt, lin.int8->smooth, lin.int8->float_channels),
+                               *lin.int8, lin.bias_f32, add, a.scalar_type());
     if (act) act_dropout_cpu(y, y, *act, DropoutParams{});
     return y;
   }
@@ -60,8 +61,8 @@ at::Tensor linear(const at::Tensor& a, const EncoderLinear& lin, std::optional<A
 at::Tensor ffn(const at::Tensor& h, const EncoderLayer& w, const at::Tensor& add) {
   if (w.ffn2.int8) {
     const at::Tensor pre = linear(h, w.ffn1, std::nullopt, at::Tensor());
-    return int8_linear(quantize_rows(pre, w.act, w.ffn2.int8->smooth), *w.ffn2.int8, w.ffn2.bias_f32, add,
-                       h.scalar_type());
+    return int8_linear(quantize_rows(pre, w.act, w.ffn2.int8->smooth, w.ffn2.int8->float_channels), *w.ffn2.int8,
+                       w.ffn2.bias_f32, add, h.scalar_type());
   }
   at::Tensor hidden;
   if (!w.gated()) {

@@ -36,6 +36,8 @@ struct GemmArgs {
   void* out;              // [m, n]
   bool bf16;              // output and residual dtype
   int64_t m, n;
+  const float* floats;    // fp32 [m, f]: the activations of the weight's float channels, or null
+  int64_t f;
 };
 
 // Rows r0.. r0+MR of panel p: acc[r][v] = Σ_g a[r, 4g..4g+3] · b[g, 16v..16v+15, 0..3] over the k4 groups,
@@ -70,6 +72,7 @@ FASTENC_VNNI void tile(const GemmArgs& g, int64_t p, int64_t r0) {
   const float* sw = g.w->scale.const_data_ptr<float>() + n0;
   const int32_t* comp = g.w->comp.const_data_ptr<int32_t>() + n0;
   const size_t esz = g.bf16 ? 2 : 4;
+  const float* wf = g.floats ? g.w->float_packed.const_data_ptr<float>() + p * g.f * kNR : nullptr;
 #pragma GCC unroll 4
   for (int v = 0; v < 4; ++v) {
     const int64_t c = n0 + 16 * v;
@@ -77,16 +80,26 @@ FASTENC_VNNI void tile(const GemmArgs& g, int64_t p, int64_t r0) {
     const __mmask16 mask = panel::edge_mask(g.n, c);
     const __m512 swv = _mm512_loadu_ps(sw + 16 * v);
     const __m512i cv = _mm512_loadu_si512(comp + 16 * v);
+    __m512 y[kMR];  // this column block's (acc - comp) s_x s_w, then + the float channels' products
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      y[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][v], cv)),
+                           _mm512_mul_ps(_mm512_set1_ps(g.a_scale[r0 + r]), swv));
+    }
+    for (int64_t j = 0; j < g.f; ++j) {  // the float channels: y[r] += floats[r, j] · W_float[c.., j], fp32
+      const __m512 w = _mm512_loadu_ps(wf + j * kNR + 16 * v);
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) y[r] = _mm512_fmadd_ps(_mm512_set1_ps(g.floats[(r0 + r) * g.f + j]), w, y[r]);
+    }
     const __m512 bv = g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + c) : _mm512_setzero_ps();
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
       const int64_t row = r0 + r;
-      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][v], cv)),
-                               _mm512_mul_ps(_mm512_set1_ps(g.a_scale[row]), swv));
-      if (g.bias) y = _mm512_add_ps(y, bv);
+      __m512 yv = y[r];
+      if (g.bias) yv = _mm512_add_ps(yv, bv);
       const size_t off = (static_cast<size_t>(row) * g.n + c) * esz;
-      if (g.residual) y = _mm512_add_ps(y, panel::load16(static_cast<const char*>(g.residual) + off, g.bf16, mask));
-      panel::store16(static_cast<char*>(g.out) + off, y, g.bf16, mask);
+      if (g.residual) yv = _mm512_add_ps(yv, panel::load16(static_cast<const char*>(g.residual) + off, g.bf16, mask));
+      panel::store16(static_cast<char*>(g.out) + off, yv, g.bf16, mask);
     }
   }
 }
@@ -110,8 +123,9 @@ void gemm_vnni(const GemmArgs& g) {
 
 FASTENC_REGISTER_CPU_KERNELS(Int8QuantizeKernels);
 
-Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth) {
-  return cpu_kernels<Int8QuantizeKernels>().quantize(x, act_in, smooth);
+Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth,
+                       const at::Tensor& float_channels) {
+  return cpu_kernels<Int8QuantizeKernels>().quantize(x, act_in, smooth, float_channels);
 }
 
 bool int8_vnni_supported() {
@@ -123,7 +137,8 @@ bool int8_vnni_supported() {
 #endif
 }
 
-Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& smooth) {
+Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& smooth,
+                            const at::Tensor& float_channels, const at::Tensor& float_weight) {
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && scale.scalar_type() == at::kFloat &&
                   scale.dim() == 1 && scale.size(0) == q.size(0),
               "fastenc int8: a weight is int8 [n, k] with fp32 scales [n]");
@@ -135,6 +150,25 @@ Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const 
     TORCH_CHECK(smooth.scalar_type() == at::kFloat && smooth.dim() == 1 && smooth.size(0) == w.k,
                 "fastenc int8: smooth must be fp32 [k]");
     w.smooth = smooth.contiguous();
+  }
+  TORCH_CHECK(float_channels.defined() == float_weight.defined(),
+              "fastenc int8: float_channels and float_weight come together");
+  if (float_channels.defined()) {
+    const int64_t f = float_channels.numel();
+    TORCH_CHECK(float_channels.scalar_type() == at::kLong && float_channels.dim() == 1 && f >= 1 && f <= w.k &&
+                    float_weight.dim() == 2 && float_weight.size(0) == w.n && float_weight.size(1) == f &&
+                    at::isFloatingType(float_weight.scalar_type()),
+                "fastenc int8: float_channels must be int64 [f] (1 <= f <= ", w.k, ") and float_weight [", w.n,
+                ", f] floating point, got ", float_channels.scalar_type(), " ", float_channels.sizes(), " and ",
+                float_weight.scalar_type(), " ", float_weight.sizes());
+    TORCH_CHECK(float_channels.min().item<int64_t>() >= 0 && float_channels.max().item<int64_t>() < w.k,
+                "fastenc int8: float_channels must lie in [0, ", w.k, ")");
+    w.float_channels = float_channels.contiguous();
+    w.float_weight = float_weight.detach().contiguous();
+    // [panels, f, 64]: panel p, channel j, column c = float_weight[64p + c, j] (0 past n)
+    at::Tensor padded = at::zeros({w.panels() * kInt8PanelCols, f}, scale.options());
+    padded.narrow(0, 0, w.n).copy_(w.float_weight);
+    w.float_packed = padded.view({w.panels(), kInt8PanelCols, f}).transpose(1, 2).contiguous();
   }
   const int64_t panels = w.panels(), k4 = w.k4(), np = panels * kInt8PanelCols;
   w.packed = at::zeros({panels, k4, kInt8PanelCols, 4}, q.options());
@@ -162,6 +196,8 @@ Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const 
 at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor& bias, const at::Tensor& residual,
                        at::ScalarType out_dtype) {
   TORCH_CHECK(x.k == w.k, "fastenc int8: activations have ", x.k, " columns, the weight ", w.k);
+  TORCH_CHECK(x.floats.defined() == w.float_channels.defined(),
+              "fastenc int8: quantize_rows must gather the weight's float channels");
   const int64_t m = x.q.size(0);
   at::Tensor y = at::empty({m, w.n}, x.q.options().dtype(out_dtype));
   if (m == 0 || w.n == 0) return y;
@@ -170,7 +206,8 @@ at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor&
     AVX512_BF16::GemmArgs g{x.q.const_data_ptr<uint8_t>(), x.q.size(1), x.scale.const_data_ptr<float>(), &w,
                bias.defined() ? bias.const_data_ptr<float>() : nullptr,
                residual.defined() ? residual.const_data_ptr() : nullptr, y.data_ptr(), out_dtype == at::kBFloat16, m,
-               w.n};
+               w.n, x.floats.defined() ? x.floats.const_data_ptr<float>() : nullptr,
+               x.floats.defined() ? x.floats.size(1) : 0};
     AVX512_BF16::gemm_vnni(g);
     return y;
   }
@@ -188,6 +225,7 @@ at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor&
     acc.add_(at::mm(a.narrow(1, k0, kc), b.narrow(1, k0, kc).t()).to(at::kInt));
   }
   at::Tensor f = acc.to(at::kFloat) * (x.scale.unsqueeze(1) * w.scale.narrow(0, 0, w.n).unsqueeze(0));
+  if (x.floats.defined()) f.add_(at::mm(x.floats, w.float_weight.to(at::kFloat).t()));
   if (bias.defined()) f.add_(bias);
   if (residual.defined()) f.add_(residual.to(at::kFloat));
   y.copy_(f);

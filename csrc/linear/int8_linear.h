@@ -2,7 +2,9 @@
 // fastenc.reference.linear_int8.  Weights are int8 per output channel (quantized once, in Python, by
 // reference.quantize_int8); activations are quantized per token at run time by quantize_rows, which may
 // first apply the previous GEMM's activation (gated ones halve the width), so an FFN's activation costs no
-// pass of its own: the FFN's hidden is read once, activated and quantized.
+// pass of its own: the FFN's hidden is read once, activated and quantized.  A weight may keep some input
+// channels in float (their outliers would set every token's scale): quantize_rows also gathers their activated
+// values (fp32), and the micro-kernel adds their products with the weight's float columns in its epilogue.
 //
 // GEMM: a hand-written AVX512-VNNI micro-kernel (vpdpbusd: u8 x s8 -> s32, 64 multiply-adds per
 // instruction) on an MR = 6 rows x NR = 64 columns tile held in 24 zmm accumulators, the weight prepacked
@@ -31,29 +33,38 @@ struct Int8Weight {
   at::Tensor q;       // int8 [n, k]: the row-major copy (the fallback's GEMM)
   at::Tensor scale;   // fp32 [panels · 64]: s_w (0 past n)
   at::Tensor comp;    // int32 [panels · 64]: 128 · Σ_k q[n, k]
-  at::Tensor smooth;  // fp32 [k]: 1/s, or undefined (no smoothing)
+  at::Tensor smooth;  // fp32 [k]: 1/s, or undefined (no smoothing); 0 at the channels kept in float
+  at::Tensor float_channels;  // int64 [f]: input channels computed in float (q's columns 0 there), or undefined
+  at::Tensor float_weight;    // [n, f] in the activations' dtype: those channels' columns of the weight
+  at::Tensor float_packed;    // fp32 [panels, f, 64]: float_weightᵀ in 64-column panels (0 padded)
   int64_t n = 0, k = 0;
   int64_t k4() const { return (k + 3) / 4; }
   int64_t panels() const { return (n + kInt8PanelCols - 1) / kInt8PanelCols; }
 };
 
 // q int8 [n, k] and scale fp32 [n] (reference.quantize_int8 of a weight, smoothed or not), smooth fp32 [k]
-// or undefined -> the packed weight.
-Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& smooth);
+// or undefined, float_channels int64 [f] and float_weight [n, f] or both undefined -> the packed weight.
+Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& smooth,
+                            const at::Tensor& float_channels = at::Tensor(),
+                            const at::Tensor& float_weight = at::Tensor());
 
-// Activations quantized per row: u8 [m, k4 · 4] holding q + 128 (padding columns 128, i.e. 0), scales [m].
+
+// Activations quantized per row: u8 [m, k4 · 4] holding q + 128 (padding columns 128, i.e. 0), scales [m],
+// and act_in(x) at the weight's float channels, fp32 [m, f] (undefined without them).
 struct Int8Rows {
   at::Tensor q;
   at::Tensor scale;
+  at::Tensor floats;
   int64_t k = 0;
 };
 
 // x [m, k_in] (fp32 or bf16, unit last stride) -> q, s of act_in(x) · smooth (k = k_in, or k_in / 2 when
-// gated; smooth fp32 [k] or undefined).
-Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth);
+// gated; smooth fp32 [k] or undefined), and act_in(x)[:, float_channels] (int64 [f] or undefined).
+Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth,
+                       const at::Tensor& float_channels);
 
-// y [m, n] = (q_x q_wᵀ) s_x s_w + bias (+ residual) in out_dtype (fp32 or bf16); bias fp32 [n] or undefined,
-// residual [m, n] in out_dtype or undefined.
+// y [m, n] = (q_x q_wᵀ) s_x s_w + x.floats w.float_weightᵀ + bias (+ residual) in out_dtype (fp32 or bf16); bias
+// fp32 [n] or undefined, residual [m, n] in out_dtype or undefined.
 at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor& bias, const at::Tensor& residual,
                        at::ScalarType out_dtype);
 

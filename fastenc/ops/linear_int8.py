@@ -47,28 +47,43 @@ register_op("linear_int8", {"cpu": _cpu_available}, auto={"cpu": ("cpu",)}, desc
 
 class QuantWeight(NamedTuple):
     """A weight [n, k] in int8: q int8 [n, k], scale fp32 [n], the 1/s of its smoothing (fp32 [k]) or None,
-    and the cpu backend's packed copy (or None)."""
+    the cpu backend's packed copy (or None), and the input channels kept in float (int64 [f]) with their
+    columns of the weight ([n, f], the weight's dtype), or None."""
 
     q: Tensor
     scale: Tensor
     smooth: Optional[Tensor] = None
     packed: object = None
+    float_channels: Optional[Tensor] = None
+    float_weight: Optional[Tensor] = None
 
 
-def quantize_weight(weight: Tensor, smoothing: Optional[Tensor] = None) -> QuantWeight:
+def quantize_weight(weight: Tensor, smoothing: Optional[Tensor] = None,
+                    float_channels: Optional[Tensor] = None) -> QuantWeight:
     """Per output channel, symmetric (``reference.quantize_int8``), of ``weight · diag(smoothing)`` when given
     (``reference.smoothing``: its activations are then quantized as ``x / smoothing``); packed for the cpu
-    kernel when this build has it (on CPU tensors)."""
+    kernel when this build has it (on CPU tensors).  float_channels (int64, distinct input channels): those
+    columns stay in float, a GEMM of their own added to the int8 one; the int8 weight and the activations'
+    multipliers are 0 there, so their outliers set neither the weight's nor the tokens' scales."""
     with torch.no_grad():
         w = weight.detach().float()
         smooth = None
         if smoothing is not None:
             w = w * smoothing[None, :]
             smooth = (1.0 / smoothing).float().contiguous()
+        float_weight = None
+        if float_channels is not None:
+            float_channels = float_channels.to(torch.int64).contiguous()
+            float_weight = weight.detach()[:, float_channels].contiguous()
+            w = w.clone() if w.data_ptr() == weight.data_ptr() else w  # .float() of an fp32 weight is itself
+            w[:, float_channels] = 0.0
+            smooth = torch.ones(w.shape[1], device=w.device) if smooth is None else smooth.clone()
+            smooth[float_channels] = 0.0
         q, scale = reference.quantize_int8(w)
     ext = extension()
     usable = ext is not None and hasattr(ext, "Int8Weight") and q.device.type == "cpu"
-    return QuantWeight(q, scale, smooth, ext.Int8Weight(q, scale, smooth) if usable else None)
+    packed = ext.Int8Weight(q, scale, smooth, float_channels, float_weight) if usable else None
+    return QuantWeight(q, scale, smooth, packed, float_channels, float_weight)
 
 
 def linear_int8(x: Tensor, weight: QuantWeight, bias: Optional[Tensor] = None, *, act_in: Optional[str] = None,
@@ -100,7 +115,8 @@ def linear_int8_unchecked(x: Tensor, weight: QuantWeight, bias: Optional[Tensor]
     """:func:`linear_int8` on arguments already validated (the stack's own weights)."""
     if resolve("linear_int8", backend, x.device, x.dtype) == "reference":
         return reference.linear_int8(x, weight.q, weight.scale, bias, act_in=act_in, residual=residual,
-                                     smooth=weight.smooth)
+                                     smooth=weight.smooth, float_channels=weight.float_channels,
+                                     float_weight=weight.float_weight)
     lead = x.shape[:-1]
     y = extension().cpu_int8_linear(x.reshape(-1, x.shape[-1]), weight.packed, bias, act_in or "none",
                                     None if residual is None else residual.reshape(-1, residual.shape[-1]))

@@ -7,6 +7,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 #include "common/activation_vec.h"
 #include "common/vec_io.h"
 #include "linear/int8_linear.h"
@@ -14,10 +18,11 @@
 namespace fastenc::cpu::CPU_CAPABILITY {
 namespace {
 
-// One row: v = act_in(x) · smooth in fp32 (scratch), then q = round(v · 127 / max|v|) + 128 as u8.
+// One row: v = act_in(x) · smooth in fp32 (scratch), then q = round(v · 127 / max|v|) + 128 as u8; with float
+// channels (fidx [f]), act_in(x) there goes to fout (u: scratch of act_in(x) before smoothing).
 template <typename T>
 void quantize_row(const T* x, int64_t k, std::optional<Act> act, const float* smooth, float* v, uint8_t* q,
-                  int64_t k_pad, float* s) {
+                  int64_t k_pad, float* s, const int64_t* fidx, int64_t f, float* u, float* fout) {
   const bool gated = act && (*act == Act::kGeGLU || *act == Act::kSwiGLU);
   Vec amax(0.f);
   for (int64_t c = 0; c < k; c += kW) {
@@ -34,55 +39,75 @@ void quantize_row(const T* x, int64_t k, std::optional<Act> act, const float* sm
         default: break;
       }
     }
+    if (f > 0) y.store(u + c, n);
     if (smooth) y = y * Vec::loadu(smooth + c, n);
     y.store(v + c, n);
     amax = at::vec::maximum(amax, y.abs());  // lanes past n are act(0) · 0 = 0
   }
+  for (int64_t j = 0; j < f; ++j) fout[j] = u[fidx[j]];
   float m = 0.f;
   float lanes[kW];
   amax.store(lanes);
   for (int64_t i = 0; i < kW; ++i) m = std::max(m, lanes[i]);
   const float inv = m > 0.f ? 127.f / m : 0.f;
   *s = m / 127.f;
-  // q + 128 = clamp(round_half_even(v · inv), -127, 127) + 128, in place in v, then narrowed to u8.
-  const Vec vinv(inv), lo(-127.f), hi(127.f), offset(128.f);
+  // q + 128 = clamp(round_half_even(v · inv), -127, 127) + 128 as u8.
+  const Vec vinv(inv), lo(-127.f), hi(127.f);
+#if defined(CPU_CAPABILITY_AVX512)
+  // In one pass: vcvtps2dq rounds half to even (the default MXCSR mode), the offset is added in int32.
+  const __m512i offset = _mm512_set1_epi32(128);
+  for (int64_t c = 0; c < k; c += kW) {
+    const int64_t n = std::min<int64_t>(kW, k - c);
+    const __m512 t = at::vec::clamp(Vec::loadu(v + c, n) * vinv, lo, hi);
+    const __mmask16 mask = n == kW ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
+    _mm512_mask_cvtusepi32_storeu_epi8(q + c, mask, _mm512_add_epi32(_mm512_cvtps_epi32(t), offset));
+  }
+#else
+  const Vec offset(128.f);
   for (int64_t c = 0; c < k; c += kW) {
     const int64_t n = std::min<int64_t>(kW, k - c);
     (at::vec::clamp(Vec::loadu(v + c, n) * vinv, lo, hi).round() + offset).store(v + c, n);
   }
   for (int64_t c = 0; c < k; ++c) q[c] = static_cast<uint8_t>(static_cast<int>(v[c]));
+#endif
   std::memset(q + k, 128, static_cast<size_t>(k_pad - k));
+}
+
+template <typename T>
+void rows(const at::Tensor& x, int64_t m, int64_t k, int64_t k_pad, int64_t ld, std::optional<Act> act,
+          const float* sm, const int64_t* fidx, int64_t f, uint8_t* q, float* s, const at::Tensor& floats) {
+  const T* src = x.const_data_ptr<T>();
+  float* fout = f > 0 ? floats.data_ptr<float>() : nullptr;
+  at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> v(k), u(f > 0 ? k : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      quantize_row(src + r * ld, k, act, sm, v.data(), q + r * k_pad, k_pad, s + r, fidx, f, u.data(),
+                   fout ? fout + r * f : nullptr);
+    }
+  });
 }
 
 }  // namespace
 
-Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth) {
+Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth,
+                       const at::Tensor& float_channels) {
   const bool gated = act_in && (*act_in == Act::kGeGLU || *act_in == Act::kSwiGLU);
   const int64_t m = x.size(0), k = x.size(1) / (gated ? 2 : 1), k_pad = (k + 3) / 4 * 4;
+  const int64_t f = float_channels.defined() ? float_channels.numel() : 0;
   Int8Rows out;
   out.k = k;
   out.q = at::empty({m, k_pad}, x.options().dtype(at::kByte));
   out.scale = at::empty({m}, x.options().dtype(at::kFloat));
+  if (f > 0) out.floats = at::empty({m, f}, x.options().dtype(at::kFloat));
   uint8_t* q = out.q.data_ptr<uint8_t>();
   float* s = out.scale.data_ptr<float>();
   const int64_t ld = x.stride(0);
   const float* sm = smooth.defined() ? smooth.const_data_ptr<float>() : nullptr;
+  const int64_t* fidx = f > 0 ? float_channels.const_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_SWITCH(x.scalar_type(), "fastenc int8 quantize_rows",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      const float* src = x.const_data_ptr<float>();
-      at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
-        std::vector<float> v(k);
-        for (int64_t r = r0; r < r1; ++r) quantize_row(src + r * ld, k, act_in, sm, v.data(), q + r * k_pad, k_pad,
-                                                     s + r);
-      });
-    })
+    AT_DISPATCH_CASE(at::kFloat, [&] { rows<float>(x, m, k, k_pad, ld, act_in, sm, fidx, f, q, s, out.floats); })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      const at::BFloat16* src = x.const_data_ptr<at::BFloat16>();
-      at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
-        std::vector<float> v(k);
-        for (int64_t r = r0; r < r1; ++r) quantize_row(src + r * ld, k, act_in, sm, v.data(), q + r * k_pad, k_pad,
-                                                     s + r);
-      });
+      rows<at::BFloat16>(x, m, k, k_pad, ld, act_in, sm, fidx, f, q, s, out.floats);
     }));
   return out;
 }
