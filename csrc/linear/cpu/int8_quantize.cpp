@@ -18,27 +18,32 @@
 namespace fastenc::cpu::CPU_CAPABILITY {
 namespace {
 
+constexpr int kNoAct = -1;  // A: an Act's value, or no activation
+
+// act_in(y) (gated: act(y) · g) for the activation A, known at compile time: the row loop then makes no calls
+// for none and relu, and its max stays in a register.
+template <int A>
+inline Vec activate(Vec y, const Vec& g) {
+  if constexpr (A == kNoAct) {
+    return y;
+  } else if constexpr (is_gated(Act(A))) {
+    return ActOp<Act(A), Vec>::fwd(y) * g;
+  } else {
+    return ActOp<Act(A), Vec>::fwd(y);
+  }
+}
+
 // One row: v = act_in(x) · smooth in fp32 (scratch), then q = round(v · 127 / max|v|) + 128 as u8; with float
 // channels (fidx [f]), act_in(x) there goes to fout (u: scratch of act_in(x) before smoothing).
-template <typename T>
-void quantize_row(const T* x, int64_t k, std::optional<Act> act, const float* smooth, float* v, uint8_t* q,
-                  int64_t k_pad, float* s, const int64_t* fidx, int64_t f, float* u, float* fout) {
-  const bool gated = act && (*act == Act::kGeGLU || *act == Act::kSwiGLU);
+template <typename T, int A>
+void quantize_row(const T* x, int64_t k, const float* smooth, float* v, uint8_t* q, int64_t k_pad, float* s,
+                  const int64_t* fidx, int64_t f, float* u, float* fout) {
   Vec amax(0.f);
   for (int64_t c = 0; c < k; c += kW) {
     const int64_t n = std::min<int64_t>(kW, k - c);
-    Vec y = load_f32(x + c, n);
-    if (gated) {
-      const Vec g = load_f32(x + k + c, n);
-      y = (*act == Act::kGeGLU ? ActOp<Act::kGeGLU, Vec>::fwd(y) : ActOp<Act::kSwiGLU, Vec>::fwd(y)) * g;
-    } else if (act) {
-      switch (*act) {
-        case Act::kReLU: y = ActOp<Act::kReLU, Vec>::fwd(y); break;
-        case Act::kGelu: y = ActOp<Act::kGelu, Vec>::fwd(y); break;
-        case Act::kGeluTanh: y = ActOp<Act::kGeluTanh, Vec>::fwd(y); break;
-        default: break;
-      }
-    }
+    Vec g(0.f);
+    if constexpr (A != kNoAct && is_gated(Act(A))) g = load_f32(x + k + c, n);
+    Vec y = activate<A>(load_f32(x + c, n), g);
     if (f > 0) y.store(u + c, n);
     if (smooth) y = y * Vec::loadu(smooth + c, n);
     y.store(v + c, n);
@@ -73,18 +78,31 @@ void quantize_row(const T* x, int64_t k, std::optional<Act> act, const float* sm
   std::memset(q + k, 128, static_cast<size_t>(k_pad - k));
 }
 
-template <typename T>
-void rows(const at::Tensor& x, int64_t m, int64_t k, int64_t k_pad, int64_t ld, std::optional<Act> act,
-          const float* sm, const int64_t* fidx, int64_t f, uint8_t* q, float* s, const at::Tensor& floats) {
+template <typename T, int A>
+void rows(const at::Tensor& x, int64_t m, int64_t k, int64_t k_pad, int64_t ld, const float* sm,
+          const int64_t* fidx, int64_t f, uint8_t* q, float* s, const at::Tensor& floats) {
   const T* src = x.const_data_ptr<T>();
   float* fout = f > 0 ? floats.data_ptr<float>() : nullptr;
   at::parallel_for(0, m, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
     std::vector<float> v(k), u(f > 0 ? k : 0);
     for (int64_t r = r0; r < r1; ++r) {
-      quantize_row(src + r * ld, k, act, sm, v.data(), q + r * k_pad, k_pad, s + r, fidx, f, u.data(),
-                   fout ? fout + r * f : nullptr);
+      quantize_row<T, A>(src + r * ld, k, sm, v.data(), q + r * k_pad, k_pad, s + r, fidx, f, u.data(),
+                         fout ? fout + r * f : nullptr);
     }
   });
+}
+
+template <typename T>
+void rows_for(std::optional<Act> act, const at::Tensor& x, int64_t m, int64_t k, int64_t k_pad, int64_t ld,
+              const float* sm, const int64_t* fidx, int64_t f, uint8_t* q, float* s, const at::Tensor& floats) {
+  if (!act) return rows<T, kNoAct>(x, m, k, k_pad, ld, sm, fidx, f, q, s, floats);
+  switch (*act) {
+    case Act::kReLU: return rows<T, int(Act::kReLU)>(x, m, k, k_pad, ld, sm, fidx, f, q, s, floats);
+    case Act::kGelu: return rows<T, int(Act::kGelu)>(x, m, k, k_pad, ld, sm, fidx, f, q, s, floats);
+    case Act::kGeluTanh: return rows<T, int(Act::kGeluTanh)>(x, m, k, k_pad, ld, sm, fidx, f, q, s, floats);
+    case Act::kGeGLU: return rows<T, int(Act::kGeGLU)>(x, m, k, k_pad, ld, sm, fidx, f, q, s, floats);
+    case Act::kSwiGLU: return rows<T, int(Act::kSwiGLU)>(x, m, k, k_pad, ld, sm, fidx, f, q, s, floats);
+  }
 }
 
 }  // namespace
@@ -105,9 +123,9 @@ Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at:
   const float* sm = smooth.defined() ? smooth.const_data_ptr<float>() : nullptr;
   const int64_t* fidx = f > 0 ? float_channels.const_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_SWITCH(x.scalar_type(), "fastenc int8 quantize_rows",
-    AT_DISPATCH_CASE(at::kFloat, [&] { rows<float>(x, m, k, k_pad, ld, act_in, sm, fidx, f, q, s, out.floats); })
+    AT_DISPATCH_CASE(at::kFloat, [&] { rows_for<float>(act_in, x, m, k, k_pad, ld, sm, fidx, f, q, s, out.floats); })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      rows<at::BFloat16>(x, m, k, k_pad, ld, act_in, sm, fidx, f, q, s, out.floats);
+      rows_for<at::BFloat16>(act_in, x, m, k, k_pad, ld, sm, fidx, f, q, s, out.floats);
     }));
   return out;
 }
