@@ -108,7 +108,7 @@ def main() -> None:
         return cos.min().item(), cos.mean().item()
 
     every = ("qkv", "out", "ffn1", "ffn2")
-    rows = [("QKV, out, FFN1 (the default; FFN2 in float)", ("qkv", "out", "ffn1"), 0, True),
+    rows = [("QKV, out, FFN1; FFN2 in float (the default before 2026-12-07)", ("qkv", "out", "ffn1"), 0, True),
             ("all four", every, 0, True), ("all four, FFN2 not smoothed", every, 0, False)]
     rows += [(f"all four, FFN2 not smoothed, its {n} widest input channels in float", every, n, False)
              for n in (16, 32, 64)]
