@@ -5,9 +5,9 @@
 // GEMMs are oneDNN inner products (linear/linear.h: about 2x MKL's fp32 GEMM on AMD) with their epilogue
 // fused: b_qkv; b1 and an ungated activation; b2 (and, pre-norm, the residual add); or, for the GEMMs a
 // layer holds in int8, the int8 kernel (linear/int8_linear.h) on activations quantized per token, with the
-// bias and residual in its epilogue and the FFN's activation in the quantization of GEMM2's input (GEMM2's
-// input channels kept in float gathered by the quantization, their small GEMM added in the int8 epilogue).  q, k and v are strided
-// views of the QKV projection (no copies); attention applies the window and the rotary embeddings; the
+// bias and residual in its epilogue and the FFN's activation in the quantization of GEMM2's input (which also
+// gathers GEMM2's input channels kept in float; the kernel's epilogue adds their products).  q, k and v are
+// strided views of the QKV projection (no copies); attention applies the window and the rotary embeddings; the
 // out-projection bias is added inside the residual + LayerNorm pass; the attention output and the
 // LayerNorm outputs reuse two buffers allocated once per call.  Small GEMMs (below constants::kOnednnMinMacs
 // multiply-adds, where oneDNN's per-call cost dominates) run ATen's GEMM and the vectorised activation

@@ -35,7 +35,7 @@ struct Int8Weight {
   at::Tensor comp;    // int32 [panels · 64]: 128 · Σ_k q[n, k]
   at::Tensor smooth;  // fp32 [k]: 1/s, or undefined (no smoothing); 0 at the channels kept in float
   at::Tensor float_channels;  // int64 [f]: input channels computed in float (q's columns 0 there), or undefined
-  at::Tensor float_weight;    // [n, f] in the activations' dtype: those channels' columns of the weight
+  at::Tensor float_weight;    // [n, f] in the weight's dtype: those channels' columns (the fallback's GEMM)
   at::Tensor float_packed;    // fp32 [panels, f, 64]: float_weightᵀ in 64-column panels (0 padded)
   int64_t n = 0, k = 0;
   int64_t k4() const { return (k + 3) / 4; }
@@ -47,7 +47,6 @@ struct Int8Weight {
 Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& smooth,
                             const at::Tensor& float_channels = at::Tensor(),
                             const at::Tensor& float_weight = at::Tensor());
-
 
 // Activations quantized per row: u8 [m, k4 · 4] holding q + 128 (padding columns 128, i.e. 0), scales [m],
 // and act_in(x) at the weight's float channels, fp32 [m, f] (undefined without them).
