@@ -5,7 +5,8 @@ pickle (``torch.save(model)``) or ``copy.copy`` of the module gets an empty cach
 never sees them.  An entry is rebuilt when any source tensor changes, which the key sees as:
 
 * a new tensor (``param.data = t``, ``load_state_dict(..., assign=True)``, ``model.to(dtype)``,
-  ``share_memory()``): a new data pointer, or new strides on the same memory (``param.data = param.data.t()``).  The entry holds the tensors it was built from, so their
+  ``share_memory()``): a new data pointer, or new strides on the same memory (``param.data =
+  param.data.t()``).  The entry holds the tensors it was built from, so their
   memory cannot be reused by a new tensor while the entry lives: an address cannot be recycled into a
   false hit;
 * an in-place update through the parameter (an optimizer step, ``load_state_dict`` copying, ``nn.init``,
