@@ -171,7 +171,8 @@ def requested_backend(op: str, backend: Optional[str] = None) -> Tuple[str, bool
     """(backend, named_for_this_op) after the precedence rules; ``backend`` is the call's argument."""
     if backend is not None:
         return _check_name(backend, f"fastenc {op}: backend"), True
-    for setting in (_active_setting(), _parse_env(os.environ.get(ENV_VAR, ""))):
+    env = os.environ.get(ENV_VAR, "")
+    for setting in (_active_setting(), _parse_env(env) if env else ()):
         default = None
         for key, value in setting:
             if key == op:

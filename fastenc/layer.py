@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -72,7 +73,14 @@ class LayerSpec(NamedTuple):
         """This spec in eval mode (no dropout) unless ``training``."""
         if training or not (self.attn_dropout or self.dropout1 or self.ffn_dropout or self.dropout2):
             return self
-        return self._replace(attn_dropout=0.0, dropout1=0.0, ffn_dropout=0.0, dropout2=0.0)
+        return _eval_spec(self)
+
+
+@functools.lru_cache(maxsize=256)
+def _eval_spec(spec: LayerSpec) -> LayerSpec:
+    """spec without dropout, one object per spec: every inference call asks (a model's layers share theirs), and
+    the fused stack's cache compares the specs it was built for (an identical object compares at once)."""
+    return spec._replace(attn_dropout=0.0, dropout1=0.0, ffn_dropout=0.0, dropout2=0.0)
 
 
 @dataclasses.dataclass(slots=True)
@@ -99,10 +107,10 @@ class LayerWeights:
 
     def tensors(self) -> Tuple[Optional[Tensor], ...]:
         """Every field, in declaration order (the identity of a layer's weights, for caches)."""
-        return tuple(getattr(self, f) for f in _FIELDS)
+        return _FIELDS(self)
 
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(LayerWeights))
+_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(LayerWeights)))  # a tuple of them, in C
 
 
 class NormWeights(NamedTuple):

@@ -96,14 +96,15 @@ class TransformerEncoderLayer(BackendSetting, stack.StackOwner, nn.TransformerEn
         m = self._modules
         a, n1, n2, l1, l2 = m["self_attn"], m["norm1"], m["norm2"], m["linear1"], m["linear2"]
         out = a._modules["out_proj"]
+        weights = LayerWeights(
+            _param(a, "in_proj_weight"), _param(a, "in_proj_bias"), _param(out, "weight"), _param(out, "bias"),
+            _param(l1, "weight"), _param(l1, "bias"), _param(l2, "weight"), _param(l2, "bias"),
+            _param(n1, "weight"), _param(n1, "bias"), _param(n2, "weight"), _param(n2, "bias"))
         spec = LayerSpec(
             a.embed_dim, a.num_heads, self.activation_name or self.activation, self.norm_first, n1.eps, n2.eps,
             attn_dropout=a.dropout, dropout1=m["dropout1"].p, ffn_dropout=m["dropout"].p, dropout2=m["dropout2"].p,
-            attn_bias=_param(a, "in_proj_bias") is not None, ffn_bias=_param(l1, "bias") is not None,
-            norm_bias=_param(n1, "bias") is not None)
-        weights = LayerWeights(*(_param(mod, name) for mod, name in (
-            (a, "in_proj_weight"), (a, "in_proj_bias"), (out, "weight"), (out, "bias"), (l1, "weight"), (l1, "bias"),
-            (l2, "weight"), (l2, "bias"), (n1, "weight"), (n1, "bias"), (n2, "weight"), (n2, "bias"))))
+            attn_bias=weights.qkv_bias is not None, ffn_bias=weights.ffn1_bias is not None,
+            norm_bias=weights.norm1_bias is not None)
         return stack.StackLayer(spec, weights, self)
 
     # ----------------------------------------------------------------- forward

@@ -289,12 +289,16 @@ def fused_blocker(layers: Sequence[StackLayer], x: Tensor, *, dense_masks: bool,
                "stack runs on packed tokens: a bool key padding mask with padding removal)"
     if per_layer_outputs:
         return "per-layer outputs were asked for (output_hidden_states or gradient checkpointing)"
-    asked = set()  # (op, the layer's own setting for it): most layers share theirs
+    settings = {}  # the layers' distinct backend settings: most layers share theirs (None, or one name)
     for i, layer in enumerate(layers):
         if not layer.spec.fused_activation:
             return f"layer {i}'s activation {layer.spec.activation!r} has no kernel (it runs in PyTorch)"
+        spec = None if layer.setting is None else layer.setting.backend
+        settings.setdefault(spec if spec is None or isinstance(spec, str) else id(layer.setting), layer.setting)
+    asked = set()  # (op, a layer's own setting for it)
+    for setting in settings.values():
         for op in _FUSED_OPS:
-            own = _op_backend(layer.setting, op)
+            own = _op_backend(setting, op)
             if (op, own) not in asked:
                 asked.add((op, own))
                 forced = requested_backend(op, own)[0]

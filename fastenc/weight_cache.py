@@ -29,7 +29,7 @@ Tensor = torch.Tensor
 
 
 class TensorKey:
-    """What identifies the values of some tensors while they are alive: equal when their data pointers,
+    """What identifies the values of some tensors while they are alive: equal when their devices, data pointers,
     versions, dtypes, shapes and strides are (``w.data = w.data.t()`` keeps a square weight's pointer, version
     and shape: only the strides tell).  It holds the tensors, so that an entry keyed by it keeps their memory from
     being taken by a new tensor (whose pointer, fresh version, dtype and shape could all match: a stale hit).
@@ -39,14 +39,25 @@ class TensorKey:
 
     def __init__(self, tensors: Iterable[Optional[Tensor]]) -> None:
         self.tensors = tuple(tensors)
-        self.key = tuple(None if t is None else (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype,
-                                                 t.shape, t.stride()) for t in self.tensors)
+        self.key = _FINGERPRINT(self.tensors)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TensorKey) and self.key == other.key
 
     def __hash__(self) -> int:
         return hash(self.key)
+
+
+def _python_fingerprint(tensors: Tuple[Optional[Tensor], ...]) -> tuple:
+    """fastenc._C.tensor_fingerprint's fields as a tuple (when the extension is not built)."""
+    return tuple(None if t is None else (t.device, t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype,
+                                         t.shape, t.stride()) for t in tensors)
+
+
+try:  # the same fields packed in C++: 6x faster (the weights of a MiniLM call: 45 -> 7 us)
+    from ._C import tensor_fingerprint as _FINGERPRINT  # type: ignore[attr-defined]
+except ImportError:
+    _FINGERPRINT = _python_fingerprint
 
 
 def tensor_key(tensors: Iterable[Optional[Tensor]]) -> TensorKey:

@@ -1,8 +1,9 @@
 """Host time of an optimized model's call: the call's time minus the fused C++ stack's, at batch 1 (issue #23).
 
-    python scripts/host_time.py [--dtype fp32|bf16|int8] [--calls 500] [--rounds 3]
+    python scripts/host_time.py [--dtype fp32|bf16|int8] [--size minilm|bert-base] [--calls 500] [--rounds 3]
 
-An HF BertModel of MiniLM size (random weights), optimized (``int8``: quantized, on the model in bf16), called
+An HF BertModel of MiniLM size or BERT-base width with 4 layers (the bench's "BERT-base (4 of 12 layers)";
+random weights), optimized (``int8``: quantized, on the model in bf16), called
 on one sequence of 32 tokens under torch.inference_mode(); ``fastenc._C.encoder_forward_cpu`` is wrapped to
 time the C++ stack inside each call.  Prints per round the call's mean time, the C++ stack's and the rest (the
 Python around it, HF's embeddings included).  A timing: run it alone on the machine.
@@ -24,11 +25,13 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="int8", choices=("fp32", "bf16", "int8"))
+    ap.add_argument("--size", default="minilm", choices=("minilm", "bert-base"))
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                  intermediate_size=1536)
+    d, layers = (384, 6) if args.size == "minilm" else (768, 4)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=d, num_hidden_layers=layers, num_attention_heads=12,
+                                  intermediate_size=4 * d)
     torch.manual_seed(0)
     hf = transformers.BertModel(cfg, add_pooling_layer=False).eval()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16

@@ -585,3 +585,71 @@ def test_torch_compile_matches_eager():
                       name=f"{how}: pooler_output")
         assert set(grads) == set(oracle[1])
         assert_grads_parity(grads, oracle[1], base[1], where=f"{how}: ")
+
+
+# ----------------------------------------------------------------- BERT's embeddings as fastenc ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,seqlen", [(1, 1), (1, 32), (3, 7), (2, 40)])
+@pytest.mark.parametrize("types,positions", [(False, False), (True, False), (False, True), (True, True)])
+def test_bert_embeddings_match_hf(dtype, batch, seqlen, types, positions):
+    """hf.bert_embeddings (eval) against HF's BertEmbeddings in fp64, bounded by HF's in dtype: token types and
+    position ids given or not (HF's defaults: type 0, positions 0..L-1), batch 1 and more, the table's length."""
+    emb = build_hf(BertModel, make_config("bert", 384)).embeddings.eval()
+    with torch.no_grad():  # nonzero type and position rows (HF initialises them like the words)
+        emb.token_type_embeddings.weight.normal_()
+    kw = dict(input_ids=torch.randint(0, VOCAB, (batch, seqlen), device=DEVICE),
+              token_type_ids=torch.randint(0, 2, (batch, seqlen), device=DEVICE) if types else None,
+              position_ids=torch.randint(0, 40, (1, seqlen), device=DEVICE) if positions else None)
+    low = copy.deepcopy(emb).to(dtype)
+    with torch.no_grad():
+        fast = hf.bert_embeddings(low, kw["input_ids"], kw["token_type_ids"], kw["position_ids"], None)
+        assert fast is not None and fast.dtype == dtype and fast.shape == (batch, seqlen, 384)
+        assert_parity(fast, copy.deepcopy(emb).double()(**kw), low(**kw), name="embeddings")
+
+
+def test_bert_embeddings_leave_to_hf_what_they_do_not_cover():
+    """None (HF's module runs) in training, with a hook on the module or a submodule, max_norm tables, another
+    class, inputs_embeds, autocast and more positions than the table; an optimized BertModel in eval runs the
+    fastenc ops (HF's forward is never called) and runs HF's module, hooks firing, when one is registered."""
+    model = fastenc.optimize(build_hf(BertModel, make_config("bert", 96)).eval())
+    emb = model.embeddings
+    ids = torch.randint(0, VOCAB, (2, 9), device=DEVICE)
+
+    def call(e=emb, i=ids, embeds=None):
+        return hf.bert_embeddings(e, i, None, None, embeds)
+    assert call() is not None
+    assert call(i=torch.randint(0, VOCAB, (1, 41), device=DEVICE)) is None  # max_position_embeddings is 40
+    assert call(embeds=torch.randn(2, 9, 96, device=DEVICE)) is None
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        assert call() is None
+    for sub in (emb, emb.word_embeddings, emb.LayerNorm):
+        handle = sub.register_forward_hook(lambda *a: None)
+        assert call() is None, sub
+        handle.remove()
+    assert call(e=copy.deepcopy(emb).train()) is None
+    renormed = copy.deepcopy(emb)
+    renormed.position_embeddings.max_norm = 1.0
+    assert call(e=renormed) is None
+
+    class Subclass(type(emb)):
+        pass
+    other = copy.deepcopy(emb)
+    other.__class__ = Subclass
+    assert call(e=other) is None
+
+    def never(*a, **k):
+        raise AssertionError("HF's BertEmbeddings.forward ran")
+    original = type(emb).forward
+    type(emb).forward = never
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        type(emb).forward = original
+    seen = []
+    emb.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(seen) == 1

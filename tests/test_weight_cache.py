@@ -20,6 +20,7 @@ import fastenc
 from fastenc import backends
 from fastenc.ops.linear import ONEDNN_MIN_MACS
 from fastenc.testing import assert_parity
+from fastenc import weight_cache
 from fastenc.weight_cache import WeightCache, cache_of, tensor_key
 
 transformers = pytest.importorskip("transformers")
@@ -107,6 +108,42 @@ def test_key_sees_in_place_updates_and_new_tensors_not_recycled_addresses():
         new = torch.empty(n, n).normal_()
         assert new.data_ptr() != address
         assert cache.get("k", (tensor_key([new]),), lambda: "new") == "new"
+
+
+def _changes():
+    """(name, key of some tensors, tensors after a change): the keys must differ, or be equal ("same ...")."""
+    def key(*tensors):
+        return tensor_key(tensors).key
+    w, b = torch.randn(4, 4), torch.randn(4)
+    with torch.inference_mode():
+        frozen = torch.randn(3)
+    yield "same tensors", key(w, None, b), (w, None, b)
+    yield "same frozen (inference) tensor", key(frozen), (frozen,)
+    before = key(w, b)
+    with torch.no_grad():
+        w.add_(1)
+    yield "in-place update", before, (w, b)
+    yield "transposed view of the same memory", key(w), (w.t(),)
+    yield "other dtype", key(w), (w.view(torch.int32),)
+    yield "other shape", key(w), (w.view(16),)
+    yield "other pointer", key(w), (w[1:],)
+    yield "None for a tensor", key(w, b), (w, None)
+    yield "fewer tensors", key(w, b), (w,)
+    yield "other device", key(torch.empty(4, 4, device="meta")), (torch.empty(4, 4),)
+
+
+@pytest.mark.parametrize("fingerprint", ["extension", "python"])
+def test_fingerprints_tell_the_same_changes(fingerprint, monkeypatch):
+    """The C++ fingerprint (fastenc._C.tensor_fingerprint) and the Python one used without the extension see
+    the same changes: each field of a tensor, None, the tuple's length."""
+    if fingerprint == "python":
+        monkeypatch.setattr(weight_cache, "_FINGERPRINT", weight_cache._python_fingerprint)
+    else:
+        assert weight_cache._FINGERPRINT is backends.extension().tensor_fingerprint
+    for name, before, after in _changes():
+        assert (before == tensor_key(after).key) == name.startswith("same"), name
+    with pytest.raises((TypeError, AttributeError)):
+        tensor_key([torch.randn(2), "not a tensor"])
 
 
 def test_threads_build_an_entry_once():

@@ -12,8 +12,8 @@ such as ``BertForSequenceClassification`` or ``ElectraForMaskedLM``, a sentence-
   one ``in_proj_weight`` [3d, d] (a new parameter); every other parameter is the HF
   parameter object itself (the HF ``nn.Linear`` / ``nn.LayerNorm`` modules are reused);
 * changes the base model's class to a subclass whose ``forward`` runs HF's embeddings
-  (and ELECTRA's ``embeddings_project`` when its embedding size differs from the hidden
-  size), the fastenc encoder with the tokenizer's ``attention_mask`` as a [B, S] key padding
+  (BERT's in inference as fastenc ops: :func:`bert_embeddings`; ELECTRA's
+  ``embeddings_project`` when its embedding size differs from the hidden size), the fastenc encoder with the tokenizer's ``attention_mask`` as a [B, S] key padding
   mask (never a dense [B, 1, L, S] bias), then HF's pooler (when the model has one).
 
 Checkpoints stay Hugging Face checkpoints: the encoder's ``state_dict()`` is written
@@ -43,9 +43,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules import module as _module
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPoolingAndCrossAttentions
-from transformers.models.bert.modeling_bert import BertModel
+from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel
 from transformers.models.camembert.modeling_camembert import CamembertModel
 from transformers.models.distilbert.modeling_distilbert import DistilBertModel
 from transformers.models.electra.modeling_electra import ElectraModel
@@ -56,6 +58,7 @@ from .._util import convertible, unsupported_hf_kwargs
 from ..backends import BackendSpec, check_spec
 from ..activations import activation_name
 from ..modules import TransformerEncoder, TransformerEncoderLayer
+from ..ops.layer_norm import residual_layer_norm_unchecked
 
 Tensor = torch.Tensor
 
@@ -256,6 +259,45 @@ def _return_dict(config, return_dict: Optional[bool]) -> bool:
     return getattr(config, "return_dict", True)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling the module would run hooks (the test nn.Module makes before its fast path)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def bert_embeddings(emb: nn.Module, input_ids: Optional[Tensor], token_type_ids: Optional[Tensor],
+                    position_ids: Optional[Tensor], inputs_embeds: Optional[Tensor],
+                    layer_norm_backend: Optional[str] = None) -> Optional[Tensor]:
+    """HF ``BertEmbeddings`` in eval mode as fastenc ops, or None where HF's module must run:
+    ``LN((word[ids] + type[token types]) + pos[positions])`` with HF's rounding (the first sum rounded to the
+    weights' dtype by torch, the second inside fastenc's residual + LayerNorm).  At batch 1 HF's module (six
+    submodule calls, seven ops) costs a MiniLM call 60 µs of host time, twice that with caches cold after the
+    encoder stack.  HF's module runs instead in training, for another embeddings or norm class, with hooks on
+    the module or its submodules (attribution and adversarial-training tools hook them), ``max_norm`` tables
+    (their forward renormalises the table), ``inputs_embeds``, under autocast or torch.compile (which traces
+    HF's module), and for more positions than the table has (HF raises)."""
+    if (emb.training or type(emb) is not BertEmbeddings or input_ids is None or inputs_embeds is not None
+            or input_ids.dim() != 2 or torch.is_autocast_enabled(input_ids.device.type)
+            or torch.compiler.is_compiling()):
+        return None
+    m = emb._modules
+    tables, norm = (m["word_embeddings"], m["token_type_embeddings"], m["position_embeddings"]), m["LayerNorm"]
+    if (type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1
+            or any(type(t) is not nn.Embedding or t.max_norm is not None for t in tables)
+            or any(_hooked(mod) for mod in (emb, norm, *tables))):
+        return None
+    word, types, pos = (t.weight for t in tables)
+    length = input_ids.shape[1]
+    if position_ids is None and length > pos.shape[0]:
+        return None
+    x = F.embedding(input_ids, word)
+    x = x + (types[0] if token_type_ids is None else F.embedding(token_type_ids, types))
+    branch = pos[:length] if position_ids is None else F.embedding(position_ids, pos)
+    return residual_layer_norm_unchecked(x, branch.expand_as(x), norm.weight, norm.bias, None, norm.eps, 0.0, False,
+                                         layer_norm_backend)
+
+
 class _FastBertLike:
     """forward of BertModel / RobertaModel / XLMRobertaModel / CamembertModel / ElectraModel on the fastenc
     encoder (ELECTRA: ``embeddings_project`` after the embeddings when it has one, and no pooler)."""
@@ -267,8 +309,11 @@ class _FastBertLike:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
-                            inputs_embeds=inputs_embeds)
+        x = bert_embeddings(self.embeddings, input_ids, token_type_ids, position_ids, inputs_embeds,
+                            self.encoder._backend("layer_norm"))
+        if x is None:
+            x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
+                                inputs_embeds=inputs_embeds)
         project = getattr(self, "embeddings_project", None)
         if project is not None:
             x = project(x)
