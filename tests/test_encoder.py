@@ -82,6 +82,37 @@ def test_modernbert_like_stack(dtype, activation):
     _check(layers, [140, 3, 97, 64], dtype, final)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_chunks_of_whole_sequences(dtype, quantize, monkeypatch):
+    """A batch run in chunks of whole sequences (ops.encoder.CHUNK_ELEMENTS, shrunk to a few rows here) gives the
+    rows of the whole batch run at once: chunks of several sequences, a sequence longer than a chunk on its own,
+    empty sequences, the last chunk ending at the last row; pre-norm with rotary and post-norm; against the
+    reference by the parity rule, and against the unchunked stack (fp32: to rounding)."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 0, 9, 1, 40, 3, 3, 0, 12]
+    for norm_first in (False, True):
+        layers = [random_layer(128, 4, 256, norm_first=norm_first, rotary=norm_first, generator=g)
+                  for _ in range(2)]
+        typed = to_dtype(layers, dtype)
+        x = torch.randn(sum(lengths), 128, generator=g).to(dtype)
+        cu, mx = cu_seqlens(lengths), max(lengths)
+        outs = {}
+        with torch.inference_mode():
+            for chunk in (0, 256 * 10):  # 10 rows of FFN1's 256 columns (the widest: QKV has 384 -> 6 rows)
+                monkeypatch.setattr(ops.encoder, "CHUNK_ELEMENTS", chunk)
+                outs[chunk] = fastenc.encoder_stack(x, cu, mx, typed, quantize=quantize, backend="cpu")
+            ref = fastenc.encoder_stack(x, cu, mx, typed, quantize=quantize, backend="reference")
+            exact = fastenc.encoder_stack(x.double(), cu, mx, to_dtype(layers, torch.float64), backend="reference")
+        whole, chunked = outs[0], outs[256 * 10]
+        assert torch.isfinite(chunked).all()
+        assert_parity(chunked, exact, ref, name=f"chunked, norm_first={norm_first}")
+        if quantize is None and dtype == torch.float32:
+            torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="chunk_elements must be >= 0"):
+        backends.extension().encoder_forward_cpu(x, cu, mx, [], False, None, None, None, [], [], -1)
+
+
 def test_no_layers_and_no_tokens():
     x = torch.randn(5, 16)
     with torch.inference_mode():

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "encoder/encoder.h"
+#include "fastenc_constants.h"
 #include "linear/linear.h"
 
 namespace fastenc {
@@ -139,7 +140,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t ma
                    const std::vector<std::shared_ptr<EncoderLayer>>& layers, bool is_causal,
                    const std::optional<at::Tensor>& final_weight, const std::optional<at::Tensor>& final_bias,
                    std::optional<double> final_eps, const std::vector<std::optional<at::Tensor>>& rotary_cos,
-                   const std::vector<std::optional<at::Tensor>>& rotary_sin) {
+                   const std::vector<std::optional<at::Tensor>>& rotary_sin, int64_t chunk_elements) {
+  TORCH_CHECK_VALUE(chunk_elements >= 0, kOp, "chunk_elements must be >= 0 (0: no chunks), got ", chunk_elements);
   TORCH_CHECK_VALUE(x.device().is_cpu(), kOp, "x must be a CPU tensor, got one on ", x.device());
   TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), kOp, "x must be a contiguous [tokens, d_model], got shape ",
                     x.sizes());
@@ -160,6 +162,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t ma
                     "rotary_cos and rotary_sin must hold one entry per layer (None for a layer without rotary)");
   EncoderCall call;
   call.causal = is_causal;
+  call.chunk_elements = chunk_elements;
   for (size_t i = 0; i < layers.size(); ++i) {
     const EncoderLayer& w = *layers[i];
     const std::string l = "layers[" + std::to_string(i) + "]";
@@ -223,7 +226,7 @@ void bind_encoder(py::module_& m) {
         "inference of a stack of EncoderLayers on packed tokens x [T, d] in one call (see encoder/encoder.h)",
         py::arg("x"), py::arg("cu_seqlens"), py::arg("max_seqlen"), py::arg("layers"), py::arg("is_causal"),
         py::arg("final_weight"), py::arg("final_bias"), py::arg("final_eps"), py::arg("rotary_cos"),
-        py::arg("rotary_sin"));
+        py::arg("rotary_sin"), py::arg("chunk_elements") = constants::kEncoderChunkElements);
 }
 
 }  // namespace fastenc

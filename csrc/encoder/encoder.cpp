@@ -9,11 +9,13 @@
 // gathers GEMM2's input channels kept in float; the kernel's epilogue adds their products).  q, k and v are
 // strided views of the QKV projection (no copies); attention applies the window and the rotary embeddings; the
 // out-projection bias is added inside the residual + LayerNorm pass; the attention output and the
-// LayerNorm outputs reuse two buffers allocated once per call.  Small GEMMs (below constants::kOnednnMinMacs
+// LayerNorm outputs reuse two buffers allocated once per call.  A large batch runs in chunks of whole sequences
+// (EncoderCall::chunk_elements): every op but attention is row by row, attention sequence by sequence.  Small GEMMs (below constants::kOnednnMinMacs
 // multiply-adds, where oneDNN's per-call cost dominates) run ATen's GEMM and the vectorised activation
 // pass instead.
 #include "encoder/encoder.h"
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <utility>
@@ -82,11 +84,9 @@ void add_norm(const at::Tensor& x, const at::Tensor& branch, const at::Tensor& b
                               y, s, at::Tensor(), at::Tensor());
 }
 
-}  // namespace
-
-at::Tensor encoder_forward(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t max_seqlen,
-                           const std::vector<std::shared_ptr<EncoderLayer>>& layers, const EncoderCall& call) {
-  (void)max_seqlen;  // the attention kernel reads the lengths from cu_seqlens; the caller checked them
+// The stack on rows x [T, d] holding the sequences of cu_seqlens, all at once.
+at::Tensor forward_rows(const at::Tensor& x, const at::Tensor& cu_seqlens,
+                        const std::vector<std::shared_ptr<EncoderLayer>>& layers, const EncoderCall& call) {
   const int64_t T = x.size(0), d = x.size(1);
   const auto opts = x.options();
   if (T == 0) return at::empty({0, d}, opts);
@@ -150,6 +150,30 @@ at::Tensor encoder_forward(const at::Tensor& x, const at::Tensor& cu_seqlens, in
   }
   // A buffer of this call (or the pre-norm residual, a fresh tensor); never x itself.
   return cur.data_ptr() == x.data_ptr() ? x.clone() : cur;
+}
+
+}  // namespace
+
+at::Tensor encoder_forward(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                           const std::vector<std::shared_ptr<EncoderLayer>>& layers, const EncoderCall& call) {
+  (void)max_seqlen;  // the attention kernel reads the lengths from cu_seqlens; the caller checked them
+  const int64_t T = x.size(0), B = cu_seqlens.numel() - 1;
+  int64_t width = 1;  // the widest intermediate row: the QKV projection's or FFN1's
+  for (const auto& w : layers) width = std::max({width, w->qkv.weight.size(0), w->ffn1.weight.size(0)});
+  const int64_t chunk_rows = std::max<int64_t>(1, call.chunk_elements / width);
+  if (call.chunk_elements <= 0 || T <= chunk_rows || B < 2) return forward_rows(x, cu_seqlens, layers, call);
+  const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
+  at::Tensor out = at::empty_like(x);
+  for (int64_t b = 0, r0 = 0; b < B;) {
+    int64_t e = b + 1;  // sequences b .. e-1: at least one, more while their rows fit the chunk
+    while (e < B && cu[e + 1] - cu[b] <= chunk_rows) ++e;
+    const int64_t r1 = e == B ? T : cu[e];  // the first chunk starts at row 0, the last ends at T
+    const at::Tensor rows = forward_rows(x.narrow(0, r0, r1 - r0), cu_seqlens.slice(0, b, e + 1) - r0, layers, call);
+    out.narrow(0, r0, r1 - r0).copy_(rows);
+    b = e;
+    r0 = r1;
+  }
+  return out;
 }
 
 }  // namespace fastenc::cpu

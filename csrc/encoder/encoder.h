@@ -51,6 +51,9 @@ struct EncoderCall {
   bool final_norm = false;
   // Per layer: fp32 cos/sin tables [P, D/2] (P >= the longest sequence) for a rotary layer, else undefined.
   std::vector<at::Tensor> rotary_cos, rotary_sin;
+  // Whole sequences run in chunks with at most this many elements in the widest intermediate row block (the
+  // QKV projection's or FFN1's output; a longer sequence is a chunk of its own); 0: the whole batch at once.
+  int64_t chunk_elements = 0;
 };
 
 // x [T, d] packed tokens (sequence b = rows cu[b]:cu[b+1], int32 cu_seqlens [B+1], values checked by

@@ -17,10 +17,15 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import constants
 from ..backends import cpu_check, extension, register_op
 from ..weight_cache import WeightCache
 
 Tensor = torch.Tensor
+
+# A large batch runs in chunks of whole sequences of at most this many elements in the widest intermediate
+# (constants.ENCODER_CHUNK_ELEMENTS says why); 0 runs it at once (tests set small values to cut test batches).
+CHUNK_ELEMENTS = constants.ENCODER_CHUNK_ELEMENTS
 
 
 def shape_class(needs_grad: bool) -> tuple:
@@ -81,4 +86,4 @@ def forward(x: Tensor, cu_seqlens: Tensor, max_seqlen: int, layers: list, final_
     sin = [None if r is None else fp32[id(r[0])][1] for r in rotary]
     fw, fb, feps = final_norm if final_norm is not None else (None, None, None)
     return extension().encoder_forward_cpu(x.contiguous(), cu_seqlens, max_seqlen, layers, is_causal, fw, fb, feps,
-                                           cos, sin)
+                                           cos, sin, CHUNK_ELEMENTS)
