@@ -337,6 +337,17 @@ def ffn(
 INT8_MAX = 127
 
 
+def bert_embeddings(input_ids: Tensor, token_type_ids: Optional[Tensor], position_ids: Optional[Tensor],
+                    word: Tensor, types: Tensor, pos: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    eps: float) -> Tensor:
+    """BERT's embeddings as HF's ``BertEmbeddings`` computes them in eval mode: LN((word[ids] + types[token
+    types]) + pos[positions]), each sum in the tables' dtype; token types 0 and positions 0..L-1 where None."""
+    x = F.embedding(input_ids, word)
+    x = x + (types[0] if token_type_ids is None else F.embedding(token_type_ids, types))
+    x = x + (pos[: input_ids.shape[1]] if position_ids is None else F.embedding(position_ids, pos))
+    return F.layer_norm(x, (word.shape[1],), weight, bias, eps)
+
+
 def quantize_int8(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Symmetric int8 per row of x [..., K] (a weight's output channel, or a token): fp32 math
 

@@ -610,16 +610,18 @@ def test_bert_embeddings_match_hf(dtype, batch, seqlen, types, positions):
 
 
 def test_bert_embeddings_leave_to_hf_what_they_do_not_cover():
-    """None (HF's module runs) in training, with a hook on the module or a submodule, max_norm tables, another
-    class, inputs_embeds, autocast and more positions than the table; an optimized BertModel in eval runs the
+    """None (HF's module runs) in training, with gradients on, with a hook on the module or a submodule, max_norm
+    tables, another class, inputs_embeds, autocast and more positions than the table; an optimized BertModel in eval runs the
     fastenc ops (HF's forward is never called) and runs HF's module, hooks firing, when one is registered."""
     model = fastenc.optimize(build_hf(BertModel, make_config("bert", 96)).eval())
     emb = model.embeddings
     ids = torch.randint(0, VOCAB, (2, 9), device=DEVICE)
 
     def call(e=emb, i=ids, embeds=None):
-        return hf.bert_embeddings(e, i, None, None, embeds)
+        with torch.no_grad():
+            return hf.bert_embeddings(e, i, None, None, embeds)
     assert call() is not None
+    assert hf.bert_embeddings(emb, ids, None, None, None) is None  # gradients on: HF's module (autograd)
     assert call(i=torch.randint(0, VOCAB, (1, 41), device=DEVICE)) is None  # max_position_embeddings is 40
     assert call(embeds=torch.randn(2, 9, 96, device=DEVICE)) is None
     with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):

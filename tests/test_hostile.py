@@ -889,8 +889,16 @@ def _op_call(op: str) -> Callable[[Optional[str]], torch.Tensor]:
                                      backend=b),
         "encoder": lambda b: _stack_call(b),
         "linear_int8": lambda b: _int8_call(b),
+        "embeddings": lambda b: _embeddings_call(b),
     }
     return calls[op]
+
+
+def _embeddings_call(backend):
+    """BERT's embeddings (inference only) of a [2, 3] batch from tables of 20 words, 2 types, 8 positions."""
+    with torch.inference_mode():
+        return ops.bert_embeddings(_ids(2, 3), None, None, rand(20, 32), rand(2, 32), rand(8, 32), None, None, 1e-12,
+                                   backend=backend)
 
 
 def _stack_call(backend):
@@ -911,7 +919,8 @@ def _int8_call(backend):
 # Where each op's reference lives: the encoder's is the per-op composition of the layer.
 REFERENCE_OF = {"attention": (reference, "attention"), "layer_norm": (reference, "residual_layer_norm"),
                 "ffn": (reference, "ffn"), "linear": (reference, "linear"), "padding": (reference, "pad"),
-                "encoder": (fastenc.stack, "layer_forward"), "linear_int8": (reference, "linear_int8")}
+                "encoder": (fastenc.stack, "layer_forward"), "linear_int8": (reference, "linear_int8"),
+                "embeddings": (reference, "bert_embeddings")}
 _FORCED = [(op, b) for op in registered_ops() for b in FAST]
 
 
@@ -956,8 +965,8 @@ def test_forced_backend_runs_or_raises(op, backend, monkeypatch):
             else:
                 with pytest.raises(BackendUnavailableError, match=f"fastenc {op}: "):
                     _op_call(op)(arg)
-    if op not in ("padding", "linear_int8"):  # a layer given {op: backend} (the encoder op runs inference only;
-        # int8 runs only in a quantized model)
+    if op not in ("padding", "linear_int8", "embeddings"):  # a layer given {op: backend} (the encoder op runs
+        # inference only; int8 runs only in a quantized model; a layer has no embeddings)
         layer, x = _layer({op: backend}), rand(2, 3, 32)
         grad = contextlib.nullcontext()
         if op == "encoder":

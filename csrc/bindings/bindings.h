@@ -13,5 +13,6 @@ void bind_encoder(py::module_& m);
 void bind_linear(py::module_& m);
 void bind_int8_linear(py::module_& m);
 void bind_panel_gemm(py::module_& m);
+void bind_embeddings(py::module_& m);
 
 }  // namespace fastenc

@@ -97,4 +97,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fastenc::bind_linear(m);
   fastenc::bind_int8_linear(m);
   fastenc::bind_panel_gemm(m);
+  fastenc::bind_embeddings(m);
 }

@@ -43,7 +43,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.modules import module as _module
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPoolingAndCrossAttentions
@@ -58,7 +57,7 @@ from .._util import convertible, unsupported_hf_kwargs
 from ..backends import BackendSpec, check_spec
 from ..activations import activation_name
 from ..modules import TransformerEncoder, TransformerEncoderLayer
-from ..ops.layer_norm import residual_layer_norm_unchecked
+from ..ops.embeddings import bert_embeddings as ops_bert_embeddings
 
 Tensor = torch.Tensor
 
@@ -268,15 +267,15 @@ def _hooked(module: nn.Module) -> bool:
 
 def bert_embeddings(emb: nn.Module, input_ids: Optional[Tensor], token_type_ids: Optional[Tensor],
                     position_ids: Optional[Tensor], inputs_embeds: Optional[Tensor],
-                    layer_norm_backend: Optional[str] = None) -> Optional[Tensor]:
-    """HF ``BertEmbeddings`` in eval mode as fastenc ops, or None where HF's module must run:
-    ``LN((word[ids] + type[token types]) + pos[positions])`` with HF's rounding (the first sum rounded to the
-    weights' dtype by torch, the second inside fastenc's residual + LayerNorm).  At batch 1 HF's module (six
-    submodule calls, seven ops) costs a MiniLM call 60 µs of host time, twice that with caches cold after the
-    encoder stack.  HF's module runs instead in training, for another embeddings or norm class, with hooks on
+                    backend: Optional[str] = None) -> Optional[Tensor]:
+    """HF ``BertEmbeddings`` in eval mode as fastenc's embeddings op (``fastenc.ops.bert_embeddings``: one C++
+    call on CPU), or None where HF's module must run.  At batch 1 HF's module (six submodule calls, seven ATen
+    ops) costs a MiniLM call 60 µs of host time warm, 150 µs with caches cold after the encoder stack.  HF's
+    module runs instead in training, for another embeddings or norm class, with hooks on
     the module or its submodules (attribution and adversarial-training tools hook them), ``max_norm`` tables
     (their forward renormalises the table), ``inputs_embeds``, under autocast or torch.compile (which traces
-    HF's module), and for more positions than the table has (HF raises)."""
+    HF's module), where gradients are on (eval mode outside ``torch.no_grad``: the op runs inference only), and
+    for more positions than the table has (HF raises)."""
     if (emb.training or type(emb) is not BertEmbeddings or input_ids is None or inputs_embeds is not None
             or input_ids.dim() != 2 or torch.is_autocast_enabled(input_ids.device.type)
             or torch.compiler.is_compiling()):
@@ -288,14 +287,11 @@ def bert_embeddings(emb: nn.Module, input_ids: Optional[Tensor], token_type_ids:
             or any(_hooked(mod) for mod in (emb, norm, *tables))):
         return None
     word, types, pos = (t.weight for t in tables)
-    length = input_ids.shape[1]
-    if position_ids is None and length > pos.shape[0]:
+    if ((position_ids is None and input_ids.shape[1] > pos.shape[0])
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in (word, types, pos)))):
         return None
-    x = F.embedding(input_ids, word)
-    x = x + (types[0] if token_type_ids is None else F.embedding(token_type_ids, types))
-    branch = pos[:length] if position_ids is None else F.embedding(position_ids, pos)
-    return residual_layer_norm_unchecked(x, branch.expand_as(x), norm.weight, norm.bias, None, norm.eps, 0.0, False,
-                                         layer_norm_backend)
+    return ops_bert_embeddings(input_ids, token_type_ids, position_ids, word, types, pos, norm.weight, norm.bias,
+                               norm.eps, backend)
 
 
 class _FastBertLike:
@@ -310,7 +306,7 @@ class _FastBertLike:
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         x = bert_embeddings(self.embeddings, input_ids, token_type_ids, position_ids, inputs_embeds,
-                            self.encoder._backend("layer_norm"))
+                            self.encoder._backend("embeddings"))
         if x is None:
             x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
                                 inputs_embeds=inputs_embeds)

@@ -4,11 +4,12 @@ The fused encoder stack (``encoder``) is reached through ``fastenc.stack`` (``fa
 per-op composition is its reference.
 """
 from . import encoder, linear_int8
+from .embeddings import bert_embeddings
 from .attention import attention, attention_varlen
 from .ffn import ffn
 from .layer_norm import residual_layer_norm
 from .linear import linear
 from .padding import Padding, pad, padding_info, unpad
 
-__all__ = ["Padding", "attention", "attention_varlen", "encoder", "ffn", "linear", "linear_int8", "pad", "padding_info",
+__all__ = ["Padding", "attention", "attention_varlen", "bert_embeddings", "encoder", "ffn", "linear", "linear_int8", "pad", "padding_info",
            "residual_layer_norm", "unpad"]
