@@ -33,8 +33,10 @@ namespace {
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// Rows per task: enough elements (~32k) that a task outweighs OpenMP's fork.
-int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+// Rows per task: ~4k elements, so that a batch-1 request's rows (32 x 384) split across the threads: inside the
+// fused stack the threads are awake and a region costs ~2 us (the stack alone at MiniLM batch 1 x 32, median of
+// 60 alternating rounds: fp32 -1.7%, bf16 -0.8%, int8 -2.2% against 32k elements; BERT-base level).
+int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1)); }
 
 // Rows per partial-sum chunk of the backward: a function of rows only (never of the thread count).
 int64_t chunk_rows(int64_t rows) { return std::clamp<int64_t>((rows + 63) / 64, 8, 64); }
