@@ -60,6 +60,7 @@ EncoderLinear make_linear(const py::object& w, const char* weight, const char* b
     check_tensor(lin.bias, where + bias, {shape[0]}, dtype, false);
     lin.bias = lin.bias.detach().contiguous();
   }
+  if (lin.bias.defined()) lin.bias_f32 = lin.bias.to(at::kFloat).contiguous();
   if (prepack) lin.packed = pack(lin.weight);
   if (panel_gemm_supported(dtype)) lin.panel = std::make_shared<PanelWeight>(pack_panel_weight(lin.weight));
   return lin;
@@ -71,7 +72,6 @@ void set_int8(EncoderLinear& lin, const py::dict& int8, const char* name, const 
   lin.int8 = int8[name].cast<std::shared_ptr<Int8Weight>>();
   TORCH_CHECK_VALUE(lin.int8->n == lin.weight.size(0) && lin.int8->k == lin.weight.size(1), kOp, where, "int8[",
                     name, "] is [", lin.int8->n, ", ", lin.int8->k, "] but the weight is ", lin.weight.sizes());
-  if (lin.bias.defined()) lin.bias_f32 = lin.bias.to(at::kFloat).contiguous();
   lin.packed = at::Tensor();  // the float GEMM's copies are not used
   lin.panel.reset();
 }

@@ -43,7 +43,7 @@ at::Tensor linear(const at::Tensor& a, const EncoderLinear& lin, std::optional<A
   }
   const int64_t M = a.size(0), K = a.size(1), N = lin.weight.size(0);
   if (lin.panel && M <= kPanelMaxRows) {
-    at::Tensor y = panel_gemm(a, *lin.panel, lin.bias, add);
+    at::Tensor y = panel_gemm(a, *lin.panel, lin.bias_f32, add);  // fp32: no conversion per call
     if (act) act_dropout_cpu(y, y, *act, DropoutParams{});
     return y;
   }
@@ -131,12 +131,12 @@ at::Tensor forward_rows(const at::Tensor& x, const at::Tensor& cu_seqlens,
       }
       const at::Tensor proj = self_attention(h);
       at::Tensor s = at::empty({T, d}, opts);
-      add_norm(cur, proj, w.out.bias, w.norm2_weight, w.norm2_bias, w.eps2, normed, s);
+      add_norm(cur, proj, w.out.bias_f32, w.norm2_weight, w.norm2_bias, w.eps2, normed, s);
       cur = ffn(normed, w, s);
     } else {
       const at::Tensor proj = self_attention(cur);
       const at::Tensor x1 = take();
-      add_norm(cur, proj, w.out.bias, w.norm1_weight, w.norm1_bias, w.eps1, x1, at::Tensor());
+      add_norm(cur, proj, w.out.bias_f32, w.norm1_weight, w.norm1_bias, w.eps1, x1, at::Tensor());
       const at::Tensor f = ffn(x1, w, at::Tensor());
       const at::Tensor x2 = take();  // the other buffer: LN2 reads x1
       add_norm(x1, f, at::Tensor(), w.norm2_weight, w.norm2_bias, w.eps2, x2, at::Tensor());

@@ -26,7 +26,7 @@ struct EncoderLinear {
   std::shared_ptr<PanelWeight> panel;  // the same weight in 64-column panels, when set (few-row GEMMs)
   at::Tensor bias;    // [n], or undefined
   std::shared_ptr<Int8Weight> int8;  // when set, the GEMM runs in int8 (linear/int8_linear.h) with bias_f32
-  at::Tensor bias_f32;
+  at::Tensor bias_f32;  // bias in fp32 (the int8 and panel GEMMs' epilogues, the LayerNorm's branch bias)
 };
 
 // One layer (fastenc.layer.LayerSpec's fields, LayerWeights' tensors); an undefined norm tensor is absent.

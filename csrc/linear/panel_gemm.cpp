@@ -173,7 +173,9 @@ at::Tensor panel_gemm(const at::Tensor& x, const PanelWeight& w, const at::Tenso
   const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, w.n}, x.options());
   if (m == 0) return y;
-  const at::Tensor b = bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor b = !bias.defined() ? at::Tensor()
+                       : bias.scalar_type() == at::kFloat && bias.is_contiguous() ? bias
+                                                                                  : bias.to(at::kFloat).contiguous();
   const at::Tensor r = residual.defined() ? residual.contiguous() : at::Tensor();
 #if defined(FASTENC_PANEL_X86)
   const AVX512::Args g{x.const_data_ptr(), x.stride(0), &w, b.defined() ? b.const_data_ptr<float>() : nullptr,
