@@ -327,6 +327,15 @@ def cpu_check(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return _cpu_check(dtype)
 
 
+def cpu_inference_check(why: str) -> Check:
+    """The ``cpu`` check of an op without autograd, whose shape class is ``(needs_grad,)``: :func:`cpu_check`,
+    then ``why`` for a call that needs gradients."""
+    def check(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
+        reason = cpu_check(device, dtype)
+        return reason if reason is not None or not (shape and shape[0]) else why
+    return check
+
+
 @torch.compiler.assume_constant_result  # read eagerly when first met while torch.compile traces (a pybind call)
 @functools.lru_cache(maxsize=None)
 def _cpu_check(dtype: torch.dtype) -> Optional[str]:

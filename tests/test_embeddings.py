@@ -1,6 +1,6 @@
 """BERT's embeddings op (fastenc/ops/embeddings.py, csrc/embeddings/): the C++ kernel against the reference
 (HF's ops, fastenc.reference.bert_embeddings) by the parity rule against fp64, odd shapes, token types and
-position ids given or not; the dispatch (inference only, int32 ids); bad input named."""
+position ids given or not; the dispatch (inference only, int32 ids widened); bad input named."""
 import pytest
 import torch
 
@@ -67,9 +67,12 @@ def test_dispatch_inference_only_and_int32_ids():
     word.requires_grad_(False)
     with torch.inference_mode():
         ref = ops.bert_embeddings(ids, None, None, word, tt_table, pos, w, b, 1e-12, backend="reference")
-        torch.testing.assert_close(ops.bert_embeddings(ids.int(), None, None, word, tt_table, pos, w, b, 1e-12), ref)
+        with backends.record() as seen:
+            torch.testing.assert_close(ops.bert_embeddings(ids.int(), None, None, word, tt_table, pos, w, b, 1e-12),
+                                       ref)  # int32 ids widened: still the kernel
+        assert seen["embeddings"] == {"cpu"}
         with pytest.raises(TypeError, match="input_ids must be int64"):
-            ops.bert_embeddings(ids.int(), None, None, word, tt_table, pos, w, b, 1e-12, backend="cpu")
+            ops.bert_embeddings(ids.short(), None, None, word, tt_table, pos, w, b, 1e-12, backend="cpu")
 
 
 def test_bad_input_is_named():
@@ -98,6 +101,8 @@ def test_bad_input_is_named():
         (dict(weight=w[:16]), ValueError, r"weight must have shape \[32\]"),
         (dict(bias=b.half()), TypeError, "bias must be float32 or the tables' dtype"),
         (dict(eps=-1.0), ValueError, "eps must be finite and >= 0"),
+        (dict(word=word[:, :0], types=tt_table[:, :0], pos=pos[:, :0], weight=None, bias=None), ValueError,
+         r"word must be \[rows >= 1, cols >= 1\]"),
         (dict(eps=float("nan")), ValueError, "eps must be finite and >= 0"),
     ]
     for kw, error, match in cases:

@@ -31,6 +31,8 @@ at::Tensor check_ids(const at::Tensor& t, const char* name, const char* table, i
 }
 
 void check_table(const at::Tensor& t, const char* name, const at::Tensor& word) {
+  TORCH_CHECK_VALUE(word.dim() == 2 && word.size(0) >= 1 && word.size(1) >= 1, kOp,
+                    "word must be [rows >= 1, cols >= 1], got shape ", word.sizes());
   TORCH_CHECK_VALUE(t.device().is_cpu(), kOp, name, " must be a CPU tensor, got ", t.device());
   const auto dt = t.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, kOp, name,

@@ -5,7 +5,8 @@ Backends: ``reference`` (``fastenc.reference.bert_embeddings``: HF's ops) and ``
 extension's ``bert_embeddings_cpu`` (``csrc/embeddings/``), one C++ call for the gathers, the sums and the
 LayerNorm.  Why: at batch 1 the embeddings run between two fused-stack calls with caches cold, where each of
 the reference's seven ATen calls costs 20-40 µs; the kernel's arithmetic is 12 k elements for a MiniLM request.
-A call that needs gradients runs the reference (auto), or raises (``cpu`` named).
+A call that needs gradients runs the reference (auto, with the registry's warning), or raises (``cpu`` named);
+int32 ids are widened to int64 for the kernel.
 """
 from __future__ import annotations
 
@@ -14,26 +15,15 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..backends import cpu_check, extension, register_op, resolve
+from ..backends import cpu_inference_check, extension, register_op, resolve
 
 Tensor = torch.Tensor
 
 
-def shape_class(needs_grad: bool) -> tuple:
-    """The registry's shape class of a call: what the cpu backend's check reads."""
-    return (needs_grad,)
+_cpu_available = cpu_inference_check("the CPU embeddings run inference only (no autograd)")
 
 
-def _cpu_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
-    reason = cpu_check(device, dtype)
-    if reason is not None:
-        return reason
-    if shape and shape[0]:
-        return "the CPU embeddings run inference only (no autograd)"
-    return None
-
-
-register_op("embeddings", {"cpu": _cpu_available}, auto={"cpu": ("cpu",)}, example=lambda head_dim: shape_class(False))
+register_op("embeddings", {"cpu": _cpu_available}, auto={"cpu": ("cpu",)}, example=lambda head_dim: (False,))
 
 
 def bert_embeddings(input_ids: Tensor, token_type_ids: Optional[Tensor], position_ids: Optional[Tensor],
@@ -42,9 +32,9 @@ def bert_embeddings(input_ids: Tensor, token_type_ids: Optional[Tensor], positio
     """[B, L, d] embeddings of input_ids [B, L] (int64); token types 0 and positions 0..L-1 where None,
     position_ids [1 or B, L]; tables [rows, d] in one float dtype; weight, bias [d] or None."""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (word, types, pos, weight, bias))
-    chosen = resolve("embeddings", backend, word.device, word.dtype, shape_class(grad))
-    if chosen == "cpu" and (backend == "cpu" or all(t is None or t.dtype == torch.long for t in (
-            input_ids, token_type_ids, position_ids))):  # auto: int32 ids (nn.Embedding takes them) run the reference
-        return extension().bert_embeddings_cpu(input_ids, token_type_ids, position_ids, word, types, pos, weight,
-                                               bias, eps)
+    if resolve("embeddings", backend, word.device, word.dtype, (grad,)) == "cpu":  # shape class: needs_grad
+        # int32 ids (nn.Embedding takes them) widened for the kernel, which reads int64 (and names any other dtype)
+        ids = [t.long() if t is not None and t.dtype == torch.int32 else t
+               for t in (input_ids, token_type_ids, position_ids)]
+        return extension().bert_embeddings_cpu(*ids, word, types, pos, weight, bias, eps)
     return reference.bert_embeddings(input_ids, token_type_ids, position_ids, word, types, pos, weight, bias, eps)

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import constants
-from ..backends import cpu_check, extension, register_op
+from ..backends import cpu_inference_check, extension, register_op
 from ..weight_cache import WeightCache
 
 Tensor = torch.Tensor
@@ -33,13 +33,7 @@ def shape_class(needs_grad: bool) -> tuple:
     return (needs_grad,)
 
 
-def _cpu_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Optional[str]:
-    reason = cpu_check(device, dtype)
-    if reason is not None:
-        return reason
-    if shape[0]:
-        return "the fused encoder stack runs inference only (no autograd); training runs per op"
-    return None
+_cpu_available = cpu_inference_check("the fused encoder stack runs inference only (no autograd); training runs per op")
 
 
 def _describe(device: torch.device, dtype: torch.dtype) -> List[str]:
