@@ -1,12 +1,13 @@
 // Python binding of the CPU encoder stack (encoder/encoder.cpp): the EncoderLayer class, built once from
-// fastenc.layer's LayerSpec and LayerWeights (checked then, weights prepacked for oneDNN), and one m.def
-// for the forward, which checks only what a call can change (x, cu_seqlens, the rotary tables).
+// fastenc.layer's LayerSpec and LayerWeights (checked then, weights packed for the panel GEMM or oneDNN's), and
+// one m.def for the forward, which checks only what a call can change (x, cu_seqlens, the rotary tables).
 // TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError, each naming the argument.
 #include "fastenc_torch_extension.h"  // first: GCC uses a precompiled header only there
 #include "bindings/bindings.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -61,8 +62,9 @@ EncoderLinear make_linear(const py::object& w, const char* weight, const char* b
     lin.bias = lin.bias.detach().contiguous();
   }
   if (lin.bias.defined()) lin.bias_f32 = lin.bias.to(at::kFloat).contiguous();
-  if (prepack) lin.packed = pack(lin.weight);
-  if (panel_gemm_supported(dtype)) lin.panel = std::make_shared<PanelWeight>(pack_panel_weight(lin.weight));
+  lin.panel_rows = encoder_panel_rows(dtype);
+  if (lin.panel_rows > 0) lin.panel = std::make_shared<PanelWeight>(pack_panel_weight(lin.weight));
+  if (prepack && lin.panel_rows < std::numeric_limits<int64_t>::max()) lin.packed = pack(lin.weight);
   return lin;
 }
 
@@ -74,6 +76,7 @@ void set_int8(EncoderLinear& lin, const py::dict& int8, const char* name, const 
                     name, "] is [", lin.int8->n, ", ", lin.int8->k, "] but the weight is ", lin.weight.sizes());
   lin.packed = at::Tensor();  // the float GEMM's copies are not used
   lin.panel.reset();
+  lin.panel_rows = 0;
 }
 
 std::shared_ptr<EncoderLayer> make_layer(const py::object& spec, const py::object& w, const std::string& where,
@@ -130,7 +133,7 @@ std::shared_ptr<EncoderLayer> make_layer(const py::object& spec, const py::objec
     at::Tensor t = tensor_attr(w, norms[j]);
     if (t.defined()) {
       check_tensor(t, where + norms[j], {d}, dtype, true);
-      *slots[j] = t.detach().contiguous();
+      *slots[j] = t.detach().to(at::kFloat).contiguous();  // the LayerNorm pass reads fp32 parameters as they are
     }
   }
   return layer;
@@ -208,12 +211,13 @@ void bind_encoder(py::module_& m) {
   py::class_<cpu::EncoderLayer, std::shared_ptr<cpu::EncoderLayer>>(
       m, "EncoderLayer",
       "one encoder layer for encoder_forward_cpu, built from a fastenc.layer.LayerSpec and LayerWeights "
-      "(checked, GEMM weights prepacked for oneDNN, or in int8 where int8 gives a GEMM's Int8Weight); it holds the "
-      "weights it was built from")
+      "(checked, GEMM weights packed for the panel GEMM, up to panel_rows rows, and for oneDNN where it runs above "
+      "them (prepacked), or in int8 where int8 gives a GEMM's Int8Weight); it holds the weights it was built from")
       .def(py::init(&cpu::make_layer), py::arg("spec"), py::arg("weights"), py::arg("where") = "",
            py::arg("int8") = py::dict())
       .def_property_readonly("d_model", [](const cpu::EncoderLayer& l) { return l.d_model; })
       .def_property_readonly("prepacked", [](const cpu::EncoderLayer& l) { return l.qkv.packed.defined(); })
+      .def_property_readonly("panel_rows", [](const cpu::EncoderLayer& l) { return l.qkv.panel_rows; })
       .def_property_readonly("int8_gemms", [](const cpu::EncoderLayer& l) {
         py::list names;
         for (const auto& [lin, name] : {std::pair{&l.qkv, "qkv"}, std::pair{&l.out, "out"}, std::pair{&l.ffn1, "ffn1"},

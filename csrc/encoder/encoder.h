@@ -1,6 +1,6 @@
 // A whole stack of encoder layers in inference, on CPU, in one C++ call: the host cost of a
 // layer is a few ATen calls, not a Python frame per op (as CTranslate2 and FasterTransformer run
-// whole models).  Kernels: oneDNN GEMMs with fused epilogues (linear/linear.h), the CPU flash attention
+// whole models).  Kernels: the panel GEMM (linear/panel_gemm.h) or oneDNN's (linear/linear.h), the CPU flash attention
 // (attention/attention.h), the fused residual + LayerNorm (layer_norm/layer_norm.h), the gated FFN's GLU pass.
 //
 // The layer is fastenc.layer's LayerSpec + LayerWeights (the Python types every front end fills),
@@ -23,7 +23,8 @@ namespace fastenc::cpu {
 struct EncoderLinear {
   at::Tensor weight;  // [n, k]: the source tensor (ATen's GEMM for problems below the oneDNN threshold)
   at::Tensor packed;  // the same weight in oneDNN's blocked layout, when defined (oneDNN GEMMs)
-  std::shared_ptr<PanelWeight> panel;  // the same weight in 64-column panels, when set (few-row GEMMs)
+  std::shared_ptr<PanelWeight> panel;  // the same weight in 64-column panels, when set
+  int64_t panel_rows = 0;              // the panel GEMM runs up to this many rows, oneDNN's above
   at::Tensor bias;    // [n], or undefined
   std::shared_ptr<Int8Weight> int8;  // when set, the GEMM runs in int8 (linear/int8_linear.h) with bias_f32
   at::Tensor bias_f32;  // bias in fp32 (the int8 and panel GEMMs' epilogues, the LayerNorm's branch bias)
@@ -39,7 +40,7 @@ struct EncoderLayer {
   int64_t window_left = -1, window_right = -1;  // -1: unbounded side
   bool rotary = false;                          // tables passed per call (they depend on the length)
   EncoderLinear qkv, out, ffn1, ffn2;
-  at::Tensor norm1_weight, norm1_bias, norm2_weight, norm2_bias;
+  at::Tensor norm1_weight, norm1_bias, norm2_weight, norm2_bias;  // fp32 copies
 
   bool gated() const { return act == Act::kGeGLU || act == Act::kSwiGLU; }
 };
@@ -55,6 +56,10 @@ struct EncoderCall {
   // QKV projection's or FFN1's output; a longer sequence is a chunk of its own); 0: the whole batch at once.
   int64_t chunk_elements = 0;
 };
+
+// The most rows the stack runs the panel GEMM for in dtype (oneDNN's GEMM above them; 0: no panel kernel): every
+// row count in fp32 and, on a CPU without AMX (where oneDNN's bf16 GEMM runs on the tiles), in bf16.
+int64_t encoder_panel_rows(at::ScalarType dtype);
 
 // x [T, d] packed tokens (sequence b = rows cu[b]:cu[b+1], int32 cu_seqlens [B+1], values checked by
 // the caller), every tensor on the CPU in x's dtype except LayerNorm parameters, which may be fp32.

@@ -62,17 +62,27 @@ struct Int8Rows {
 Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth,
                        const at::Tensor& float_channels);
 
+// quantize_rows into out's contiguous tensors (q u8 [m, k4 · 4], scale fp32 [m], floats fp32 [m, f] when f > 0);
+// out.k is set.
+void quantize_rows_out(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth,
+                       const at::Tensor& float_channels, Int8Rows& out);
+
 // y [m, n] = (q_x q_wᵀ) s_x s_w + x.floats w.float_weightᵀ + bias (+ residual) in out_dtype (fp32 or bf16); bias
 // fp32 [n] or undefined, residual [m, n] in out_dtype or undefined.
 at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor& bias, const at::Tensor& residual,
                        at::ScalarType out_dtype);
+
+// int8_linear into y [m, n] (fp32 or bf16, contiguous; may be the residual itself: each element is read before
+// it is written).
+void int8_linear_out(const Int8Rows& x, const Int8Weight& w, const at::Tensor& bias, const at::Tensor& residual,
+                     const at::Tensor& y);
 
 // Whether the VNNI micro-kernel runs on this CPU (else the ATen fallback).
 bool int8_vnni_supported();
 
 // quantize_rows of cpu/int8_quantize.cpp, one table per capability it is compiled for (common/cpu_kernels.h).
 struct Int8QuantizeKernels {
-  decltype(&quantize_rows) quantize;
+  decltype(&quantize_rows_out) quantize;
 };
 FASTENC_DECLARE_CPU_KERNELS(Int8QuantizeKernels)
 

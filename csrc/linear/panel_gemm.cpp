@@ -22,6 +22,7 @@ struct Args {
   void* out;             // [m, n]
   bool bf16;
   int64_t m, n;
+  const void* w_packed;  // w->packed's data, read once per GEMM rather than per tile
 };
 
 #if defined(FASTENC_PANEL_X86)
@@ -56,7 +57,7 @@ FASTENC_AVX512 void tile_f32(const Args& g, int64_t p, int64_t r0) {
     for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
   }
   const int64_t k = g.w->k;
-  const float* b = g.w->packed.const_data_ptr<float>() + p * k * kNR;
+  const float* b = static_cast<const float*>(g.w_packed) + p * k * kNR;
   const float* a = static_cast<const float*>(g.x) + r0 * g.lda;
   for (int64_t kk = 0; kk < k; ++kk) {
     const float* bk = b + kk * kNR;
@@ -83,7 +84,7 @@ FASTENC_AVX512BF16 void tile_bf16(const Args& g, int64_t p, int64_t r0) {
     for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
   }
   const int64_t k = g.w->k, k2 = (k + 1) / 2;
-  const uint16_t* b = static_cast<const uint16_t*>(g.w->packed.const_data_ptr()) + p * k2 * kNR * 2;
+  const uint16_t* b = static_cast<const uint16_t*>(g.w_packed) + p * k2 * kNR * 2;
   const uint16_t* a = static_cast<const uint16_t*>(g.x) + r0 * g.lda;
   for (int64_t kk = 0; kk < k2; ++kk) {
     const uint16_t* bk = b + kk * kNR * 2;
@@ -167,26 +168,34 @@ PanelWeight pack_panel_weight(const at::Tensor& w) {
 }
 
 at::Tensor panel_gemm(const at::Tensor& x, const PanelWeight& w, const at::Tensor& bias, const at::Tensor& residual) {
+  at::Tensor y = at::empty({x.dim() == 2 ? x.size(0) : 0, w.n}, x.options());
+  panel_gemm_out(x, w, bias, residual, y);
+  return y;
+}
+
+void panel_gemm_out(const at::Tensor& x, const PanelWeight& w, const at::Tensor& bias, const at::Tensor& residual,
+                    const at::Tensor& y) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.k && x.scalar_type() == w.dtype && x.stride(1) == 1,
               "fastenc panel GEMM: x must be [m, ", w.k, "] in the weight's dtype with unit last stride");
   TORCH_CHECK(panel_gemm_supported(w.dtype), "fastenc panel GEMM: no kernel for ", w.dtype, " on this CPU");
   const int64_t m = x.size(0);
-  at::Tensor y = at::empty({m, w.n}, x.options());
-  if (m == 0) return y;
+  TORCH_CHECK(y.sizes() == at::IntArrayRef({m, w.n}) && y.scalar_type() == w.dtype && y.is_contiguous(),
+              "fastenc panel GEMM: y must be a contiguous [", m, ", ", w.n, "] tensor in x's dtype");
+  if (m == 0) return;
   const at::Tensor b = !bias.defined() ? at::Tensor()
                        : bias.scalar_type() == at::kFloat && bias.is_contiguous() ? bias
                                                                                   : bias.to(at::kFloat).contiguous();
   const at::Tensor r = residual.defined() ? residual.contiguous() : at::Tensor();
 #if defined(FASTENC_PANEL_X86)
   const AVX512::Args g{x.const_data_ptr(), x.stride(0), &w, b.defined() ? b.const_data_ptr<float>() : nullptr,
-               r.defined() ? r.const_data_ptr() : nullptr, y.data_ptr(), w.dtype == at::kBFloat16, m, w.n};
+               r.defined() ? r.const_data_ptr() : nullptr, y.data_ptr(), w.dtype == at::kBFloat16, m, w.n,
+               w.packed.const_data_ptr()};
   if (g.bf16) {
     AVX512::gemm<true>(g);
   } else {
     AVX512::gemm<false>(g);
   }
 #endif
-  return y;
 }
 
 }  // namespace fastenc::cpu

@@ -107,16 +107,19 @@ void rows_for(std::optional<Act> act, const at::Tensor& x, int64_t m, int64_t k,
 
 }  // namespace
 
-Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth,
-                       const at::Tensor& float_channels) {
+void quantize_rows_out(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth,
+                       const at::Tensor& float_channels, Int8Rows& out) {
   const bool gated = act_in && (*act_in == Act::kGeGLU || *act_in == Act::kSwiGLU);
   const int64_t m = x.size(0), k = x.size(1) / (gated ? 2 : 1), k_pad = (k + 3) / 4 * 4;
   const int64_t f = float_channels.defined() ? float_channels.numel() : 0;
-  Int8Rows out;
+  TORCH_CHECK(out.q.sizes() == at::IntArrayRef({m, k_pad}) && out.q.scalar_type() == at::kByte &&
+                  out.q.is_contiguous() && out.scale.numel() == m && out.scale.scalar_type() == at::kFloat &&
+                  out.scale.is_contiguous() &&
+                  (f == 0 || (out.floats.sizes() == at::IntArrayRef({m, f}) &&
+                              out.floats.scalar_type() == at::kFloat && out.floats.is_contiguous())),
+              "fastenc int8 quantize_rows: q must be u8 [", m, ", ", k_pad, "], scale fp32 [", m,
+              "] and floats fp32 [", m, ", ", f, "], contiguous");
   out.k = k;
-  out.q = at::empty({m, k_pad}, x.options().dtype(at::kByte));
-  out.scale = at::empty({m}, x.options().dtype(at::kFloat));
-  if (f > 0) out.floats = at::empty({m, f}, x.options().dtype(at::kFloat));
   uint8_t* q = out.q.data_ptr<uint8_t>();
   float* s = out.scale.data_ptr<float>();
   const int64_t ld = x.stride(0);
@@ -127,9 +130,8 @@ Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at:
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
       rows_for<at::BFloat16>(act_in, x, m, k, k_pad, ld, sm, fidx, f, q, s, out.floats);
     }));
-  return out;
 }
 
-FASTENC_DEFINE_CPU_KERNELS(Int8QuantizeKernels) = {&quantize_rows};
+FASTENC_DEFINE_CPU_KERNELS(Int8QuantizeKernels) = {&quantize_rows_out};
 
 }  // namespace fastenc::cpu::CPU_CAPABILITY
