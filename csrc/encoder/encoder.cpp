@@ -39,7 +39,8 @@ namespace {
 // post-norm, kNorm0 LN1's output and kNorm1 LN2's (the layer's output); pre-norm, kNorm0 the LayerNorms' outputs,
 // kRes0 the residual stream s and kRes1 the layer's output; kQ, kScale and kFloats one int8 GEMM's quantized
 // input at a time.
-enum Slot { kWide, kHidden, kAttn, kBranch, kNorm0, kNorm1, kRes0, kRes1, kQ, kScale, kFloats, kSlots };
+// kOut is the caller's output rows (set_out), where the last layer writes.
+enum Slot { kWide, kHidden, kAttn, kBranch, kNorm0, kNorm1, kRes0, kRes1, kQ, kScale, kFloats, kOut, kSlots };
 
 class Scratch {
  public:
@@ -62,16 +63,23 @@ class Scratch {
         if (lin->int8->float_channels.defined()) grow(kFloats, lin->int8->float_channels.numel());
       }
     }
-    for (int s = 0; s < kSlots; ++s) {
+    for (int s = 0; s < kOut; ++s) {
       const at::ScalarType dtype = s == kQ ? at::kByte : s == kScale || s == kFloats ? at::kFloat
                                                                                       : opts.dtype().toScalarType();
       if (width[s] > 0) bufs_[s] = at::empty({rows * width[s]}, opts.dtype(dtype));
     }
   }
 
+  void set_out(const at::Tensor& out) { views_[kOut] = {out, out.size(0), out.size(1)}; }
+
   // A contiguous [m, n] view of the slot (the same view object while m and n stay).
   const at::Tensor& view(Slot s, int64_t m, int64_t n) {
     View& v = views_[s];
+    if (s == kOut) {
+      TORCH_CHECK(v.m == m && v.n == n, "fastenc encoder: the output rows are [", v.m, ", ", v.n, "], not [", m, ", ",
+                  n, "]");
+      return v.t;
+    }
     if (!v.t.defined() || v.m != m || v.n != n) v = {bufs_[s].narrow(0, 0, m * n).view({m, n}), m, n};
     return v.t;
   }
@@ -163,8 +171,10 @@ void forward_rows(const at::Tensor& x, const at::Tensor& cu_seqlens,
                   const at::Tensor& out) {
   const int64_t T = x.size(0), d = x.size(1);
   at::Tensor cur = x;  // x itself is never written
+  ws.set_out(out);
   for (size_t i = 0; i < layers.size(); ++i) {
     const EncoderLayer& w = *layers[i];
+    const bool last = i + 1 == layers.size() && !call.final_norm;  // this layer writes out
     const int64_t H = w.nhead, D = d / H;
     AttnParams p;
     p.causal = call.causal;
@@ -199,21 +209,21 @@ void forward_rows(const at::Tensor& x, const at::Tensor& cu_seqlens,
       const at::Tensor proj = self_attention(h);
       const at::Tensor s = ws.view(kRes0, T, d);
       add_norm(cur, proj, w.out.bias_f32, w.norm2_weight, w.norm2_bias, w.eps2, normed, s);
-      cur = ffn(normed, w, s, ws, kRes1);
+      cur = ffn(normed, w, s, ws, last ? kOut : kRes1);
     } else {
       const at::Tensor proj = self_attention(cur);
       const at::Tensor x1 = ws.view(kNorm0, T, d);
       add_norm(cur, proj, w.out.bias_f32, w.norm1_weight, w.norm1_bias, w.eps1, x1, at::Tensor());
       const at::Tensor f = ffn(x1, w, at::Tensor(), ws, kBranch);
-      const at::Tensor x2 = ws.view(kNorm1, T, d);  // over cur, read for the last time by LN1
+      const at::Tensor x2 = ws.view(last ? kOut : kNorm1, T, d);  // over cur, read for the last time by LN1
       add_norm(x1, f, at::Tensor(), w.norm2_weight, w.norm2_bias, w.eps2, x2, at::Tensor());
       cur = x2;
     }
   }
   if (call.final_norm) {
     add_norm(cur, at::Tensor(), at::Tensor(), call.final_weight, call.final_bias, call.final_eps, out, at::Tensor());
-  } else {
-    out.copy_(cur);
+  } else if (cur.data_ptr() != out.data_ptr()) {
+    out.copy_(cur);  // x itself without layers, or the output of a oneDNN GEMM (a tensor of its own)
   }
 }
 
