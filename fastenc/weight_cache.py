@@ -1,4 +1,4 @@
-"""Derived copies of a stack's weights (prepacked for oneDNN, quantized, the fused stack's C++ layers).
+"""Derived copies of a stack's weights (packed for the panel GEMM or oneDNN, quantized, the fused stack's C++ layers).
 
 They are derived data, never state: one :class:`WeightCache` per front end owns them, a deep copy, a
 pickle (``torch.save(model)``) or ``copy.copy`` of the module gets an empty cache, and ``state_dict``

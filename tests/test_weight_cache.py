@@ -1,8 +1,8 @@
 """A model's whole life with derived weights (fastenc/weight_cache.py): copies, pickles, saves, weight changes
 of every kind, threads, forks and long runs all give the answers of the current weights.
 
-The model is an optimized HF BertModel sized so that every GEMM of the fused stack takes oneDNN with the
-prepacked weights (a stale packed copy would show).  "Current" means: equal, under the parity rule, to the
+The model is an optimized HF BertModel sized so that every GEMM of the fused stack runs on packed weights (the
+panel GEMM's, or oneDNN's above the oneDNN threshold where the panel GEMM stops: a stale packed copy would show).  "Current" means: equal, under the parity rule, to the
 same model's per-op reference path (which reads the parameters directly) against an fp64 copy.
 """
 import copy
@@ -54,7 +54,7 @@ def _embed(model, inputs):
 def assert_current(model, inputs=None):
     """The fused stack answers from the model's current weights (the parity rule against its fp64 reference)."""
     inputs = inputs or _inputs()
-    assert sum(LENGTHS) * D * D >= ONEDNN_MIN_MACS  # oneDNN GEMMs with the prepacked weights
+    assert sum(LENGTHS) * D * D >= ONEDNN_MIN_MACS  # packed weights, not ATen's GEMM on the parameters
     with torch.inference_mode():
         fast = _embed(model, inputs)
     assert cache_of(model.encoder).last_decision[0] == "fused"
@@ -165,7 +165,7 @@ def test_threads_build_an_entry_once():
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
 def test_copies_work_after_inference_and_answer_from_their_own_weights(how):
     model = _model()
-    first = _ran(model)  # the original now holds prepacked weights
+    first = _ran(model)  # the original now holds packed weights
     if how == "deepcopy":
         other = copy.deepcopy(model)
     elif how == "pickle":

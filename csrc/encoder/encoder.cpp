@@ -51,10 +51,12 @@ class Scratch {
       const EncoderLayer& w = *l;
       grow(kWide, std::max(w.qkv.weight.size(0), w.ffn1.weight.size(0)));
       if (w.gated() && !w.ffn2.int8) grow(kHidden, w.ffn2.weight.size(1));
-      for (Slot s : {kAttn, kBranch, kNorm0, kNorm1}) grow(s, w.d_model);
+      for (Slot s : {kAttn, kBranch, kNorm0}) grow(s, w.d_model);
       if (w.norm_first) {
         grow(kRes0, w.d_model);
         grow(kRes1, w.d_model);
+      } else {
+        grow(kNorm1, w.d_model);
       }
       for (const EncoderLinear* lin : {&w.qkv, &w.out, &w.ffn1, &w.ffn2}) {
         if (!lin->int8) continue;

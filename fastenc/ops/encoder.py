@@ -7,8 +7,8 @@ per op.  It records no autograd graph.  Its reference is the per-op composition 
 ``LayerSpec``/``LayerWeights`` (``fastenc.stack``), which also decides, once per call, whether a stack runs
 fused (``fastenc.stack.fused_blocker``).
 
-The C++ layers (``fastenc._C.EncoderLayer``: checked, GEMM weights prepacked for oneDNN) are built once per
-weight generation and kept in the owner's ``WeightCache`` (:func:`layers_for`).
+The C++ layers (``fastenc._C.EncoderLayer``: checked, GEMM weights packed for the panel GEMM or oneDNN) are built
+once per weight generation and kept in the owner's ``WeightCache`` (:func:`layers_for`).
 """
 from __future__ import annotations
 
