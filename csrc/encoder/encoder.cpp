@@ -33,13 +33,12 @@ namespace {
 
 // The stack's intermediates, each a flat buffer allocated once per call for its largest chunk; a layer's tensors
 // are views of them, so no op allocates.  Why: with a fresh tensor per GEMM output, glibc gave the freed top of the
-// heap back to the system between layers and the next layer page-faulted it in again (65 k minor faults a call,
-// 6-8% of an fp32 BERT-base batch of 4096 tokens; /proc/self/stat, perf).  Lifetimes: kWide holds the QKV
-// projection until attention has read it, then FFN1's output; kBranch the out projection, then FFN2's output;
+// heap back to the system between layers (brk down and up again, strace) and the next layer page-faulted it in
+// again (65 k minor faults a call, 6-8% of an fp32 BERT-base batch of 4096 tokens).  Lifetimes: kWide holds the
+// QKV projection until attention has read it, then FFN1's output; kBranch the out projection, then FFN2's output;
 // post-norm, kNorm0 LN1's output and kNorm1 LN2's (the layer's output); pre-norm, kNorm0 the LayerNorms' outputs,
 // kRes0 the residual stream s and kRes1 the layer's output; kQ, kScale and kFloats one int8 GEMM's quantized
-// input at a time.
-// kOut is the caller's output rows (set_out), where the last layer writes.
+// input at a time; kOut is the caller's output rows (set_out), where the last layer writes.
 enum Slot { kWide, kHidden, kAttn, kBranch, kNorm0, kNorm1, kRes0, kRes1, kQ, kScale, kFloats, kOut, kSlots };
 
 class Scratch {
