@@ -19,7 +19,7 @@ struct Math<at::vec::Vectorized<float>> {
   // erf and tanh as x P(x²) / Q(x²) on a clamped x (beyond the clamp both round to ±1 in fp32): rational fits of
   // scripts/fit_rational.py (`erf 5 5 3.92`, `tanh 4 4 7.9`), max abs error 4.4e-7 and 3.5e-7 in fp32 (ATen's
   // at::vec erf and tanh: 3e-8, through Sleef's exp and tanh at 3x and 6x the time of these; the int8
-  // quantization of FFN2's input and the few-row GEMMs' activation pass spend it).
+  // quantization of FFN2's input and the activation pass after the fused stack's panel GEMMs spend it).
   static Vec erf(Vec x) {
     static constexpr float kP[] = {1.12837911f, 0.19208926f, 0.0529704243f, 0.00383909116f, 0.000286749011f,
                                    2.0389034e-06f};

@@ -72,8 +72,7 @@ void quantize_rows_out(const at::Tensor& x, std::optional<Act> act_in, const at:
 at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor& bias, const at::Tensor& residual,
                        at::ScalarType out_dtype);
 
-// int8_linear into y [m, n] (fp32 or bf16, contiguous; may be the residual itself: each element is read before
-// it is written).
+// int8_linear into y [m, n] (fp32 or bf16, contiguous).
 void int8_linear_out(const Int8Rows& x, const Int8Weight& w, const at::Tensor& bias, const at::Tensor& residual,
                      const at::Tensor& y);
 

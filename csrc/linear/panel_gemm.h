@@ -29,8 +29,7 @@ bool panel_gemm_supported(at::ScalarType dtype);
 // residual [m, n] in x's dtype; x with unit last stride.
 at::Tensor panel_gemm(const at::Tensor& x, const PanelWeight& w, const at::Tensor& bias, const at::Tensor& residual);
 
-// panel_gemm into y [m, n] (x's dtype, contiguous; may be the residual itself: each element is read before it
-// is written).
+// panel_gemm into y [m, n] (x's dtype, contiguous).
 void panel_gemm_out(const at::Tensor& x, const PanelWeight& w, const at::Tensor& bias, const at::Tensor& residual,
                     const at::Tensor& y);
 
