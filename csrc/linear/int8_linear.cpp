@@ -110,7 +110,8 @@ FASTENC_VNNI void tile(const GemmArgs& g, int64_t p, int64_t r0) {
 }
 
 void gemm_vnni(const GemmArgs& g) {
-  panel::for_each_tile(g.m, g.n, [&](int64_t p, int64_t r0, int rows) {
+  // by rows from kRowSplitMin rows: each thread's rows of a were quantized on that thread (panel_tiles.h)
+  panel::for_each_tile(g.m, g.n, true, [&](int64_t p, int64_t r0, int rows) {
     switch (rows) {
       case 6: tile<6>(g, p, r0); break;
       case 5: tile<5>(g, p, r0); break;

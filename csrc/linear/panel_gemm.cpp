@@ -116,7 +116,8 @@ void run_tile(const Args& g, int64_t p, int64_t r0) {
 
 template <bool BF16>
 void gemm(const Args& g) {
-  panel::for_each_tile(g.m, g.n, [&](int64_t p, int64_t r0, int rows) {
+  // by panels: by rows ran level in the fp32 and bf16 stacks, and each thread reads half the weight
+  panel::for_each_tile(g.m, g.n, false, [&](int64_t p, int64_t r0, int rows) {
     switch (rows) {
       case 6: run_tile<BF16, 6>(g, p, r0); break;
       case 5: run_tile<BF16, 5>(g, p, r0); break;

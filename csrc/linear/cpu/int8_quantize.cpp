@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -38,22 +39,46 @@ inline Vec activate(Vec y, const Vec& g) {
 template <typename T, int A>
 void quantize_row(const T* x, int64_t k, const float* smooth, float* v, uint8_t* q, int64_t k_pad, float* s,
                   const int64_t* fidx, int64_t f, float* u, float* fout) {
-  Vec amax(0.f);
-  for (int64_t c = 0; c < k; c += kW) {
-    const int64_t n = std::min<int64_t>(kW, k - c);
+  // v's lanes [c, c + n) (lanes past n are act(0) · 0 = 0)
+  const auto value = [&](int64_t c, int64_t n) {
     Vec g(0.f);
     if constexpr (A != kNoAct && is_gated(Act(A))) g = load_f32(x + k + c, n);
     Vec y = activate<A>(load_f32(x + c, n), g);
     if (f > 0) y.store(u + c, n);
     if (smooth) y = y * Vec::loadu(smooth + c, n);
     y.store(v + c, n);
-    amax = at::vec::maximum(amax, y.abs());  // lanes past n are act(0) · 0 = 0
-  }
-  for (int64_t j = 0; j < f; ++j) fout[j] = u[fidx[j]];
+    return y;
+  };
   float m = 0.f;
+#if defined(CPU_CAPABILITY_AVX512)
+  // Four running maxima (one chain of maxima is bound by their latency) and the NaN lanes in a mask: a NaN in
+  // the row makes m, and so its scale and its GEMM output row, NaN.
+  __m512 m4[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  __mmask16 nan = 0;
+  int64_t c = 0;
+  for (; c + 4 * kW <= k; c += 4 * kW) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512 y = value(c + j * kW, kW);
+      nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+      m4[j] = _mm512_max_ps(m4[j], _mm512_abs_ps(y));
+    }
+  }
+  for (; c < k; c += kW) {
+    const __m512 y = value(c, std::min<int64_t>(kW, k - c));
+    nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+    m4[0] = _mm512_max_ps(m4[0], _mm512_abs_ps(y));
+  }
+  m = nan ? std::numeric_limits<float>::quiet_NaN()
+          : _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m4[0], m4[1]), _mm512_max_ps(m4[2], m4[3])));
+#else
+  Vec amax(0.f);
+  for (int64_t c = 0; c < k; c += kW) amax = at::vec::maximum(amax, value(c, std::min<int64_t>(kW, k - c)).abs());
   float lanes[kW];
   amax.store(lanes);
   for (int64_t i = 0; i < kW; ++i) m = std::max(m, lanes[i]);
+#endif
+  for (int64_t j = 0; j < f; ++j) fout[j] = u[fidx[j]];
   const float inv = m > 0.f ? 127.f / m : 0.f;
   *s = m / 127.f;
   // q + 128 = clamp(round_half_even(v · inv), -127, 127) + 128 as u8.
