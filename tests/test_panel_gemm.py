@@ -1,6 +1,7 @@
 """The few-row CPU GEMM (csrc/linear/panel_gemm.cpp) against torch's GEMM: the parity rule against fp64, odd
 shapes (one row, one column, panel edges, odd k), bias and residual, fp32 and bf16.  Its use in the fused stack
-(up to 128 tokens) is checked by tests/test_encoder.py's small stacks (53 tokens)."""
+(up to 128 tokens) is checked by tests/test_encoder.py's small stacks (53 tokens).  The activation in its
+epilogue, on each tile as it is stored, against torch's activation of the fp64 GEMM."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,28 @@ def test_matches_torch(m, k, n, dtype):
         assert_parity(fast, oracle, base, name=f"panel gemm {m}x{k}x{n}")
 
 
+ACTS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("m,k,n", [(7, 3, 65), (32, 384, 1536), (127, 80, 130)])
+def test_activation_in_epilogue(m, k, n, act, dtype):
+    if not ext.cpu_panel_gemm_supported(dtype):
+        pytest.skip(f"no panel GEMM for {dtype} on this CPU (AVX-512; bf16 also AVX512-BF16)")
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(m, k, generator=g).to(dtype), (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+    b, r = torch.randn(n, generator=g).to(dtype), torch.randn(m, n, generator=g).to(dtype)
+    packed, f = ext.PanelWeight(w), ACTS[act]
+    for bias, res in ((b, None), (None, r)):
+        fast = ext.cpu_panel_gemm(x, packed, bias, res, act=act)
+        oracle = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        base = F.linear(x, w, bias)
+        if res is not None:
+            oracle, base = oracle + res.double(), base + res
+        assert_parity(fast, f(oracle), f(base), name=f"panel gemm + {act} {m}x{k}x{n}")
+
+
 def test_bad_input():
     if not ext.cpu_panel_gemm_supported(torch.float32):
         pytest.skip("no AVX-512 on this CPU")
@@ -42,5 +65,7 @@ def test_bad_input():
         ext.cpu_panel_gemm(torch.randn(2, 16).bfloat16(), packed)
     with pytest.raises(ValueError, match=r"bias must be \[8\]"):
         ext.cpu_panel_gemm(torch.randn(2, 16), packed, torch.zeros(7))
+    with pytest.raises(ValueError, match="act must be none, relu, gelu or gelu_tanh, got geglu"):
+        ext.cpu_panel_gemm(torch.randn(2, 16), packed, act="geglu")
     with pytest.raises(TypeError, match="w must be float32 or bfloat16"):
         ext.PanelWeight(torch.zeros(2, 2, dtype=torch.float64))

@@ -4,6 +4,7 @@
 
 #include <memory>
 #include <optional>
+#include <string>
 
 #include "linear/panel_gemm.h"
 
@@ -22,7 +23,7 @@ std::shared_ptr<cpu::PanelWeight> pack(const at::Tensor& w) {
 }
 
 at::Tensor gemm(const at::Tensor& x, const cpu::PanelWeight& w, const std::optional<at::Tensor>& bias,
-                const std::optional<at::Tensor>& residual) {
+                const std::optional<at::Tensor>& residual, const std::string& act) {
   TORCH_CHECK_VALUE(cpu::panel_gemm_supported(w.dtype), kOp, "no kernel for ", w.dtype,
                     " on this CPU (AVX-512; bf16 also AVX512-BF16)");
   TORCH_CHECK_VALUE(x.device().is_cpu() && x.dim() == 2 && x.size(1) == w.k && x.stride(1) == 1, kOp,
@@ -36,7 +37,10 @@ at::Tensor gemm(const at::Tensor& x, const cpu::PanelWeight& w, const std::optio
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({x.size(0), w.n}) && residual->scalar_type() == w.dtype,
                       kOp, "residual must be [", x.size(0), ", ", w.n, "] in x's dtype");
   }
-  return cpu::panel_gemm(x, w, bias.value_or(at::Tensor()), residual.value_or(at::Tensor()));
+  std::optional<Act> a;
+  if (act != "none") a = parse_activation(act);
+  TORCH_CHECK_VALUE(!a || !is_gated(*a), kOp, "act must be none, relu, gelu or gelu_tanh, got ", act);
+  return cpu::panel_gemm(x, w, bias.value_or(at::Tensor()), residual.value_or(at::Tensor()), a);
 }
 
 }  // namespace
@@ -45,8 +49,11 @@ void bind_panel_gemm(py::module_& m) {
   py::class_<cpu::PanelWeight, std::shared_ptr<cpu::PanelWeight>>(
       m, "PanelWeight", "a float32 / bfloat16 weight [n, k] packed into 64-column panels for cpu_panel_gemm")
       .def(py::init(&pack), py::arg("w"));
-  m.def("cpu_panel_gemm", &gemm, "y = x w^T + bias (+ residual): the few-row CPU GEMM (AVX-512; bf16: AVX512-BF16)",
-        py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("residual") = py::none());
+  m.def("cpu_panel_gemm", &gemm,
+        "y = act(x w^T + bias (+ residual)): the few-row CPU GEMM (AVX-512; bf16: AVX512-BF16), act none, relu, gelu "
+        "or gelu_tanh",
+        py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("residual") = py::none(),
+        py::arg("act") = "none");
   m.def("cpu_panel_gemm_supported", &cpu::panel_gemm_supported, "whether cpu_panel_gemm runs dtype on this CPU",
         py::arg("dtype"));
 }

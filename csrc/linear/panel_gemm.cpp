@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "common/cpu_kernels.h"
+#include "ffn/ffn.h"
 #include "linear/panel_tiles.h"
 
 namespace fastenc::cpu {
@@ -23,6 +24,7 @@ struct Args {
   bool bf16;
   int64_t m, n;
   const void* w_packed;  // w->packed's data, read once per GEMM rather than per tile
+  std::optional<Act> act;  // on each stored tile
 };
 
 #if defined(FASTENC_PANEL_X86)
@@ -117,6 +119,7 @@ void run_tile(const Args& g, int64_t p, int64_t r0) {
 template <bool BF16>
 void gemm(const Args& g) {
   // by panels: by rows ran level in the fp32 and bf16 stacks, and each thread reads half the weight
+  const size_t esz = BF16 ? 2 : 4;
   panel::for_each_tile(g.m, g.n, false, [&](int64_t p, int64_t r0, int rows) {
     switch (rows) {
       case 6: run_tile<BF16, 6>(g, p, r0); break;
@@ -125,6 +128,10 @@ void gemm(const Args& g) {
       case 3: run_tile<BF16, 3>(g, p, r0); break;
       case 2: run_tile<BF16, 2>(g, p, r0); break;
       default: run_tile<BF16, 1>(g, p, r0); break;
+    }
+    if (g.act) {
+      act_rows_cpu(static_cast<char*>(g.out) + (r0 * g.n + p * kNR) * esz, BF16 ? at::kBFloat16 : at::kFloat, rows,
+                   std::min<int64_t>(kNR, g.n - p * kNR), g.n, *g.act);
     }
   });
 }
@@ -168,17 +175,19 @@ PanelWeight pack_panel_weight(const at::Tensor& w) {
   return out;
 }
 
-at::Tensor panel_gemm(const at::Tensor& x, const PanelWeight& w, const at::Tensor& bias, const at::Tensor& residual) {
+at::Tensor panel_gemm(const at::Tensor& x, const PanelWeight& w, const at::Tensor& bias, const at::Tensor& residual,
+                      std::optional<Act> act) {
   at::Tensor y = at::empty({x.dim() == 2 ? x.size(0) : 0, w.n}, x.options());
-  panel_gemm_out(x, w, bias, residual, y);
+  panel_gemm_out(x, w, bias, residual, y, act);
   return y;
 }
 
 void panel_gemm_out(const at::Tensor& x, const PanelWeight& w, const at::Tensor& bias, const at::Tensor& residual,
-                    const at::Tensor& y) {
+                    const at::Tensor& y, std::optional<Act> act) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.k && x.scalar_type() == w.dtype && x.stride(1) == 1,
               "fastenc panel GEMM: x must be [m, ", w.k, "] in the weight's dtype with unit last stride");
   TORCH_CHECK(panel_gemm_supported(w.dtype), "fastenc panel GEMM: no kernel for ", w.dtype, " on this CPU");
+  TORCH_CHECK(!act || !is_gated(*act), "fastenc panel GEMM: a gated activation pairs columns across panels");
   const int64_t m = x.size(0);
   TORCH_CHECK(y.sizes() == at::IntArrayRef({m, w.n}) && y.scalar_type() == w.dtype && y.is_contiguous(),
               "fastenc panel GEMM: y must be a contiguous [", m, ", ", w.n, "] tensor in x's dtype");
@@ -190,7 +199,7 @@ void panel_gemm_out(const at::Tensor& x, const PanelWeight& w, const at::Tensor&
 #if defined(FASTENC_PANEL_X86)
   const AVX512::Args g{x.const_data_ptr(), x.stride(0), &w, b.defined() ? b.const_data_ptr<float>() : nullptr,
                r.defined() ? r.const_data_ptr() : nullptr, y.data_ptr(), w.dtype == at::kBFloat16, m, w.n,
-               w.packed.const_data_ptr()};
+               w.packed.const_data_ptr(), act};
   if (g.bf16) {
     AVX512::gemm<true>(g);
   } else {

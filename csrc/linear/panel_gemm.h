@@ -10,6 +10,9 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
+
+#include "common/activation.h"
 
 namespace fastenc::cpu {
 
@@ -25,12 +28,14 @@ PanelWeight pack_panel_weight(const at::Tensor& w);
 // Whether the kernel for dtype runs on this CPU.
 bool panel_gemm_supported(at::ScalarType dtype);
 
-// y [m, n] = x [m, k] Wᵀ + bias (+ residual), in x's dtype (= the weight's); bias [n] fp32 or x's dtype,
-// residual [m, n] in x's dtype; x with unit last stride.
-at::Tensor panel_gemm(const at::Tensor& x, const PanelWeight& w, const at::Tensor& bias, const at::Tensor& residual);
+// y [m, n] = act(x [m, k] Wᵀ + bias (+ residual)), in x's dtype (= the weight's); bias [n] fp32 or x's dtype,
+// residual [m, n] in x's dtype; x with unit last stride; act ungated, on each tile as soon as it is stored
+// (ffn.h: act_rows_cpu), where a pass of its own would read the output back and cost a parallel region.
+at::Tensor panel_gemm(const at::Tensor& x, const PanelWeight& w, const at::Tensor& bias, const at::Tensor& residual,
+                      std::optional<Act> act = std::nullopt);
 
 // panel_gemm into y [m, n] (x's dtype, contiguous).
 void panel_gemm_out(const at::Tensor& x, const PanelWeight& w, const at::Tensor& bias, const at::Tensor& residual,
-                    const at::Tensor& y);
+                    const at::Tensor& y, std::optional<Act> act = std::nullopt);
 
 }  // namespace fastenc::cpu
