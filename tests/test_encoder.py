@@ -120,6 +120,47 @@ def test_chunks_of_whole_sequences(dtype, quantize, monkeypatch):
         backends.extension().encoder_forward_cpu(x, cu, mx, [], False, None, None, None, [], [], -1)
 
 
+def _in_new_thread(fn):
+    """fn() on a thread of its own (whose kept scratch is empty), its result."""
+    import threading
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_scratch_kept_between_calls():
+    """The stack keeps a thread's buffers for its next call (encoder.cpp, Scratch::kept): calls that grow and shrink
+    them, switch dtype and int8, and two threads calling at once give bit for bit what each call gives on a fresh
+    thread."""
+    import threading
+    g = torch.Generator().manual_seed(0)
+    layers = [random_layer(128, 4, 256, generator=g) for _ in range(2)]
+    calls = []
+    for dtype, quantize, lengths in [(torch.float32, None, [3, 9]), (torch.float32, None, [40, 77, 2]),
+                                     (torch.float32, None, [5]), (torch.bfloat16, None, [60, 61]),
+                                     (torch.bfloat16, "int8", [33, 128]), (torch.float32, None, [130, 7, 1, 90])]:
+        x = torch.randn(sum(lengths), 128, generator=g).to(dtype)
+        calls.append((x, cu_seqlens(lengths), max(lengths), to_dtype(layers, dtype), quantize))
+
+    def run(c):
+        with torch.inference_mode():
+            return fastenc.encoder_stack(c[0], c[1], c[2], c[3], quantize=c[4], backend="cpu")
+    fresh = [_in_new_thread(lambda c=c: run(c)) for c in calls]
+    for c, want in zip(calls, fresh):
+        assert torch.equal(run(c), want)
+    got = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, [run(c) for c in calls[i::2]])) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        for out, want in zip(got[i], fresh[i::2]):
+            assert torch.equal(out, want)
+
+
 def test_no_layers_and_no_tokens():
     x = torch.randn(5, 16)
     with torch.inference_mode():
