@@ -3,16 +3,17 @@
 //   pre-norm:   s = x + attn(LN1(x) ...) W_outᵀ + b_out;  x = s + FFN(LN2(s))   (LN1 skipped without attn_norm)
 // with FFN(h) = act(h W1ᵀ + b1) W2ᵀ + b2, or for gated activations act(a) · g with [a, g] = h W1ᵀ + b1.
 // GEMMs: the panel GEMM (linear/panel_gemm.h; fp32, and bf16 without AMX: encoder_panel_rows) with the bias, the
-// residual and, up to kEpilogueActRows rows, the ungated activation in its epilogue; elsewhere oneDNN inner products (linear/linear.h:
-// about 2x MKL's fp32 GEMM on AMD) with the bias, the activation or the residual fused; for the GEMMs a layer holds
+// residual and, up to kEpilogueActRows rows, the ungated activation in its epilogue; elsewhere oneDNN inner
+// products (linear/linear.h: about 2x MKL's fp32 GEMM on AMD) with the bias, the activation or the residual
+// fused; for the GEMMs a layer holds
 // in int8, the int8 kernel (linear/int8_linear.h) on activations quantized per token, with the bias and residual in
 // its epilogue and the FFN's activation in the quantization of GEMM2's input (which also gathers GEMM2's input
 // channels kept in float; the kernel's epilogue adds their products).  Small GEMMs without a panel kernel (below
 // constants::kOnednnMinMacs multiply-adds, where oneDNN's per-call cost dominates) run ATen's GEMM.  q, k and v
 // are strided views of the QKV projection (no copies); attention applies the window and the rotary embeddings;
 // the out-projection bias is added inside the residual + LayerNorm pass; every intermediate is a view of buffers
-// allocated once per call (Scratch).  A large batch runs in chunks of whole sequences
-// (EncoderCall::chunk_elements): every op but attention is row by row, attention sequence by sequence.
+// allocated once per call or kept from the thread's last one (Scratch).  A large batch runs in chunks of whole
+// sequences (EncoderCall::chunk_elements): every op but attention is row by row, attention sequence by sequence.
 #include "encoder/encoder.h"
 
 #include <algorithm>
@@ -34,9 +35,10 @@ namespace fastenc::cpu {
 namespace {
 
 // The stack's intermediates, each a flat buffer allocated once per call for its largest chunk (or kept from the
-// thread's last call); a layer's tensors are views of them, so no op allocates.  Why: with a fresh tensor per GEMM output, glibc gave the freed top of the
-// heap back to the system between layers (brk down and up again, strace) and the next layer page-faulted it in
-// again (65 k minor faults a call, 6-8% of an fp32 BERT-base batch of 4096 tokens).  Lifetimes: kWide holds the
+// thread's last call); a layer's tensors are views of them, so no op allocates.  Why: with a fresh tensor per
+// GEMM output, glibc gave the freed top of the heap back to the system between layers (brk down and up again,
+// strace) and the next layer page-faulted it in again (65 k minor faults a call, 6-8% of an fp32 BERT-base batch
+// of 4096 tokens).  Lifetimes: kWide holds the
 // QKV projection until attention has read it, then FFN1's output; kBranch the out projection, then FFN2's output;
 // post-norm, kNorm0 LN1's output and kNorm1 LN2's (the layer's output); pre-norm, kNorm0 the LayerNorms' outputs,
 // kRes0 the residual stream s and kRes1 the layer's output; kQ, kScale and kFloats one int8 GEMM's quantized

@@ -1,8 +1,9 @@
 // What the panel GEMM kernels (int8_linear.cpp, panel_gemm.cpp) share: output panels of 64 columns, tiles of
 // up to 6 rows held in 24 zmm accumulators, the epilogue's loads and stores (fp32 or bf16, masked at the
 // last panel's edge), and the task loop (one task = a panel x a block of rows, panel-major so that a
-// thread's range reuses each weight panel from its cache; or each thread's own rows, panel after panel).  The kernels carry their instruction set in a
-// target attribute and run after a cpuid check: these helpers are for such functions only.
+// thread's range reuses each weight panel from its cache; or each thread's own rows, panel after panel).  The
+// kernels carry their instruction set in a target attribute and run after a cpuid check: these helpers are for
+// such functions only.
 #pragma once
 
 #include <ATen/Parallel.h>
