@@ -65,7 +65,8 @@ def test_bad_input():
         ext.cpu_panel_gemm(torch.randn(2, 16).bfloat16(), packed)
     with pytest.raises(ValueError, match=r"bias must be \[8\]"):
         ext.cpu_panel_gemm(torch.randn(2, 16), packed, torch.zeros(7))
-    with pytest.raises(ValueError, match="act must be none, relu, gelu or gelu_tanh, got geglu"):
-        ext.cpu_panel_gemm(torch.randn(2, 16), packed, act="geglu")
+    for act in ("geglu", "GELU", ""):
+        with pytest.raises(ValueError, match=f"act must be none, relu, gelu or gelu_tanh, got '{act}'"):
+            ext.cpu_panel_gemm(torch.randn(2, 16), packed, act=act)
     with pytest.raises(TypeError, match="w must be float32 or bfloat16"):
         ext.PanelWeight(torch.zeros(2, 2, dtype=torch.float64))

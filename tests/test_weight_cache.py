@@ -2,8 +2,9 @@
 of every kind, threads, forks and long runs all give the answers of the current weights.
 
 The model is an optimized HF BertModel sized so that every GEMM of the fused stack runs on packed weights (the
-panel GEMM's, or oneDNN's above the oneDNN threshold where the panel GEMM stops: a stale packed copy would show).  "Current" means: equal, under the parity rule, to the
-same model's per-op reference path (which reads the parameters directly) against an fp64 copy.
+panel GEMM's, or oneDNN's above the oneDNN threshold where the panel GEMM stops: a stale packed copy would show).
+"Current" means: equal, under the parity rule, to the same model's per-op reference path (which reads the
+parameters directly) against an fp64 copy.
 """
 import copy
 import io

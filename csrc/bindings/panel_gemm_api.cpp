@@ -37,9 +37,10 @@ at::Tensor gemm(const at::Tensor& x, const cpu::PanelWeight& w, const std::optio
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({x.size(0), w.n}) && residual->scalar_type() == w.dtype,
                       kOp, "residual must be [", x.size(0), ", ", w.n, "] in x's dtype");
   }
+  TORCH_CHECK_VALUE(act == "none" || act == "relu" || act == "gelu" || act == "gelu_tanh", kOp,
+                    "act must be none, relu, gelu or gelu_tanh, got '", act, "'");
   std::optional<Act> a;
   if (act != "none") a = parse_activation(act);
-  TORCH_CHECK_VALUE(!a || !is_gated(*a), kOp, "act must be none, relu, gelu or gelu_tanh, got ", act);
   return cpu::panel_gemm(x, w, bias.value_or(at::Tensor()), residual.value_or(at::Tensor()), a);
 }
 
