@@ -348,6 +348,11 @@ def bert_embeddings(input_ids: Tensor, token_type_ids: Optional[Tensor], positio
     return F.layer_norm(x, (word.shape[1],), weight, bias, eps)
 
 
+def bert_pooler(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """HF's ``BertPooler``: tanh of each sequence's first token [B, d] of hidden [B, L, d] through the dense layer."""
+    return torch.tanh(F.linear(hidden[:, 0], weight, bias))
+
+
 def quantize_int8(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Symmetric int8 per row of x [..., K] (a weight's output channel, or a token): fp32 math
 

@@ -35,9 +35,9 @@ ON_GPU = DEVICE == "cuda"
 # fused encoder stack no CUDA one.  (A fallback from a fast kernel to the reference is an error in tests:
 # pyproject.toml's filterwarnings.)
 AUTO = ({"attention": "triton", "layer_norm": "triton", "ffn": "cuda", "linear": "reference", "encoder": "reference",
-         "padding": "triton", "embeddings": "reference"} if ON_GPU else
+         "padding": "triton", "embeddings": "reference", "pooler": "reference"} if ON_GPU else
         {"attention": "cpu", "layer_norm": "cpu", "ffn": "cpu", "linear": "cpu", "encoder": "cpu",
-         "padding": "reference", "embeddings": "cpu"})
+         "padding": "reference", "embeddings": "cpu", "pooler": "cpu"})
 # dtypes the Triton kernels can be checked in here (the interpreter has no bf16 arithmetic).
 TRITON_DTYPES = [torch.float16, torch.bfloat16, torch.float32] if ON_GPU else [torch.float16, torch.float32]
 

@@ -890,6 +890,7 @@ def _op_call(op: str) -> Callable[[Optional[str]], torch.Tensor]:
         "encoder": lambda b: _stack_call(b),
         "linear_int8": lambda b: _int8_call(b),
         "embeddings": lambda b: _embeddings_call(b),
+        "pooler": lambda b: _pooler_call(b),
     }
     return calls[op]
 
@@ -899,6 +900,12 @@ def _embeddings_call(backend):
     with torch.inference_mode():
         return ops.bert_embeddings(_ids(2, 3), None, None, rand(20, 32), rand(2, 32), rand(8, 32), None, None, 1e-12,
                                    backend=backend)
+
+
+def _pooler_call(backend):
+    """BERT's pooler (inference only) of a [2, 3, 32] hidden state through a [24, 32] dense layer."""
+    with torch.inference_mode():
+        return ops.bert_pooler(rand(2, 3, 32), rand(24, 32), rand(24), backend=backend)
 
 
 def _stack_call(backend):
@@ -920,7 +927,7 @@ def _int8_call(backend):
 REFERENCE_OF = {"attention": (reference, "attention"), "layer_norm": (reference, "residual_layer_norm"),
                 "ffn": (reference, "ffn"), "linear": (reference, "linear"), "padding": (reference, "pad"),
                 "encoder": (fastenc.stack, "layer_forward"), "linear_int8": (reference, "linear_int8"),
-                "embeddings": (reference, "bert_embeddings")}
+                "embeddings": (reference, "bert_embeddings"), "pooler": (reference, "bert_pooler")}
 _FORCED = [(op, b) for op in registered_ops() for b in FAST]
 
 
@@ -965,8 +972,8 @@ def test_forced_backend_runs_or_raises(op, backend, monkeypatch):
             else:
                 with pytest.raises(BackendUnavailableError, match=f"fastenc {op}: "):
                     _op_call(op)(arg)
-    if op not in ("padding", "linear_int8", "embeddings"):  # a layer given {op: backend} (the encoder op runs
-        # inference only; int8 runs only in a quantized model; a layer has no embeddings)
+    if op not in ("padding", "linear_int8", "embeddings", "pooler"):  # a layer given {op: backend} (the encoder op
+        # runs inference only; int8 runs only in a quantized model; a layer has no embeddings or pooler)
         layer, x = _layer({op: backend}), rand(2, 3, 32)
         grad = contextlib.nullcontext()
         if op == "encoder":

@@ -46,18 +46,20 @@ import torch.nn as nn
 from torch.nn.modules import module as _module
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPoolingAndCrossAttentions
-from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel
-from transformers.models.camembert.modeling_camembert import CamembertModel
+from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel, BertPooler
+from transformers.models.camembert.modeling_camembert import CamembertModel, CamembertPooler
 from transformers.models.distilbert.modeling_distilbert import DistilBertModel
 from transformers.models.electra.modeling_electra import ElectraModel
-from transformers.models.roberta.modeling_roberta import RobertaModel
-from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaModel
+from transformers.models.roberta.modeling_roberta import RobertaModel, RobertaPooler
+from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaModel, XLMRobertaPooler
 
 from .._util import convertible, unsupported_hf_kwargs
 from ..backends import BackendSpec, check_spec
 from ..activations import activation_name
 from ..modules import TransformerEncoder, TransformerEncoderLayer
 from ..ops.embeddings import bert_embeddings as ops_bert_embeddings
+from ..ops.pooler import bert_pooler as ops_bert_pooler
+from ..weight_cache import cache_of
 
 Tensor = torch.Tensor
 
@@ -294,6 +296,27 @@ def bert_embeddings(emb: nn.Module, input_ids: Optional[Tensor], token_type_ids:
                                norm.eps, backend)
 
 
+# HF's poolers of the families fastenc converts: the same code (tanh(dense(h[:, 0])), tests/test_hf.py checks it).
+POOLERS = (BertPooler, RobertaPooler, XLMRobertaPooler, CamembertPooler)
+
+
+def bert_pooler(model: nn.Module, last: Tensor, backend: Optional[str] = None) -> Optional[Tensor]:
+    """The model's pooler on the last hidden state: fastenc's pooler op (``fastenc.ops.bert_pooler``: the panel GEMM
+    on CPU, its packed weight kept in the model's ``WeightCache``) for HF's own pooler in eval mode without hooks,
+    in inference (no gradients, no autocast, no torch.compile); the module itself otherwise; None without one."""
+    pooler = getattr(model, "pooler", None)
+    if pooler is None:
+        return None
+    dense, act = pooler._modules.get("dense"), pooler._modules.get("activation")
+    if (pooler.training or type(pooler) not in POOLERS or type(dense) is not nn.Linear or type(act) is not nn.Tanh
+            or last.device.type != "cpu" or dense.weight.dtype != last.dtype or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling() or any(_hooked(m) for m in (pooler, dense, act))
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (last, dense.weight, dense.bias)))):
+        return pooler(last)
+    return ops_bert_pooler(last, dense.weight, dense.bias, cache=cache_of(model), backend=backend)
+
+
 class _FastBertLike:
     """forward of BertModel / RobertaModel / XLMRobertaModel / CamembertModel / ElectraModel on the fastenc
     encoder (ELECTRA: ``embeddings_project`` after the embeddings when it has one, and no pooler)."""
@@ -315,8 +338,7 @@ class _FastBertLike:
             x = project(x)
         kpm = key_padding_mask(attention_mask, x.shape[0], x.shape[1])
         last, states = self.encoder.encode(x, kpm, bool(output_hidden_states))
-        pooler = getattr(self, "pooler", None)
-        pooled = pooler(last) if pooler is not None else None
+        pooled = bert_pooler(self, last, self.encoder._backend("pooler"))
         if not _return_dict(self.config, return_dict):
             return tuple(t for t in (last, pooled, states) if t is not None)
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=last, pooler_output=pooled,

@@ -10,6 +10,7 @@ from .ffn import ffn
 from .layer_norm import residual_layer_norm
 from .linear import linear
 from .padding import Padding, pad, padding_info, unpad
+from .pooler import bert_pooler
 
-__all__ = ["Padding", "attention", "attention_varlen", "bert_embeddings", "encoder", "ffn", "linear", "linear_int8", "pad", "padding_info",
+__all__ = ["Padding", "attention", "attention_varlen", "bert_embeddings", "bert_pooler", "encoder", "ffn", "linear", "linear_int8", "pad", "padding_info",
            "residual_layer_norm", "unpad"]
