@@ -6,7 +6,7 @@ Backends: ``reference`` (``fastenc.reference.bert_pooler``: HF's ops) and ``cpu`
 (kept in the caller's ``WeightCache``), then tanh; ATen's GEMM where the panel GEMM has no kernel (fp16, CPUs
 without AVX-512).  Why: HF's pooler runs after the encoder stack, whose weights have pushed everything else out of
 the caches; at batch 1 its three module calls and torch's GEMM cost a MiniLM request 150-270 µs there (bf16: oneDNN's
-matmul at one row), the panel GEMM 70-90 µs (``benchmarks/README.md``, "The pooler").
+matmul at one row), the panel GEMM 70-90 µs (``benchmarks/README.md``, "CPU host time at batch 1").
 """
 from __future__ import annotations
 
