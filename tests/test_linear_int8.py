@@ -36,8 +36,9 @@ def _agree(fast, ref, *, flips_ok):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("m,k,n", [(1, 16, 8), (7, 33, 65), (13, 384, 1152), (97, 1536, 384), (6, 4, 64),
-                                   (200, 80, 130), (512, 64, 64), (515, 96, 130)])  # the last two: rows split
+@pytest.mark.parametrize("m,k,n", [(1, 16, 8), (7, 33, 65), (13, 384, 1152), (24, 64, 200), (32, 384, 1152),
+                                   (96, 65, 130), (97, 1536, 384), (6, 4, 64), (200, 80, 130), (512, 64, 64),
+                                   (515, 96, 130)])  # 24-96 rows: the next panel prefetched; the last two: rows split
 def test_cpu_matches_reference(m, k, n, dtype):
     x, w, b, r = _operands(m, k, n, dtype)
     qw = quantize_weight(w)

@@ -15,10 +15,12 @@ pytestmark = pytest.mark.skipif(ext is None or not hasattr(ext, "cpu_panel_gemm"
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 384, 1152), (7, 3, 65), (32, 384, 1536), (13, 1536, 384),
-                                   (31, 64, 128), (64, 97, 63), (97, 64, 70), (100, 768, 130)])
+                                   (24, 64, 200), (31, 64, 128), (64, 97, 63), (96, 33, 130), (97, 64, 70),
+                                   (100, 768, 130)])
 def test_matches_torch(m, k, n, dtype):
-    """Row counts whose tiles have unequal heights (7: 4 + 3, 13: 5 + 4 + 4, 31: 6 + 5 x 5) and tasks of 96 rows
-    with a remainder (97, 100)."""
+    """Row counts whose tiles have unequal heights (7: 4 + 3, 13: 5 + 4 + 4, 31: 6 + 5 x 5), the rows at which the
+    next panel's prefetch starts and stops (24, 96: an odd k's last line), and tasks of 96 rows with a remainder
+    (97, 100)."""
     if not ext.cpu_panel_gemm_supported(dtype):
         pytest.skip(f"no panel GEMM for {dtype} on this CPU (AVX-512; bf16 also AVX512-BF16)")
     g = torch.Generator().manual_seed(0)

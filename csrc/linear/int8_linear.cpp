@@ -47,8 +47,9 @@ struct GemmArgs {
 
 // Rows r0.. r0+MR of panel p: acc[r][v] = Σ_g a[r, 4g..4g+3] · b[g, 16v..16v+15, 0..3] over the k4 groups,
 // then y = (acc - comp) · s_x s_w + bias (+ residual).
+// pf: the next panel's lines this tile prefetches (panel::next_panel).
 template <int MR>
-FASTENC_VNNI void tile(const GemmArgs& g, int64_t p, int64_t r0) {
+FASTENC_VNNI void tile(const GemmArgs& g, int64_t p, int64_t r0, panel::NextPanel pf) {
   __m512i acc[kMR][4];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
@@ -60,6 +61,7 @@ FASTENC_VNNI void tile(const GemmArgs& g, int64_t p, int64_t r0) {
   const uint8_t* a = g.a + r0 * g.lda;
   for (int64_t kg = 0; kg < k4; ++kg) {
     const int8_t* bg = b + kg * kNR * 4;
+    if (kg < pf.count) _mm_prefetch(pf.lines + kg * 64, _MM_HINT_T1);
     const __m512i b0 = _mm512_loadu_si512(bg), b1 = _mm512_loadu_si512(bg + 64);
     const __m512i b2 = _mm512_loadu_si512(bg + 128), b3 = _mm512_loadu_si512(bg + 192);
 #pragma GCC unroll 6
@@ -112,13 +114,14 @@ FASTENC_VNNI void tile(const GemmArgs& g, int64_t p, int64_t r0) {
 void gemm_vnni(const GemmArgs& g) {
   // by rows from kRowSplitMin rows: each thread's rows of a were quantized on that thread (panel_tiles.h)
   panel::for_each_tile(g.m, g.n, true, [&](int64_t p, int64_t r0, int rows) {
+    const panel::NextPanel pf = panel::next_panel(g.w_packed, g.n, g.w->k4(), p, g.m, r0, rows);
     switch (rows) {
-      case 6: tile<6>(g, p, r0); break;
-      case 5: tile<5>(g, p, r0); break;
-      case 4: tile<4>(g, p, r0); break;
-      case 3: tile<3>(g, p, r0); break;
-      case 2: tile<2>(g, p, r0); break;
-      default: tile<1>(g, p, r0); break;
+      case 6: tile<6>(g, p, r0, pf); break;
+      case 5: tile<5>(g, p, r0, pf); break;
+      case 4: tile<4>(g, p, r0, pf); break;
+      case 3: tile<3>(g, p, r0, pf); break;
+      case 2: tile<2>(g, p, r0, pf); break;
+      default: tile<1>(g, p, r0, pf); break;
     }
   });
 }

@@ -13,7 +13,6 @@ namespace {
 
 using panel::kMR;
 using panel::kNR;
-constexpr int64_t kPrefetchMinRows = 24;  // rows from which the GEMM prefetches the next panel (see gemm)
 
 struct Args {
   const void* x;  // [m, lda] fp32 or bf16
@@ -51,11 +50,9 @@ FASTENC_AVX512 inline void epilogue(const Args& g, int64_t p, int64_t r0, __m512
   }
 }
 
-// The lines [pf0, pf0 + npf) of the next panel (pf: its start, or null) are prefetched into L2, one per k step:
-// a panel's first tile waits for its weights from memory, the later tiles read them from L2, so the next panel's
-// weights stream in while those run (B = 1: weights from memory on every call).
+// pf: the next panel's lines this tile prefetches (panel::next_panel).
 template <int MR>
-FASTENC_AVX512 void tile_f32(const Args& g, int64_t p, int64_t r0, const char* pf, int64_t npf) {
+FASTENC_AVX512 void tile_f32(const Args& g, int64_t p, int64_t r0, panel::NextPanel pf) {
   __m512 acc[kMR][4];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
@@ -67,7 +64,7 @@ FASTENC_AVX512 void tile_f32(const Args& g, int64_t p, int64_t r0, const char* p
   const float* a = static_cast<const float*>(g.x) + r0 * g.lda;
   for (int64_t kk = 0; kk < k; ++kk) {
     const float* bk = b + kk * kNR;
-    if (kk < npf) _mm_prefetch(pf + kk * 64, _MM_HINT_T1);
+    if (kk < pf.count) _mm_prefetch(pf.lines + kk * 64, _MM_HINT_T1);
     const __m512 b0 = _mm512_loadu_ps(bk), b1 = _mm512_loadu_ps(bk + 16), b2 = _mm512_loadu_ps(bk + 32),
                  b3 = _mm512_loadu_ps(bk + 48);
 #pragma GCC unroll 6
@@ -83,7 +80,7 @@ FASTENC_AVX512 void tile_f32(const Args& g, int64_t p, int64_t r0, const char* p
 }
 
 template <int MR>
-FASTENC_AVX512BF16 void tile_bf16(const Args& g, int64_t p, int64_t r0, const char* pf, int64_t npf) {
+FASTENC_AVX512BF16 void tile_bf16(const Args& g, int64_t p, int64_t r0, panel::NextPanel pf) {
   __m512 acc[kMR][4];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
@@ -95,7 +92,7 @@ FASTENC_AVX512BF16 void tile_bf16(const Args& g, int64_t p, int64_t r0, const ch
   const uint16_t* a = static_cast<const uint16_t*>(g.x) + r0 * g.lda;
   for (int64_t kk = 0; kk < k2; ++kk) {
     const uint16_t* bk = b + kk * kNR * 2;
-    if (kk < npf) _mm_prefetch(pf + kk * 64, _MM_HINT_T1);
+    if (kk < pf.count) _mm_prefetch(pf.lines + kk * 64, _MM_HINT_T1);
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bk), b1 = (__m512bh)_mm512_loadu_si512(bk + 32),
                    b2 = (__m512bh)_mm512_loadu_si512(bk + 64), b3 = (__m512bh)_mm512_loadu_si512(bk + 96);
     const bool whole = 2 * kk + 1 < k;  // the last pair of an odd k has one element: never read past the row
@@ -114,11 +111,11 @@ FASTENC_AVX512BF16 void tile_bf16(const Args& g, int64_t p, int64_t r0, const ch
 }
 
 template <bool BF16, int MR>
-void run_tile(const Args& g, int64_t p, int64_t r0, const char* pf, int64_t npf) {
+void run_tile(const Args& g, int64_t p, int64_t r0, panel::NextPanel pf) {
   if constexpr (BF16) {
-    tile_bf16<MR>(g, p, r0, pf, npf);
+    tile_bf16<MR>(g, p, r0, pf);
   } else {
-    tile_f32<MR>(g, p, r0, pf, npf);
+    tile_f32<MR>(g, p, r0, pf);
   }
 }
 
@@ -126,28 +123,16 @@ template <bool BF16>
 void gemm(const Args& g) {
   // by panels: by rows ran level in the fp32 and bf16 stacks, and each thread reads half the weight
   const size_t esz = BF16 ? 2 : 4;
-  // From kPrefetchMinRows to one task's rows: a thread's next task is the next panel, whose lines each tile
-  // prefetches in proportion to its rows.  Weights from memory (B = 1), 32 rows: fp32 -4 to -11% on the 8 encoder
-  // shapes, bf16 -3 to -7%; at 16 rows +1 to +12% (the GEMM is bound by the stream itself); weights in cache: fp32
-  // level, bf16 +1 to +4%.
-  const int64_t k_steps = BF16 ? (g.w->k + 1) / 2 : g.w->k, panel_lines = k_steps * 4;  // 256 bytes a k step
-  const bool prefetch = g.m >= kPrefetchMinRows && g.m <= panel::kRowsPerTask;
-  const char* packed = static_cast<const char*>(g.w_packed);
+  const int64_t k_steps = BF16 ? (g.w->k + 1) / 2 : g.w->k;
   panel::for_each_tile(g.m, g.n, false, [&](int64_t p, int64_t r0, int rows) {
-    const char* pf = nullptr;
-    int64_t npf = 0;
-    if (prefetch && p + 1 < panel::panels(g.n)) {
-      const int64_t l0 = r0 * panel_lines / g.m, l1 = (r0 + rows) * panel_lines / g.m;
-      pf = packed + ((p + 1) * panel_lines + l0) * 64;
-      npf = std::min(l1 - l0, k_steps);
-    }
+    const panel::NextPanel pf = panel::next_panel(g.w_packed, g.n, k_steps, p, g.m, r0, rows);
     switch (rows) {
-      case 6: run_tile<BF16, 6>(g, p, r0, pf, npf); break;
-      case 5: run_tile<BF16, 5>(g, p, r0, pf, npf); break;
-      case 4: run_tile<BF16, 4>(g, p, r0, pf, npf); break;
-      case 3: run_tile<BF16, 3>(g, p, r0, pf, npf); break;
-      case 2: run_tile<BF16, 2>(g, p, r0, pf, npf); break;
-      default: run_tile<BF16, 1>(g, p, r0, pf, npf); break;
+      case 6: run_tile<BF16, 6>(g, p, r0, pf); break;
+      case 5: run_tile<BF16, 5>(g, p, r0, pf); break;
+      case 4: run_tile<BF16, 4>(g, p, r0, pf); break;
+      case 3: run_tile<BF16, 3>(g, p, r0, pf); break;
+      case 2: run_tile<BF16, 2>(g, p, r0, pf); break;
+      default: run_tile<BF16, 1>(g, p, r0, pf); break;
     }
     if (g.act) {
       act_rows_cpu(static_cast<char*>(g.out) + (r0 * g.n + p * kNR) * esz, BF16 ? at::kBFloat16 : at::kFloat, rows,
