@@ -296,7 +296,7 @@ def bert_embeddings(emb: nn.Module, input_ids: Optional[Tensor], token_type_ids:
                                norm.eps, backend)
 
 
-# HF's poolers of the families fastenc converts: the same code (tanh(dense(h[:, 0])), tests/test_hf.py checks it).
+# HF's poolers of the families fastenc converts: the same code, tanh(dense(h[:, 0])) (tests/test_pooler.py checks it).
 POOLERS = (BertPooler, RobertaPooler, XLMRobertaPooler, CamembertPooler)
 
 
