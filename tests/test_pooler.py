@@ -1,8 +1,12 @@
 """BERT's pooler op (fastenc/ops/pooler.py): the cpu backend (the panel GEMM on a packed weight, ATen's GEMM where it
 has no kernel) against the reference (fastenc.reference.bert_pooler) by the parity rule against fp64, odd shapes,
 with and without bias; the packed weight kept in a WeightCache and rebuilt when the weight changes; the dispatch
-(inference only); bad input named; HF's pooler classes run through it in inference."""
+(inference only); bad input named; HF's pooler classes run through it in inference; the packed weight is never
+copied, pickled or saved."""
+import copy
 import inspect
+import io
+import pickle
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ import fastenc
 from fastenc import backends, ops, reference
 from fastenc.models import hf
 from fastenc.testing import assert_parity
-from fastenc.weight_cache import WeightCache
+from fastenc.weight_cache import WeightCache, cache_of
 
 pytestmark = pytest.mark.skipif(backends.cpu_check(torch.device("cpu"), torch.float32) is not None,
                                 reason="the extension's CPU kernels are not built")
@@ -132,3 +136,42 @@ def test_hf_model_pools_through_the_op_in_inference(dtype):
             handle.remove()
         assert hooked == [1] and "pooler" not in seen
         assert_parity(again, exact, base, name="pooler_output (HF's module)", scaled=True)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_packed_pooler_weight_is_not_state(how):
+    """The packed pooler weight (in the model's WeightCache) is derived data: a copy, pickle or torch.save of a model
+    that ran starts without it and answers from its own weights; an in-place update or a new Parameter is seen."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=96, max_position_embeddings=64)
+    model = fastenc.optimize(BertModel(cfg)).eval()
+    ids = torch.randint(1, 100, (2, 7))
+
+    def pooled(m):
+        with torch.inference_mode():
+            out = m(input_ids=ids)
+            ref = reference.bert_pooler(out.last_hidden_state, m.pooler.dense.weight, m.pooler.dense.bias)
+        torch.testing.assert_close(out.pooler_output, ref)  # the op against the reference on the same hidden state
+        return out.pooler_output
+
+    first = pooled(model)
+    assert len(cache_of(model)) == 1  # the packed weight
+    if how == "deepcopy":
+        other = copy.deepcopy(model)
+    elif how == "pickle":
+        other = pickle.loads(pickle.dumps(model))
+    else:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        other = torch.load(buf, weights_only=False)
+    assert len(cache_of(other)) == 0, "derived weights are not state"
+    torch.testing.assert_close(pooled(other), first)
+    with torch.no_grad():
+        other.pooler.dense.weight.mul_(-1.0)
+    assert not torch.allclose(pooled(other), first)  # the copy answers from its own, updated weight...
+    torch.testing.assert_close(pooled(model), first)  # ...and the original from its own
+    model.pooler.dense.weight = torch.nn.Parameter(torch.zeros_like(model.pooler.dense.weight))
+    torch.testing.assert_close(pooled(model), torch.tanh(model.pooler.dense.bias).expand(2, -1))
