@@ -20,7 +20,8 @@ def _tables(d, dtype, vocab=50, types=3, positions=600, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("batch,seqlen,d", [(1, 1, 384), (1, 32, 384), (3, 7, 1000), (2, 127, 96), (1, 513, 384)])
+@pytest.mark.parametrize("batch,seqlen,d", [(1, 1, 384), (1, 32, 384), (3, 7, 1000), (2, 127, 96), (1, 513, 384),
+                                            (2, 5, 10)])
 @pytest.mark.parametrize("types,positions", [(False, False), (True, False), (False, "shared"), (True, "per_row")])
 def test_cpu_matches_reference(dtype, batch, seqlen, d, types, positions):
     (word, tt_table, pos), (w, b) = _tables(d, dtype)

@@ -29,6 +29,19 @@ namespace fastenc::cpu::CPU_CAPABILITY {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 
+#if defined(CPU_CAPABILITY_AVX512)
+// v rounded to bf16, to nearest even as torch rounds (a NaN stays NaN).  In the objects compiled for
+// AVX512-BF16 and up, one vcvtneps2bf16 (at::vec's integer rounding is 8 instructions); it reads an fp32 denormal
+// input (|v| < 1.2e-38) as zero, where torch keeps a bf16 denormal.
+inline __m256i to_bf16(__m512 v) {
+#if defined(FASTENC_CPU_AVX512_BF16)
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#else
+  return at::vec::cvtfp32_bf16(v);
+#endif
+}
+#endif
+
 // n <= kW elements at p as fp32 lanes; lanes past n are zero.
 template <typename T>
 inline Vec load_f32(const T* p, int64_t n = kW) {
@@ -59,7 +72,7 @@ inline void store_f32(const Vec& v, T* p, int64_t n = kW) {
     v.store(p, n);
   } else {
 #if defined(CPU_CAPABILITY_AVX512)
-    const __m256i h = std::is_same_v<T, at::BFloat16> ? at::vec::cvtfp32_bf16(__m512(v)) : at::vec::cvtfp32_fp16(__m512(v));
+    const __m256i h = std::is_same_v<T, at::BFloat16> ? to_bf16(__m512(v)) : at::vec::cvtfp32_fp16(__m512(v));
     if (n == kW) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
     } else {
@@ -80,7 +93,7 @@ inline Vec round_to(const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
     __m512 f;
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      at::vec::cvtbf16_fp32(at::vec::cvtfp32_bf16(__m512(v)), f);
+      at::vec::cvtbf16_fp32(to_bf16(__m512(v)), f);
     } else {
       at::vec::cvtfp16_fp32(at::vec::cvtfp32_fp16(__m512(v)), f);
     }

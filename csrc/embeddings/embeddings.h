@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 
+#include "common/cpu_kernels.h"
+
 namespace fastenc {
 
 // ids, token_type_ids, position_ids: int64, [B, L] ([1 or B, L] positions), unit last stride, every index valid
@@ -18,4 +20,22 @@ at::Tensor bert_embeddings_cpu(const at::Tensor& ids, const at::Tensor& token_ty
                                const at::Tensor& word, const at::Tensor& types, const at::Tensor& pos,
                                const at::Tensor& weight, const at::Tensor& bias, double eps);
 
+namespace cpu {
+
+// One call's operands as the kernel reads them: the tensors above (the absent ones undefined), the LayerNorm's
+// weight and bias as fp32 [d] (1 and 0 where absent), and the output y [B, L, d].
+struct EmbeddingRows {
+  at::Tensor ids, token_type_ids, position_ids, word, types, pos, y;
+  const float* gamma;
+  const float* beta;
+  double eps;
+};
+
+// The kernel of cpu/embeddings.cpp, one table per capability it is compiled for (common/cpu_kernels.h).
+struct EmbeddingsKernels {
+  void (*rows)(const EmbeddingRows&);
+};
+FASTENC_DECLARE_CPU_KERNELS(EmbeddingsKernels)
+
+}  // namespace cpu
 }  // namespace fastenc
