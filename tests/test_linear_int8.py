@@ -132,6 +132,20 @@ def test_zero_rows_and_weights():
     assert torch.isfinite(reference.linear_int8(x, qw.q, qw.scale)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_finite_inputs_stay_non_finite(dtype):
+    """A NaN in a row of x makes that row's scale and outputs NaN; a residual's inf stays inf (the bf16 store's
+    rounding included)."""
+    x, w, b, r = _operands(9, 40, 70, dtype)
+    x[3, 5], r[6, 69] = float("nan"), float("inf")
+    with torch.no_grad():
+        y = linear_int8(x, quantize_weight(w), b, residual=r, backend="cpu")
+    assert y[3].isnan().all() and y[6, 69] == float("inf")
+    others = torch.ones(9, 70, dtype=torch.bool)
+    others[3], others[6, 69] = False, False
+    assert y[others].isfinite().all()
+
+
 def test_vnni_or_fallback_is_reported():
     from fastenc import backend_report
 

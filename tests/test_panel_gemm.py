@@ -74,3 +74,20 @@ def test_bad_input():
             ext.cpu_panel_gemm(torch.randn(2, 16), packed, act=act)
     with pytest.raises(TypeError, match="w must be float32 or bfloat16"):
         ext.PanelWeight(torch.zeros(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_finite_outputs_stay_non_finite(dtype):
+    """A NaN in a row of x makes that row's outputs NaN and a residual's inf stays inf, in the bf16 store's
+    rounding too (vcvtneps2bf16; integer rounding can carry a NaN's payload into an inf)."""
+    if not ext.cpu_panel_gemm_supported(dtype):
+        pytest.skip(f"no panel GEMM for {dtype} on this CPU (AVX-512; bf16 also AVX512-BF16)")
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(9, 40, generator=g).to(dtype), torch.randn(70, 40, generator=g).to(dtype)
+    r = torch.randn(9, 70, generator=g).to(dtype)
+    x[3, 5], r[6, 69] = float("nan"), float("inf")
+    y = ext.cpu_panel_gemm(x, ext.PanelWeight(w), None, r)
+    assert y[3].isnan().all() and y[6, 69] == float("inf")
+    others = torch.ones(9, 70, dtype=torch.bool)
+    others[3], others[6, 69] = False, False
+    assert y[others].isfinite().all()
