@@ -44,9 +44,9 @@ _ATEN_CAPABILITY = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512", "a
 
 # Each kernel source and the (lowest, highest) capability it is compiled for.
 KERNEL_SOURCES = {
-    "csrc/attention/cpu/flash_fwd.cpp": ("default", "avx512_bf16"),
-    "csrc/embeddings/cpu/embeddings.cpp": ("default", "avx512_bf16"),  # vcvtneps2bf16 (common/vec_io.h)  # bf16 pair dot products (vdpbf16ps)
+    "csrc/attention/cpu/flash_fwd.cpp": ("default", "avx512_bf16"),  # bf16 pair dot products (vdpbf16ps)
     "csrc/attention/cpu/flash_bwd.cpp": ("default", "avx512_bf16"),  # rounds rotated rows as the bf16 forward
+    "csrc/embeddings/cpu/embeddings.cpp": ("default", "avx512_bf16"),  # vcvtneps2bf16 (common/vec_io.h)
     "csrc/layer_norm/cpu/layer_norm.cpp": ("default", "avx512_bf16"),  # vcvtneps2bf16 (common/vec_io.h)
     "csrc/ffn/cpu/act_dropout.cpp": ("default", "avx512"),
     "csrc/linear/cpu/int8_quantize.cpp": ("default", "avx512"),

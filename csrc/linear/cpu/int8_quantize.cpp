@@ -75,8 +75,8 @@ void quantize_row(const T* x, int64_t k, const float* smooth, float* v, uint8_t*
   Vec amax(0.f);
   for (int64_t c = 0; c < k; c += kW) amax = at::vec::maximum(amax, value(c, std::min<int64_t>(kW, k - c)).abs());
   float lanes[kW];
-  amax.store(lanes);
-  for (int64_t i = 0; i < kW; ++i) m = std::max(m, lanes[i]);
+  amax.store(lanes);  // at::vec::maximum keeps a NaN; std::max would drop it (then its row came out finite)
+  for (int64_t i = 0; i < kW; ++i) m = std::isnan(lanes[i]) || lanes[i] > m ? lanes[i] : m;
 #endif
   for (int64_t j = 0; j < f; ++j) fout[j] = u[fidx[j]];
   const float inv = m > 0.f ? 127.f / m : 0.f;
@@ -96,7 +96,8 @@ void quantize_row(const T* x, int64_t k, const float* smooth, float* v, uint8_t*
   const Vec offset(128.f);
   for (int64_t c = 0; c < k; c += kW) {
     const int64_t n = std::min<int64_t>(kW, k - c);
-    (at::vec::clamp(Vec::loadu(v + c, n) * vinv, lo, hi).round() + offset).store(v + c, n);
+    const Vec t = at::vec::clamp(Vec::loadu(v + c, n) * vinv, lo, hi);
+    (Vec::blendv(t, Vec(0.f), t != t).round() + offset).store(v + c, n);  // a NaN (its row's scale is NaN) as 0
   }
   for (int64_t c = 0; c < k; ++c) q[c] = static_cast<uint8_t>(static_cast<int>(v[c]));
 #endif
