@@ -48,7 +48,7 @@ fi
 # The tests of the C++ CPU kernels, rerun under each capability below this CPU's.
 CPU_KERNEL_TESTS=(tests/test_attention_cpu.py tests/test_layer_norm_cpu.py tests/test_ffn.py tests/test_linear_cpu.py
                   tests/test_linear.py tests/test_encoder.py tests/test_panel_gemm.py tests/test_linear_int8.py
-                  tests/test_cpu_dispatch.py tests/test_embeddings.py)
+                  tests/test_cpu_dispatch.py tests/test_embeddings.py tests/test_pooler.py tests/test_quantize.py)
 
 case "$job" in
   setup) ;;
