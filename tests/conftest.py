@@ -3,8 +3,11 @@
 TRITON_INTERPRET must be set before triton.jit decorates any kernel, so it is set
 here, before any fastenc import.
 """
+import copy
+import io
 import itertools
 import os
+import pickle
 
 import torch
 
@@ -73,6 +76,20 @@ def build_hf(cls, config):
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model.to(DEVICE)
+
+
+def copied(model, how: str):
+    """A copy of model made the way a user would: ``deepcopy``, ``pickle`` (dumps then loads) or ``torch.save``
+    (to a buffer, then torch.load)."""
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(model))
+    assert how == "torch.save", how
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
 
 
 def pairwise(*factors):

@@ -3,10 +3,7 @@ has no kernel) against the reference (fastenc.reference.bert_pooler) by the pari
 with and without bias; the packed weight kept in a WeightCache and rebuilt when the weight changes; the dispatch
 (inference only); bad input named; HF's pooler classes run through it in inference; the packed weight is never
 copied, pickled or saved."""
-import copy
 import inspect
-import io
-import pickle
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from fastenc import backends, ops, reference
 from fastenc.models import hf
 from fastenc.testing import assert_parity
 from fastenc.weight_cache import WeightCache, cache_of
+from tests.conftest import copied
 
 pytestmark = pytest.mark.skipif(backends.cpu_check(torch.device("cpu"), torch.float32) is not None,
                                 reason="the extension's CPU kernels are not built")
@@ -165,15 +163,7 @@ def test_packed_pooler_weight_is_not_state(how):
 
     first = pooled(model)
     assert len(cache_of(model)) == int(_packs())  # the packed weight, where the panel GEMM runs
-    if how == "deepcopy":
-        other = copy.deepcopy(model)
-    elif how == "pickle":
-        other = pickle.loads(pickle.dumps(model))
-    else:
-        buf = io.BytesIO()
-        torch.save(model, buf)
-        buf.seek(0)
-        other = torch.load(buf, weights_only=False)
+    other = copied(model, how)
     assert len(cache_of(other)) == 0, "derived weights are not state"
     torch.testing.assert_close(pooled(other), first)
     with torch.no_grad():

@@ -7,7 +7,6 @@ panel GEMM's, or oneDNN's above the oneDNN threshold where the panel GEMM stops:
 parameters directly) against an fp64 copy.
 """
 import copy
-import io
 import multiprocessing
 import pickle
 import threading
@@ -23,6 +22,7 @@ from fastenc.ops.linear import ONEDNN_MIN_MACS
 from fastenc.testing import assert_parity
 from fastenc import weight_cache
 from fastenc.weight_cache import WeightCache, cache_of, tensor_key
+from tests.conftest import copied
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(backends.cpu_check(torch.device("cpu"), torch.float32) is not None,
@@ -167,15 +167,7 @@ def test_threads_build_an_entry_once():
 def test_copies_work_after_inference_and_answer_from_their_own_weights(how):
     model = _model()
     first = _ran(model)  # the original now holds packed weights
-    if how == "deepcopy":
-        other = copy.deepcopy(model)
-    elif how == "pickle":
-        other = pickle.loads(pickle.dumps(model))
-    else:
-        buf = io.BytesIO()
-        torch.save(model, buf)
-        buf.seek(0)
-        other = torch.load(buf, weights_only=False)
+    other = copied(model, how)
     assert len(cache_of(other.encoder)) == 0, "derived weights are not state"
     torch.testing.assert_close(_ran(other), first)
     with torch.no_grad():

@@ -104,11 +104,13 @@ inline Vec round_to(const Vec& v) {
   }
 }
 
-// Σ of the lanes, in a fixed order.
-inline float sum_lanes(const Vec& v) {
+// Σ of the lanes, in a fixed order, accumulated in Acc (double: statistics over a long row, each lane a partial
+// fp32 sum).
+template <typename Acc = float>
+inline Acc sum_lanes(const Vec& v) {
   float t[kW];
   v.store(t);
-  float s = 0.f;
+  Acc s = 0;
   for (int64_t j = 0; j < kW; ++j) s += t[j];
   return s;
 }

@@ -18,15 +18,6 @@
 namespace fastenc::cpu::CPU_CAPABILITY {
 namespace {
 
-// Σ lanes of v in fp64 (kW fp32 partial sums, each over d / kW terms).
-inline double lane_total(const Vec& v) {
-  float lanes[kW];
-  v.store(lanes);
-  double total = 0.0;
-  for (int64_t i = 0; i < kW; ++i) total += lanes[i];
-  return total;
-}
-
 constexpr int64_t kAhead = 2;  // tokens ahead whose word rows are prefetched
 
 template <typename T>
@@ -66,7 +57,7 @@ void run(const EmbeddingRows& a) {
         s.store(v + c, n);
         sum = sum + s;  // lanes past n are 0
       }
-      const float mean = static_cast<float>(lane_total(sum) / static_cast<double>(d));
+      const float mean = static_cast<float>(sum_lanes<double>(sum) / static_cast<double>(d));
       const Vec vmean(mean);
       Vec sq(0.f);
       for (int64_t c = 0; c < d; c += kW) {
@@ -74,7 +65,7 @@ void run(const EmbeddingRows& a) {
         const Vec x = Vec::loadu(v + c, n) - vmean;
         sq = at::vec::fmadd(x, n == kW ? x : Vec::set(Vec(0.f), x, n), sq);  // lanes past n: (0 - mean) · 0
       }
-      const Vec rstd(static_cast<float>(1.0 / std::sqrt(lane_total(sq) / static_cast<double>(d) + a.eps)));
+      const Vec rstd(static_cast<float>(1.0 / std::sqrt(sum_lanes<double>(sq) / static_cast<double>(d) + a.eps)));
       T* yr = out + r * d;
       for (int64_t c = 0; c < d; c += kW) {
         const int64_t n = std::min<int64_t>(kW, d - c);
