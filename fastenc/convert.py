@@ -80,9 +80,9 @@ def _set_quantize(model: nn.Module, mode: Optional[str], calibration="random") -
     for m in owners:
         m.quantize, m.int8_ranges = None, None
     ext = backends.extension()
-    if mode == "int8" and ext is not None and not ext.cpu_int8_vnni():
-        warn_once("fastenc: no AVX512-VNNI int8 kernel at this CPU's capability (or FASTENC_CPU_CAPABILITY): int8 "
-                  "runs as exact fp32 GEMMs, slower than the float model (2.5x slower measured capped to AVX2)")
+    if mode == "int8" and ext is not None and ext.cpu_int8_kernel() == "fp32_exact":
+        warn_once("fastenc: no int8 kernel at this CPU's capability (below AVX2, or FASTENC_CPU_CAPABILITY): int8 "
+                  "runs as exact fp32 GEMMs of the int8 values, slower than the float model")
     if mode == "int8" and calibration is not None:
         _calibrate(model, owners, calibration)
     for m in owners:

@@ -300,6 +300,9 @@ def test_e2e_fastenc_int8_runs_where_optimize_quantizes():
     else:
         assert res.status == "ok" and res.row()["precision"] == "int8", res.reason
         assert res.row()["min_cosine"] >= model_workload.MIN_COSINE["int8"]
+        # the float parts in bf16 only where the kernels in use run it natively (not on AVX2, nor capped to it)
+        native = backends.extension().cpu_capability()["selected"] in ("avx512_bf16", "amx")
+        assert ("model in bfloat16" if native else "model in float32") in res.row()["note"], res.row()["note"]
     e2e.reset()
 
 

@@ -160,11 +160,11 @@ def test_int8_refuses_torch_compile():
         torch.compile(fast, backend="eager", fullgraph=True)(torch.randn(2, 9, 32))
 
 
-def test_quantize_warns_where_int8_has_no_vnni_kernel(monkeypatch):
+def test_quantize_warns_where_int8_has_no_kernel(monkeypatch):
     ext = backends.extension()
     if ext is None:
         pytest.skip("the extension is not built")
-    monkeypatch.setattr(ext, "cpu_int8_vnni", lambda: False, raising=False)
+    monkeypatch.setattr(ext, "cpu_int8_kernel", lambda: "fp32_exact", raising=False)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     fast = fastenc.optimize(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval())
     fastenc._util.warn_once.cache_clear()

@@ -88,8 +88,9 @@ void bind_int8_linear(py::module_& m) {
         "geglu, swiglu), int8 GEMM with int32 accumulation, output in x's dtype",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("act_in") = "none",
         py::arg("residual") = py::none());
-  m.def("cpu_int8_vnni", &cpu::int8_vnni_supported,
-        "whether the AVX512-VNNI int8 kernel runs on this CPU (else ATen's int8 GEMM)");
+  m.def("cpu_int8_kernel", [] { return std::string(cpu::int8_kernel_name(cpu::int8_kernel())); },
+        "the int8 GEMM that runs on this CPU: 'avx512_vnni', 'avx2' (vpmaddwd on 16-bit operands) or 'fp32_exact' "
+        "(exact fp32 GEMMs of the int8 values, below avx2)");
 }
 
 }  // namespace fastenc

@@ -1,5 +1,5 @@
-// Int8 linear layers on CPU (see int8_linear.h), baseline code: the VNNI kernels carry their instruction set in a
-// target attribute and run after a cpuid check; the activations' quantization is a kernel file compiled per
+// Int8 linear layers on CPU (see int8_linear.h), baseline code: the VNNI and AVX2 kernels carry their instruction
+// set in a target attribute and run after a cpuid check (int8_kernel); the activations' quantization is a kernel file compiled per
 // capability (cpu/int8_quantize.cpp), called through its table (common/cpu_kernels.h).
 #include "linear/int8_linear.h"
 
@@ -130,6 +130,176 @@ void gemm_vnni(const GemmArgs& g) {
 }  // namespace
 }  // namespace AVX512_BF16
 
+namespace AVX2 {  // the AVX2 kernel below runs at capabilities avx2 and avx512 (no VNNI)
+namespace {
+
+#if defined(FASTENC_PANEL_X86)
+#define FASTENC_AVX2_INT8 __attribute__((target("avx2,fma")))
+
+namespace panel = AVX512::panel;
+using panel::kNR;
+constexpr int kBlock = 16;  // columns per block: 2 ymm of 8 int32 accumulators
+
+struct GemmArgs {
+  const uint8_t* a;  // u8 [m, lda]
+  int64_t lda;
+  const float* a_scale;
+  const float* bias;     // fp32 [n] or null
+  const void* residual;  // [m, n] in the output dtype, or null
+  void* out;             // [m, n]
+  bool bf16;             // output and residual dtype
+  int64_t m, n, k2;
+  const float* floats;  // fp32 [m, f] or null
+  int64_t f;
+  const int16_t* w_packed;  // Int8Weight::packed16
+  const float* w_scale;
+  const int32_t* w_comp;
+  const float* w_float_packed;  // or null
+};
+
+// 8 fp32 values rounded to bf16 (to nearest even; a NaN stays a quiet NaN of its sign), in the low 128 bits.
+FASTENC_AVX2_INT8 inline __m128i to_bf16(__m256 y) {
+  const __m256i b = _mm256_castps_si256(y);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40)), nan);
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+
+// acc += x in acc's register: written as intrinsics, GCC adds into x's register and copies the sum back (a move
+// per accumulator and k step, a quarter of the loop's instructions).
+FASTENC_AVX2_INT8 inline void add_to(__m256i& acc, __m256i x) { asm("vpaddd %1, %0, %0" : "+x"(acc) : "x"(x)); }
+
+// The first `count` (1..8) of 8 output values at p (fp32, or bf16 when bf16), as fp32; the others 0.
+FASTENC_AVX2_INT8 inline __m256 load8(const char* p, bool bf16, int count) {
+  if (count == 8) {
+    if (!bf16) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  alignas(32) float tmp[8] = {};
+  if (!bf16) {
+    std::memcpy(tmp, p, count * 4);
+  } else {
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
+    for (int i = 0; i < count; ++i) {
+      const uint32_t bits = uint32_t{h[i]} << 16;
+      std::memcpy(&tmp[i], &bits, 4);
+    }
+  }
+  return _mm256_load_ps(tmp);
+}
+
+FASTENC_AVX2_INT8 inline void store8(char* p, __m256 y, bool bf16, int count) {
+  if (!bf16) {
+    if (count == 8) {
+      _mm256_storeu_ps(reinterpret_cast<float*>(p), y);
+    } else {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, y);
+      std::memcpy(p, tmp, count * 4);
+    }
+    return;
+  }
+  const __m128i h = to_bf16(y);
+  if (count == 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  } else {
+    alignas(16) uint16_t tmp[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), h);
+    std::memcpy(p, tmp, count * 2);
+  }
+}
+
+// Rows r0.. r0+R of column block c0 (16 columns): acc[r][h] = Σ_g a16[r, 2g..2g+1] · b[g, 8h..8h+7, 0..1] over
+// the k pairs, then the VNNI kernel's epilogue: y = (acc - comp) · s_x s_w + floats · W_float + bias (+ residual).
+template <int R>
+FASTENC_AVX2_INT8 void pass(const GemmArgs& g, const uint16_t* a16, int64_t lda16, const int16_t* b, int64_t r0,
+                            int64_t c0, const float* wf) {
+  __m256i acc[R][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t kg = 0; kg < g.k2; ++kg) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kg * 2 * kBlock));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kg * 2 * kBlock + 16));
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a16 + r * lda16 + 2 * kg, 4);
+      const __m256i av = _mm256_set1_epi32(pair);
+      add_to(acc[r][0], _mm256_madd_epi16(av, b0));
+      add_to(acc[r][1], _mm256_madd_epi16(av, b1));
+    }
+  }
+  const size_t esz = g.bf16 ? 2 : 4;
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const int64_t c = c0 + 8 * h;
+    if (c >= g.n) break;
+    const int count = static_cast<int>(std::min<int64_t>(8, g.n - c));
+    const __m256 sw = _mm256_loadu_ps(g.w_scale + c);  // padded to whole panels: in bounds
+    const __m256i comp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.w_comp + c));
+    __m256 bias = _mm256_setzero_ps();
+    if (g.bias) bias = count == 8 ? _mm256_loadu_ps(g.bias + c) : load8(reinterpret_cast<const char*>(g.bias + c),
+                                                                       false, count);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = r0 + r;
+      __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][h], comp)),
+                               _mm256_mul_ps(_mm256_set1_ps(g.a_scale[row]), sw));
+      for (int64_t j = 0; j < g.f; ++j) {
+        y = _mm256_fmadd_ps(_mm256_set1_ps(g.floats[row * g.f + j]), _mm256_loadu_ps(wf + j * kNR + 8 * h), y);
+      }
+      y = _mm256_add_ps(y, bias);
+      const size_t off = (static_cast<size_t>(row) * g.n + c) * esz;
+      if (g.residual) y = _mm256_add_ps(y, load8(static_cast<const char*>(g.residual) + off, g.bf16, count));
+      store8(static_cast<char*>(g.out) + off, y, g.bf16, count);
+    }
+  }
+}
+
+// The tile of `rows` rows (<= panel::kMR) at r0 of panel p: the rows widened to 16 bits once (thread_local
+// buffer), then each 16-column block in one pass.
+FASTENC_AVX2_INT8 void tile(const GemmArgs& g, int64_t p, int64_t r0, int rows) {
+  thread_local std::vector<uint16_t> wide;
+  const int64_t lda16 = (g.k2 * 2 + 15) / 16 * 16;
+  if (static_cast<int64_t>(wide.size()) < panel::kMR * lda16) wide.resize(panel::kMR * lda16);
+  for (int r = 0; r < rows; ++r) {
+    const uint8_t* src = g.a + (r0 + r) * g.lda;
+    uint16_t* dst = wide.data() + r * lda16;
+    int64_t k = 0;
+    for (; k + 16 <= g.k2 * 2; k += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_cvtepu8_epi16(v));
+    }
+    for (; k < g.k2 * 2; ++k) dst[k] = src[k];  // g.k2 * 2 <= lda: the padding columns hold 128 (q = 0)
+  }
+  const int16_t* bp = g.w_packed + p * (kNR / kBlock) * g.k2 * 2 * kBlock;
+  for (int v = 0; v < kNR / kBlock; ++v) {
+    const int64_t c0 = p * kNR + v * kBlock;
+    if (c0 >= g.n) break;
+    const int16_t* b = bp + v * g.k2 * 2 * kBlock;
+    const float* wf = g.floats ? g.w_float_packed + p * g.f * kNR + v * kBlock : nullptr;
+    switch (rows) {
+      case 6: pass<6>(g, wide.data(), lda16, b, r0, c0, wf); break;
+      case 5: pass<5>(g, wide.data(), lda16, b, r0, c0, wf); break;
+      case 4: pass<4>(g, wide.data(), lda16, b, r0, c0, wf); break;
+      case 3: pass<3>(g, wide.data(), lda16, b, r0, c0, wf); break;
+      case 2: pass<2>(g, wide.data(), lda16, b, r0, c0, wf); break;
+      default: pass<1>(g, wide.data(), lda16, b, r0, c0, wf); break;
+    }
+  }
+}
+
+void gemm(const GemmArgs& g) {
+  panel::for_each_tile(g.m, g.n, true, [&](int64_t p, int64_t r0, int rows) { tile(g, p, r0, rows); });
+}
+#endif  // FASTENC_PANEL_X86
+
+}  // namespace
+}  // namespace AVX2
+
 FASTENC_REGISTER_CPU_KERNELS(Int8QuantizeKernels);
 
 Int8Rows quantize_rows(const at::Tensor& x, std::optional<Act> act_in, const at::Tensor& smooth,
@@ -150,14 +320,23 @@ void quantize_rows_out(const at::Tensor& x, std::optional<Act> act_in, const at:
   cpu_kernels<Int8QuantizeKernels>().quantize(x, act_in, smooth, float_channels, out);
 }
 
-bool int8_vnni_supported() {
+Int8Kernel int8_kernel() {
 #if defined(FASTENC_PANEL_X86)
   // avx512_bf16 and up include AVX512-VNNI (common/cpu_kernels.h); capped by FASTENC_CPU_CAPABILITY.
-  return capability() >= Capability::kAvx512Bf16;
-#else
-  return false;
+  if (capability() >= Capability::kAvx512Bf16) return Int8Kernel::kVnni;
+  if (capability() >= Capability::kAvx2) return Int8Kernel::kAvx2;
 #endif
+  return Int8Kernel::kFp32Exact;
 }
+
+const char* int8_kernel_name(Int8Kernel k) {
+  switch (k) {
+    case Int8Kernel::kVnni: return "avx512_vnni";
+    case Int8Kernel::kAvx2: return "avx2";
+    default: return "fp32_exact";
+  }
+}
+
 
 Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& smooth,
                             const at::Tensor& float_channels, const at::Tensor& float_weight) {
@@ -192,22 +371,29 @@ Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const 
     padded.narrow(0, 0, w.n).copy_(w.float_weight);
     w.float_packed = padded.view({w.panels(), kInt8PanelCols, f}).transpose(1, 2).contiguous();
   }
-  const int64_t panels = w.panels(), k4 = w.k4(), np = panels * kInt8PanelCols;
-  w.packed = at::zeros({panels, k4, kInt8PanelCols, 4}, q.options());
+  const int64_t panels = w.panels(), k4 = w.k4(), k2 = w.k2(), np = panels * kInt8PanelCols;
+  const Int8Kernel kernel = int8_kernel();
+  constexpr int64_t kBlock = 16;  // the AVX2 kernel's column block
+  if (kernel == Int8Kernel::kVnni) w.packed = at::zeros({panels, k4, kInt8PanelCols, 4}, q.options());
+  if (kernel == Int8Kernel::kAvx2) {
+    w.packed16 = at::zeros({panels, kInt8PanelCols / kBlock, k2, kBlock, 2}, q.options().dtype(at::kShort));
+  }
   w.scale = at::zeros({np}, scale.options());
   w.scale.narrow(0, 0, w.n).copy_(scale);
   w.comp = at::zeros({np}, q.options().dtype(at::kInt));
   const int8_t* src = w.q.const_data_ptr<int8_t>();
-  int8_t* dst = w.packed.data_ptr<int8_t>();
+  int8_t* dst = w.packed.defined() ? w.packed.data_ptr<int8_t>() : nullptr;
+  int16_t* dst16 = w.packed16.defined() ? w.packed16.data_ptr<int16_t>() : nullptr;
   int32_t* comp = w.comp.data_ptr<int32_t>();
   at::parallel_for(0, w.n, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      const int64_t p = n / kInt8PanelCols, c = n % kInt8PanelCols;
+      const int64_t p = n / kInt8PanelCols, c = n % kInt8PanelCols, v = c / kBlock, cb = c % kBlock;
       int32_t sum = 0;
       for (int64_t k = 0; k < w.k; ++k) {
-        const int8_t v = src[n * w.k + k];
-        dst[((p * k4 + k / 4) * kInt8PanelCols + c) * 4 + k % 4] = v;
-        sum += v;
+        const int8_t x = src[n * w.k + k];
+        if (dst) dst[((p * k4 + k / 4) * kInt8PanelCols + c) * 4 + k % 4] = x;
+        if (dst16) dst16[(((p * (kInt8PanelCols / kBlock) + v) * k2 + k / 2) * kBlock + cb) * 2 + k % 2] = x;
+        sum += x;
       }
       comp[n] = 128 * sum;
     }
@@ -234,7 +420,7 @@ void int8_linear_out(const Int8Rows& x, const Int8Weight& w, const at::Tensor& b
               "fastenc int8: y must be a contiguous fp32 or bf16 [", m, ", ", w.n, "] tensor");
   if (m == 0 || w.n == 0) return;
 #if defined(FASTENC_PANEL_X86)
-  if (int8_vnni_supported()) {
+  if (w.packed.defined()) {
     AVX512_BF16::GemmArgs g{x.q.const_data_ptr<uint8_t>(), x.q.size(1), x.scale.const_data_ptr<float>(), &w,
                bias.defined() ? bias.const_data_ptr<float>() : nullptr,
                residual.defined() ? residual.const_data_ptr() : nullptr, y.data_ptr(), out_dtype == at::kBFloat16, m,
@@ -245,11 +431,23 @@ void int8_linear_out(const Int8Rows& x, const Int8Weight& w, const at::Tensor& b
     AVX512_BF16::gemm_vnni(g);
     return;
   }
+  if (w.packed16.defined()) {
+    AVX2::GemmArgs g{x.q.const_data_ptr<uint8_t>(), x.q.size(1), x.scale.const_data_ptr<float>(),
+                     bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+                     residual.defined() ? residual.const_data_ptr() : nullptr, y.data_ptr(),
+                     out_dtype == at::kBFloat16, m, w.n, w.k2(),
+                     x.floats.defined() ? x.floats.const_data_ptr<float>() : nullptr,
+                     x.floats.defined() ? x.floats.size(1) : 0, w.packed16.const_data_ptr<int16_t>(),
+                     w.scale.const_data_ptr<float>(), w.comp.const_data_ptr<int32_t>(),
+                     x.floats.defined() ? w.float_packed.const_data_ptr<float>() : nullptr};
+    AVX2::gemm(g);
+    return;
+  }
 #endif
-  // Without the VNNI kernel: the integer products by fp32 GEMMs over chunks of kExactK columns, each exact
+  // Below avx2 (no int8 kernel): the integer products by fp32 GEMMs over chunks of kExactK columns, each exact
   // (|partial sums| <= kExactK · 127² < 2^24), summed in int32; then the same epilogue in ATen ops.  Not
   // torch._int_mm: oneDNN's int8 GEMM without VNNI adds byte pairs in int16 (vpmaddubsw) and saturates (measured
-  // under ONEDNN_MAX_CPU_ISA=AVX512_CORE: sums off by up to 6e4).
+  // under ONEDNN_MAX_CPU_ISA=AVX512_CORE: sums off by up to 6e4); the AVX2 kernel widens them to 16 bits instead.
   constexpr int64_t kExactK = 1024;
   const at::Tensor a = x.q.narrow(1, 0, x.k).to(at::kFloat) - 128.f;
   const at::Tensor b = w.q.to(at::kFloat);

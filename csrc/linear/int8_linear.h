@@ -10,8 +10,10 @@
 // instruction) on an MR = 6 rows x NR = 64 columns tile held in 24 zmm accumulators, the weight prepacked
 // into 64-column panels (pack_int8_weight), the activations stored as u8 (q + 128; the offset's
 // contribution 128 · Σ_k q_w[n, k] is subtracted in the epilogue).  The epilogue dequantizes (s_x s_w),
-// adds the bias and the residual and stores fp32 or bf16.  Below the avx512_bf16 capability (no VNNI kernel)
-// the integer products run as exact fp32 GEMMs over column chunks, with the same epilogue math in ATen ops.
+// adds the bias and the residual and stores fp32 or bf16.  At the avx2 and avx512 capabilities (no VNNI) an
+// AVX2 micro-kernel multiplies the same u8 activations, widened to 16 bits, with the weight held as int16
+// (vpmaddwd: 16-bit pairs -> s32, exact: 2 · 255 · 127 < 2^31; then vpaddd), 16 columns at a time, with the same
+// epilogue; below avx2 the integer products run as exact fp32 GEMMs over column chunks, the epilogue in ATen ops.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,7 +31,10 @@ constexpr int64_t kInt8PanelCols = 64;  // output channels per packed panel (NR)
 // An int8 weight [n, k] in the micro-kernel's layout.  With a smoothing vector (SmoothQuant: the weight was
 // quantized as W · diag(s)), its activations are quantized as x · diag(1/s): smooth holds 1/s.
 struct Int8Weight {
-  at::Tensor packed;  // int8 [panels, k4, 64, 4]: panel p, k group g, channel c, t: q[64p + c, 4g + t] (0 padded)
+  at::Tensor packed;  // int8 [panels, k4, 64, 4]: panel p, k group g, channel c, t: q[64p + c, 4g + t] (0 padded);
+                      // packed where the VNNI kernel runs (int8_kernel() == kVnni), else undefined
+  at::Tensor packed16;  // int16 [panels, 4, k2, 16, 2]: panel p, column block v, k pair g, channel c, t:
+                        // q[64p + 16v + c, 2g + t] (0 padded); packed where the AVX2 kernel runs, else undefined
   at::Tensor q;       // int8 [n, k]: the row-major copy (the fallback's GEMM)
   at::Tensor scale;   // fp32 [panels · 64]: s_w (0 past n)
   at::Tensor comp;    // int32 [panels · 64]: 128 · Σ_k q[n, k]
@@ -39,6 +44,7 @@ struct Int8Weight {
   at::Tensor float_packed;    // fp32 [panels, f, 64]: float_weightᵀ in 64-column panels (0 padded)
   int64_t n = 0, k = 0;
   int64_t k4() const { return (k + 3) / 4; }
+  int64_t k2() const { return (k + 1) / 2; }
   int64_t panels() const { return (n + kInt8PanelCols - 1) / kInt8PanelCols; }
 };
 
@@ -76,8 +82,11 @@ at::Tensor int8_linear(const Int8Rows& x, const Int8Weight& w, const at::Tensor&
 void int8_linear_out(const Int8Rows& x, const Int8Weight& w, const at::Tensor& bias, const at::Tensor& residual,
                      const at::Tensor& y);
 
-// Whether the VNNI micro-kernel runs on this CPU (else the ATen fallback).
-bool int8_vnni_supported();
+// The int8 GEMM that runs on this CPU (its capability, capped by FASTENC_CPU_CAPABILITY): the AVX512-VNNI
+// micro-kernel (avx512_bf16 and up), the AVX2 one (avx2, avx512), or exact fp32 GEMMs in ATen (below avx2).
+enum class Int8Kernel { kFp32Exact, kAvx2, kVnni };
+Int8Kernel int8_kernel();
+const char* int8_kernel_name(Int8Kernel k);  // "fp32_exact", "avx2", "avx512_vnni"
 
 // quantize_rows of cpu/int8_quantize.cpp, one table per capability it is compiled for (common/cpu_kernels.h).
 struct Int8QuantizeKernels {

@@ -18,7 +18,7 @@
 #endif
 
 // In namespace AVX512: code of that capability, called only after the capability check (panel_gemm_supported,
-// int8_vnni_supported); tests/test_build.py reads the namespace to allow its instructions.
+// int8_kernel); tests/test_build.py reads the namespace to allow its instructions.
 namespace fastenc::cpu::AVX512::panel {
 
 constexpr int64_t kNR = 64;              // output columns per panel: 4 zmm of 16 lanes

@@ -4,9 +4,10 @@ Weights are int8 per output channel (:func:`quantize_weight`, once); activations
 run time, after ``act_in`` (the previous GEMM's activation, so an FFN's hidden is activated and quantized
 in one pass); products accumulate in int32.  The math, rounding included, is ``reference.linear_int8``.
 
-Backends: ``reference`` (that function) and ``cpu``: the extension's AVX512-VNNI kernel
-(``csrc/cpu/int8_linear.cpp``), or ATen's int8 GEMM on CPUs without VNNI.  No autograd: a quantized model
-trains on its float weights (``fastenc.stack`` runs int8 in inference only).
+Backends: ``reference`` (that function) and ``cpu``: the extension's int8 GEMM (``csrc/linear/int8_linear.cpp``),
+an AVX512-VNNI kernel, an AVX2 one (vpmaddwd on the values widened to 16 bits) on CPUs without VNNI, or exact fp32
+GEMMs of the int8 values below AVX2.  No autograd: a quantized model trains on its float weights (``fastenc.stack``
+runs int8 in inference only).
 """
 from __future__ import annotations
 
@@ -36,10 +37,14 @@ def _cpu_available(device: torch.device, dtype: torch.dtype, shape: tuple) -> Op
 
 def _describe(device: torch.device, dtype: torch.dtype):
     ext = extension()
-    if ext is None or not hasattr(ext, "cpu_int8_vnni"):
+    if ext is None or not hasattr(ext, "cpu_int8_kernel"):
         return []
-    return ["int8 GEMM: " + ("AVX512-VNNI kernel" if ext.cpu_int8_vnni() else
-                             "exact fp32 GEMMs of the int8 values (below the avx512_bf16 capability: no VNNI kernel)")]
+    return ["int8 GEMM: " + _KERNELS[ext.cpu_int8_kernel()]]
+
+
+_KERNELS = {"avx512_vnni": "AVX512-VNNI kernel",
+            "avx2": "AVX2 kernel (vpmaddwd on 16-bit operands; no VNNI at this capability)",
+            "fp32_exact": "exact fp32 GEMMs of the int8 values (below the avx2 capability: no int8 kernel)"}
 
 
 register_op("linear_int8", {"cpu": _cpu_available}, auto={"cpu": ("cpu",)}, describe=_describe)

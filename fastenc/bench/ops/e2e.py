@@ -13,8 +13,8 @@ One random model per size (seeded), the same weights for every provider
   yardstick of the summary;
 * ``fastenc-bf16``: the same on the model in bf16 (fp32 rows, inference);
 * ``fastenc-int8``: ``fastenc.optimize(copy, quantize="int8")`` (fp32 rows, inference): the int8 GEMMs, and
-  the rest (FFN2, attention, LayerNorm) in bf16 on the model in bf16 where the CPU has AVX512-BF16 (what the
-  README's int8 section recommends for speed), else in fp32;
+  the rest (FFN2, attention, LayerNorm) in bf16 on the model in bf16 where fastenc's kernels run AVX512-BF16
+  (what the README's int8 section recommends for speed), else in fp32 (an AVX2 CPU, or a capped run);
 * ``hf-sdpa``: the model as it is (``attn_implementation="sdpa"``);
 * ``torch-fastpath``: HF's embeddings, then ``nn.TransformerEncoder`` holding the same weights
   (mapped by fastenc's own HF adapter: ``fastenc.to_torch`` of the optimized layers) in eval +
@@ -43,7 +43,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .. import env, peers
+from .. import peers
 from .. import registry as R
 from ..model_workload import Goal, ModelSpec, ModelSuite, embed, mean_pool, quiet_transformers, transformers
 from ..registry import Impl, Provider, Unavailable
@@ -141,13 +141,22 @@ def _fastenc_bf16(w: Workload) -> Impl:
     return Impl(lambda i: embed(model, i), inference_only=True, precision="bf16", note=f"bf16 model; {note}")
 
 
+def _bf16_kernels() -> bool:
+    """Whether fastenc's CPU kernels run bf16 natively: the capability in use (the CPU's, capped by
+    FASTENC_CPU_CAPABILITY) has AVX512-BF16; below it bf16 arithmetic is emulated, several times slower than fp32."""
+    from ...backends import extension
+
+    ext = extension()
+    return ext is not None and ext.cpu_capability()["selected"] in ("avx512_bf16", "amx")
+
+
 def _fastenc_int8(w: Workload) -> Impl:
     import fastenc
 
     spec = _lowp_inference(w, "fastenc-int8")
     if "quantize" not in inspect.signature(fastenc.optimize).parameters:
         raise Unavailable("fastenc.optimize() takes no quantize= argument here (issue #23's int8 path not built)")
-    dtype = torch.bfloat16 if "AVX512_BF16" in env.cpu_info()["cpu_isa"].split() else torch.float32
+    dtype = torch.bfloat16 if _bf16_kernels() else torch.float32
     note = BERT.auto_backends(spec, w, dtype)
     model = BERT.fastenc_model(spec, w, dtype, quantize="int8")
     return Impl(lambda i: embed(model, i), inference_only=True, precision="int8",
