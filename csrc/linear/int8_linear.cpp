@@ -1,6 +1,6 @@
 // Int8 linear layers on CPU (see int8_linear.h), baseline code: the VNNI and AVX2 kernels carry their instruction
-// set in a target attribute and run after a cpuid check (int8_kernel); the activations' quantization is a kernel file compiled per
-// capability (cpu/int8_quantize.cpp), called through its table (common/cpu_kernels.h).
+// set in a target attribute and run after a cpuid check (int8_kernel); the activations' quantization is a kernel
+// file compiled per capability (cpu/int8_quantize.cpp), called through its table (common/cpu_kernels.h).
 #include "linear/int8_linear.h"
 
 #include <ATen/Parallel.h>
