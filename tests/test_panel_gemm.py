@@ -91,3 +91,25 @@ def test_non_finite_outputs_stay_non_finite(dtype):
     others = torch.ones(9, 70, dtype=torch.bool)
     others[3], others[6, 69] = False, False
     assert y[others].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_activation_keeps_nan_and_saturates(act, dtype):
+    """The epilogue's activation (fp32 lanes, erf / tanh fits clamped at their saturation): a NaN pre-activation
+    stays NaN (relu included), and pre-activations far past the clamp give torch's values (x or 0) to within
+    1e-7·|x| (the fits reach ±1 to within 6e-8) and the output dtype's rounding."""
+    if not ext.cpu_panel_gemm_supported(dtype):
+        pytest.skip(f"no panel GEMM for {dtype} on this CPU (AVX-512; bf16 also AVX512-BF16)")
+    pre = torch.tensor([float("nan"), -1e4, 1e4, -50.0, 50.0, -3.0, 2.5]).to(dtype)
+    k = 2  # y = pre through x = [pre, 0] and w = [[1, 0]] * 70 columns; a tile's every lane sees a value
+    x = torch.zeros(pre.numel(), k, dtype=dtype)
+    x[:, 0] = pre
+    w = torch.zeros(70, k, dtype=dtype)
+    w[:, 0] = 1
+    y = ext.cpu_panel_gemm(x, ext.PanelWeight(w), None, None, act=act)
+    ref = ACTS[act](pre.double()).to(dtype)
+    assert y[0].isnan().all()
+    err = (y[1:].double() - ref[1:, None].double()).abs()
+    bound = 1e-2 * ref[1:, None].double().abs() + 1e-7 * pre[1:, None].double().abs() + 1e-6
+    assert (err <= bound).all(), (err / bound).max()

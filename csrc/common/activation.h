@@ -5,7 +5,9 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <iterator>
 #include <string>
 
 #include "common/host_device.h"
@@ -28,6 +30,32 @@ constexpr float kSqrt1_2 = 0.70710678118654752f;     // 1/√2
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1/√(2π)
 constexpr float kSqrt2OverPi = 0.79788456080286536f; // √(2/π)
 constexpr float kGeluTanhC = 0.044715f;
+
+// erf and tanh on the CPU as x P(x²) / Q(x²) on a clamped x (beyond the clamp both round to ±1 in fp32): rational
+// fits of scripts/fit_rational.py (`erf 5 5 3.92`, `tanh 4 4 7.9`), max abs error 4.4e-7 and 3.5e-7 in fp32.
+// Used by the Math specialisations of CPU lanes (activation_vec.h, linear/panel_act.h).
+struct ErfFit {
+  static constexpr float kClamp = 3.92f;
+  static constexpr float kP[] = {1.12837911f, 0.19208926f, 0.0529704243f, 0.00383909116f, 0.000286749011f,
+                                 2.0389034e-06f};
+  static constexpr float kQ[] = {1.f, 0.503566623f, 0.114804737f, 0.0151139945f, 0.00118088431f, 3.80758902e-05f};
+};
+struct TanhFit {
+  static constexpr float kClamp = 7.9f;
+  static constexpr float kP[] = {1.f, 0.134444043f, 0.00357163791f, 2.19023841e-05f, 1.52581396e-08f};
+  static constexpr float kQ[] = {1.f, 0.467777252f, 0.0261641964f, 0.000341164443f, 8.52993765e-07f};
+};
+
+// Fit::kP(z) / Fit::kQ(z) · x with z = x² (Horner, fmadd(a, b, c) = a·b + c), on lanes of any type V.
+template <typename Fit, typename V, typename Fma>
+inline V odd_rational(const V& x, Fma fmadd) {
+  const V z = x * x;
+  constexpr size_t NP = std::size(Fit::kP), NQ = std::size(Fit::kQ);
+  V num(Fit::kP[NP - 1]), den(Fit::kQ[NQ - 1]);
+  for (size_t i = NP - 1; i-- > 0;) num = fmadd(num, z, V(Fit::kP[i]));
+  for (size_t i = NQ - 1; i-- > 0;) den = fmadd(den, z, V(Fit::kQ[i]));
+  return x * num / den;
+}
 
 template <typename F>
 struct Math;

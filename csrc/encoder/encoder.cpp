@@ -3,7 +3,7 @@
 //   pre-norm:   s = x + attn(LN1(x) ...) W_outᵀ + b_out;  x = s + FFN(LN2(s))   (LN1 skipped without attn_norm)
 // with FFN(h) = act(h W1ᵀ + b1) W2ᵀ + b2, or for gated activations act(a) · g with [a, g] = h W1ᵀ + b1.
 // GEMMs: the panel GEMM (linear/panel_gemm.h; fp32, and bf16 without AMX: encoder_panel_rows) with the bias, the
-// residual and, up to kEpilogueActRows rows, the ungated activation in its epilogue; elsewhere oneDNN inner
+// residual and the ungated activation in its epilogue; elsewhere oneDNN inner
 // products (linear/linear.h: about 2x MKL's fp32 GEMM on AMD) with the bias, the activation or the residual
 // fused; for the GEMMs a layer holds
 // in int8, the int8 kernel (linear/int8_linear.h) on activations quantized per token, with the bias and residual in
@@ -142,10 +142,6 @@ class Scratch {
   View views_[kSlots];
 };
 
-// Rows up to which the panel GEMM applies the activation to each tile it stores: a pass of its own costs a
-// parallel region, 1.2% of an fp32 MiniLM call at 32 tokens; at 4096 rows the calls per tile cost more (+2%).
-constexpr int64_t kEpilogueActRows = 128;
-
 // act(a Wᵀ + bias) (+ add) in slot `to` of ws, or a tensor of its own where oneDNN's GEMM runs; act and add
 // exclude each other.  An int8 GEMM quantizes a per row first.
 at::Tensor linear(const at::Tensor& a, const EncoderLinear& lin, std::optional<Act> act, const at::Tensor& add,
@@ -159,9 +155,7 @@ at::Tensor linear(const at::Tensor& a, const EncoderLinear& lin, std::optional<A
   }
   if (lin.panel && M <= lin.panel_rows) {
     const at::Tensor& y = ws.view(to, M, N);
-    const bool fuse = M <= kEpilogueActRows;
-    panel_gemm_out(a, *lin.panel, lin.bias_f32, add, y, fuse ? act : std::nullopt);  // fp32 bias: no conversion
-    if (act && !fuse) act_dropout_cpu(y, y, *act, DropoutParams{});
+    panel_gemm_out(a, *lin.panel, lin.bias_f32, add, y, act);  // fp32 bias: no conversion
     return y;
   }
   if (M > 0 && K > 0 && M * N * K >= constants::kOnednnMinMacs && onednn_linear_supported(a.scalar_type())) {
@@ -181,8 +175,7 @@ at::Tensor linear(const at::Tensor& a, const EncoderLinear& lin, std::optional<A
 
 // FFN(h) (+ add) in slot `to`: act(h W1ᵀ + b1) W2ᵀ + b2, the gated act(a) · g with [a, g] = h W1ᵀ + b1.  An int8
 // W2 quantizes GEMM1's output after applying the activation, in one pass; otherwise the activation is fused into
-// GEMM1's epilogue (oneDNN, the panel GEMM on few rows) or its own pass (the panel GEMM on more rows, the ATen
-// GEMM, int8 GEMM1, the GLU).
+// GEMM1's epilogue (oneDNN, the panel GEMM) or its own pass (the ATen GEMM, int8 GEMM1, the GLU).
 at::Tensor ffn(const at::Tensor& h, const EncoderLayer& w, const at::Tensor& add, Scratch& ws, Slot to) {
   const int64_t M = h.size(0);
   if (w.ffn2.int8) {

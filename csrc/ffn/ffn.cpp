@@ -40,10 +40,6 @@ void dact_dropout_bgrad_cpu(const at::Tensor& g, const at::Tensor& saved, const 
   cpu::cpu_kernels<cpu::FfnPassKernels>().dact_dropout_bgrad(g, saved, dpre, db1, act, dp);
 }
 
-void act_rows_cpu(void* p, at::ScalarType dtype, int64_t rows, int64_t cols, int64_t ld, Act act) {
-  cpu::cpu_kernels<cpu::FfnPassKernels>().act_rows(p, dtype, rows, cols, ld, act);
-}
-
 namespace {
 
 // h = dropout(act(pre)), or dropout(act(a) · g) when gated.

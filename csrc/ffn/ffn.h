@@ -76,16 +76,12 @@ void act_dropout_cpu(const at::Tensor& pre, const at::Tensor& h, Act act, const 
 // [T, 2f], dpre [T, 2f] = [dh · g · act'(a), dh · act(a)] with dh = g · keep · scale, db1 fp32 [2f].
 void dact_dropout_bgrad_cpu(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre,
                             const at::Tensor& db1, Act act, const DropoutParams& dp);
-// The forward's act (ungated, no dropout) in place on rows x cols elements of dtype at p (row stride ld), on the
-// calling thread: the panel GEMM's epilogue (linear/panel_gemm.h) on a tile it has just stored.
-void act_rows_cpu(void* p, at::ScalarType dtype, int64_t rows, int64_t cols, int64_t ld, Act act);
 namespace cpu {
-// The passes of cpu/act_dropout.cpp, one table per capability it is compiled for (the three entry points above, in
+// The passes of cpu/act_dropout.cpp, one table per capability it is compiled for (the two entry points above, in
 // ffn.cpp, call the table of the capability in use: common/cpu_kernels.h).
 struct FfnPassKernels {
   decltype(&act_dropout_cpu) act_dropout;
   decltype(&dact_dropout_bgrad_cpu) dact_dropout_bgrad;
-  decltype(&act_rows_cpu) act_rows;
 };
 FASTENC_DECLARE_CPU_KERNELS(FfnPassKernels)
 }  // namespace cpu

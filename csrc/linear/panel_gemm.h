@@ -29,8 +29,8 @@ PanelWeight pack_panel_weight(const at::Tensor& w);
 bool panel_gemm_supported(at::ScalarType dtype);
 
 // y [m, n] = act(x [m, k] Wᵀ + bias (+ residual)), in x's dtype (= the weight's); bias [n] fp32 or x's dtype,
-// residual [m, n] in x's dtype; x with unit last stride; act ungated, on each tile as soon as it is stored
-// (ffn.h: act_rows_cpu), where a pass of its own would read the output back and cost a parallel region.
+// residual [m, n] in x's dtype; x with unit last stride; act ungated, on each tile's fp32 values before they are
+// stored (linear/panel_act.h), where a pass of its own would read the output back and cost a parallel region.
 at::Tensor panel_gemm(const at::Tensor& x, const PanelWeight& w, const at::Tensor& bias, const at::Tensor& residual,
                       std::optional<Act> act = std::nullopt);
 

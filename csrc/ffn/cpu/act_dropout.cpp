@@ -42,17 +42,6 @@ void act_impl(const at::Tensor& pre, const at::Tensor& h, const DropoutParams& d
   });
 }
 
-// In place on a block of rows (one thread): the panel GEMM's tiles (linear/panel_gemm.h), ungated.
-template <typename T, Act A>
-void act_rows_impl(T* p, int64_t rows, int64_t cols, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; c += kW) {
-      const int64_t n = std::min<int64_t>(kW, cols - c);
-      store_f32(ActOp<A, Vec>::fwd(load_f32(p + r * ld + c, n)), p + r * ld + c, n);
-    }
-  }
-}
-
 template <typename T, Act A>
 void dact_impl(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre, const at::Tensor& db1,
                const DropoutParams& dp) {
@@ -103,19 +92,6 @@ void act_dropout(const at::Tensor& pre, const at::Tensor& h, Act act, const Drop
   });
 }
 
-void act_rows(void* p, at::ScalarType dtype, int64_t rows, int64_t cols, int64_t ld, Act act) {
-  dispatch_dtype(dtype, [&](auto t_) {
-    using T = decltype(t_);
-    switch (act) {
-      case Act::kReLU: return act_rows_impl<T, Act::kReLU>(static_cast<T*>(p), rows, cols, ld);
-      case Act::kGelu: return act_rows_impl<T, Act::kGelu>(static_cast<T*>(p), rows, cols, ld);
-      case Act::kGeluTanh: return act_rows_impl<T, Act::kGeluTanh>(static_cast<T*>(p), rows, cols, ld);
-      case Act::kGeGLU:
-      case Act::kSwiGLU: TORCH_CHECK(false, "fastenc act_rows: gated activations pair columns across the row");
-    }
-  });
-}
-
 void dact_dropout_bgrad(const at::Tensor& g, const at::Tensor& saved, const at::Tensor& dpre, const at::Tensor& db1,
                         Act act, const DropoutParams& dp) {
   dispatch_dtype(g.scalar_type(), [&](auto t_) {
@@ -125,6 +101,6 @@ void dact_dropout_bgrad(const at::Tensor& g, const at::Tensor& saved, const at::
 
 }  // namespace
 
-FASTENC_DEFINE_CPU_KERNELS(FfnPassKernels) = {&act_dropout, &dact_dropout_bgrad, &act_rows};
+FASTENC_DEFINE_CPU_KERNELS(FfnPassKernels) = {&act_dropout, &dact_dropout_bgrad};
 
 }  // namespace fastenc::cpu::CPU_CAPABILITY
