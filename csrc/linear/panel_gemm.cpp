@@ -32,7 +32,8 @@ struct Args {
 
 // y = act(acc + bias (+ residual)) for rows r0.. of panel p; A < 0: no activation.
 template <int MR, int A>
-FASTENC_AVX512 __attribute__((always_inline)) inline void store_tile(const Args& g, int64_t p, int64_t r0, __m512 (&acc)[kMR][4]) {
+FASTENC_AVX512 __attribute__((always_inline)) inline void store_tile(const Args& g, int64_t p, int64_t r0,
+                                                                     __m512 (&acc)[kMR][4]) {
   const size_t esz = g.bf16 ? 2 : 4;
 #pragma GCC unroll 4
   for (int v = 0; v < 4; ++v) {
@@ -55,7 +56,8 @@ FASTENC_AVX512 __attribute__((always_inline)) inline void store_tile(const Args&
 // output it replaced from 128 rows: the stacks at 4,096 tokens -0.5 to -0.8% (MiniLM fp32 / bf16, BERT-base bf16);
 // against that pass's function called on each stored tile up to 128 rows: batch 1 (32 tokens) -0.9 to -2.2%.
 template <int MR>
-FASTENC_AVX512 __attribute__((always_inline)) inline void epilogue(const Args& g, int64_t p, int64_t r0, __m512 (&acc)[kMR][4]) {
+FASTENC_AVX512 __attribute__((always_inline)) inline void epilogue(const Args& g, int64_t p, int64_t r0,
+                                                                   __m512 (&acc)[kMR][4]) {
   if (!g.act) return store_tile<MR, -1>(g, p, r0, acc);
   switch (*g.act) {
     case Act::kReLU: return store_tile<MR, static_cast<int>(Act::kReLU)>(g, p, r0, acc);
