@@ -1,7 +1,7 @@
 """The few-row CPU GEMM (csrc/linear/panel_gemm.cpp) against torch's GEMM: the parity rule against fp64, odd
-shapes (one row, one column, panel edges, odd k), bias and residual, fp32 and bf16.  Its use in the fused stack
-(up to 128 tokens) is checked by tests/test_encoder.py's small stacks (53 tokens).  The activation in its
-epilogue, on each tile as it is stored, against torch's activation of the fp64 GEMM."""
+shapes (one row, one column, panel edges, odd k), bias and residual, fp32 and bf16, rows at any stride.  Its use
+in the fused stack is checked by tests/test_encoder.py's stacks.  The activation in its epilogue, on each tile's
+fp32 values before they are stored, against torch's activation of the fp64 GEMM."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,26 @@ def test_matches_torch(m, k, n, dtype):
             oracle, base = oracle + res.double(), base + res
         assert fast.dtype == dtype
         assert_parity(fast, oracle, base, name=f"panel gemm {m}x{k}x{n}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k", [(5, 64), (13, 7)])
+def test_rows_at_any_stride(m, k, dtype):
+    """x a column slice of a wider tensor: an odd row stride and an odd offset, so bf16's k pairs (one 32-bit
+    load each) are not 4-byte aligned, and the last pair of an odd k is read alone (the next element is
+    another column's)."""
+    if not ext.cpu_panel_gemm_supported(dtype):
+        pytest.skip(f"no panel GEMM for {dtype} on this CPU (AVX-512; bf16 also AVX512-BF16)")
+    g = torch.Generator().manual_seed(3)
+    width = k + 3 if (k + 3) % 2 else k + 4  # an odd row stride, two or three columns past the slice
+    wide = torch.randn(m, width, generator=g).to(dtype)
+    wide[:, k + 1:] = float("nan")  # read past the row's k values: the outputs turn NaN
+    x = wide[:, 1:k + 1]
+    assert x.stride(0) % 2 == 1 and x.stride(1) == 1
+    w = (torch.randn(70, k, generator=g) * k ** -0.5).to(dtype)
+    fast = ext.cpu_panel_gemm(x, ext.PanelWeight(w), None, None)
+    assert_parity(fast, F.linear(x.double(), w.double()), F.linear(x.contiguous(), w),
+                  name=f"panel gemm on a column slice {m}x{k}")
 
 
 ACTS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
