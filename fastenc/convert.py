@@ -81,8 +81,9 @@ def _set_quantize(model: nn.Module, mode: Optional[str], calibration="random") -
         m.quantize, m.int8_ranges = None, None
     ext = backends.extension()
     if mode == "int8" and ext is not None and ext.cpu_int8_kernel() == "fp32_exact":
-        warn_once("fastenc: no int8 kernel at this CPU's capability (below AVX2, or FASTENC_CPU_CAPABILITY): int8 "
-                  "runs as exact fp32 GEMMs of the int8 values, slower than the float model")
+        warn_once("fastenc: no int8 kernel at this CPU's capability (below AVX2: a CPU without it, a non-x86 build, "
+                  "or FASTENC_CPU_CAPABILITY): int8 runs as exact fp32 GEMMs of the int8 values where the build has "
+                  "CPU kernels for this capability, else as the PyTorch reference; slower than the float model")
     if mode == "int8" and calibration is not None:
         _calibrate(model, owners, calibration)
     for m in owners:

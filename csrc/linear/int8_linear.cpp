@@ -342,7 +342,6 @@ const char* int8_kernel_name(Int8Kernel k) {
   }
 }
 
-
 Int8Weight pack_int8_weight(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& smooth,
                             const at::Tensor& float_channels, const at::Tensor& float_weight) {
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && scale.scalar_type() == at::kFloat &&
