@@ -12,7 +12,7 @@ leaked out of the kernel namespaces).
 A new kernel file joins by: its code in ``namespace fastenc::cpu::CPU_CAPABILITY``, a table type
 declared in its op's header with ``FASTENC_DECLARE_CPU_KERNELS``, ``FASTENC_DEFINE_CPU_KERNELS`` at its end, and
 a line in KERNEL_SOURCES giving the lowest and highest capability it is built for (the highest one whose flags
-change its code: say, ``amx`` for an AMX GEMM, with ``avx512_bf16`` as its lowest if it has no code below VNNI).
+change its code: say, ``amx`` for an AMX GEMM, with ``avx512_vnni`` as its lowest if it has no code below VNNI).
 
 FASTENC_CPU_CAPABILITIES (default ``avx2;avx512;avx512_bf16;amx`` on x86-64, ``default`` elsewhere) lists the
 capabilities of the build (``native``: this machine's highest one, for a quick local build); a file is compiled for each of them clamped to its range, and the ones its compiler
@@ -31,16 +31,18 @@ import subprocess
 from .files import ninja_path, write_if_changed
 
 # Lowest first; each implies every one before it (what the CPU must have to run its objects).
-CAPABILITIES = ("default", "avx2", "avx512", "avx512_bf16", "amx")
+CAPABILITIES = ("default", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")
 _ADDED_FLAGS = {
     "default": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
-    "avx512_bf16": ["-mavx512bf16", "-mavx512vnni"],
+    "avx512_vnni": ["-mavx512vnni"],
+    "avx512_bf16": ["-mavx512bf16"],
     "amx": ["-mamx-tile", "-mamx-bf16", "-mamx-int8"],
 }
 # ATen's capability macro of each, which fixes at::vec's vector width.
-_ATEN_CAPABILITY = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512", "avx512_bf16": "AVX512", "amx": "AVX512"}
+_ATEN_CAPABILITY = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512", "avx512_vnni": "AVX512",
+                    "avx512_bf16": "AVX512", "amx": "AVX512"}
 
 # Each kernel source and the (lowest, highest) capability it is compiled for.
 KERNEL_SOURCES = {
@@ -55,8 +57,8 @@ KERNEL_SOURCES = {
 _DEFAULT_X86 = "avx2;avx512;avx512_bf16;amx"
 
 # oneDNN's cap of each (ONEDNN_MAX_CPU_ISA), so a capped test run caps torch's GEMMs too.
-ONEDNN_MAX_CPU_ISA = {"default": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE", "avx512_bf16": "AVX512_CORE_BF16",
-                      "amx": "AVX512_CORE_AMX"}
+ONEDNN_MAX_CPU_ISA = {"default": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE", "avx512_vnni": "AVX512_CORE_VNNI",
+                      "avx512_bf16": "AVX512_CORE_BF16", "amx": "AVX512_CORE_AMX"}
 
 
 def rank(cap: str) -> int:
@@ -84,7 +86,8 @@ def compiler_has_flags(cxx: str, flags: tuple) -> bool:
 
 # /proc/cpuinfo flags each capability needs (on top of the ones below it).
 _CPUINFO_FLAGS = {"avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
-                  "avx512_bf16": {"avx512_bf16", "avx512_vnni"}, "amx": {"amx_tile", "amx_bf16", "amx_int8"}}
+                  "avx512_vnni": {"avx512_vnni"}, "avx512_bf16": {"avx512_bf16"},
+                  "amx": {"amx_tile", "amx_bf16", "amx_int8"}}
 
 
 def native_capability(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -170,10 +173,11 @@ def start_objects(out_dir: str, objects, cxx: str, cflags, post_cflags, jobs: in
 
 
 def lower_capabilities(report: dict) -> list:
-    """The capabilities below the one in use that the built extension has kernels for (``fastenc._C.cpu_capability()``
-    is `report`): what this CPU can also run, each a capped test run of its own."""
-    compiled = {c for k in report["kernels"].values() for c in k["compiled"]}
-    return [c for c in CAPABILITIES if c in compiled and rank(c) < rank(report["selected"])]
+    """The capabilities below the one in use at which the built extension's kernels change: those its kernel tables
+    were compiled for, and those gating a kernel chosen in its baseline code (``fastenc._C.cpu_capability()`` is
+    `report`): what this CPU can also run, each a capped test run of its own."""
+    levels = {c for k in report["kernels"].values() for c in k["compiled"]} | set(report["gated"])
+    return [c for c in CAPABILITIES if c in levels and rank(c) < rank(report["selected"])]
 
 
 def main(argv) -> int:

@@ -350,7 +350,7 @@ def _cpu_check(dtype: torch.dtype) -> Optional[str]:
     missing = sorted(name for name, k in report["kernels"].items() if k["runs"] is None)
     if missing:
         built = sorted({c for k in report["kernels"].values() for c in k["compiled"]},
-                       key=("default", "avx2", "avx512", "avx512_bf16", "amx").index)
+                       key=("default", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx").index)
         return (f"fastenc._C has no CPU kernels for the instruction set {report['selected']} (this CPU: "
                 f"{report['cpu']}, FASTENC_CPU_CAPABILITY: {report['limit'] or 'unset'}; built for {', '.join(built)})")
     return None

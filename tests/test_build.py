@@ -368,6 +368,8 @@ def test_capability_flags_are_cumulative():
     ("fpu sse2", "default"),
     ("avx2 fma f16c", "avx2"),
     ("avx2 fma f16c avx512f avx512bw avx512vl avx512dq", "avx512"),
+    ("avx2 fma f16c avx512f avx512bw avx512vl avx512dq avx512_vnni", "avx512_vnni"),  # Cascade Lake, Ice Lake
+    ("avx2 fma f16c avx512f avx512bw avx512vl avx512dq avx512_bf16", "avx512"),  # BF16 without VNNI: none such
     ("avx2 fma avx512f avx512bw avx512vl avx512dq avx512_bf16 avx512_vnni", "default"),  # no f16c: not even avx2
     ("avx2 fma f16c avx512f avx512bw avx512vl avx512dq avx512_bf16 avx512_vnni amx_tile amx_bf16", "avx512_bf16"),
     ("avx2 fma f16c avx512f avx512bw avx512vl avx512dq avx512_bf16 avx512_vnni amx_tile amx_bf16 amx_int8", "amx"),

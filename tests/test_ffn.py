@@ -359,7 +359,7 @@ def test_cpu_torch_compile_fullgraph():
 def test_cpu_gemm_path_report(monkeypatch):
     """oneDNN's GEMMs with AVX-512, ATen's below it (faster there: csrc/linear/linear.h); the capped CI runs
     check the AVX2 side."""
-    avx512 = extension().cpu_capability()["selected"] in ("avx512", "avx512_bf16", "amx")
+    avx512 = extension().cpu_capability()["selected"] in ("avx512", "avx512_vnni", "avx512_bf16", "amx")
     path, why = ffn_mod.gemm_path("cpu", torch.float32)
     if avx512:
         assert path == "cpu" and "oneDNN" in why

@@ -46,7 +46,7 @@ def test_parity(shape, activation, packed, dtype):
 def test_onednn_is_preferred_on_unpacked_weights_only_with_avx512():
     """Below AVX-512 ATen's GEMMs are faster on weights oneDNN has not prepacked (csrc/linear/linear.h): the
     linear and FFN ops' training and per-op inference GEMMs take them; the capped CI runs check the AVX2 side."""
-    avx512 = C.cpu_capability()["selected"] in ("avx512", "avx512_bf16", "amx")
+    avx512 = C.cpu_capability()["selected"] in ("avx512", "avx512_vnni", "avx512_bf16", "amx")
     for dt in DTYPES:
         assert C.cpu_linear_preferred(dt) == avx512, dt
     assert not C.cpu_linear_preferred(torch.int32)

@@ -147,13 +147,15 @@ def test_non_finite_inputs_stay_non_finite(dtype):
 
 
 def test_the_kernel_follows_the_capability():
-    """VNNI from avx512_bf16 up, the AVX2 kernel at avx2 and avx512 (the suite's capped runs exercise it), exact
-    fp32 GEMMs below; the backend report names it."""
+    """VNNI from avx512_vnni up (bf16 outputs rounded in integer operations there, by vcvtneps2bf16 from
+    avx512_bf16), the AVX2 kernel at avx2 and avx512 (the suite's capped runs exercise each), exact fp32 GEMMs
+    below; the backend report names it."""
     from fastenc import backend_report
 
     ext = backends.extension()
     selected = ext.cpu_capability()["selected"]
-    expected = {"avx512_bf16": "avx512_vnni", "amx": "avx512_vnni", "avx2": "avx2", "avx512": "avx2"}
+    expected = {"avx512_vnni": "avx512_vnni", "avx512_bf16": "avx512_vnni", "amx": "avx512_vnni", "avx2": "avx2",
+                "avx512": "avx2"}
     assert ext.cpu_int8_kernel() == expected.get(selected, "fp32_exact")
     name = {"avx512_vnni": "AVX512-VNNI kernel", "avx2": "AVX2 kernel", "fp32_exact": "exact fp32 GEMMs"}
     assert name[ext.cpu_int8_kernel()] in backend_report("cpu", torch.float32)

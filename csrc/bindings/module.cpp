@@ -16,7 +16,8 @@ py::object to_py(const std::array<const char*, N>& names) {
 }
 
 // The run-time CPU dispatch (common/cpu_kernels.h): what this CPU has, the FASTENC_CPU_CAPABILITY cap, the
-// capability in use, and per kernel table the capabilities it was compiled for and the one it runs.
+// capability in use, the capabilities that gate kernels chosen in baseline code, and per kernel table the
+// capabilities it was compiled for and the one it runs.
 py::dict cpu_capability_report() {
   using namespace fastenc::cpu;
   py::dict d;
@@ -24,6 +25,9 @@ py::dict cpu_capability_report() {
   const int limit = capability_limit();  // ValueError on a bad FASTENC_CPU_CAPABILITY
   d["limit"] = limit < 0 ? py::object(py::none()) : py::object(py::str(capability_name(Capability(limit))));
   d["selected"] = capability_name(capability());
+  py::list gated;
+  for (const Capability c : kGatedCapabilities) gated.append(capability_name(c));
+  d["gated"] = py::tuple(gated);
   py::dict kernels;
   for (const KernelVariants* v : kernel_registry()) {
     py::list compiled;

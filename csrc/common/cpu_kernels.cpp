@@ -22,7 +22,7 @@ namespace fastenc::cpu {
 
 namespace {
 
-constexpr const char* kNames[kCapabilities] = {"default", "avx2", "avx512", "avx512_bf16", "amx"};
+constexpr const char* kNames[kCapabilities] = {"default", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"};
 constexpr const char* kEnv = "FASTENC_CPU_CAPABILITY";
 
 #if defined(__x86_64__)
@@ -57,7 +57,8 @@ Capability detect() {
   const bool vnni = bit(c, 11), amx = bit(d, 22) && bit(d, 24) && bit(d, 25);  // AMX-BF16, AMX-TILE, AMX-INT8
   unsigned a1 = 0, b1, c1, d1;
   const bool bf16 = __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && bit(a1, 5);
-  if (!(vnni && bf16)) return Capability::kAvx512;
+  if (!vnni) return Capability::kAvx512;
+  if (!bf16) return Capability::kAvx512Vnni;
   // XTILECFG and XTILEDATA state (XCR0 bits 17, 18).
   if (!amx || (xcr & 0x60000) != 0x60000 || !amx_permitted()) return Capability::kAvx512Bf16;
   return Capability::kAmx;
@@ -84,8 +85,8 @@ int capability_limit() {
     for (int i = 0; i < kCapabilities; ++i) {
       if (v == kNames[i]) return i;
     }
-    TORCH_CHECK_VALUE(false, kEnv, "='", env, "': expected one of default, avx2, avx512, avx512_bf16, amx (a cap "
-                      "on the CPU kernels' instruction set), or unset");
+    TORCH_CHECK_VALUE(false, kEnv, "='", env, "': expected one of default, avx2, avx512, avx512_vnni, avx512_bf16, "
+                      "amx (a cap on the CPU kernels' instruction set), or unset");
   }();
   return limit;
 }

@@ -19,11 +19,18 @@
 namespace fastenc::cpu {
 
 // x86 instruction-set levels, lowest first; each implies the ones before it.  avx2: AVX2 + FMA + F16C;
-// avx512: F, BW, VL, DQ; avx512_bf16: + BF16 and VNNI; amx: + AMX-TILE, AMX-BF16, AMX-INT8.
-enum class Capability : int { kDefault = 0, kAvx2, kAvx512, kAvx512Bf16, kAmx };
-inline constexpr int kCapabilities = 5;
+// avx512: F, BW, VL, DQ (Skylake-SP); avx512_vnni: + VNNI (Cascade Lake, Ice Lake); avx512_bf16: + BF16 (Cooper
+// Lake, Zen 4); amx: + AMX-TILE, AMX-BF16, AMX-INT8 (Sapphire Rapids).
+enum class Capability : int { kDefault = 0, kAvx2, kAvx512, kAvx512Vnni, kAvx512Bf16, kAmx };
+inline constexpr int kCapabilities = 6;
 
-const char* capability_name(Capability c);  // "default", "avx2", "avx512", "avx512_bf16", "amx"
+const char* capability_name(Capability c);  // "default", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"
+
+// The capabilities from which a kernel chosen in baseline code (by capability(), not through a table) runs: the
+// int8 GEMM's AVX2 and VNNI kernels (linear/int8_linear.cpp), the panel GEMM's fp32 and bf16 ones
+// (linear/panel_gemm.cpp), the encoder's AMX chunking (encoder/encoder.cpp).  Each is a capped test run.
+inline constexpr Capability kGatedCapabilities[] = {Capability::kAvx2, Capability::kAvx512, Capability::kAvx512Vnni,
+                                                    Capability::kAvx512Bf16, Capability::kAmx};
 // What this CPU (and its OS) supports, from cpuid and xgetbv (amx: with Linux's permission to use the tiles).
 Capability cpu_capability();
 // FASTENC_CPU_CAPABILITY as a capability (a cap: it never raises the level above the CPU's), or -1 when unset;
@@ -66,12 +73,14 @@ const T& cpu_kernels() {
   FASTENC_CPU_TABLE_(DEFAULT, T)                                                                               \
   FASTENC_CPU_TABLE_(AVX2, T)                                                                                  \
   FASTENC_CPU_TABLE_(AVX512, T)                                                                                \
+  FASTENC_CPU_TABLE_(AVX512_VNNI, T)                                                                           \
   FASTENC_CPU_TABLE_(AVX512_BF16, T)                                                                           \
   FASTENC_CPU_TABLE_(AMX, T)                                                                                   \
   template <>                                                                                                  \
   struct KernelTables<T> {                                                                                     \
     static inline const KernelVariants variants{                                                               \
-        #T, {&DEFAULT::T##_table, &AVX2::T##_table, &AVX512::T##_table, &AVX512_BF16::T##_table, &AMX::T##_table}}; \
+        #T, {&DEFAULT::T##_table, &AVX2::T##_table, &AVX512::T##_table, &AVX512_VNNI::T##_table,                 \
+             &AVX512_BF16::T##_table, &AMX::T##_table}};                                                       \
   };
 // In a kernel file, in namespace fastenc::cpu::CPU_CAPABILITY: FASTENC_DEFINE_CPU_KERNELS(T) = {...};
 #define FASTENC_DEFINE_CPU_KERNELS(T) const T T##_table  // external linkage: declared extern above

@@ -13,7 +13,7 @@
 #include "linear/panel_tiles.h"
 
 namespace fastenc::cpu {
-namespace AVX512_BF16 {  // the VNNI kernels below run only at capability avx512_bf16 (which includes VNNI) and up
+namespace AVX512_VNNI {  // the VNNI kernel below runs only at capability avx512_vnni and up
 namespace {
 
 namespace panel = AVX512::panel;
@@ -35,6 +35,7 @@ struct GemmArgs {
   const void* residual;   // [m, n] in the output dtype, or null
   void* out;              // [m, n]
   bool bf16;              // output and residual dtype
+  bool bf16_insn;         // the CPU has AVX512-BF16 (capability avx512_bf16): bf16 outputs rounded by vcvtneps2bf16
   int64_t m, n;
   const float* floats;    // fp32 [m, f]: the activations of the weight's float channels, or null
   int64_t f;
@@ -106,7 +107,11 @@ FASTENC_VNNI void tile(const GemmArgs& g, int64_t p, int64_t r0, panel::NextPane
       if (g.bias) yv = _mm512_add_ps(yv, bv);
       const size_t off = (static_cast<size_t>(row) * g.n + c) * esz;
       if (g.residual) yv = _mm512_add_ps(yv, panel::load16(static_cast<const char*>(g.residual) + off, g.bf16, mask));
-      panel::store16(static_cast<char*>(g.out) + off, yv, g.bf16, mask);
+      if (g.bf16 && !g.bf16_insn) {
+        panel::store16_bf16_int(static_cast<char*>(g.out) + off, yv, mask);
+      } else {
+        panel::store16(static_cast<char*>(g.out) + off, yv, g.bf16, mask);
+      }
     }
   }
 }
@@ -128,7 +133,7 @@ void gemm_vnni(const GemmArgs& g) {
 #endif  // FASTENC_PANEL_X86
 
 }  // namespace
-}  // namespace AVX512_BF16
+}  // namespace AVX512_VNNI
 
 namespace AVX2 {  // the AVX2 kernel below runs at capabilities avx2 and avx512 (no VNNI)
 namespace {
@@ -327,8 +332,8 @@ void quantize_rows_out(const at::Tensor& x, std::optional<Act> act_in, const at:
 
 Int8Kernel int8_kernel() {
 #if defined(FASTENC_PANEL_X86)
-  // avx512_bf16 and up include AVX512-VNNI (common/cpu_kernels.h); capped by FASTENC_CPU_CAPABILITY.
-  if (capability() >= Capability::kAvx512Bf16) return Int8Kernel::kVnni;
+  // avx512_vnni and up include AVX512-VNNI (common/cpu_kernels.h); capped by FASTENC_CPU_CAPABILITY.
+  if (capability() >= Capability::kAvx512Vnni) return Int8Kernel::kVnni;
   if (capability() >= Capability::kAvx2) return Int8Kernel::kAvx2;
 #endif
   return Int8Kernel::kFp32Exact;
@@ -425,14 +430,15 @@ void int8_linear_out(const Int8Rows& x, const Int8Weight& w, const at::Tensor& b
   if (m == 0 || w.n == 0) return;
 #if defined(FASTENC_PANEL_X86)
   if (w.packed.defined()) {
-    AVX512_BF16::GemmArgs g{x.q.const_data_ptr<uint8_t>(), x.q.size(1), x.scale.const_data_ptr<float>(), &w,
-               bias.defined() ? bias.const_data_ptr<float>() : nullptr,
-               residual.defined() ? residual.const_data_ptr() : nullptr, y.data_ptr(), out_dtype == at::kBFloat16, m,
-               w.n, x.floats.defined() ? x.floats.const_data_ptr<float>() : nullptr,
-               x.floats.defined() ? x.floats.size(1) : 0, w.packed.const_data_ptr<int8_t>(),
-               w.scale.const_data_ptr<float>(), w.comp.const_data_ptr<int32_t>(),
-               x.floats.defined() ? w.float_packed.const_data_ptr<float>() : nullptr};
-    AVX512_BF16::gemm_vnni(g);
+    AVX512_VNNI::GemmArgs g{x.q.const_data_ptr<uint8_t>(), x.q.size(1), x.scale.const_data_ptr<float>(), &w,
+                            bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+                            residual.defined() ? residual.const_data_ptr() : nullptr, y.data_ptr(),
+                            out_dtype == at::kBFloat16, capability() >= Capability::kAvx512Bf16, m, w.n,
+                            x.floats.defined() ? x.floats.const_data_ptr<float>() : nullptr,
+                            x.floats.defined() ? x.floats.size(1) : 0, w.packed.const_data_ptr<int8_t>(),
+                            w.scale.const_data_ptr<float>(), w.comp.const_data_ptr<int32_t>(),
+                            x.floats.defined() ? w.float_packed.const_data_ptr<float>() : nullptr};
+    AVX512_VNNI::gemm_vnni(g);
     return;
   }
   if (w.packed16.defined()) {

@@ -10,7 +10,8 @@
 // instruction) on an MR = 6 rows x NR = 64 columns tile held in 24 zmm accumulators, the weight prepacked
 // into 64-column panels (pack_int8_weight), the activations stored as u8 (q + 128; the offset's
 // contribution 128 · Σ_k q_w[n, k] is subtracted in the epilogue).  The epilogue dequantizes (s_x s_w),
-// adds the bias and the residual and stores fp32 or bf16.  At the avx2 and avx512 capabilities (no VNNI) an
+// adds the bias and the residual and stores fp32 or bf16 (rounded by vcvtneps2bf16 where the CPU has AVX512-BF16,
+// in integer operations at avx512_vnni: Cascade Lake, Ice Lake).  At the avx2 and avx512 capabilities (no VNNI) an
 // AVX2 micro-kernel multiplies the same u8 activations, widened to 16 bits, with the weight held as int16
 // (vpmaddwd: 16-bit pairs -> s32, exact: 2 · 255 · 127 < 2^31; then vpaddd), 16 columns at a time, with the same
 // epilogue; below avx2 the integer products run as exact fp32 GEMMs over column chunks, the epilogue in ATen ops.
@@ -83,7 +84,7 @@ void int8_linear_out(const Int8Rows& x, const Int8Weight& w, const at::Tensor& b
                      const at::Tensor& y);
 
 // The int8 GEMM that runs on this CPU (its capability, capped by FASTENC_CPU_CAPABILITY): the AVX512-VNNI
-// micro-kernel (avx512_bf16 and up), the AVX2 one (avx2, avx512), or exact fp32 GEMMs in ATen (below avx2).
+// micro-kernel (avx512_vnni and up), the AVX2 one (avx2, avx512), or exact fp32 GEMMs in ATen (below avx2).
 enum class Int8Kernel { kFp32Exact, kAvx2, kVnni };
 Int8Kernel int8_kernel();
 const char* int8_kernel_name(Int8Kernel k);  // "fp32_exact", "avx2", "avx512_vnni"

@@ -38,8 +38,8 @@ FASTENC_AVX512 inline __m512 load16(const void* p, bool bf16, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// The lanes of y in mask stored at p as fp32, or as bf16 rounded to nearest even (a NaN stays NaN).  bf16 outputs
-// come only from kernels that run on CPUs with AVX512-BF16 (the bf16 panel GEMM, the int8 VNNI GEMM), so the
+// The lanes of y in mask stored at p as fp32, or as bf16 rounded to nearest even (a NaN stays NaN), on CPUs with
+// AVX512-BF16 only (the bf16 panel GEMM; the int8 VNNI GEMM from avx512_bf16, store16_bf16_int below that): the
 // rounding is one vcvtneps2bf16 (it reads an fp32 denormal as zero), written as assembly: the functions inlining
 // store16 are compiled for AVX-512 alone.  Against the integer rounding it replaced (six instructions per 16
 // outputs): the int8 GEMM with its quantization, 600 rows, one thread, K = 384-768: -1 to -2.5%; bf16 level.
@@ -73,6 +73,18 @@ inline NextPanel next_panel(const void* packed, int64_t n, int64_t k_steps, int6
   if (m < kPrefetchMinRows || m > kRowsPerTask || p + 1 >= panels(n)) return {};
   const int64_t lines = k_steps * 4, l0 = r0 * lines / m, l1 = (r0 + rows) * lines / m;
   return {static_cast<const char*>(packed) + ((p + 1) * lines + l0) * 64, std::min(l1 - l0, k_steps)};
+}
+
+// store16's bf16 rounding in integer operations, for CPUs without AVX512-BF16 (the int8 VNNI GEMM at avx512_vnni):
+// round to nearest even on the bits (b + 0x7fff + lsb) >> 16; a NaN stays a quiet NaN of its sign.  It keeps fp32
+// denormals, which vcvtneps2bf16 reads as zero.
+FASTENC_AVX512 inline void store16_bf16_int(void* p, __m512 y, __mmask16 mask) {
+  const __m512i b = _mm512_castps_si512(y);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40)));
+  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(r));
 }
 
 inline __mmask16 edge_mask(int64_t n, int64_t c) {
