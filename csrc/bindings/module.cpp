@@ -82,10 +82,11 @@ py::bytes tensor_fingerprint(const py::tuple& items) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastenc native ops: CPU kernels and, in CUDA builds, CUDA kernels";
   m.def("cpu_isa", []() { return std::string(fastenc::cpu::capability_name(fastenc::cpu::capability())); },
-        "the instruction set the CPU kernels run at: this CPU's (default, avx2, avx512, avx512_bf16 or amx), capped "
-        "by FASTENC_CPU_CAPABILITY");
+        "the instruction set the CPU kernels run at: this CPU's (default, avx2, avx512, avx512_vnni, avx512_bf16 or "
+        "amx), capped by FASTENC_CPU_CAPABILITY");
   m.def("cpu_capability", &cpu_capability_report,
-        "{cpu, limit, selected, kernels: {table: {compiled, runs}}}: the run-time CPU dispatch");
+        "{cpu, limit, selected, gated, kernels: {table: {compiled, runs}}}: the run-time CPU dispatch (gated: the "
+        "levels at which a kernel chosen outside the tables changes)");
   m.def("tensor_fingerprint", &tensor_fingerprint, py::arg("items"),
         "bytes identifying a tuple of tensors (device, data pointer, version, dtype, sizes, strides) or None: the "
         "weight caches' keys");
