@@ -172,12 +172,19 @@ def start_objects(out_dir: str, objects, cxx: str, cflags, post_cflags, jobs: in
             [object_path(out_dir, src, cap) for src, cap in objects])
 
 
+def dispatch_levels(report: dict) -> list:
+    """The capabilities at which the built extension's kernels change and every kernel table has a variant
+    (``fastenc._C.cpu_capability()`` is `report`): from the lowest such one, those a table was compiled for and those
+    gating a kernel chosen in baseline code (a native build compiles each table for one capability only)."""
+    tables = [k["compiled"] for k in report["kernels"].values()]
+    lowest = max((min(rank(c) for c in t) for t in tables if t), default=len(CAPABILITIES))
+    compiled = {c for t in tables for c in t}
+    return [c for c in CAPABILITIES if rank(c) >= lowest and (c in compiled or c in report["gated"])]
+
+
 def lower_capabilities(report: dict) -> list:
-    """The capabilities below the one in use at which the built extension's kernels change: those its kernel tables
-    were compiled for, and those gating a kernel chosen in its baseline code (``fastenc._C.cpu_capability()`` is
-    `report`): what this CPU can also run, each a capped test run of its own."""
-    levels = {c for k in report["kernels"].values() for c in k["compiled"]} | set(report["gated"])
-    return [c for c in CAPABILITIES if c in levels and rank(c) < rank(report["selected"])]
+    """The dispatch levels below the one in use: what this CPU can also run, each a capped test run of its own."""
+    return [c for c in dispatch_levels(report) if rank(c) < rank(report["selected"])]
 
 
 def main(argv) -> int:

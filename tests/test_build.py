@@ -355,6 +355,24 @@ def test_kernel_plan_clamps_each_file_to_its_range():
     assert cpu_kernels.plan(["default"], sources) == [("a.cpp", "default")]
 
 
+def test_dispatch_levels_and_the_capped_runs():
+    """The capped test runs: from the lowest level at which every table has a variant, the levels with compiled
+    tables and the gated ones (a native build has no run below its own level)."""
+    gated = ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")
+
+    def report(selected, *compiled):
+        return {"selected": selected, "gated": gated, "kernels": {"T": {"compiled": compiled, "runs": selected}}}
+    full = report("avx512_bf16", "avx2", "avx512", "avx512_bf16", "amx")
+    assert cpu_kernels.dispatch_levels(full) == list(gated)
+    assert cpu_kernels.lower_capabilities(full) == ["avx2", "avx512", "avx512_vnni"]
+    native = report("avx512_vnni", "avx512_vnni")
+    assert cpu_kernels.dispatch_levels(native) == ["avx512_vnni", "avx512_bf16", "amx"]
+    assert cpu_kernels.lower_capabilities(native) == []
+    # a native build's tables clamped below it (an avx512 table beside avx512_vnni ones): nothing runs at avx512
+    native["kernels"]["U"] = {"compiled": ("avx512",), "runs": "avx512"}
+    assert cpu_kernels.lower_capabilities(native) == []
+
+
 def test_capability_flags_are_cumulative():
     flags = cpu_kernels.capability_flags("avx512_bf16")
     assert {"-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",

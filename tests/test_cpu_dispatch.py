@@ -123,12 +123,11 @@ def _probe(cap):
 
 
 def test_every_capability_this_cpu_runs():
-    """Each capability up to this CPU's that the kernel tables were compiled for or that gates a kernel chosen in
-    baseline code, in its own process (the cap is read once): it is the one in use, and its kernels match the
-    reference (fp32 and bf16, gated and ungated FFN passes)."""
+    """Each dispatch level up to this CPU's (the capabilities the kernel tables were compiled for, and from the lowest
+    of them those gating a kernel chosen in baseline code), in its own process (the cap is read once): it is the one
+    in use, and its kernels match the reference (fp32 and bf16, gated and ungated FFN passes)."""
     r = _ext().cpu_capability()
-    levels = {c for k in r["kernels"].values() for c in k["compiled"]} | set(r["gated"])
-    runnable = [c for c in CAPS if c in levels and CAPS.index(c) <= CAPS.index(r["cpu"])]
+    runnable = [c for c in cpu_kernels.dispatch_levels(r) if CAPS.index(c) <= CAPS.index(r["cpu"])]
     assert runnable, r
     for cap in runnable:
         got = _probe(cap)
