@@ -123,9 +123,10 @@ def _probe(cap):
 
 
 def test_every_capability_this_cpu_runs():
-    """Each dispatch level up to this CPU's (the capabilities the kernel tables were compiled for, and from the lowest
-    of them those gating a kernel chosen in baseline code), in its own process (the cap is read once): it is the one
-    in use, and its kernels match the reference (fp32 and bf16, gated and ungated FFN passes)."""
+    """Each dispatch level up to this CPU's (cpu_kernels.dispatch_levels: from the lowest level at which every table
+    has a variant, those a table was compiled for and those gating a kernel chosen in baseline code), in its own
+    process (the cap is read once): it is the one in use, and its kernels match the reference (fp32 and bf16, gated
+    and ungated FFN passes)."""
     r = _ext().cpu_capability()
     runnable = [c for c in cpu_kernels.dispatch_levels(r) if CAPS.index(c) <= CAPS.index(r["cpu"])]
     assert runnable, r

@@ -146,6 +146,26 @@ def test_non_finite_inputs_stay_non_finite(dtype):
     assert y[others].isfinite().all()
 
 
+def test_bf16_outputs_are_the_fp32_outputs_rounded():
+    """The same operands in bf16 and in fp32 give the same int8 math, so the bf16 output is the fp32 one rounded to
+    nearest even, bit for bit (torch's rounding): vcvtneps2bf16 from avx512_bf16, the integer rounding of the VNNI
+    kernel at avx512_vnni and of the AVX2 kernel (each capped run tests its own); a NaN row stays NaN."""
+    x, w, b, r = _operands(37, 96, 130, torch.bfloat16)
+    x[5, 3] = float("nan")
+    # row 0 is the bias alone (x and the residual 0 there): bias values exactly between two bf16 values (the tie goes
+    # to the even one) and one fp32 step to either side of it
+    x[0], r[0] = 0, 0
+    hi = torch.randint(0x3C00, 0x4300, (130,), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    b = ((hi << 16) | torch.tensor([0x8000, 0x7FFF, 0x8001], dtype=torch.int32).repeat(44)[:130]).view(torch.float32)
+    qw = quantize_weight(w)
+    with torch.no_grad():
+        y16 = linear_int8(x, qw, b, residual=r * 40, backend="cpu")
+        y32 = linear_int8(x.float(), qw, b, residual=(r * 40).float(), backend="cpu")
+    assert y16.dtype == torch.bfloat16 and y16[5].isnan().all()  # NaN payloads aside: compared by value below
+    rows = torch.arange(37) != 5
+    assert torch.equal(y16[rows].view(torch.int16), y32[rows].to(torch.bfloat16).view(torch.int16))
+
+
 def test_the_kernel_follows_the_capability():
     """VNNI from avx512_vnni up (bf16 outputs rounded in integer operations there, by vcvtneps2bf16 from
     avx512_bf16), the AVX2 kernel at avx2 and avx512 (the suite's capped runs exercise each), exact fp32 GEMMs
